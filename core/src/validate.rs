@@ -1,0 +1,102 @@
+//! Argument checks shared by every function. All failures are `22023` with the parameter's name.
+
+use crate::error::{BillingError, Result};
+
+/// Longest free text (descriptions, reasons) stored in the ledger.
+pub const MAX_TEXT: usize = 1000;
+/// Longest identifier-like text (reference ids, idempotency keys, event ids, providers).
+pub const MAX_KEY: usize = 255;
+
+pub fn required<T>(name: &str, value: Option<T>) -> Result<T> {
+    value.ok_or_else(|| BillingError::invalid(format!("{name} must not be NULL")))
+}
+
+/// A credit amount: present and > 0.
+pub fn positive_amount(name: &str, value: Option<i32>) -> Result<i64> {
+    let v = required(name, value)?;
+    if v <= 0 {
+        return Err(BillingError::invalid_with_hint(
+            format!("{name} must be a positive whole number"),
+            format!("{name} was {v}"),
+        ));
+    }
+    Ok(v as i64)
+}
+
+fn bounded<'a>(name: &str, value: Option<&'a str>, max: usize) -> Result<Option<&'a str>> {
+    match value {
+        Some(v) if v.chars().count() > max => Err(BillingError::invalid_with_hint(
+            format!("{name} is too long"),
+            format!("at most {max} characters are allowed"),
+        )),
+        Some(v) if v.contains('\0') => Err(BillingError::invalid(format!("{name} contains a NUL character"))),
+        other => Ok(other),
+    }
+}
+
+/// Optional free text (description, reason).
+pub fn text<'a>(name: &str, value: Option<&'a str>) -> Result<Option<&'a str>> {
+    bounded(name, value, MAX_TEXT)
+}
+
+/// Optional short key (reference id, idempotency key). Empty strings count as absent.
+pub fn key<'a>(name: &str, value: Option<&'a str>) -> Result<Option<&'a str>> {
+    Ok(bounded(name, value, MAX_KEY)?.filter(|v| !v.is_empty()))
+}
+
+/// A required short key, such as a webhook event id.
+pub fn required_key<'a>(name: &str, value: Option<&'a str>) -> Result<&'a str> {
+    key(name, value)?.ok_or_else(|| BillingError::invalid(format!("{name} must not be NULL or empty")))
+}
+
+/// A ledger transaction type: lower-case letters, digits and underscores, starting with a letter.
+pub fn transaction_type(name: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.as_bytes()[0].is_ascii_lowercase()
+        && value.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(BillingError::invalid_with_hint(
+            format!("{name} is not a valid transaction type"),
+            "use lower-case letters, digits and underscores, such as 'purchase' or 'usage'",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts() {
+        assert_eq!(positive_amount("p_amount", Some(5)).unwrap(), 5);
+        assert_eq!(positive_amount("p_amount", Some(i32::MAX)).unwrap(), i32::MAX as i64);
+        for bad in [None, Some(0), Some(-1), Some(i32::MIN)] {
+            assert_eq!(positive_amount("p_amount", bad).unwrap_err().sqlstate(), "22023");
+        }
+        assert!(positive_amount("p_amount", None).unwrap_err().message().contains("p_amount"));
+    }
+
+    #[test]
+    fn texts_and_keys() {
+        assert_eq!(text("d", Some("ok")).unwrap(), Some("ok"));
+        assert!(text("d", Some(&"x".repeat(MAX_TEXT + 1))).is_err());
+        assert_eq!(text("d", Some(&"é".repeat(MAX_TEXT))).unwrap().map(str::len), Some(2 * MAX_TEXT));
+        assert_eq!(key("k", Some("")).unwrap(), None);
+        assert!(key("k", Some(&"k".repeat(MAX_KEY + 1))).is_err());
+        assert!(required_key("e", Some("")).is_err());
+        assert!(required_key("e", None).is_err());
+    }
+
+    #[test]
+    fn transaction_types() {
+        for ok in ["purchase", "usage", "bonus_2024"] {
+            transaction_type("t", ok).unwrap();
+        }
+        for bad in ["", "Purchase", "1x", "a b", "x'; drop table y; --", &"a".repeat(64)] {
+            assert_eq!(transaction_type("t", bad).unwrap_err().sqlstate(), "22023");
+        }
+    }
+}

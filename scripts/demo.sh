@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The demo: a throwaway PostgreSQL 15 cluster, CREATE EXTENSION pg_billing, and the S4 story.
+source "$(dirname "$0")/lib.sh"
+ensure_deps
+install_extension
+trap stop_cluster EXIT
+start_cluster
+createdb demo
+psql -X -v ON_ERROR_STOP=1 -d demo -f "$REPO/demo/demo.sql"
+log "demo finished"

@@ -1,0 +1,77 @@
+# Shared helpers for pg_billing's scripts. Source it; do not run it.
+# Everything runs on a fresh Debian 12 machine as root (or a sudo user): it installs what it
+# needs, never downloads PostgreSQL itself, and runs PostgreSQL as the `postgres` user.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PGRX_HOME="$REPO/pgrx-config"
+PG_CONFIG=/usr/bin/pg_config
+PGBIN=/usr/lib/postgresql/15/bin
+PGXS=/usr/lib/postgresql/15/lib/pgxs
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+
+# Debian packages, cargo-pgrx 0.18.1. Idempotent: a second run installs nothing.
+ensure_deps() {
+    local pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-psycopg2)
+    local missing=()
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if ! cargo pgrx --version 2>/dev/null | grep -q '0.18.1'; then
+        log "installing cargo-pgrx 0.18.1 (takes a few minutes)"
+        cargo install cargo-pgrx --version 0.18.1 --locked
+    fi
+}
+
+# Build and install the extension into Debian's PostgreSQL 15. PROFILE=release for benchmarks.
+install_extension() {
+    local flags=()
+    [ "${PROFILE:-debug}" = "release" ] && flags+=(--release)
+    log "building and installing pg_billing (${PROFILE:-debug})"
+    (cd "$REPO" && $SUDO env "PATH=$PATH" "PGRX_HOME=$PGRX_HOME" "CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}" \
+        "RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}" cargo pgrx install --pg-config "$PG_CONFIG" "${flags[@]}" >/dev/null)
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Start a throwaway cluster owned by postgres. Sets PGDATA_DIR, PGPORT, PGHOST, PGUSER.
+start_cluster() {
+    PGDATA_DIR="$(mktemp -d /tmp/pg_billing.XXXXXX)"
+    chown postgres:postgres "$PGDATA_DIR" 2>/dev/null || $SUDO chown postgres:postgres "$PGDATA_DIR"
+    chmod 755 "$PGDATA_DIR"
+    export PGPORT="${PGPORT_WANTED:-$(free_port)}"
+    export PGHOST="$PGDATA_DIR"
+    export PGUSER=postgres
+    $SUDO runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA_DIR/data" -A trust -U postgres --no-sync >/dev/null
+    cat >> "$PGDATA_DIR/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PGPORT
+unix_socket_directories = '$PGDATA_DIR'
+fsync = off
+max_connections = 100
+max_prepared_transactions = 10
+shared_buffers = 256MB
+${EXTRA_PG_CONF:-}
+CONF
+    $SUDO runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR/data" -l "$PGDATA_DIR/server.log" -w start >/dev/null
+    log "PostgreSQL 15 running on port $PGPORT (data in $PGDATA_DIR)"
+}
+
+stop_cluster() {
+    if [ -n "${PGDATA_DIR:-}" ] && [ -d "$PGDATA_DIR/data" ]; then
+        $SUDO runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+        rm -rf "$PGDATA_DIR"
+    fi
+}
+
+psql_q() { psql -X -v ON_ERROR_STOP=1 -q "$@"; }

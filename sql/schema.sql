@@ -1,0 +1,155 @@
+-- pg_billing schema: tables, indexes, the seeded plan catalog, views and RLS.
+-- Rules (SPEC 12): every per-user table has user_id in its PRIMARY KEY/UNIQUE constraints,
+-- ids are uuid or bigint, no foreign key leaves schema billing, no triggers on billing tables.
+
+-- The plan catalog: small shared lookup data (a Citus reference table when scaled out).
+CREATE TABLE billing.plans (
+    plan_id               text PRIMARY KEY CHECK (plan_id ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
+    display_name          text NOT NULL,
+    description           text,
+    price_monthly         numeric(12,2) NOT NULL DEFAULT 0 CHECK (price_monthly >= 0),
+    price_yearly          numeric(12,2) NOT NULL DEFAULT 0 CHECK (price_yearly >= 0),
+    currency              text NOT NULL DEFAULT 'usd',
+    monthly_credits       integer NOT NULL DEFAULT 0 CHECK (monthly_credits >= 0),
+    api_rate_limit_hourly integer NOT NULL DEFAULT 50 CHECK (api_rate_limit_hourly >= -1),
+    limits                jsonb NOT NULL DEFAULT '{}' CHECK (pg_catalog.jsonb_typeof(limits) = 'object'),
+    features              jsonb NOT NULL DEFAULT '[]',
+    trial_days            integer NOT NULL DEFAULT 0 CHECK (trial_days >= 0),
+    allow_overage         boolean NOT NULL DEFAULT false,
+    sort_order            integer NOT NULL DEFAULT 0,
+    is_active             boolean NOT NULL DEFAULT true,
+    created_at            timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at            timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE billing.plans IS 'The plan catalog. limits keys: agents, documents, products, widgets_per_type, conversations_per_month, messages_per_month, tokens_input_per_month, tokens_output_per_month, api_calls_per_day, documents_per_month, generations_per_month; -1 = unlimited.';
+
+-- The seeded catalog. pg_dump keeps every row of billing.plans (pg_extension_config_dump
+-- below), so a restore must not seed again: its CREATE EXTENSION would write the default rows
+-- and the restored rows (edits included) would then collide with them. Every pg_dump script
+-- and pg_restore session sets row_security = off before CREATE EXTENSION, which an ordinary
+-- session does not, so the seed is written only when row_security is on.
+-- billing.seed_default_plans() writes any missing default rows at any time.
+CREATE FUNCTION billing.seed_default_plans() RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = '' AS $$
+    WITH ins AS (
+        INSERT INTO billing.plans AS p (plan_id, display_name, description, price_monthly, price_yearly,
+                                        monthly_credits, api_rate_limit_hourly, limits, features,
+                                        trial_days, allow_overage, sort_order)
+        VALUES
+        ('free', 'Free', 'Try the product', 0, 0, 10, 50,
+         '{"agents": 1, "documents": 5, "products": 5, "widgets_per_type": 3, "conversations_per_month": 50, "messages_per_month": 100, "tokens_input_per_month": 100000, "tokens_output_per_month": 50000, "api_calls_per_day": 100, "documents_per_month": 10, "generations_per_month": 10}',
+         '["basic_support"]', 0, false, 0),
+        ('pro', 'Pro', 'For individuals', 19, 190, 500, 200,
+         '{"agents": 5, "documents": 100, "products": 50, "widgets_per_type": 10, "conversations_per_month": 1000, "messages_per_month": 5000, "tokens_input_per_month": 2000000, "tokens_output_per_month": 1000000, "api_calls_per_day": 2000, "documents_per_month": 200, "generations_per_month": 500}',
+         '["email_support", "custom_domain"]', 7, true, 1),
+        ('premium', 'Premium', 'For growing teams', 49, 490, 2000, 500,
+         '{"agents": 20, "documents": 1000, "products": 500, "widgets_per_type": 50, "conversations_per_month": 10000, "messages_per_month": 50000, "tokens_input_per_month": 20000000, "tokens_output_per_month": 10000000, "api_calls_per_day": 20000, "documents_per_month": 2000, "generations_per_month": 2000}',
+         '["priority_support", "custom_domain", "analytics"]', 14, true, 2),
+        ('ultra', 'Ultra', 'Unlimited scale', 199, 1990, 10000, 2000,
+         '{"agents": -1, "documents": -1, "products": -1, "widgets_per_type": -1, "conversations_per_month": -1, "messages_per_month": -1, "tokens_input_per_month": -1, "tokens_output_per_month": -1, "api_calls_per_day": -1, "documents_per_month": -1, "generations_per_month": 10000}',
+         '["dedicated_support", "custom_domain", "analytics", "sla"]', 14, true, 3)
+        ON CONFLICT (plan_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT pg_catalog.count(*)::integer FROM ins
+$$;
+COMMENT ON FUNCTION billing.seed_default_plans() IS 'Writes the default plans (free, pro, premium, ultra) that are missing; returns how many it wrote. Existing rows are never changed.';
+SELECT billing.seed_default_plans() WHERE pg_catalog.current_setting('row_security') = 'on';
+
+-- One row per user: the two credit pools.
+CREATE TABLE billing.accounts (
+    user_id                        uuid PRIMARY KEY,
+    email                          text,
+    subscription_credits_balance   bigint NOT NULL DEFAULT 0 CHECK (subscription_credits_balance >= 0),
+    purchased_credits_balance      bigint NOT NULL DEFAULT 0 CHECK (purchased_credits_balance >= 0),
+    subscription_credits_expire_at timestamptz,
+    -- The signed change the most recent write made to each pool. It is set by the same UPDATE
+    -- that changes the balances (SET expressions read the old row), so RETURNING can report
+    -- the FIFO split of a consumption in one statement, without a prior SELECT ... FOR UPDATE.
+    last_subscription_delta        bigint NOT NULL DEFAULT 0,
+    last_purchased_delta           bigint NOT NULL DEFAULT 0,
+    created_at                     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at                     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX accounts_email_idx ON billing.accounts (pg_catalog.lower(email));
+COMMENT ON TABLE billing.accounts IS 'One row per user: subscription credits (expire at period end) and purchased credits (never expire). Changed only through pg_billing functions.';
+
+-- The ledger: one row per pool touched; the rows of one call share operation_id.
+CREATE TABLE billing.credit_transactions (
+    user_id         uuid NOT NULL,
+    id              bigint GENERATED BY DEFAULT AS IDENTITY,
+    operation_id    uuid NOT NULL,
+    type            text NOT NULL,
+    pool            text NOT NULL CHECK (pool IN ('subscription', 'purchased')),
+    amount          bigint NOT NULL CHECK (amount <> 0),
+    balance_after   bigint NOT NULL CHECK (balance_after >= 0),
+    description     text,
+    reference_id    text,
+    idempotency_key text,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, id)
+);
+CREATE INDEX credit_transactions_user_time_idx ON billing.credit_transactions (user_id, created_at DESC, id DESC);
+CREATE INDEX credit_transactions_operation_idx ON billing.credit_transactions (operation_id);
+COMMENT ON TABLE billing.credit_transactions IS 'Append-only credit ledger. amount is signed (grants > 0, consumption < 0); per user and pool the amounts sum to the balance (billing.verify_ledger checks it).';
+
+CREATE TABLE billing.credit_expiration_events (
+    user_id        uuid NOT NULL,
+    id             bigint GENERATED BY DEFAULT AS IDENTITY,
+    operation_id   uuid NOT NULL,
+    expired_amount bigint NOT NULL CHECK (expired_amount > 0),
+    description    text,
+    created_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, id)
+);
+COMMENT ON TABLE billing.credit_expiration_events IS 'One row each time subscription credits expired (never for a zero balance).';
+
+-- Idempotency keys of credit mutators: the request's fingerprint and the first result.
+CREATE TABLE billing.idempotency_keys (
+    user_id         uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    request         jsonb NOT NULL,
+    response        jsonb,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, idempotency_key)
+);
+COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutators, per user: the request fingerprint and the first response, replayed on repeats.';
+
+-- Clawbacks: at most one per purchase.
+CREATE TABLE billing.clawbacks (
+    user_id                 uuid NOT NULL,
+    purchase_transaction_id uuid NOT NULL,
+    response                jsonb,
+    created_at              timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, purchase_transaction_id)
+);
+COMMENT ON TABLE billing.clawbacks IS 'One row per reversed purchase, so a chargeback is never applied twice.';
+
+-- Webhook events: global provider event ids, keyed by themselves (SPEC 10, 12).
+CREATE TABLE billing.webhook_events (
+    event_id     text PRIMARY KEY,
+    event_type   text NOT NULL,
+    user_id      uuid,
+    processed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    result       jsonb
+);
+COMMENT ON TABLE billing.webhook_events IS 'Provider webhook event ids already processed (record_webhook_event).';
+
+CREATE VIEW billing.user_credits WITH (security_invoker = true) AS
+SELECT a.user_id,
+       a.subscription_credits_balance,
+       a.purchased_credits_balance,
+       a.subscription_credits_balance + a.purchased_credits_balance AS total_balance
+  FROM billing.accounts AS a;
+COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools and their total. Row security applies: end users see their own row.';
+
+-- pg_dump keeps the rows of every table.
+SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.accounts', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_transactions', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_transactions_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_expiration_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_expiration_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.idempotency_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.clawbacks', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');

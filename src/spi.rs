@@ -1,0 +1,74 @@
+//! SPI helpers: per-backend kept plans, and mapping SPI failures into `BillingError`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pg_billing_core::BillingError;
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::{self, PgOid};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError, SpiTupleTable};
+
+use crate::boundary::BResult;
+
+pub trait OrInternal<T> {
+    fn or_internal(self) -> BResult<T>;
+}
+
+impl<T> OrInternal<T> for Result<T, SpiError> {
+    fn or_internal(self) -> BResult<T> {
+        self.map_err(|e| BillingError::internal(format!("SPI: {e}")))
+    }
+}
+
+thread_local! {
+    /// Plans prepared once per backend and kept (SPI_keepplan); Postgres' plan cache re-plans
+    /// them when the tables they use change.
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+fn kept(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], mutating: bool) -> BResult<Rc<OwnedPreparedStatement>> {
+    if let Some(p) = PLANS.with(|m| m.borrow().get(sql).cloned()) {
+        return Ok(p);
+    }
+    let prepared = if mutating { client.prepare_mut(sql, types) } else { client.prepare(sql, types) };
+    let p = Rc::new(prepared.or_internal()?.keep());
+    PLANS.with(|m| m.borrow_mut().insert(sql, p.clone()));
+    Ok(p)
+}
+
+/// Run a statement that writes, through its kept plan.
+pub fn write<'c>(client: &mut SpiClient<'c>, sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> BResult<SpiTupleTable<'c>> {
+    let plan = kept(client, sql, types, true)?;
+    client.update(&*plan, None, args).or_internal()
+}
+
+/// Run a read-only statement, through its kept plan.
+pub fn read<'c>(client: &SpiClient<'c>, sql: &'static str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> BResult<SpiTupleTable<'c>> {
+    let plan = kept(client, sql, types, false)?;
+    client.select(&*plan, None, args).or_internal()
+}
+
+pub const UUID: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::UUIDOID);
+pub const INT8: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::INT8OID);
+pub const INT4: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID);
+pub const TEXT: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+pub const JSONB: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::JSONBOID);
+pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::TIMESTAMPTZOID);
+pub const BOOL: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::BOOLOID);
+
+/// A uuid argument for SPI.
+pub fn uuid_arg(bytes: &[u8; 16]) -> DatumWithOid<'static> {
+    pgrx::Uuid::from_bytes(*bytes).into()
+}
+
+/// A uuid as text, the way Postgres prints it.
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
+    let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Read column `n` (1-based) of the first row.
+pub fn col<T: pgrx::FromDatum + pgrx::IntoDatum>(t: &SpiTupleTable<'_>, n: usize) -> BResult<Option<T>> {
+    t.get::<T>(n).or_internal()
+}
