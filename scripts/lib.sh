@@ -15,6 +15,7 @@ log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
 # Debian packages, cargo-pgrx 0.18.1. Idempotent: a second run installs nothing.
 ensure_deps() {
+    [ "${SKIP_DEPS:-0}" = 1 ] && return 0
     local pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-psycopg2)
     local missing=()
     for p in "${pkgs[@]}"; do
@@ -33,6 +34,7 @@ ensure_deps() {
 
 # Build and install the extension into Debian's PostgreSQL 15. PROFILE=release for benchmarks.
 install_extension() {
+    [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
     local flags=()
     [ "${PROFILE:-debug}" = "release" ] && flags+=(--release)
     log "building and installing pg_billing (${PROFILE:-debug})"
