@@ -1,0 +1,14 @@
+# pg_billing: the two commands are `make demo` and `make test` (see README).
+.PHONY: demo test unit install bench stress
+
+demo:
+	bash scripts/demo.sh
+
+test:
+	bash scripts/test.sh
+
+unit:
+	cargo test -p pg_billing_core
+
+install:
+	bash -c 'source scripts/lib.sh && ensure_deps && install_extension'
