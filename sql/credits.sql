@@ -1,6 +1,20 @@
 -- Credits (SPEC 4). Mutators are Rust (src/api/credits.rs); reads are SQL that checks the
 -- caller first.
 
+INSERT INTO billing.api_functions (function_name, access) VALUES
+    ('consume_credits_v2', 'rpc'),
+    ('get_user_credits', 'rpc'),
+    ('get_credit_history', 'rpc'),
+    ('decrement_credits_with_log', 'rpc'),
+    ('add_subscription_credits', 'service'),
+    ('add_purchased_credits', 'service'),
+    ('expire_subscription_credits', 'service'),
+    ('renew_subscription_credits', 'service'),
+    ('refund_credits', 'service'),
+    ('clawback_credits_from_transaction', 'service'),
+    ('increment_credits_with_log', 'service'),
+    ('record_webhook_event', 'service');
+
 CREATE FUNCTION billing.consume_credits_v2(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                            p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''

@@ -27,21 +27,19 @@ LANGUAGE c IMMUTABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME',
 COMMENT ON FUNCTION billing.check_argument(text, integer, integer, integer) IS 'Internal: raises 22023 unless p_min <= p_value <= p_max (and p_value is not NULL).';
 
 -- Every public function and who may call it: 'anon' (rpc, also for anon), 'rpc' (end users
--- act on themselves), 'service' (service callers only). Grants and expose_rpc read this.
+-- act on themselves), 'service' (service callers only). Each domain's SQL file adds its rows;
+-- grants and expose_rpc read them. Extension content, re-created by CREATE EXTENSION (not dumped).
+CREATE TABLE billing.api_functions (
+    function_name text PRIMARY KEY,
+    access        text NOT NULL CHECK (access IN ('anon', 'rpc', 'service'))
+);
+ALTER TABLE billing.api_functions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY api_functions_read ON billing.api_functions FOR SELECT USING (true);
+COMMENT ON TABLE billing.api_functions IS 'The functions billing.expose_rpc exposes and who may call each: anon, rpc (authenticated end users, on themselves) or service.';
+
 CREATE FUNCTION billing.api_catalog() RETURNS TABLE (function_name text, access text)
-LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
-    VALUES ('consume_credits_v2', 'rpc'),
-           ('get_user_credits', 'rpc'),
-           ('get_credit_history', 'rpc'),
-           ('decrement_credits_with_log', 'rpc'),
-           ('add_subscription_credits', 'service'),
-           ('add_purchased_credits', 'service'),
-           ('expire_subscription_credits', 'service'),
-           ('renew_subscription_credits', 'service'),
-           ('refund_credits', 'service'),
-           ('clawback_credits_from_transaction', 'service'),
-           ('increment_credits_with_log', 'service'),
-           ('record_webhook_event', 'service')
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+    SELECT f.function_name, f.access FROM billing.api_functions AS f ORDER BY f.function_name
 $$;
 COMMENT ON FUNCTION billing.api_catalog() IS 'The functions billing.expose_rpc exposes and who may call each: anon, rpc (authenticated end users, on themselves) or service.';
 

@@ -232,7 +232,7 @@ pub fn idempotent(
 }
 
 /// The balances of an account, or `P0002`.
-fn balances(client: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<credits::Balances> {
+pub fn balances(client: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<credits::Balances> {
     let t = spi::write(client, BALANCES, &[UUID], &[uuid_arg(user)])?;
     if t.is_empty() {
         return Err(unknown_account(user));
@@ -272,7 +272,7 @@ fn row(t: SpiTupleTable<'_>, with_d2: bool) -> BResult<Row> {
 }
 
 /// FIFO consumption, shared by consume_credits_v2 and decrement_credits_with_log.
-fn consume(
+pub fn consume(
     client: &mut SpiClient<'_>,
     user: &[u8; 16],
     amount: i64,
@@ -317,13 +317,13 @@ fn consume(
 }
 
 #[derive(Clone, Copy)]
-enum Pool {
+pub enum Pool {
     Subscription,
     Purchased,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn grant(
+pub fn grant(
     client: &mut SpiClient<'_>,
     user: &[u8; 16],
     pool: Pool,
@@ -440,7 +440,7 @@ fn refund_credits(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_refund_credits, pgb_refund_credits, refund_credits);
 
-fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>, key: Option<&str>) -> BResult<Value> {
+pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>, key: Option<&str>) -> BResult<Value> {
     let t = spi::write(c, EXPIRE, &[UUID, TEXT, TEXT], &[uuid_arg(user), description.into(), key.into()])?;
     if t.is_empty() {
         return Err(unknown_account(user));

@@ -3,4 +3,9 @@
 //! point that `sql/` declares.
 
 pub mod credits;
+pub mod members;
+pub mod pending_profiles;
+pub mod plans;
+pub mod usage;
 pub mod webhooks;
+pub mod widgets;

@@ -1,0 +1,1 @@
+-- pg_billing: members (see src/api/members.rs)

@@ -1,0 +1,1 @@
+-- pg_billing: pending_profiles (see src/api/pending_profiles.rs)

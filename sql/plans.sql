@@ -1,0 +1,1 @@
+-- pg_billing: plans (see src/api/plans.rs)

@@ -1,0 +1,1 @@
+-- pg_billing: usage (see src/api/usage.rs)

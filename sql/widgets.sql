@@ -1,0 +1,1 @@
+-- pg_billing: widgets (see src/api/widgets.rs)
