@@ -1,1 +1,98 @@
--- pg_billing: widgets (see src/api/widgets.rs)
+-- Widgets (SPEC 7) and the dashboard. src/api/widgets.rs builds the query over the sources.
+
+CREATE TABLE billing.widget_tables (
+    widget_type text PRIMARY KEY,
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE billing.widget_tables IS 'Widget tables registered with billing.register_widget_table (tables public.widget_<type> with the required columns are found without registration).';
+SELECT pg_catalog.pg_extension_config_dump('billing.widget_tables', '');
+ALTER TABLE billing.widget_tables ENABLE ROW LEVEL SECURITY;
+CREATE POLICY widget_tables_read ON billing.widget_tables FOR SELECT USING (true);
+GRANT SELECT ON billing.widget_tables TO PUBLIC;
+
+INSERT INTO billing.api_functions (function_name, access) VALUES
+    ('get_user_widgets_ordered', 'anon'),
+    ('get_next_widget_position', 'rpc'),
+    ('count_user_widgets_by_type', 'anon');
+
+CREATE FUNCTION billing.register_widget_table(p_widget_type text, p_table regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+DECLARE
+    v_schema text;
+    v_table text;
+    v_missing text;
+BEGIN
+    PERFORM billing.require_service('billing.register_widget_table');
+    IF p_widget_type IS NULL OR p_widget_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'p_widget_type must be a lower-case name such as links' USING ERRCODE = '22023';
+    END IF;
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'p_table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT n.nspname, c.relname INTO v_schema, v_table
+      FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table or view', p_table USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.string_agg(req.col, ', ') INTO v_missing
+      FROM (VALUES ('id', 'pg_catalog.uuid'::pg_catalog.regtype), ('user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
+                   ('position', NULL), ('is_active', 'pg_catalog.bool'::pg_catalog.regtype),
+                   ('created_at', NULL), ('updated_at', NULL)) AS req(col, typ)
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                        WHERE a.attrelid = p_table AND a.attname = req.col AND a.attnum > 0 AND NOT a.attisdropped
+                          AND (req.typ IS NULL OR a.atttypid = req.typ));
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'table % lacks the widget columns %', p_table, v_missing USING ERRCODE = '22023',
+            HINT = 'a widget table needs id uuid, user_id uuid, position integer, is_active boolean, created_at, updated_at';
+    END IF;
+    INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name) VALUES (p_widget_type, v_schema, v_table)
+    ON CONFLICT (widget_type) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
+END
+$$;
+COMMENT ON FUNCTION billing.register_widget_table(text, regclass) IS 'Service-only. Register an app table of widgets of type p_widget_type (columns id uuid, user_id uuid, position, is_active boolean, created_at, updated_at). Tables public.widget_<type> with those columns need no registration.';
+
+CREATE FUNCTION billing._user_widgets(p_user_id uuid, p_active_only boolean) RETURNS jsonb
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_user_widgets';
+COMMENT ON FUNCTION billing._user_widgets(uuid, boolean) IS 'Internal: get_user_widgets_ordered as one jsonb array.';
+
+CREATE FUNCTION billing.get_user_widgets_ordered(p_user_id uuid, p_active_only boolean DEFAULT true)
+RETURNS TABLE (id uuid, widget_type text, "position" integer, is_active boolean, data jsonb,
+               created_at timestamptz, updated_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+    SELECT (e ->> 'id')::uuid, e ->> 'widget_type', (e ->> 'position')::integer, (e ->> 'is_active')::boolean,
+           e -> 'data', (e ->> 'created_at')::timestamptz, (e ->> 'updated_at')::timestamptz
+      FROM pg_catalog.jsonb_array_elements(billing._user_widgets(p_user_id, p_active_only)) WITH ORDINALITY AS w(e, n)
+     ORDER BY w.n
+$$;
+COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the whole row as JSON. Anyone (anon too) may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
+
+CREATE FUNCTION billing.get_next_widget_position(p_user_id uuid) RETURNS integer
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_get_next_widget_position';
+COMMENT ON FUNCTION billing.get_next_widget_position(uuid) IS 'The position for a new widget: the highest position over all the user''s widget tables + 1, 0 when none. End users: own only.';
+
+CREATE FUNCTION billing.count_user_widgets_by_type(p_user_id uuid, p_widget_type text) RETURNS integer
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_count_user_widgets_by_type';
+COMMENT ON FUNCTION billing.count_user_widgets_by_type(uuid, text) IS 'How many widgets of p_widget_type the user has, active or not (what the widgets_per_type limit counts). Unknown type: 22023.';
+
+CREATE FUNCTION billing.get_user_dashboard_stats(p_user_id uuid)
+RETURNS TABLE (plan text, plan_display_name text, status text,
+               subscription_credits_balance bigint, purchased_credits_balance bigint, total_credits bigint,
+               period_start timestamptz, period_end timestamptz,
+               messages_count bigint, conversations_count bigint, tokens_input_count bigint, tokens_output_count bigint,
+               api_calls_count bigint, documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint,
+               resources jsonb, limits jsonb)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+    SELECT billing.authorize_user(p_user_id);
+    SELECT s.plan_name, s.plan_display_name, s.status,
+           c.subscription_credits_balance, c.purchased_credits_balance, c.total_balance,
+           u.period_start, u.period_end, u.messages_count, u.conversations_count, u.tokens_input_count,
+           u.tokens_output_count, u.api_calls_count, u.documents_processed_count, u.chunks_stored_count,
+           u.generations_count, billing._resource_usage(p_user_id), s.limits
+      FROM billing.get_user_subscription(p_user_id) AS s,
+           billing.get_user_credits(p_user_id) AS c,
+           billing.get_user_current_usage(p_user_id) AS u
+$$;
+COMMENT ON FUNCTION billing.get_user_dashboard_stats(uuid) IS 'One call for a dashboard: effective plan and status, both credit pools and their total, this period''s usage counters, and each registered resource''s count and limit (resources: {type: {count, limit, allowed}}). End users: own only.';

@@ -52,6 +52,8 @@ pub enum Ret {
     Bool(bool),
     Int(i32),
     Json(serde_json::Value),
+    /// A datum already in the caller's memory context (see `spi::transfer`).
+    Datum(pg_sys::Datum),
 }
 
 /// An error ready to raise: only plain data.
@@ -125,6 +127,7 @@ fn to_datum(fcinfo: pg_sys::FunctionCallInfo, ret: Ret) -> pg_sys::Datum {
         Ret::Bool(b) => b.into_datum(),
         Ret::Int(i) => i.into_datum(),
         Ret::Json(v) => pgrx::JsonB(v).into_datum(),
+        Ret::Datum(d) => Some(d),
     };
     match datum {
         Some(d) => d,

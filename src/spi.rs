@@ -72,3 +72,40 @@ pub fn uuid_text(bytes: &[u8; 16]) -> String {
 pub fn col<T: pgrx::FromDatum + pgrx::IntoDatum>(t: &SpiTupleTable<'_>, n: usize) -> BResult<Option<T>> {
     t.get::<T>(n).or_internal()
 }
+
+thread_local! {
+    /// Kept plans of statements built at run time from registries (resource and widget tables).
+    /// The key is the statement text, so a changed registry simply uses a new plan.
+    static DYN_PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Run a read-only statement built at run time, through a kept plan.
+pub fn read_dyn<'c>(client: &SpiClient<'c>, sql: &str, types: &[PgOid], args: &[DatumWithOid<'_>]) -> BResult<SpiTupleTable<'c>> {
+    let plan = match DYN_PLANS.with(|m| m.borrow().get(sql).cloned()) {
+        Some(p) => p,
+        None => {
+            let p = Rc::new(client.prepare(sql, types).or_internal()?.keep());
+            DYN_PLANS.with(|m| {
+                let mut m = m.borrow_mut();
+                // Registries change rarely; bound the cache anyway.
+                if m.len() > 256 {
+                    m.clear();
+                }
+                m.insert(sql.to_string(), p.clone());
+            });
+            p
+        }
+    };
+    client.select(&*plan, None, args).or_internal()
+}
+
+/// Copy a datum out of SPI's memory into the caller's (upper executor) context, so it can be
+/// returned after SPI is left.
+pub fn transfer(t: &SpiTupleTable<'_>, n: usize, by_value: bool, typlen: i32) -> BResult<Option<pg_sys::Datum>> {
+    match t.get_datum_by_ordinal(n).or_internal()? {
+        None => Ok(None),
+        // SAFETY: the datum belongs to the current SPI tuple table; SPI_datumTransfer copies it
+        // into the memory context that was current when SPI was connected.
+        Some(d) => Ok(Some(unsafe { pg_sys::SPI_datumTransfer(d, by_value, typlen) })),
+    }
+}

@@ -9,6 +9,8 @@ pub mod credits;
 pub mod error;
 pub mod idempotency;
 pub mod identity;
+pub mod members;
+pub mod plans;
 pub mod validate;
 
 pub use error::{BillingError, Result};

@@ -1,1 +1,197 @@
-//! plans
+//! Plans and subscriptions (SPEC 5): the webhook entry point and expiry processing.
+
+use pg_billing_core::plans::{self, SUBSCRIPTION_STATUSES};
+use pg_billing_core::BillingError;
+use pgrx::spi::{Spi, SpiClient};
+use serde_json::json;
+
+use crate::api::{credits, webhooks};
+use crate::boundary::{Args, BResult, Ret};
+use crate::security;
+use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, TEXT, TIMESTAMPTZ, UUID};
+use crate::validate;
+
+const PLAN: &str = "SELECT p.monthly_credits FROM billing.plans AS p WHERE p.plan_id = $1";
+const PLAN_IDS: &str = "SELECT pg_catalog.string_agg(p.plan_id, ', ' ORDER BY p.sort_order, p.plan_id) FROM billing.plans AS p";
+
+/// Lock the current subscription and say what the incoming event would change.
+/// $1 user, $2 event time, $3 new period start, $4 new plan.
+const LOCK: &str = "
+SELECT s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_event_created_at AS stale,
+       s.current_period_start IS DISTINCT FROM $3 AS new_period,
+       s.plan_id IS DISTINCT FROM $4 AS plan_changed
+  FROM billing.subscriptions AS s
+ WHERE s.user_id = $1
+   FOR UPDATE";
+
+/// $1 user, $2 plan, $3 status, $4 period start, $5 period end, $6 trial end, $7 cancel at period
+/// end, $8 provider, $9 provider subscription id, $10 event id, $11 event time.
+const UPSERT: &str = "
+INSERT INTO billing.subscriptions AS s
+       (user_id, plan_id, status, current_period_start, current_period_end, trial_ends_at, cancel_at_period_end,
+        provider, provider_subscription_id, last_event_id, last_event_created_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $3 = 'expired' THEN pg_catalog.now() END)
+ON CONFLICT (user_id) DO UPDATE
+   SET plan_id                  = EXCLUDED.plan_id,
+       status                   = EXCLUDED.status,
+       current_period_start     = EXCLUDED.current_period_start,
+       current_period_end       = EXCLUDED.current_period_end,
+       trial_ends_at            = EXCLUDED.trial_ends_at,
+       cancel_at_period_end     = EXCLUDED.cancel_at_period_end,
+       provider                 = COALESCE(EXCLUDED.provider, s.provider),
+       provider_subscription_id = COALESCE(EXCLUDED.provider_subscription_id, s.provider_subscription_id),
+       last_event_id            = COALESCE(EXCLUDED.last_event_id, s.last_event_id),
+       last_event_created_at    = GREATEST(EXCLUDED.last_event_created_at, s.last_event_created_at),
+       expires_at               = CASE WHEN EXCLUDED.status = 'expired' THEN COALESCE(s.expires_at, pg_catalog.now()) END,
+       updated_at               = pg_catalog.now()
+ WHERE $11 IS NULL OR s.last_event_created_at IS NULL OR $11 >= s.last_event_created_at
+RETURNING s.id, billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)";
+
+/// $1 user, $2 event id, $3 event time, $4 applied, $5 reason, $6 plan, $7 status.
+const LOG_EVENT: &str = "
+INSERT INTO billing.subscription_events (user_id, event_id, event_created_at, applied, reason, plan_id, status)
+VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// Subscriptions whose entitlement has lapsed: set them expired on the free plan.
+const EXPIRE_DUE: &str = "
+WITH due AS (
+    SELECT s.user_id
+      FROM billing.subscriptions AS s
+     WHERE s.status IN ('active', 'trialing', 'canceled', 'past_due')
+       AND s.plan_id <> 'free'
+       AND billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at) = 'free'
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE billing.subscriptions AS s
+   SET status = 'expired', plan_id = 'free', expires_at = COALESCE(s.expires_at, pg_catalog.now()), updated_at = pg_catalog.now()
+  FROM due
+ WHERE s.user_id = due.user_id
+RETURNING s.user_id";
+
+fn unknown_plan(c: &SpiClient<'_>, plan: &str) -> BResult<BillingError> {
+    let t = spi::read(c, PLAN_IDS, &[], &[])?;
+    let known = col::<String>(&t.first(), 1)?.unwrap_or_default();
+    Ok(BillingError::invalid_with_hint(
+        format!("plan \"{}\" does not exist", plans::truncate(plan, 64)),
+        format!("known plans: {known}"),
+    ))
+}
+
+/// The monthly credits of a plan, or 22023 naming the known plans.
+pub fn plan_monthly_credits(c: &SpiClient<'_>, plan: &str) -> BResult<i64> {
+    let t = spi::read(c, PLAN, &[TEXT], &[plan.into()])?;
+    if t.is_empty() {
+        return Err(unknown_plan(c, plan)?);
+    }
+    Ok(col::<i32>(&t.first(), 1)?.unwrap_or(0) as i64)
+}
+
+/// upsert_subscription(p_user_id, p_plan_id, p_status, p_current_period_start, p_current_period_end,
+/// p_trial_ends_at, p_cancel_at_period_end, p_provider, p_provider_subscription_id, p_event_id,
+/// p_event_created_at)
+fn upsert_subscription(a: &Args) -> BResult<Ret> {
+    security::require_service("upsert_subscription")?;
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    let plan = validate::required("p_plan_id", a.text(1))?;
+    let status = validate::required("p_status", a.text(2))?;
+    plans::one_of("p_status", &status, &SUBSCRIPTION_STATUSES)?;
+    let (start, end, trial) = (a.timestamptz(3), a.timestamptz(4), a.timestamptz(5));
+    let cancel = a.boolean(6).unwrap_or(false);
+    let (pv, ps, ev) = (a.text(7), a.text(8), a.text(9));
+    let provider = validate::key("p_provider", pv.as_deref())?;
+    let provider_sub = validate::key("p_provider_subscription_id", ps.as_deref())?;
+    let event_id = validate::key("p_event_id", ev.as_deref())?;
+    let event_at = a.timestamptz(10);
+
+    Spi::connect_mut(|c| {
+        let monthly = plan_monthly_credits(c, &plan)?;
+        if let Some(ev) = event_id {
+            if !webhooks::record(c, ev, "subscription", Some(&user))? {
+                return Ok(json!({"applied": false, "reason": "duplicate_event", "event_id": ev}));
+            }
+        }
+        let lock = spi::write(c, LOCK, &[UUID, TIMESTAMPTZ, TIMESTAMPTZ, TEXT], &[uuid_arg(&user), event_at.into(), start.into(), plan.as_str().into()])?;
+        let (stale, changes_period) = if lock.is_empty() {
+            (false, true)
+        } else {
+            let l = lock.first();
+            (
+                col::<bool>(&l, 1)?.unwrap_or(false),
+                col::<bool>(&l, 2)?.unwrap_or(false) || col::<bool>(&l, 3)?.unwrap_or(false),
+            )
+        };
+        let log = |c: &mut SpiClient<'_>, applied: bool, reason: &str| {
+            spi::write(
+                c,
+                LOG_EVENT,
+                &[UUID, TEXT, TIMESTAMPTZ, BOOL, TEXT, TEXT, TEXT],
+                &[uuid_arg(&user), event_id.into(), event_at.into(), applied.into(), reason.into(), plan.as_str().into(), status.as_str().into()],
+            )
+            .map(|_| ())
+        };
+        if stale {
+            log(c, false, "stale")?;
+            return Ok(json!({"applied": false, "reason": "stale_event"}));
+        }
+        let t = spi::write(
+            c,
+            UPSERT,
+            &[UUID, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, TEXT, TEXT, TEXT, TIMESTAMPTZ],
+            &[
+                uuid_arg(&user), plan.as_str().into(), status.as_str().into(), start.into(), end.into(), trial.into(),
+                cancel.into(), provider.into(), provider_sub.into(), event_id.into(), event_at.into(),
+            ],
+        )?;
+        if t.is_empty() {
+            // A newer event was applied concurrently between the lock and the upsert.
+            log(c, false, "stale")?;
+            return Ok(json!({"applied": false, "reason": "stale_event"}));
+        }
+        let t = t.first();
+        let id = col::<pgrx::Uuid>(&t, 1)?.map(|u| uuid_text(u.as_bytes()));
+        let effective = col::<String>(&t, 2)?;
+        log(c, true, "applied")?;
+        let mut granted = 0i64;
+        if changes_period && plans::grants_credits(&status) && monthly > 0 {
+            credits::renew(c, &user, monthly, end, None)?;
+            granted = monthly;
+        }
+        Ok(json!({
+            "applied": true,
+            "reason": "applied",
+            "subscription_id": id,
+            "user_id": uuid_text(&user),
+            "plan_id": plan,
+            "status": status,
+            "effective_plan": effective,
+            "credits_granted": granted,
+        }))
+    })
+    .map(Ret::Json)
+}
+crate::billing_fn!(pg_finfo_pgb_upsert_subscription, pgb_upsert_subscription, upsert_subscription);
+
+/// process_expired_subscriptions()
+fn process_expired_subscriptions(_a: &Args) -> BResult<Ret> {
+    security::require_service("process_expired_subscriptions")?;
+    Spi::connect_mut(|c| {
+        let t = spi::write(c, EXPIRE_DUE, &[], &[])?;
+        let users: Vec<[u8; 16]> = t
+            .map(|row| row.get::<pgrx::Uuid>(1).map(|u| u.map(|u| *u.as_bytes())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BillingError::internal(format!("SPI: {e}")))?
+            .into_iter()
+            .flatten()
+            .collect();
+        for user in &users {
+            match credits::expire(c, user, Some("subscription expired"), None) {
+                Ok(_) | Err(BillingError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(users.len() as i32)
+    })
+    .map(Ret::Int)
+}
+crate::billing_fn!(pg_finfo_pgb_process_expired_subscriptions, pgb_process_expired_subscriptions, process_expired_subscriptions);
+

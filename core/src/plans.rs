@@ -1,0 +1,170 @@
+//! Plans, subscriptions, usage metrics, resource and widget registries: the rules that need no
+//! database.
+
+use crate::error::{BillingError, Result};
+
+pub const SUBSCRIPTION_STATUSES: [&str; 8] =
+    ["free", "trialing", "active", "past_due", "canceled", "paused", "expired", "pending"];
+
+/// Statuses whose new period (or new plan) grants the plan's monthly credits.
+pub fn grants_credits(status: &str) -> bool {
+    matches!(status, "active" | "trialing")
+}
+
+/// `p_name` must be one of `allowed` (22023 listing them otherwise).
+pub fn one_of(name: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(BillingError::invalid_with_hint(
+            format!("{name} \"{}\" is not known", truncate(value, 64)),
+            format!("{name} must be one of: {}", allowed.join(", ")),
+        ))
+    }
+}
+
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// A name for a registry entry (resource type, widget type): lower-case identifier.
+pub fn registry_name(name: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.as_bytes()[0].is_ascii_lowercase()
+        && value.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(BillingError::invalid_with_hint(
+            format!("{name} is not a valid name"),
+            "use lower-case letters, digits and underscores, starting with a letter",
+        ))
+    }
+}
+
+/// Quote an SQL identifier the way `quote_ident` does (always quoted: safe for any name).
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// One widget table: its type and where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WidgetSource {
+    pub widget_type: String,
+    pub schema: String,
+    pub table: String,
+}
+
+/// The query over every widget source for one user ($1 uuid, $2 boolean: include inactive),
+/// ordered by position, then type, then id, aggregated into one jsonb array.
+pub fn widgets_query(sources: &[WidgetSource]) -> String {
+    if sources.is_empty() {
+        return "SELECT '[]'::jsonb WHERE $1 IS NOT NULL OR $2 IS NOT NULL".to_string();
+    }
+    let parts: Vec<String> = sources
+        .iter()
+        .map(|s| {
+            format!(
+                "SELECT w.id, {ty}::text AS widget_type, w.position::integer AS position, w.is_active, \
+                 pg_catalog.to_jsonb(w) AS data, w.created_at, w.updated_at \
+                 FROM {schema}.{table} AS w WHERE w.user_id = $1 AND (w.is_active OR $2)",
+                ty = quote_literal(&s.widget_type),
+                schema = quote_ident(&s.schema),
+                table = quote_ident(&s.table),
+            )
+        })
+        .collect();
+    format!(
+        "SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(\
+         'id', x.id, 'widget_type', x.widget_type, 'position', x.position, 'is_active', x.is_active, \
+         'data', x.data, 'created_at', x.created_at, 'updated_at', x.updated_at) \
+         ORDER BY x.position, x.widget_type, x.id), '[]'::jsonb) FROM ({}) AS x",
+        parts.join(" UNION ALL ")
+    )
+}
+
+/// max(position) + 1 over every source for $1 (0 when none).
+pub fn next_position_query(sources: &[WidgetSource]) -> String {
+    if sources.is_empty() {
+        return "SELECT 0 WHERE $1 IS NOT NULL".to_string();
+    }
+    let parts: Vec<String> = sources
+        .iter()
+        .map(|s| format!("SELECT pg_catalog.max(w.position)::bigint AS p FROM {}.{} AS w WHERE w.user_id = $1",
+                         quote_ident(&s.schema), quote_ident(&s.table)))
+        .collect();
+    format!("SELECT (COALESCE(pg_catalog.max(x.p), -1) + 1)::integer FROM ({}) AS x", parts.join(" UNION ALL "))
+}
+
+/// count(*) of $1's rows in one table.
+pub fn count_query(schema: &str, table: &str, user_column: &str) -> String {
+    format!(
+        "SELECT pg_catalog.count(*)::integer FROM {}.{} AS t WHERE t.{} = $1",
+        quote_ident(schema),
+        quote_ident(table),
+        quote_ident(user_column)
+    )
+}
+
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Resource limit evaluation: -1 (or a missing key) is unlimited.
+pub fn resource_allowed(count: i64, max: i64) -> bool {
+    max < 0 || count < max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        for s in SUBSCRIPTION_STATUSES {
+            one_of("p_status", s, &SUBSCRIPTION_STATUSES).unwrap();
+        }
+        let e = one_of("p_status", "actve", &SUBSCRIPTION_STATUSES).unwrap_err();
+        assert_eq!(e.sqlstate(), "22023");
+        assert!(e.hint().unwrap().contains("past_due"));
+        assert!(grants_credits("active") && grants_credits("trialing") && !grants_credits("past_due"));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("widget_links"), "\"widget_links\"");
+        assert_eq!(quote_ident("a\"; DROP TABLE x; --"), "\"a\"\"; DROP TABLE x; --\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(
+            count_query("public", "agents", "owner"),
+            "SELECT pg_catalog.count(*)::integer FROM \"public\".\"agents\" AS t WHERE t.\"owner\" = $1"
+        );
+    }
+
+    #[test]
+    fn widget_queries() {
+        let s = vec![
+            WidgetSource { widget_type: "links".into(), schema: "public".into(), table: "widget_links".into() },
+            WidgetSource { widget_type: "gallery".into(), schema: "app".into(), table: "Gallery".into() },
+        ];
+        let q = widgets_query(&s);
+        assert_eq!(q.matches("UNION ALL").count(), 1);
+        assert!(q.contains("FROM \"app\".\"Gallery\" AS w"));
+        assert!(q.contains("ORDER BY x.position, x.widget_type, x.id"));
+        assert!(widgets_query(&[]).contains("'[]'"));
+        assert!(next_position_query(&s).contains("-1) + 1"));
+    }
+
+    #[test]
+    fn registry_names_and_limits() {
+        registry_name("t", "agents").unwrap();
+        assert!(registry_name("t", "Agents").is_err());
+        assert!(registry_name("t", "a-b").is_err());
+        assert!(resource_allowed(0, -1) && resource_allowed(4, 5) && !resource_allowed(5, 5) && !resource_allowed(0, 0));
+    }
+}
