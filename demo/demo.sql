@@ -46,6 +46,7 @@ SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
 \echo 'Finally, the Supabase/PostgREST recipe: expose the API in schema public, then call it as the signed-in user, as supabase.rpc() does.'
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN; END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
 END $$;
 SELECT billing.expose_rpc('public') AS wrappers_created;
 BEGIN;
@@ -62,3 +63,66 @@ END $$;
 COMMIT;
 \echo
 \echo 'End of the S4 story.'
+
+\echo
+\echo '=== S2: a snapshots API with hourly rate limits by tier (free 50/h, premium 500/h, ultra 2000/h) ==='
+\set bob '''b0000000-0000-4000-8000-00000000000b'''
+SELECT plan_id, display_name, api_rate_limit_hourly AS requests_per_hour FROM billing.plans ORDER BY sort_order;
+\echo 'Bob is on the free plan. His API calls check_api_rate_limit before each snapshot; the 51st request this hour is refused, with what X-RateLimit-* headers need.'
+SELECT count(*) FILTER (WHERE a) AS allowed, count(*) FILTER (WHERE NOT a) AS refused
+  FROM (SELECT (billing.check_api_rate_limit(:bob, '/v1/snapshots')).allowed AS a FROM generate_series(1, 55)) AS calls;
+SELECT allowed, limit_value AS "X-RateLimit-Limit", remaining AS "X-RateLimit-Remaining", reset_at = date_trunc('hour', now()) + interval '1 hour' AS resets_next_hour
+  FROM billing.check_api_rate_limit(:bob, '/v1/snapshots');
+\echo 'He upgrades to Ultra. The provider''s webhook calls upsert_subscription (idempotent by event id); his limit is now 2000/hour at once.'
+SELECT r->>'applied' AS applied, r->>'effective_plan' AS effective_plan, r->>'credits_granted' AS credits_granted
+  FROM billing.upsert_subscription(:bob, 'ultra', 'active', now() - interval '20 days', now() + interval '10 days',
+                                   p_provider := 'stripe', p_event_id := 'evt_up_1', p_event_created_at := now() - interval '1 minute') AS r;
+SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit(:bob, '/v1/snapshots');
+\echo 'The provider delivers an older event late (a "past_due" from before the upgrade). It is recorded but changes nothing:'
+SELECT r->>'applied' AS applied, r->>'reason' AS reason
+  FROM billing.upsert_subscription(:bob, 'ultra', 'past_due', p_event_id := 'evt_old_0', p_event_created_at := now() - interval '2 days') AS r;
+\echo 'Later he cancels; the period ends (we move the clock by editing the row) and the nightly job downgrades him to free.'
+SELECT billing.upsert_subscription(:bob, 'ultra', 'canceled', now() - interval '40 days', now() - interval '1 day',
+                                   p_cancel_at_period_end := true, p_event_id := 'evt_cancel_2') ->> 'effective_plan' AS effective_plan_now;
+SELECT billing.process_expired_subscriptions() AS downgraded;
+SELECT plan_name, status FROM billing.get_user_subscription(:bob);
+SELECT limit_value FROM billing.check_api_rate_limit(:bob, '/v1/snapshots');
+
+\echo
+\echo '=== S5: a link-in-bio + AI agents platform: plan limits, usage metering, widgets, dashboard ==='
+\set cleo '''c0000000-0000-4000-8000-00000000000c'''
+CREATE TABLE public.agents (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, name text);
+CREATE INDEX ON public.agents (user_id);
+CREATE TABLE public.widget_links (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
+    is_active boolean NOT NULL DEFAULT true, title text, url text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
+CREATE TABLE public.widget_youtube (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
+    is_active boolean NOT NULL DEFAULT true, video_id text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
+\echo 'The app tells pg_billing where its agents live; widget_<type> tables are found on their own.'
+SELECT billing.register_resource('agents', 'public.agents');
+\echo 'Cleo is on Pro (5 agents). She has 5 already, so creating a 6th is refused by the limit check the app runs first:'
+SELECT billing.upsert_subscription(:cleo, 'pro', 'active', now() - interval '3 days', now() + interval '27 days') ->> 'applied' AS subscribed;
+INSERT INTO public.agents (user_id, name) SELECT :cleo, 'agent ' || i FROM generate_series(1, 5) AS i;
+SELECT allowed, current_count, max_allowed FROM billing.check_resource_limit(:cleo, 'agents');
+\echo 'Her agents chat; the backend meters every message and its tokens, and checks the monthly message limit.'
+SELECT count(*) AS messages_recorded FROM (SELECT billing.record_message_usage(:cleo, 120, 380) FROM generate_series(1, 12)) AS calls;
+SELECT billing.record_conversation_usage(:cleo), billing.record_document_usage(:cleo, 40);
+SELECT messages_count, tokens_input_count, tokens_output_count, conversations_count, documents_processed_count, chunks_stored_count
+  FROM billing.get_user_current_usage(:cleo);
+SELECT allowed, current_usage, limit_value FROM billing.check_monthly_limit(:cleo, 'messages');
+\echo 'Her public page: widgets from every widget table, in position order (an anonymous visitor sees only active ones).'
+INSERT INTO public.widget_links (user_id, position, title, url, is_active) VALUES
+    (:cleo, 0, 'My shop', 'https://shop.example', true), (:cleo, 2, 'Old blog', 'https://blog.example', false);
+INSERT INTO public.widget_youtube (user_id, position, video_id) VALUES (:cleo, 1, 'dQw4w9WgXcQ');
+SELECT position, widget_type, COALESCE(data->>'title', data->>'video_id') AS content, is_active
+  FROM billing.get_user_widgets_ordered(:cleo, p_active_only := false);
+BEGIN;
+SELECT set_config('role', 'anon', true) IS NOT NULL AS as_anon, set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS jwt_set;
+SELECT position, widget_type FROM billing.get_user_widgets_ordered('c0000000-0000-4000-8000-00000000000c', false);
+COMMIT;
+SELECT billing.get_next_widget_position(:cleo) AS next_position, billing.count_user_widgets_by_type(:cleo, 'links') AS links;
+\echo 'One call for her dashboard:'
+SELECT plan, status, total_credits, messages_count, resources->'agents' AS agents
+  FROM billing.get_user_dashboard_stats(:cleo);
+SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
+\echo
+\echo 'End of the S2 and S5 stories.'
