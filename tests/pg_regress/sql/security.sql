@@ -1,0 +1,360 @@
+-- Security model (SPEC 2): end users act only on themselves (42501 otherwise), service-only
+-- functions refuse end users (by privilege and by the internal check), RLS on every table,
+-- no end-user writes, expose_rpc/unexpose_rpc, SECURITY DEFINER + pinned search_path, comments.
+-- An end-user request is made as PostgREST makes it: SET LOCAL ROLE + request.jwt.claims.
+BEGIN;
+SET LOCAL TimeZone = 'UTC';
+SET LOCAL DateStyle = 'ISO, YMD';
+-- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so the
+-- file runs in one transaction. Random uuids (not the fixed 00000000-0000-0000-0000-... test
+-- users) are masked.
+CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+DECLARE st text; msg text; det text;
+BEGIN
+    EXECUTE p_sql;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL;
+    RETURN regexp_replace(st || ': ' || msg || COALESCE(' [' || NULLIF(det, '') || ']', ''),
+                          '(?!00000000-0000-0000-0000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}',
+                          '<uuid>', 'g');
+END
+$f$;
+-- bal(user): both pools and the number of ledger rows (to show that a failed call changed nothing).
+CREATE FUNCTION pg_temp.bal(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+    SELECT format('sub=%s pur=%s ledger_rows=%s',
+                  COALESCE(a.subscription_credits_balance::text, '-'),
+                  COALESCE(a.purchased_credits_balance::text, '-'),
+                  (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user))
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+$f$;
+-- Results of calls, by label: r - 'transaction_id' is deterministic.
+CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
+GRANT SELECT ON res TO PUBLIC;  -- the end-user parts read it too
+
+-- user 51 ("me") and user 52 ("other"), set up by the service caller (postgres)
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 20) ->> 'total_balance' AS total;
+SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 5) ->> 'total_balance' AS total;
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000052', 30) ->> 'total_balance' AS total;
+INSERT INTO res SELECT 'buy_52', billing.add_purchased_credits('00000000-0000-0000-0000-000000000052', 9)
+RETURNING label, r - 'transaction_id' AS r;
+SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000052') ->> 'expired_amount' AS expired;
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000052', 30) ->> 'total_balance' AS total;
+SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051') ->> 'expired_amount' AS expired;
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 20) ->> 'total_balance' AS total;
+
+-- ===== an authenticated end user (PostgREST: SET LOCAL ROLE + JWT claims) =====
+SET LOCAL ROLE authenticated;
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT current_user, billing.current_user_id();
+-- own account: works
+SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 2) - 'transaction_id' AS r;
+SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1);
+SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051');
+SELECT type, pool, amount FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051', 3);
+-- another user's account: 42501, nothing changes
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000052')$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000059')$$);
+-- NULL is a bad argument before anything else
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2(NULL, 1)$$);
+-- service-only functions: EXECUTE is revoked from authenticated
+SELECT pg_temp.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.refund_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.clawback_credits_from_transaction('00000000-0000-0000-0000-0000000000ff')$$);
+SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000051', 1, 'purchase')$$);
+SELECT pg_temp.err($$SELECT billing.record_webhook_event('evt_sec_1', 'test')$$);
+SELECT pg_temp.err($$SELECT * FROM billing.verify_ledger()$$);
+SELECT pg_temp.err($$SELECT billing.expose_rpc('public')$$);
+SELECT pg_temp.err($$SELECT billing.unexpose_rpc('public')$$);
+SELECT pg_temp.err($$SELECT billing.apply_grants()$$);
+SELECT pg_temp.err($$SELECT billing.authorize_user('00000000-0000-0000-0000-000000000052')$$);
+-- RLS: only the own rows are visible
+SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts ORDER BY user_id;
+SELECT * FROM billing.user_credits ORDER BY user_id;
+SELECT DISTINCT user_id FROM billing.credit_transactions;
+SELECT count(*) FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000052';
+SELECT user_id, expired_amount FROM billing.credit_expiration_events;
+-- tables without end-user read access
+SELECT pg_temp.err($$SELECT count(*) FROM billing.idempotency_keys$$);
+SELECT pg_temp.err($$SELECT count(*) FROM billing.clawbacks$$);
+SELECT pg_temp.err($$SELECT count(*) FROM billing.webhook_events$$);
+-- no writes, not even to the own rows
+SELECT pg_temp.err($$INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES ('00000000-0000-0000-0000-000000000053', 100)$$);
+SELECT pg_temp.err($$UPDATE billing.accounts SET purchased_credits_balance = 1000000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT pg_temp.err($$DELETE FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT pg_temp.err($$INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 'purchase', 'purchased', 100, 105)$$);
+SELECT pg_temp.err($$UPDATE billing.credit_transactions SET amount = 1000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT pg_temp.err($$DELETE FROM billing.credit_transactions$$);
+SELECT pg_temp.err($$TRUNCATE billing.credit_transactions$$);
+SELECT pg_temp.err($$INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 1)$$);
+SELECT pg_temp.err($$INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request) VALUES ('00000000-0000-0000-0000-000000000051', 'k', '{}')$$);
+SELECT pg_temp.err($$INSERT INTO billing.webhook_events (event_id, event_type) VALUES ('evt_forged', 'x')$$);
+SELECT pg_temp.err($$UPDATE billing.plans SET monthly_credits = 1000000$$);
+-- an end user cannot redefine who is an end user
+SELECT pg_temp.err($$SET pg_billing.end_user_roles = ''$$);
+SELECT pg_temp.err($$SELECT set_config('pg_billing.end_user_roles', 'nobody', true)$$);
+
+-- ===== a forged role claim does not make an end user a service caller =====
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"service_role"}', true) IS NOT NULL AS claims_set;
+SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT count(*) AS visible_accounts FROM billing.accounts;
+
+-- ===== broken or missing identities =====
+-- the legacy request.jwt.claim.sub setting also identifies the user
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+SELECT set_config('request.jwt.claim.sub', '00000000-0000-0000-0000-000000000051', true) IS NOT NULL AS sub_set;
+SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT set_config('request.jwt.claim.sub', '', true) = '' AS sub_cleared;
+-- authenticated without any sub claim
+SELECT set_config('request.jwt.claims', '{"role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT count(*) AS visible_accounts FROM billing.accounts;
+-- a sub that is not a uuid, claims that are not JSON
+SELECT set_config('request.jwt.claims', '{"sub":"not-a-uuid","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT set_config('request.jwt.claims', '{not json', true) IS NOT NULL AS claims_set;
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+-- SET ROLE authenticated without any JWT is still an end user (without identity)
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+
+-- ===== anon (no sub) =====
+SET LOCAL ROLE anon;
+SELECT set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS claims_set;
+-- no EXECUTE on rpc functions that are not marked anon
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051')$$);
+SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+-- and no rows through RLS
+SELECT count(*) AS accounts, (SELECT count(*) FROM billing.user_credits) AS user_credits,
+       (SELECT count(*) FROM billing.credit_transactions) AS ledger_rows FROM billing.accounts;
+SELECT pg_temp.err($$INSERT INTO billing.accounts (user_id) VALUES ('00000000-0000-0000-0000-000000000053')$$);
+RESET ROLE;
+
+-- ===== the internal checks (what protects the functions if EXECUTE were granted) =====
+-- postgres (bypasses EXECUTE checks) with anon claims: anon must sign in
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051')$$);
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+-- postgres with an authenticated user's claims is that end user: every service-only function refuses
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT billing.is_end_user();
+SELECT pg_temp.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err($$SELECT billing.refund_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT pg_temp.err(format('SELECT billing.clawback_credits_from_transaction(%L)', (SELECT r ->> 'transaction_id' FROM res WHERE label = 'buy_52')));
+SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000051', 1, 'purchase')$$);
+SELECT pg_temp.err($$SELECT billing.record_webhook_event('evt_sec_1', 'test')$$);
+SELECT pg_temp.err($$SELECT * FROM billing.verify_ledger()$$);
+SELECT pg_temp.err($$SELECT billing.expose_rpc('public')$$);
+SELECT pg_temp.err($$SELECT billing.unexpose_rpc('public')$$);
+SELECT pg_temp.err($$SELECT billing.apply_grants()$$);
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+-- authenticated granted EXECUTE by mistake: the internal check still refuses
+GRANT EXECUTE ON FUNCTION billing.add_purchased_credits(uuid, integer, text, text, text) TO authenticated;
+GRANT EXECUTE ON FUNCTION billing.clawback_credits_from_transaction(uuid, text) TO authenticated;
+SET LOCAL ROLE authenticated;
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1000)$$);
+SELECT pg_temp.err(format('SELECT billing.clawback_credits_from_transaction(%L)', (SELECT r ->> 'transaction_id' FROM res WHERE label = 'buy_52')));
+RESET ROLE;
+REVOKE EXECUTE ON FUNCTION billing.add_purchased_credits(uuid, integer, text, text, text) FROM authenticated;
+REVOKE EXECUTE ON FUNCTION billing.clawback_credits_from_transaction(uuid, text) FROM authenticated;
+-- an authenticated claim makes even service_role act as that end user
+SET LOCAL ROLE service_role;
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+
+-- ===== service callers act on any user =====
+SET LOCAL ROLE service_role;
+SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000052', 1) ->> 'total_balance' AS total;
+SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
+SELECT count(*) AS visible_accounts FROM billing.accounts WHERE user_id IN ('00000000-0000-0000-0000-000000000051', '00000000-0000-0000-0000-000000000052');
+-- PostgREST with the service key: role claim service_role
+SELECT set_config('request.jwt.claims', '{"role":"service_role"}', true) IS NOT NULL AS claims_set;
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000052', 1) ->> 'total_balance' AS total;
+SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051');
+SELECT billing.record_webhook_event('evt_sec_1', 'test');
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+SELECT pg_temp.bal('00000000-0000-0000-0000-000000000051') AS me, pg_temp.bal('00000000-0000-0000-0000-000000000052') AS other;
+
+-- ===== grants (SPEC 2): rpc functions for authenticated, service-only ones for service_role only =====
+SELECT c.function_name, c.access,
+       has_function_privilege('anon', p.oid, 'EXECUTE') AS anon,
+       has_function_privilege('authenticated', p.oid, 'EXECUTE') AS authenticated,
+       has_function_privilege('service_role', p.oid, 'EXECUTE') AS service_role,
+       EXISTS (SELECT 1 FROM aclexplode(p.proacl) AS a WHERE a.grantee = 0) AS public
+  FROM billing.api_catalog() AS c
+  JOIN pg_proc AS p ON p.proname = c.function_name AND p.pronamespace = 'billing'::regnamespace
+ WHERE c.function_name IN ('consume_credits_v2', 'get_user_credits', 'get_credit_history', 'decrement_credits_with_log',
+                           'add_subscription_credits', 'add_purchased_credits', 'expire_subscription_credits',
+                           'renew_subscription_credits', 'refund_credits', 'clawback_credits_from_transaction',
+                           'increment_credits_with_log', 'record_webhook_event')
+ ORDER BY c.access, c.function_name;
+-- every API function: grants match its access (no rows)
+SELECT c.function_name, c.access
+  FROM billing.api_catalog() AS c
+  JOIN pg_proc AS p ON p.proname = c.function_name AND p.pronamespace = 'billing'::regnamespace
+ WHERE has_function_privilege('anon', p.oid, 'EXECUTE') <> (c.access = 'anon')
+    OR has_function_privilege('authenticated', p.oid, 'EXECUTE') <> (c.access IN ('rpc', 'anon'))
+    OR NOT has_function_privilege('service_role', p.oid, 'EXECUTE')
+    OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) AS a WHERE a.grantee = 0);
+-- every billing function outside the API (internal helpers, maintenance) is not executable by
+-- end users; current_user_id() (auth.uid()) is the only one for PUBLIC (no rows)
+SELECT p.oid::regprocedure
+  FROM pg_proc AS p
+ WHERE p.pronamespace = 'billing'::regnamespace
+   AND p.proname NOT IN (SELECT function_name FROM billing.api_catalog())
+   AND p.proname <> 'current_user_id'
+   AND (has_function_privilege('anon', p.oid, 'EXECUTE') OR has_function_privilege('authenticated', p.oid, 'EXECUTE'));
+-- end users have no write privilege on any billing table, view or sequence (no rows)
+SELECT c.relname, r.rolname, w.priv
+  FROM pg_class AS c
+ CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r(rolname)
+ CROSS JOIN (VALUES ('INSERT'), ('UPDATE'), ('DELETE'), ('TRUNCATE'), ('REFERENCES'), ('TRIGGER')) AS w(priv)
+ WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+   AND has_table_privilege(r.rolname, c.oid, w.priv)
+UNION ALL
+SELECT c.relname, r.rolname, 'USAGE'
+  FROM pg_class AS c CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r(rolname)
+ WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'S'
+   AND (has_sequence_privilege(r.rolname, c.oid, 'USAGE') OR has_sequence_privilege(r.rolname, c.oid, 'UPDATE'));
+-- what end users may read (RLS filters the rows)
+SELECT c.relname, has_table_privilege('authenticated', c.oid, 'SELECT') AS authenticated,
+       has_table_privilege('anon', c.oid, 'SELECT') AS anon
+  FROM pg_class AS c
+ WHERE c.relnamespace = 'billing'::regnamespace
+   AND c.relname IN ('accounts', 'credit_transactions', 'credit_expiration_events', 'idempotency_keys',
+                     'clawbacks', 'webhook_events', 'user_credits')
+ ORDER BY c.relname;
+
+-- ===== catalog guarantees =====
+-- the extension lives in schema billing and is not relocatable
+SELECT extnamespace::regnamespace AS schema, extrelocatable FROM pg_extension WHERE extname = 'pg_billing';
+-- every billing function is SECURITY DEFINER or a plain SQL helper (no rows)
+SELECT p.oid::regprocedure, l.lanname
+  FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
+ WHERE p.pronamespace = 'billing'::regnamespace AND NOT p.prosecdef AND l.lanname <> 'sql';
+-- functions that are not SECURITY DEFINER touch no billing table or view (no rows)
+SELECT p.oid::regprocedure, c.relname
+  FROM pg_proc AS p
+  JOIN pg_class AS c ON c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+ WHERE p.pronamespace = 'billing'::regnamespace AND NOT p.prosecdef
+   AND p.prosrc ~* ('\mbilling\.' || c.relname || '\M');
+-- every billing function pins an empty search_path (no rows)
+SELECT p.oid::regprocedure, p.proconfig
+  FROM pg_proc AS p
+ WHERE p.pronamespace = 'billing'::regnamespace
+   AND NOT COALESCE('search_path=""' = ANY (p.proconfig), false);
+-- every billing function has a COMMENT (no rows)
+SELECT p.oid::regprocedure
+  FROM pg_proc AS p
+ WHERE p.pronamespace = 'billing'::regnamespace AND COALESCE(obj_description(p.oid, 'pg_proc'), '') = '';
+-- every billing table has row level security enabled (no rows), and a comment
+SELECT c.relname
+  FROM pg_class AS c
+ WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p')
+   AND (NOT c.relrowsecurity OR COALESCE(obj_description(c.oid, 'pg_class'), '') = '');
+-- the credit tables and their read-own policies
+SELECT c.relname, c.relrowsecurity, count(pol.polname) AS policies
+  FROM pg_class AS c LEFT JOIN pg_policy AS pol ON pol.polrelid = c.oid
+ WHERE c.relnamespace = 'billing'::regnamespace
+   AND c.relname IN ('accounts', 'credit_transactions', 'credit_expiration_events', 'idempotency_keys', 'clawbacks', 'webhook_events')
+ GROUP BY c.relname, c.relrowsecurity ORDER BY c.relname;
+-- views run with the caller's rights, so RLS applies through them
+SELECT c.relname, c.reloptions FROM pg_class AS c
+ WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'v'
+   AND NOT COALESCE('security_invoker=true' = ANY (c.reloptions), false);
+
+-- ===== expose_rpc / unexpose_rpc =====
+SELECT billing.expose_rpc('public') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all;
+-- idempotent: a second run refreshes the same wrappers
+SELECT billing.expose_rpc('public') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all_again;
+-- each wrapper has exactly the name, arguments and result of its function (no rows) ...
+SELECT c.function_name
+  FROM billing.api_catalog() AS c
+  JOIN pg_proc AS b ON b.proname = c.function_name AND b.pronamespace = 'billing'::regnamespace
+  LEFT JOIN pg_proc AS w ON w.proname = c.function_name AND w.pronamespace = 'public'::regnamespace
+ WHERE w.oid IS NULL
+    OR pg_get_function_arguments(w.oid) <> pg_get_function_arguments(b.oid)
+    OR pg_get_function_result(w.oid) <> pg_get_function_result(b.oid);
+-- ... is SECURITY INVOKER with a pinned search_path, has the comment and the grants (no rows)
+SELECT w.oid::regprocedure
+  FROM billing.api_catalog() AS c
+  JOIN pg_proc AS w ON w.proname = c.function_name AND w.pronamespace = 'public'::regnamespace
+  JOIN pg_proc AS b ON b.proname = c.function_name AND b.pronamespace = 'billing'::regnamespace
+ WHERE w.prosecdef
+    OR NOT COALESCE('search_path=""' = ANY (w.proconfig), false)
+    OR obj_description(w.oid, 'pg_proc') IS DISTINCT FROM obj_description(b.oid, 'pg_proc')
+    OR has_function_privilege('anon', w.oid, 'EXECUTE') <> (c.access = 'anon')
+    OR has_function_privilege('authenticated', w.oid, 'EXECUTE') <> (c.access IN ('rpc', 'anon'))
+    OR NOT has_function_privilege('service_role', w.oid, 'EXECUTE')
+    OR EXISTS (SELECT 1 FROM aclexplode(w.proacl) AS a WHERE a.grantee = 0);
+-- no SECURITY DEFINER function in the exposed schema
+SELECT count(*) AS security_definer_in_public FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND prosecdef;
+SELECT pg_get_function_arguments('public.consume_credits_v2'::regproc);
+-- the wrappers with named arguments, as supabase.rpc('consume_credits_v2', {p_user_id, p_amount}) calls them
+SET LOCAL ROLE authenticated;
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 2, p_description => 'via rpc')
+       - 'transaction_id' AS r;
+SELECT public.consume_credits_v2(p_amount => 1, p_user_id => '00000000-0000-0000-0000-000000000051', p_idempotency_key => 'rpc-1') ->> 'total_balance' AS total;
+SELECT public.consume_credits_v2(p_amount => 1, p_user_id => '00000000-0000-0000-0000-000000000051', p_idempotency_key => 'rpc-1') ->> 'total_balance' AS replayed_total;
+SELECT public.decrement_credits_with_log(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1);
+SELECT * FROM public.get_user_credits(p_user_id => '00000000-0000-0000-0000-000000000051');
+SELECT description, amount FROM public.get_credit_history(p_user_id => '00000000-0000-0000-0000-000000000051', p_limit => 2);
+SELECT pg_temp.err($$SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000052', p_amount => 1)$$);
+SELECT pg_temp.err($$SELECT * FROM public.get_user_credits(p_user_id => '00000000-0000-0000-0000-000000000052')$$);
+SELECT pg_temp.err($$SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000)$$);
+SELECT pg_temp.err($$SELECT public.add_purchased_credits(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000)$$);
+SELECT pg_temp.err($$SELECT public.increment_credits_with_log(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000, p_transaction_type => 'purchase')$$);
+SELECT pg_temp.err($$SELECT billing.unexpose_rpc('public')$$);
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+-- a service caller through a wrapper
+SET LOCAL ROLE service_role;
+SELECT public.add_purchased_credits(p_user_id => '00000000-0000-0000-0000-000000000052', p_amount => 3, p_reference_id => 'rpc') ->> 'total_balance' AS total;
+RESET ROLE;
+-- bad schemas: 22023
+SELECT pg_temp.err($$SELECT billing.expose_rpc('nope')$$);
+SELECT pg_temp.err($$SELECT billing.expose_rpc(NULL)$$);
+SELECT pg_temp.err($$SELECT billing.expose_rpc('billing')$$);
+SELECT pg_temp.err($$SELECT billing.expose_rpc('pg_catalog')$$);
+-- another schema works the same, and unexpose removes only that schema's wrappers
+CREATE SCHEMA rpc_test;
+SELECT billing.expose_rpc('rpc_test') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all;
+SELECT billing.unexpose_rpc('rpc_test') = (SELECT count(*) FROM billing.api_catalog()) AS removed_all;
+SELECT count(*) AS left_in_rpc_test FROM pg_proc WHERE pronamespace = 'rpc_test'::regnamespace;
+SELECT count(*) = (SELECT count(*) FROM billing.api_catalog()) AS public_untouched
+  FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname IN (SELECT function_name FROM billing.api_catalog());
+-- unexpose_rpc drops the wrappers (and nothing else); a second run drops nothing
+CREATE FUNCTION public.consume_credits_v2(p_note text) RETURNS text LANGUAGE sql AS $f$ SELECT p_note $f$;
+SELECT billing.unexpose_rpc('public') = (SELECT count(*) FROM billing.api_catalog()) AS removed_all;
+SELECT billing.unexpose_rpc('public') AS removed_again;
+SELECT p.oid::regprocedure FROM pg_proc AS p
+ WHERE p.pronamespace = 'public'::regnamespace AND p.proname IN (SELECT function_name FROM billing.api_catalog());
+SELECT count(*) = (SELECT count(*) FROM billing.api_catalog()) AS billing_functions_kept FROM pg_proc
+ WHERE pronamespace = 'billing'::regnamespace AND proname IN (SELECT function_name FROM billing.api_catalog());
+
+-- ===== the ledger matches every balance =====
+SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
+ROLLBACK;
