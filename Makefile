@@ -12,3 +12,12 @@ unit:
 
 install:
 	bash -c 'source scripts/lib.sh && ensure_deps && install_extension'
+
+bench:
+	bash scripts/bench.sh
+
+bench-smoke:
+	BENCH_SMOKE=1 bash scripts/bench.sh
+
+stress:
+	bash scripts/stress.sh
