@@ -1,1 +1,115 @@
--- pg_billing: pending_profiles (see src/api/pending_profiles.rs)
+-- Pending profiles (SPEC 9, S3): a checkout without an account leaves a profile keyed by
+-- e-mail; the buyer claims it after sign-up (or billing.handle_new_user claims it at sign-up).
+-- Also the sign-up trigger function and the legacy single-pool import (SPEC 4).
+-- Rust: src/api/pending_profiles.rs.
+
+-- A global table keyed by the lower-cased e-mail (like billing.webhook_events: the key is not a
+-- user's, so user_id cannot lead it). Claimed rows are kept for audit.
+CREATE TABLE billing.pending_profiles (
+    email                  text PRIMARY KEY CHECK (email = pg_catalog.lower(email)),
+    id                     uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    token                  text,
+    plan_id                text NOT NULL,
+    provider               text,
+    provider_user_id       text,
+    provider_membership_id text,
+    plan_duration          text NOT NULL DEFAULT 'monthly' CHECK (plan_duration IN ('monthly', 'yearly')),
+    billing_cycle_start    timestamptz NOT NULL,
+    billing_cycle_end      timestamptz NOT NULL,
+    next_credit_renewal    timestamptz,
+    credits                integer NOT NULL DEFAULT 0 CHECK (credits >= 0),
+    used_credits           integer NOT NULL DEFAULT 0 CHECK (used_credits >= 0),
+    claimed                boolean NOT NULL DEFAULT false,
+    claimed_by_user_id     uuid,
+    claimed_at             timestamptz,
+    created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CHECK (claimed = (claimed_by_user_id IS NOT NULL)),
+    CHECK (billing_cycle_end >= billing_cycle_start)
+);
+-- id is random (gen_random_uuid); it is indexed for delete_pending_profile but not declared
+-- unique, so the table can be distributed by e-mail when scaled out.
+CREATE INDEX pending_profiles_id_idx ON billing.pending_profiles (id);
+CREATE INDEX pending_profiles_unclaimed_idx ON billing.pending_profiles (created_at) WHERE NOT claimed;
+COMMENT ON TABLE billing.pending_profiles IS 'Purchases made before the buyer had an account, keyed by lower-cased e-mail; claimed with claim_pending_profile (or at sign-up by billing.handle_new_user). Claimed rows are kept (claimed, claimed_by_user_id, claimed_at).';
+
+-- Legacy single-pool imports (billing.migrate_single_pool): one row per user and source table.
+CREATE TABLE billing.legacy_imports (
+    user_id              uuid NOT NULL,
+    source_table         text NOT NULL,
+    legacy_balance       bigint NOT NULL,
+    purchases_sum        bigint NOT NULL,
+    subscription_credits bigint NOT NULL,
+    purchased_credits    bigint NOT NULL,
+    imported_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, source_table)
+);
+COMMENT ON TABLE billing.legacy_imports IS 'What billing.migrate_single_pool imported for each user from each legacy table, so re-running it imports nothing twice.';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.pending_profiles', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.legacy_imports', '');
+ALTER TABLE billing.pending_profiles ENABLE ROW LEVEL SECURITY;
+ALTER TABLE billing.legacy_imports ENABLE ROW LEVEL SECURITY;
+-- End users see the profiles they claimed; unclaimed ones (with tokens) only service callers.
+CREATE POLICY pending_profiles_read_own ON billing.pending_profiles FOR SELECT
+    USING (claimed_by_user_id = (SELECT billing.current_user_id()));
+CREATE POLICY legacy_imports_read_own ON billing.legacy_imports FOR SELECT
+    USING (user_id = (SELECT billing.current_user_id()));
+GRANT SELECT ON billing.pending_profiles, billing.legacy_imports TO PUBLIC;
+
+INSERT INTO billing.api_functions (function_name, access) VALUES
+    ('upsert_pending_profile', 'service'),
+    ('claim_pending_profile', 'rpc'),
+    ('get_unclaimed_pending_profiles', 'service'),
+    ('delete_pending_profile', 'service');
+
+CREATE FUNCTION billing.upsert_pending_profile(p_email text, p_token text DEFAULT NULL, p_plan_id text DEFAULT 'pro',
+                                               p_provider text DEFAULT NULL, p_provider_user_id text DEFAULT NULL,
+                                               p_provider_membership_id text DEFAULT NULL,
+                                               p_plan_duration text DEFAULT 'monthly',
+                                               p_billing_cycle_start timestamptz DEFAULT now(),
+                                               p_billing_cycle_end timestamptz DEFAULT NULL,
+                                               p_credits integer DEFAULT NULL, p_event_id text DEFAULT NULL)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+AS 'MODULE_PATHNAME', 'pgb_upsert_pending_profile';
+COMMENT ON FUNCTION billing.upsert_pending_profile(text, text, text, text, text, text, text, timestamptz, timestamptz, integer, text) IS
+'Service-only; the checkout webhook for a buyer who may have no account. Keyed by lower-cased e-mail. When an account has this e-mail (or the profile was claimed already), the purchase is applied to it at once (plan, credits as subscription credits, billing cycle) and the profile row is kept as claimed: {status: ''applied_to_account'', id, user_id}; otherwise {status: ''pending'', id}. Cycle end defaults to start + 30 days (monthly) or + 1 year (yearly); credits default to the plan''s monthly_credits. A repeated p_event_id returns the first result with duplicate = true.';
+
+CREATE FUNCTION billing.claim_pending_profile(p_user_id uuid, p_email text, p_token text DEFAULT NULL)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+AS 'MODULE_PATHNAME', 'pgb_claim_pending_profile';
+COMMENT ON FUNCTION billing.claim_pending_profile(uuid, text, text) IS
+'Claim the pending profile of p_email for account p_user_id: the account gets its plan, credits (as subscription credits), billing cycle and the e-mail; the account is created when missing, else the profile is merged into it. Returns {success, error}: error is one sentence when no profile exists, it was claimed by another account, or the token does not match (a profile with a token needs it). Claiming again by the same user succeeds and changes nothing (already_claimed = true). End users: their own p_user_id and the email claim of their JWT only.';
+
+CREATE FUNCTION billing.get_unclaimed_pending_profiles()
+RETURNS SETOF billing.pending_profiles
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+    SELECT billing.require_service('get_unclaimed_pending_profiles');
+    SELECT p.* FROM billing.pending_profiles AS p WHERE NOT p.claimed ORDER BY p.created_at, p.email
+$$;
+COMMENT ON FUNCTION billing.get_unclaimed_pending_profiles() IS
+'Service-only. The pending profiles nobody has claimed yet, oldest first.';
+
+CREATE FUNCTION billing.delete_pending_profile(p_id uuid)
+RETURNS boolean LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+AS 'MODULE_PATHNAME', 'pgb_delete_pending_profile';
+COMMENT ON FUNCTION billing.delete_pending_profile(uuid) IS
+'Service-only. Delete the pending profile with id p_id (claimed or not); true when one was deleted, false when none has that id.';
+
+-- Sign-up: account with the free plan's credits, and the pending profile of the same e-mail
+-- claimed in the same transaction. Not in api_functions: only the trigger calls it.
+CREATE FUNCTION billing._on_new_user(p_user_id uuid, p_email text)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+AS 'MODULE_PATHNAME', 'pgb_on_new_user';
+COMMENT ON FUNCTION billing._on_new_user(uuid, text) IS
+'Internal, for billing.handle_new_user: creates the account of a new user with the free plan''s monthly_credits (once) and claims the unclaimed pending profile with the same e-mail. Returns {account_created, claimed}.';
+
+CREATE FUNCTION billing.handle_new_user() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+BEGIN
+    PERFORM billing._on_new_user(NEW.id, NEW.email);
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing.handle_new_user() IS
+'Trigger function for a users table with columns id uuid and email text (Supabase auth.users): CREATE TRIGGER on_auth_user_created AFTER INSERT ON auth.users FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user(); creates the account with the free plan''s credits and claims a pending profile with the same e-mail in the same transaction.';

@@ -1,0 +1,221 @@
+-- Members (SPEC 8, S1): upsert_member, consume_generation, add_credits, get_usage_status,
+-- reset_usage_for_due_members; every outcome and error path.
+BEGIN;
+SET LOCAL TimeZone = 'UTC';
+SET LOCAL DateStyle = 'ISO, YMD';
+-- err(sql): 'SQLSTATE: message [detail] (hint)' instead of failing; random uuids masked.
+CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+DECLARE st text; msg text; det text; hnt text;
+BEGIN
+    EXECUTE p_sql;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    RETURN regexp_replace(st || ': ' || msg || COALESCE(' [' || NULLIF(det, '') || ']', '') || COALESCE(' (' || NULLIF(hnt, '') || ')', ''),
+                          '(?!00000000-0000-0000-0000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}',
+                          '<uuid>', 'g');
+END
+$f$;
+-- mid(email): the member id of an e-mail.
+CREATE FUNCTION pg_temp.mid(p_email text) RETURNS uuid LANGUAGE sql AS $f$
+    SELECT e.user_id FROM billing.member_emails AS e WHERE e.email = p_email
+$f$;
+-- st(email): a member's state: plan, dates, usage and both pools, ledger rows.
+CREATE FUNCTION pg_temp.st(p_email text) RETURNS text LANGUAGE sql AS $f$
+    SELECT format('plan=%s renewal=%s anchor=%s start=%s usage=%s overage=%s sub=%s pur=%s ledger_rows=%s',
+                  m.plan_id, m.renewal_date, m.anchor_day, m.period_start, m.period_usage, m.period_overage,
+                  a.subscription_credits_balance, a.purchased_credits_balance,
+                  (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = m.user_id))
+      FROM billing.members AS m LEFT JOIN billing.accounts AS a ON a.user_id = m.user_id
+     WHERE m.user_id = pg_temp.mid(p_email)
+$f$;
+-- Results that carry random ids, by label.
+CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
+
+-- ===== upsert_member: a new member =====
+INSERT INTO res SELECT 'alice_new', billing.upsert_member('  Alice@Example.COM ', 'pro', '2024-01-31', 'evt_m_1')
+RETURNING label, r - 'member_id' AS r;
+-- member_id is the account's user id; the account has the e-mail and the pro pool (500)
+SELECT (r ->> 'member_id')::uuid = pg_temp.mid('alice@example.com') AS member_id_matches,
+       (SELECT a.email FROM billing.accounts AS a WHERE a.user_id = (r ->> 'member_id')::uuid) AS account_email
+  FROM res WHERE label = 'alice_new';
+SELECT pg_temp.st('alice@example.com');
+-- the same webhook event again (even with other arguments): the first result, nothing changes
+INSERT INTO res SELECT 'alice_replay', billing.upsert_member('alice@example.com', 'premium', NULL, 'evt_m_1')
+RETURNING label, r - 'member_id' AS r;
+SELECT (SELECT r ->> 'member_id' FROM res WHERE label = 'alice_replay')
+     = (SELECT r ->> 'member_id' FROM res WHERE label = 'alice_new') AS same_member;
+SELECT pg_temp.st('alice@example.com');
+-- same plan again, other case, no renewal date: nothing granted, renewal date kept
+SELECT billing.upsert_member('ALICE@example.com', 'pro') - 'member_id' AS r;
+SELECT pg_temp.st('alice@example.com');
+SELECT count(*) AS members_for_alice FROM billing.members WHERE email = 'alice@example.com';
+-- a new renewal date (same plan) moves the date and its anchor day, grants nothing
+SELECT billing.upsert_member('alice@example.com', 'pro', '2024-02-15') - 'member_id' AS r;
+SELECT pg_temp.st('alice@example.com');
+
+-- ===== consume_generation within the pool =====
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'));
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 9, 'batch of 9');
+SELECT pg_temp.st('alice@example.com');
+SELECT t.type, t.pool, t.amount, t.balance_after, t.description
+  FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('alice@example.com') AND t.type = 'generation'
+ ORDER BY t.id;
+
+-- ===== plan change: the new plan's pool replaces the old one, usage starts again =====
+SELECT billing.upsert_member('alice@example.com', 'premium', NULL, 'evt_m_2') - 'member_id' AS r;
+SELECT pg_temp.st('alice@example.com');
+SELECT t.type, t.pool, t.amount, t.balance_after
+  FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('alice@example.com')
+ ORDER BY t.id;
+SELECT e.expired_amount FROM billing.credit_expiration_events AS e WHERE e.user_id = pg_temp.mid('alice@example.com');
+
+-- ===== add_credits: extra (purchased) credits, idempotent by event id =====
+INSERT INTO res SELECT 'extra_1', billing.add_credits(pg_temp.mid('alice@example.com'), 50, 'evt_c_1')
+RETURNING label, r - 'transaction_id' - 'member_id' AS r;
+INSERT INTO res SELECT 'extra_1_again', billing.add_credits(pg_temp.mid('alice@example.com'), 50, 'evt_c_1')
+RETURNING label, r - 'transaction_id' - 'member_id' AS r;
+SELECT (SELECT r ->> 'transaction_id' FROM res WHERE label = 'extra_1')
+     = (SELECT r ->> 'transaction_id' FROM res WHERE label = 'extra_1_again') AS replayed_first_transaction;
+-- without an event id every call applies
+SELECT billing.add_credits(pg_temp.mid('alice@example.com'), 5) ->> 'purchased_credits_balance' AS purchased;
+SELECT pg_temp.st('alice@example.com');
+SELECT t.type, t.pool, t.amount, t.description, t.reference_id
+  FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('alice@example.com') AND t.type = 'purchase'
+ ORDER BY t.id;
+SELECT w.event_type, w.user_id = pg_temp.mid('alice@example.com') AS user_recorded
+  FROM billing.webhook_events AS w WHERE w.event_id IN ('evt_m_1', 'evt_m_2', 'evt_c_1') ORDER BY w.event_id;
+
+-- ===== get_usage_status: pool_limit = current_usage + remaining =====
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 100);
+SELECT billing.get_usage_status(pg_temp.mid('alice@example.com')) - 'member_id' AS status;
+
+-- ===== the pool first, then extra credits; beyond them overage (premium allows it) =====
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 1900);
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 50, 'into extra credits');
+SELECT pg_temp.st('alice@example.com');
+-- 10 more with 5 credits left: 5 from credits, 5 overage (type overage, still allowed)
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 10, 'past the pool');
+-- no credits at all: all overage
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 3);
+SELECT pg_temp.st('alice@example.com');
+SELECT o.period_start, o.generations, o.description, o.billed_at
+  FROM billing.member_overage AS o WHERE o.user_id = pg_temp.mid('alice@example.com') ORDER BY o.id;
+SELECT billing.get_usage_status(pg_temp.mid('alice@example.com')) - 'member_id' AS status;
+-- every generation (overage included) is counted in the monthly usage metering
+SELECT u.generations_count FROM billing.usage_metrics AS u WHERE u.user_id = pg_temp.mid('alice@example.com');
+
+-- ===== a plan without overage (free): PT402 and nothing changes =====
+SELECT billing.upsert_member('bob@example.com', 'free', '2024-03-10') - 'member_id' AS r;
+SELECT billing.consume_generation(pg_temp.mid('bob@example.com'), 8);
+SELECT pg_temp.st('bob@example.com');
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, 3)', pg_temp.mid('bob@example.com')));
+SELECT pg_temp.st('bob@example.com');
+SELECT count(*) AS bob_overage_rows FROM billing.member_overage WHERE user_id = pg_temp.mid('bob@example.com');
+-- extra credits make it possible: 2 from the pool, 1 from extra credits
+SELECT billing.add_credits(pg_temp.mid('bob@example.com'), 1) ->> 'total_balance' AS total;
+SELECT billing.consume_generation(pg_temp.mid('bob@example.com'), 3);
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L)', pg_temp.mid('bob@example.com')));
+SELECT billing.get_usage_status(pg_temp.mid('bob@example.com')) - 'member_id' AS status;
+
+-- ===== an existing account with the e-mail becomes the member =====
+SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000801', 7) ->> 'total_balance' AS total;
+UPDATE billing.accounts SET email = 'Carol@Example.com' WHERE user_id = '00000000-0000-0000-0000-000000000801';
+SELECT billing.upsert_member('carol@example.com', 'pro', '2024-03-31') ->> 'member_id' AS member_id;
+SELECT pg_temp.st('carol@example.com');
+-- a new member without a renewal date renews one month from today
+SELECT billing.upsert_member('dave@example.com', 'pro') ->> 'renewal_date'
+     = to_char(current_date + interval '1 month', 'YYYY-MM-DD') AS renews_in_a_month;
+
+-- ===== reset_usage_for_due_members =====
+-- before: alice renews 2024-02-15, bob 2024-03-10, carol 2024-03-31, dave next month
+SELECT billing.reset_usage_for_due_members('2024-02-14') AS reset_none_due;
+-- alice is due (on her renewal date); bob and carol are not yet
+SELECT billing.reset_usage_for_due_members('2024-02-15') AS reset_alice;
+SELECT pg_temp.st('alice@example.com');
+-- the same day again: nothing more
+SELECT billing.reset_usage_for_due_members('2024-02-15') AS reset_again;
+-- several periods behind: alice, bob and carol land in the period containing the day in one
+-- step; carol (anchor day 31) renews on the last day of short months; extra credits are untouched
+SELECT billing.reset_usage_for_due_members('2024-06-12') AS reset_three;
+SELECT pg_temp.st('alice@example.com');
+SELECT pg_temp.st('bob@example.com');
+SELECT pg_temp.st('carol@example.com');
+-- June 30: carol (June has 30 days) and alice (renews on the 15th) are due; carol's next
+-- renewal is July 31, not July 30
+SELECT billing.reset_usage_for_due_members('2024-06-30') AS reset_carol_and_alice;
+SELECT pg_temp.st('carol@example.com');
+SELECT billing.get_usage_status(pg_temp.mid('bob@example.com')) - 'member_id' AS status;
+-- the renewal is a credits-core renewal: expiration (logged) + renewal rows
+SELECT t.type, t.pool, t.amount, t.balance_after
+  FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('bob@example.com') ORDER BY t.id;
+SELECT a.subscription_credits_expire_at FROM billing.accounts AS a WHERE a.user_id = pg_temp.mid('bob@example.com');
+
+-- ===== argument errors (22023), unknown members (P0002) =====
+SELECT pg_temp.err($$SELECT billing.upsert_member(NULL, 'pro')$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('not-an-email', 'pro')$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('a@b', 'pro')$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('a b@example.com', 'pro')$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('x@example.com', 'gold')$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('x@example.com', NULL)$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('x@example.com', 'pro', 'infinity')$$);
+SELECT pg_temp.err($$SELECT billing.upsert_member('x@example.com', 'pro', NULL, repeat('e', 256))$$);
+SELECT count(*) AS no_member_x FROM billing.member_emails WHERE email = 'x@example.com';
+SELECT pg_temp.err($$SELECT billing.consume_generation(NULL)$$);
+SELECT pg_temp.err($$SELECT billing.consume_generation('00000000-0000-0000-0000-000000000899')$$);
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, 0)', pg_temp.mid('alice@example.com')));
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, -2)', pg_temp.mid('alice@example.com')));
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, NULL)', pg_temp.mid('alice@example.com')));
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, 1, %L)', pg_temp.mid('alice@example.com'), repeat('d', 1001)));
+SELECT pg_temp.err($$SELECT billing.add_credits('00000000-0000-0000-0000-000000000899', 5, 'evt_c_unknown')$$);
+SELECT count(*) AS unknown_member_event_not_recorded FROM billing.webhook_events WHERE event_id = 'evt_c_unknown';
+SELECT pg_temp.err(format('SELECT billing.add_credits(%L, 0)', pg_temp.mid('alice@example.com')));
+SELECT pg_temp.err(format('SELECT billing.add_credits(%L, NULL)', pg_temp.mid('alice@example.com')));
+SELECT pg_temp.err($$SELECT billing.add_credits(NULL, 5)$$);
+SELECT pg_temp.err($$SELECT billing.get_usage_status('00000000-0000-0000-0000-000000000899')$$);
+SELECT pg_temp.err($$SELECT billing.get_usage_status(NULL)$$);
+SELECT pg_temp.err($$SELECT billing.reset_usage_for_due_members(NULL)$$);
+
+-- ===== end users (PostgREST: SET LOCAL ROLE + JWT claims) =====
+CREATE TEMP TABLE ids AS SELECT pg_temp.mid('alice@example.com') AS alice, pg_temp.mid('bob@example.com') AS bob;
+GRANT SELECT ON ids TO PUBLIC;
+SELECT set_config('test.alice', alice::text, true) IS NOT NULL AS alice_set FROM ids;
+SELECT set_config('test.bob', bob::text, true) IS NOT NULL AS bob_set FROM ids;
+SET LOCAL ROLE authenticated;
+SELECT set_config('request.jwt.claims', json_build_object('sub', current_setting('test.bob'), 'role', 'authenticated')::text, true) IS NOT NULL AS claims_set;
+-- bob on himself: allowed
+SELECT billing.consume_generation(current_setting('test.bob')::uuid) AS own_generation;
+SELECT billing.get_usage_status(current_setting('test.bob')::uuid) - 'member_id' AS own_status;
+-- bob on alice: 42501
+SELECT pg_temp.err($$SELECT billing.consume_generation(current_setting('test.alice')::uuid)$$);
+SELECT pg_temp.err($$SELECT billing.get_usage_status(current_setting('test.alice')::uuid)$$);
+-- service-only functions: 42501 (not even granted to authenticated)
+SELECT pg_temp.err($$SELECT billing.upsert_member('bob@example.com', 'ultra')$$);
+SELECT pg_temp.err($$SELECT billing.add_credits(current_setting('test.bob')::uuid, 1000)$$);
+SELECT pg_temp.err($$SELECT billing.reset_usage_for_due_members('2030-01-01')$$);
+-- row security: bob reads only his own member row
+SELECT count(*) AS visible_members FROM billing.members;
+-- anon: no identity
+SET LOCAL ROLE anon;
+SELECT set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS claims_set;
+SELECT pg_temp.err($$SELECT billing.get_usage_status(current_setting('test.bob')::uuid)$$);
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+-- bob's state: only his own generation changed it
+SELECT pg_temp.st('bob@example.com');
+
+-- ===== catalog: access and comments =====
+SELECT f.function_name, f.access FROM billing.api_catalog() AS f
+ WHERE f.function_name IN ('upsert_member', 'consume_generation', 'add_credits', 'get_usage_status', 'reset_usage_for_due_members')
+ ORDER BY 1;
+SELECT p.proname, has_function_privilege('authenticated', p.oid, 'EXECUTE') AS authenticated_may,
+       has_function_privilege('anon', p.oid, 'EXECUTE') AS anon_may,
+       obj_description(p.oid, 'pg_proc') IS NOT NULL AS documented
+  FROM pg_proc AS p
+ WHERE p.pronamespace = 'billing'::regnamespace
+   AND p.proname IN ('upsert_member', 'consume_generation', 'add_credits', 'get_usage_status', 'reset_usage_for_due_members')
+ ORDER BY 1;
+
+-- the ledger matches every balance
+SELECT * FROM billing.verify_ledger();
+ROLLBACK;
