@@ -113,3 +113,19 @@ END
 $$;
 COMMENT ON FUNCTION billing.handle_new_user() IS
 'Trigger function for a users table with columns id uuid and email text (Supabase auth.users): CREATE TRIGGER on_auth_user_created AFTER INSERT ON auth.users FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user(); creates the account with the free plan''s credits and claims a pending profile with the same e-mail in the same transaction.';
+
+-- Legacy single-pool import (SPEC 4, S4). Not in api_functions: a DBA function (EXECUTE only
+-- for the owner), and service-only inside as well.
+CREATE FUNCTION billing._migrate_single_pool(p_table oid, p_user_column text, p_balance_column text, p_purchases oid)
+RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+AS 'MODULE_PATHNAME', 'pgb_migrate_single_pool';
+COMMENT ON FUNCTION billing._migrate_single_pool(oid, text, text, oid) IS
+'Internal: the body of billing.migrate_single_pool.';
+
+CREATE FUNCTION billing.migrate_single_pool(p_table regclass, p_user_column name, p_balance_column name,
+                                            p_purchases regclass DEFAULT NULL)
+RETURNS integer LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+    SELECT billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid)
+$$;
+COMMENT ON FUNCTION billing.migrate_single_pool(regclass, name, name, regclass) IS
+'Service-only DBA function. Imports legacy single-pool balances: p_table has one balance per user (p_user_column uuid, p_balance_column integer/bigint/numeric; several rows of one user are summed). p_purchases, when given, is the legacy credit history (S4''s credit_transactions): a uuid user column (p_user_column when the history has a uuid column of that name, else user_id), amount, and type; rows with type = ''purchase'' and amount > 0 count as purchases. Each user gets purchased = least(balance, sum of purchases) and subscription = the rest, so no credits are created; an existing account gets them added. Ledger rows of type ''migration'' record the opening balances (verify_ledger stays empty). Each (user, table) is imported once (billing.legacy_imports), so re-running imports nothing twice. Returns the number of users imported.';

@@ -18,7 +18,9 @@ use crate::api::credits::{self, Pool};
 use crate::api::members::{claim_event, plan, set_account_email, store_event};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, INT8, TEXT, TIMESTAMPTZ, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, OrInternal, BOOL, INT8, TEXT, TIMESTAMPTZ, UUID};
+
+const OID: pgrx::pg_sys::PgOid = pgrx::pg_sys::PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::OIDOID);
 use crate::validate;
 
 // ---------------------------------------------------------------------------------------------
@@ -376,3 +378,168 @@ fn on_new_user(a: &Args) -> BResult<Ret> {
     .map(Ret::Json)
 }
 crate::billing_fn!(pg_finfo_pgb_on_new_user, pgb_on_new_user, on_new_user);
+
+// ---------------------------------------------------------------------------------------------
+// Legacy single-pool import (SPEC 4): billing.migrate_single_pool
+// ---------------------------------------------------------------------------------------------
+
+/// A relation's name as SQL text (schema-qualified under the empty search_path, quoted as
+/// needed), or nothing. $1 oid.
+const RELATION: &str = "
+SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_class AS c
+ WHERE c.oid = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')";
+
+/// A column's type, or nothing. $1 relation oid, $2 column name.
+const COLUMN_TYPE: &str = "
+SELECT pg_catalog.format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute AS a
+ WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
+
+/// The import query. Identifiers are quoted by format(%I); relations are regclass text.
+/// $1 source table, $2 user column, $3 balance column, $4 purchases table (NULL: none),
+/// $5 purchases' user column.
+const BUILD_IMPORT: &str = "
+SELECT pg_catalog.format(
+'WITH src AS (
+    SELECT t.%2$I AS u, pg_catalog.floor(pg_catalog.sum(t.%3$I)::numeric)::bigint AS balance
+      FROM %1$s AS t WHERE t.%2$I IS NOT NULL GROUP BY 1
+), pur AS (%4$s)
+SELECT src.u, src.balance, COALESCE(pur.purchased, 0)::bigint
+  FROM src LEFT JOIN pur ON pur.u = src.u
+ WHERE NOT EXISTS (SELECT 1 FROM billing.legacy_imports AS i WHERE i.user_id = src.u AND i.source_table = %5$L)
+ ORDER BY src.u',
+    $1, $2, $3,
+    CASE WHEN $4::text IS NULL
+         THEN 'SELECT NULL::uuid AS u, 0::bigint AS purchased WHERE false'
+         ELSE pg_catalog.format('SELECT p.%1$I AS u, pg_catalog.floor(pg_catalog.sum(p.amount)::numeric)::bigint AS purchased
+                                   FROM %2$s AS p WHERE p.type = ''purchase'' AND p.amount > 0 AND p.%1$I IS NOT NULL
+                                  GROUP BY 1', $5, $4)
+    END,
+    $1)";
+
+/// Record one user's import; nothing when it was imported before. $1 user, $2 source table,
+/// $3 legacy balance, $4 purchases, $5 subscription part, $6 purchased part.
+const RECORD_IMPORT: &str = "
+INSERT INTO billing.legacy_imports (user_id, source_table, legacy_balance, purchases_sum, subscription_credits, purchased_credits)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (user_id, source_table) DO NOTHING RETURNING 1";
+
+const ENSURE_ACCOUNT: &str = "INSERT INTO billing.accounts (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING";
+
+fn oid_arg(a: &Args, n: usize) -> Option<pgrx::pg_sys::Oid> {
+    // SAFETY: fcinfo is the live call's and argument n is declared `oid` in sql/pending_profiles.sql.
+    unsafe { pgrx::fcinfo::pg_getarg::<pgrx::pg_sys::Oid>(a.0, n) }
+}
+
+fn relation(c: &SpiClient<'_>, oid: pgrx::pg_sys::Oid, param: &str) -> BResult<String> {
+    let t = spi::read(c, RELATION, &[OID], &[oid.into()])?;
+    if t.is_empty() {
+        return Err(BillingError::invalid_with_hint(format!("{param} is not a table or view"), "pass a table such as 'public.profiles'"));
+    }
+    col::<String>(&t.first(), 1)?.ok_or_else(|| BillingError::internal("relation without a name"))
+}
+
+fn column_type(c: &SpiClient<'_>, oid: pgrx::pg_sys::Oid, column: &str) -> BResult<Option<String>> {
+    let t = spi::read(c, COLUMN_TYPE, &[OID, TEXT], &[oid.into(), column.into()])?;
+    if t.is_empty() {
+        return Ok(None);
+    }
+    col::<String>(&t.first(), 1)
+}
+
+fn require_column(c: &SpiClient<'_>, oid: pgrx::pg_sys::Oid, table: &str, column: &str, allowed: &[&str], what: &str) -> BResult<()> {
+    match column_type(c, oid, column)? {
+        None => Err(BillingError::invalid_with_hint(
+            format!("{table} has no column {column}"),
+            format!("{what} must be a column of {table}"),
+        )),
+        Some(ty) if allowed.contains(&ty.as_str()) => Ok(()),
+        Some(ty) => Err(BillingError::invalid_with_hint(
+            format!("column {column} of {table} has type {ty}"),
+            format!("{what} must have type {}", allowed.join(", ")),
+        )),
+    }
+}
+
+const NUMBERS: &[&str] = &["smallint", "integer", "bigint", "numeric"];
+
+/// _migrate_single_pool(p_table, p_user_column, p_balance_column, p_purchases), called by
+/// billing.migrate_single_pool.
+fn migrate_single_pool(a: &Args) -> BResult<Ret> {
+    security::require_service("migrate_single_pool")?;
+    let table_oid = validate::required("p_table", oid_arg(a, 0))?;
+    let user_column = validate::required("p_user_column", a.text(1))?;
+    let balance_column = validate::required("p_balance_column", a.text(2))?;
+    let purchases_oid = oid_arg(a, 3);
+    Spi::connect_mut(|c| {
+        let table = relation(c, table_oid, "p_table")?;
+        require_column(c, table_oid, &table, &user_column, &["uuid"], "p_user_column")?;
+        require_column(c, table_oid, &table, &balance_column, NUMBERS, "p_balance_column")?;
+        let purchases = match purchases_oid {
+            None => None,
+            Some(oid) => {
+                let name = relation(c, oid, "p_purchases")?;
+                // The history's user column: a uuid column with the same name as in p_table,
+                // else user_id (S4: profiles.id, credit_transactions.user_id next to its own
+                // bigint id).
+                let same = column_type(c, oid, &user_column)?.as_deref() == Some("uuid");
+                let user = if same { user_column.clone() } else { "user_id".to_string() };
+                require_column(c, oid, &name, &user, &["uuid"], "the purchases' user column (p_user_column or user_id)")?;
+                require_column(c, oid, &name, "amount", NUMBERS, "amount")?;
+                require_column(c, oid, &name, "type", &["text", "character varying"], "type")?;
+                Some((name, user))
+            }
+        };
+        let query = spi::read(
+            c,
+            BUILD_IMPORT,
+            &[TEXT, TEXT, TEXT, TEXT, TEXT],
+            &[
+                table.as_str().into(),
+                user_column.as_str().into(),
+                balance_column.as_str().into(),
+                purchases.as_ref().map(|p| p.0.as_str()).into(),
+                purchases.as_ref().map(|p| p.1.as_str()).into(),
+            ],
+        )?
+        .first()
+        .get_one::<String>()
+        .or_internal()?
+        .ok_or_else(|| BillingError::internal("empty import query"))?;
+        let rows: Vec<([u8; 16], i64, i64)> = c
+            .select(&query, None, &[])
+            .or_internal()?
+            .map(|r| -> Result<_, pgrx::spi::SpiError> {
+                Ok((r.get::<pgrx::Uuid>(1)?.map(|u| *u.as_bytes()), r.get::<i64>(2)?.unwrap_or(0), r.get::<i64>(3)?.unwrap_or(0)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .or_internal()?
+            .into_iter()
+            .filter_map(|(u, b, p)| u.map(|u| (u, b, p)))
+            .collect();
+        let mut imported = 0;
+        for (user, balance, purchased_sum) in rows {
+            let split = pg_billing_core::credits::split_legacy_balance(balance, purchased_sum);
+            let claimed = spi::write(
+                c,
+                RECORD_IMPORT,
+                &[UUID, TEXT, INT8, INT8, INT8, INT8],
+                &[uuid_arg(&user), table.as_str().into(), balance.into(), purchased_sum.into(), split.subscription.into(), split.purchased.into()],
+            )?;
+            if claimed.is_empty() {
+                continue; // imported concurrently
+            }
+            let reference = Some(table.as_str());
+            spi::write(c, ENSURE_ACCOUNT, &[UUID], &[uuid_arg(&user)])?;
+            if split.subscription > 0 {
+                credits::grant(c, &user, Pool::Subscription, split.subscription, "migration", Some("legacy balance (subscription part)"), reference, None)?;
+            }
+            if split.purchased > 0 {
+                credits::grant(c, &user, Pool::Purchased, split.purchased, "migration", Some("legacy balance (purchased part)"), reference, None)?;
+            }
+            imported += 1;
+        }
+        Ok(imported)
+    })
+    .map(Ret::Int)
+}
+crate::billing_fn!(pg_finfo_pgb_migrate_single_pool, pgb_migrate_single_pool, migrate_single_pool);
