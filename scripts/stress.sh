@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The long variant of the reliability and security harness (`make stress`): contention for
+# 5 minutes (32 connections, 100 users), eight SIGKILL/restart cycles of a durable throwaway
+# cluster, and the privilege sweep. Prints one figure line per part; exits non-zero on any
+# violation. STRESS_MODE=--short runs the short variant (what `make test` includes).
+source "$(dirname "$0")/lib.sh"
+PY=/usr/bin/python3   # Debian's, which has python3-psycopg2
+ensure_deps
+install_extension
+trap stop_cluster EXIT
+start_cluster
+createdb stress
+psql_q -d stress <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN; END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
+END $$;
+CREATE EXTENSION pg_billing;
+SQL
+PGDATABASE=stress $PY "$REPO/tests/stress/run.py" "${STRESS_MODE:---long}"

@@ -1,0 +1,34 @@
+"""The short variants of the reliability and security harness (tests/stress): contention for
+20 s and the privilege sweep against PGDATABASE, and one SIGKILL of a durable throwaway cluster.
+The long variants run with `scripts/stress.sh` (make stress)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stress"))
+import contention  # noqa: E402
+import crash  # noqa: E402
+import privilege  # noqa: E402
+from common import fmt  # noqa: E402
+
+
+def test_contention_short():
+    n, violations = contention.run(20)
+    print(f"contention: {fmt(n)} calls, {fmt(len(violations))} invariant violations", flush=True)
+    assert n > 1000, f"only {n} calls in 20 s"
+    assert not violations, f"{len(violations)} invariant violations, first: {violations[:5]}"
+
+
+def test_crash_short():
+    committed, lost, bad, kills = crash.run(1, 4)
+    print(f"crash: {fmt(committed)} committed calls, {fmt(len(lost))} lost ({kills} SIGKILLs)", flush=True)
+    assert committed > 100, f"only {committed} committed calls before the kill"
+    assert not lost, f"{len(lost)} committed calls lost, first: {lost[:5]}"
+    assert not bad, f"{len(bad)} violations after the crash, first: {bad[:5]}"
+
+
+def test_privilege_sweep():
+    sw = privilege.run()
+    print(f"privilege: {fmt(sw.attempts)} attempts, {fmt(len(sw.allowed))} allowed", flush=True)
+    assert not sw.allowed, f"{len(sw.allowed)} attempts allowed, first: {sw.allowed[:5]}"
+    assert not sw.wrong_code, f"{len(sw.wrong_code)} refused with a SQLSTATE other than 42501: {sw.wrong_code[:5]}"
+    assert not sw.notes, f"sweep controls failed: {sw.notes}"

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Part 1 of the reliability harness: contention.
+
+N client threads (one connection each) run a random mix of consume (service and PostgREST-style
+end-user calls), add (both pools), refund, expire, renew, idempotent retries of earlier calls,
+concurrent repeats of the same keyed call, rate-limit checks and usage recording over 100 users,
+for a bounded time. The client keeps its own account: per user, the sum of the pool deltas that
+every successful call returned. Afterwards it checks:
+  - billing.verify_ledger() is empty and no balance is negative;
+  - each balance equals the client's account, per pool;
+  - each call's ledger rows (by transaction_id = operation_id) sum to the deltas it returned, and
+    the ledger holds no operation the client does not know;
+  - each idempotency key was applied once: retries returned the identical JSON (same
+    transaction_id), and the ledger has one operation per key;
+  - expiration events add up to the expired amounts returned;
+  - record_message_usage: messages/tokens per user equal the successful calls;
+  - check_api_rate_limit: per user and hour, allowed = min(attempts, limit) and the stored
+    request count equals it;
+  - no call raised an error other than PT402 (not enough credits).
+Prints `contention: N calls, M invariant violations`; exits 1 on any violation.
+
+Usage: contention.py [--short | --seconds S] [--threads 32] [--users 100]
+(connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
+import argparse
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (MUTATORS, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
+
+
+def check(conn, users, setup_calls, rec, violations):
+    def bad(msg):
+        violations.append(msg)
+
+    calls = setup_calls + rec.calls
+    replay_ids = {id(c) for _, c in rec.replays}
+    originals = [c for c in calls if id(c) not in replay_ids]
+
+    # Unexpected errors and per-result sanity.
+    for c in rec.unexpected:
+        bad(f"{c.op} on {c.user} raised {c.sqlstate}: {c.error}")
+    for c in calls:
+        if c.status == "unknown":
+            bad(f"{c.op} on {c.user}: connection lost ({c.error})")
+        if c.status == "ok":
+            for m in c.check_result():
+                bad(m)
+
+    # Idempotency: one applied operation per (user, key); every repeat returns the same JSON.
+    first = {}            # (user, key) -> first successful call
+    applied = []          # calls whose deltas count (distinct operations)
+    for c in originals:
+        if c.status != "ok" or c.op not in MUTATORS:
+            continue
+        if c.key is None:
+            applied.append(c)
+            continue
+        k = (c.user, c.key)
+        if k not in first:
+            first[k] = c
+            applied.append(c)
+        elif c.result != first[k].result:
+            bad(f"key {c.key}: concurrent repeat returned {c.result}, first returned {first[k].result}")
+    for orig, rep in rec.replays:
+        if rep.status == "fail" and rep.sqlstate not in ("PT402",):
+            bad(f"retry of {orig.op} key {orig.key} raised {rep.sqlstate}: {rep.error}")
+        elif rep.status == "ok":
+            f = first.get((orig.user, orig.key), orig)
+            if rep.result != f.result:
+                bad(f"retry of {orig.op} key {orig.key} returned {rep.result}, first returned {f.result}")
+            elif rep.result.get("transaction_id") != f.result.get("transaction_id"):
+                bad(f"retry of key {orig.key}: transaction_id changed")
+
+    # The client's account per user and pool, and per operation.
+    model = defaultdict(lambda: [0, 0])
+    expired = defaultdict(int)
+    ops = {}
+    for c in applied:
+        ds, dp = c.deltas()
+        model[c.user][0] += ds
+        model[c.user][1] += dp
+        if c.op in ("expire", "renew"):
+            expired[c.user] += int(c.result["expired_amount"])
+        tx = c.result.get("transaction_id")
+        if tx is not None:
+            if tx in ops:
+                bad(f"transaction_id {tx} returned by two different operations")
+            ops[tx] = (c, ds, dp)
+        elif (ds, dp) != (0, 0):
+            bad(f"{c.op} changed balances but returned no transaction_id: {c.result}")
+
+    ulist = list(users)
+    for row in q(conn, "SELECT * FROM billing.verify_ledger()"):
+        bad(f"verify_ledger: {row}")
+    for row in q(conn, """SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts
+                           WHERE subscription_credits_balance < 0 OR purchased_credits_balance < 0"""):
+        bad(f"negative balance: {row}")
+    bal = {r[0]: (r[1], r[2]) for r in q(conn, """SELECT user_id, subscription_credits_balance, purchased_credits_balance
+                                                    FROM billing.accounts WHERE user_id = ANY(%s)""", (ulist,))}
+    for u in users:
+        exp = tuple(model[u])
+        if bal.get(u) != exp:
+            bad(f"user {u}: balance {bal.get(u)} but the client's account says {exp}")
+
+    # Ledger rows per operation equal the returned deltas; no unknown operations.
+    seen = set()
+    for op_id, pool, s in q(conn, """SELECT operation_id::text, pool, sum(amount)::bigint FROM billing.credit_transactions
+                                      WHERE user_id = ANY(%s) GROUP BY 1, 2""", (ulist,)):
+        seen.add(op_id)
+        if op_id not in ops:
+            bad(f"ledger operation {op_id} ({pool} {s}) was never returned to the client")
+            continue
+        c, ds, dp = ops[op_id]
+        if s != (ds if pool == "subscription" else dp):
+            bad(f"ledger operation {op_id} ({c.op}): {pool} sum {s}, result says {(ds, dp)}")
+    for tx, (c, ds, dp) in ops.items():
+        if tx not in seen and (ds, dp) != (0, 0):
+            bad(f"{c.op} {tx} returned success but has no ledger rows")
+    for row in q(conn, """SELECT user_id, idempotency_key, count(DISTINCT operation_id) FROM billing.credit_transactions
+                           WHERE user_id = ANY(%s) AND idempotency_key IS NOT NULL
+                           GROUP BY 1, 2 HAVING count(DISTINCT operation_id) > 1""", (ulist,)):
+        bad(f"idempotency key applied more than once: {row}")
+    ev = dict(q(conn, """SELECT user_id, sum(expired_amount)::bigint FROM billing.credit_expiration_events
+                          WHERE user_id = ANY(%s) GROUP BY 1""", (ulist,)))
+    for u in users:
+        if ev.get(u, 0) != expired[u]:
+            bad(f"user {u}: expiration events sum {ev.get(u, 0)}, results say {expired[u]}")
+
+    # Usage recording.
+    msgs = defaultdict(lambda: [0, 0, 0])
+    for c in calls:
+        if c.op == "usage" and c.status == "ok":
+            m = msgs[c.user]
+            m[0] += 1
+            m[1] += c.args["tin"]
+            m[2] += c.args["tout"]
+    got = {r[0]: [r[1], r[2], r[3]] for r in q(conn, """
+        SELECT user_id, sum(messages_count)::bigint, sum(tokens_input_count)::bigint, sum(tokens_output_count)::bigint
+          FROM billing.usage_metrics WHERE user_id = ANY(%s) GROUP BY 1""", (ulist,))}
+    for u in users:
+        if got.get(u, [0, 0, 0]) != msgs.get(u, [0, 0, 0]):
+            bad(f"user {u}: usage_metrics {got.get(u)} but {msgs.get(u)} successful record_message_usage calls")
+
+    # Rate limits: per user and hour bucket (reset_at), allowed = min(attempts, limit).
+    att = defaultdict(lambda: [0, 0, None])
+    for c in calls:
+        if c.op == "rate" and c.status == "ok":
+            a = att[(c.user, c.result["reset_at"])]
+            a[0] += 1
+            a[1] += 1 if c.result["allowed"] else 0
+            a[2] = c.result["limit_value"]
+    stored = {(r[0], r[1]): r[2] for r in q(conn, """
+        SELECT user_id, bucket_start + interval '1 hour', request_count FROM billing.api_usage WHERE user_id = ANY(%s)""",
+                                           (ulist,))}
+    for (u, reset), (n, allowed, lim) in att.items():
+        want = n if lim < 0 else min(n, lim)
+        if allowed != want:
+            bad(f"user {u} hour ending {reset}: {allowed} of {n} requests allowed, limit {lim} (want {want})")
+        if stored.get((u, reset), 0) != allowed:
+            bad(f"user {u} hour ending {reset}: api_usage.request_count {stored.get((u, reset))}, allowed {allowed}")
+    return len(calls)
+
+
+def run(seconds, threads=32, nusers=100, quiet=False):
+    """Run the contention test; returns (calls, violations list)."""
+    conn = connect()
+    ensure_roles(conn)
+    q(conn, "SELECT billing.expose_rpc('public')")
+    tag = "c" + uuid.uuid4().hex[:10]
+    users, setup_calls = setup_users(conn, nusers, tag)
+    rec = Recorder()
+    stop = threading.Event()
+    ts = [threading.Thread(target=worker, args=(None, users, stop, rec, f"{tag}-t{i}", hash((tag, i))), daemon=True)
+          for i in range(threads)]
+    t0 = time.time()
+    for t in ts:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in ts:
+        t.join(timeout=60)
+    if any(t.is_alive() for t in ts):
+        raise RuntimeError("a worker thread did not finish within 60 s of the deadline")
+    elapsed = time.time() - t0
+    violations = []
+    n = check(conn, users, setup_calls, rec, violations)
+    conn.close()
+    if not quiet:
+        by = defaultdict(int)
+        for c in rec.calls:
+            by[(c.op, c.status, c.sqlstate)] += 1
+        print(f"  {fmt(n)} calls in {elapsed:.1f} s ({n / elapsed:,.0f}/s), "
+              + ", ".join(f"{k[0]}:{k[1]}{'/' + k[2] if k[2] else ''}={v}" for k, v in sorted(by.items())), flush=True)
+        for v in violations[:30]:
+            print("  VIOLATION:", v, flush=True)
+    return n, violations
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--short", action="store_true", help="20 seconds")
+    ap.add_argument("--long", action="store_true", help="5 minutes")
+    ap.add_argument("--seconds", type=float)
+    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--users", type=int, default=100)
+    a = ap.parse_args()
+    secs = a.seconds or (300 if a.long else 20)
+    n, violations = run(secs, a.threads, a.users)
+    print(f"contention: {fmt(n)} calls, {fmt(len(violations))} invariant violations", flush=True)
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

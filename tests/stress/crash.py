@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Part 2 of the reliability harness: crash.
+
+Starts its own throwaway PostgreSQL 15 cluster (fsync = on, synchronous_commit = on), creates a
+database with pg_billing and Supabase's roles, and runs the contention mix with every credit
+mutator keyed by a unique idempotency key. After a few seconds it SIGKILLs the server's main
+process (its pid is the first line of postmaster.pid; never by name), lets every client see its
+connection die, restarts the server (pg_ctl start; crash recovery), and checks every call the
+client made:
+  - committed (the call and its COMMIT returned): its idempotency row exists with the very
+    response the client got, and its ledger rows (by idempotency key) add up to that response;
+  - failed (the server raised an error): no idempotency row, no ledger rows;
+  - in flight (the connection died before the result came back): all or nothing: either the
+    idempotency row and ledger rows matching it, or neither;
+  - the ledger holds no row the client did not cause; verify_ledger() is empty; no balance is
+    negative; usage counters and rate-limit buckets lie between the committed calls and the
+    committed plus in-flight ones.
+Prints `crash: N committed calls, M lost`; exits 1 on any loss or violation.
+
+Usage: crash.py [--short (one kill) | --long (several kill cycles)] [--cycles N] [--threads 16]"""
+import argparse
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (MUTATORS, Call, Cluster, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
+
+
+def check(conn, users, calls):
+    """Returns (committed count, lost list, violations list)."""
+    lost, bad = [], []
+    ulist = list(users)
+    keys = {(r[0], r[1]): r[2] for r in q(conn, """SELECT user_id, idempotency_key, response FROM billing.idempotency_keys
+                                                    WHERE user_id = ANY(%s)""", (ulist,))}
+    ledger = defaultdict(lambda: [0, 0, 0])     # (user, key) -> [sub sum, pur sum, rows]
+    for u, k, pool, s, n in q(conn, """SELECT user_id, idempotency_key, pool, sum(amount)::bigint, count(*)
+                                         FROM billing.credit_transactions WHERE user_id = ANY(%s) GROUP BY 1, 2, 3""",
+                              (ulist,)):
+        e = ledger[(u, k)]
+        e[0 if pool == "subscription" else 1] += s
+        e[2] += n
+    committed = sum(c.status == "ok" for c in calls)
+    by_key = defaultdict(list)
+    for c in calls:
+        if c.op in MUTATORS:
+            by_key[(c.user, c.key)].append(c)
+    known = set(by_key)
+    for k, cs in by_key.items():
+        stored = keys.get(k)
+        led = ledger.get(k, [0, 0, 0])
+        oks = [c for c in cs if c.status == "ok"]
+        unknown = [c for c in cs if c.status == "unknown"]
+        if oks:
+            c = oks[0]
+            if stored is None:
+                lost.append(f"committed {c.op} key {c.key}: no idempotency row after the crash")
+                continue
+            for o in oks:
+                if stored != o.result:
+                    lost.append(f"committed {c.op} key {c.key}: stored response {stored} != returned {o.result}")
+            ds, dp = c.deltas()
+            if (led[0], led[1]) != (ds, dp):
+                lost.append(f"committed {c.op} key {c.key}: ledger {led[:2]} != returned deltas {(ds, dp)}")
+        elif unknown:  # in flight when the server died: all or nothing
+            c = unknown[0]
+            if stored is None:
+                if led[2]:
+                    bad.append(f"in-flight {c.op} key {c.key}: ledger rows {led} without its idempotency row")
+            else:
+                probe = Call(c.op, c.user, c.args, c.key)
+                probe.result = stored
+                if (led[0], led[1]) != probe.deltas():
+                    bad.append(f"in-flight {c.op} key {c.key}: partially applied: ledger {led[:2]}, response {stored}")
+                for m in probe.check_result():
+                    bad.append(f"in-flight {c.op} key {c.key}: {m}")
+        else:  # every call with this key failed: nothing may be left
+            c = cs[0]
+            if stored is not None or led[2]:
+                bad.append(f"failed {c.op} key {c.key} ({c.sqlstate}) left rows: {stored}, ledger {led}")
+    for k, led in ledger.items():
+        if k not in known:
+            bad.append(f"ledger rows nobody asked for: user {k[0]} key {k[1]}: {led}")
+    for row in q(conn, "SELECT * FROM billing.verify_ledger()"):
+        bad.append(f"verify_ledger: {row}")
+    for row in q(conn, """SELECT user_id FROM billing.accounts
+                           WHERE subscription_credits_balance < 0 OR purchased_credits_balance < 0"""):
+        bad.append(f"negative balance: {row}")
+    # Usage and rate limits: between committed and committed + in flight.
+    lo, hi = defaultdict(int), defaultdict(int)
+    rlo, rhi = defaultdict(int), defaultdict(int)
+    for c in calls:
+        if c.op == "usage":
+            hi[c.user] += c.status in ("ok", "unknown")
+            lo[c.user] += c.status == "ok"
+        elif c.op == "rate":
+            if c.status == "ok" and c.result["allowed"]:
+                rlo[c.user] += 1
+            if c.status == "unknown" or (c.status == "ok" and c.result["allowed"]):
+                rhi[c.user] += 1
+    got = dict(q(conn, """SELECT user_id, sum(messages_count)::bigint FROM billing.usage_metrics
+                           WHERE user_id = ANY(%s) GROUP BY 1""", (ulist,)))
+    gotr = dict(q(conn, """SELECT user_id, sum(request_count)::bigint FROM billing.api_usage
+                            WHERE user_id = ANY(%s) GROUP BY 1""", (ulist,)))
+    for u in users:
+        if not lo[u] <= got.get(u, 0) <= hi[u]:
+            (lost if got.get(u, 0) < lo[u] else bad).append(
+                f"user {u}: {got.get(u, 0)} messages recorded, client saw {lo[u]} committed, {hi[u] - lo[u]} in flight")
+        if not rlo[u] <= gotr.get(u, 0) <= rhi[u]:
+            (lost if gotr.get(u, 0) < rlo[u] else bad).append(
+                f"user {u}: {gotr.get(u, 0)} API requests counted, client saw {rlo[u]} allowed, {rhi[u] - rlo[u]} in flight")
+    return committed, lost, bad
+
+
+def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
+    cl = Cluster()
+    try:
+        su = connect(cl.dsn())
+        q(su, "CREATE DATABASE crash")
+        su.close()
+        dsn = cl.dsn("crash")
+        conn = connect(dsn)
+        q(conn, "CREATE EXTENSION pg_billing")
+        ensure_roles(conn)
+        q(conn, "SELECT billing.expose_rpc('public')")
+        tag = "k" + uuid.uuid4().hex[:8]
+        users, setup_calls = setup_users(conn, nusers, tag)
+        conn.close()
+        all_calls = list(setup_calls)
+        unexpected = []
+        kills = 0
+        for cycle in range(cycles):
+            rec = Recorder()
+            stop = threading.Event()
+            dead = threading.Event()
+            ts = [threading.Thread(target=worker,
+                                   args=(dsn, users, stop, rec, f"{tag}{cycle}-t{i}", hash((tag, cycle, i)), 1.0,
+                                         dead.is_set),
+                                   daemon=True) for i in range(threads)]
+            for t in ts:
+                t.start()
+            time.sleep(run_seconds)
+            pid = cl.kill_postmaster()
+            dead.set()
+            kills += 1
+            time.sleep(0.5)
+            stop.set()
+            for t in ts:
+                t.join(timeout=120)
+            if any(t.is_alive() for t in ts):
+                raise RuntimeError("a client thread hung after the kill")
+            cl.start()
+            all_calls.extend(rec.calls)
+            unexpected.extend(rec.unexpected)
+            conn = connect(dsn)
+            committed, lost, bad = check(conn, users, all_calls)
+            conn.close()
+            n_unknown = sum(c.status == "unknown" for c in rec.calls)
+            if not quiet:
+                print(f"  cycle {cycle + 1}: killed postmaster {pid} after {run_seconds:.0f} s; "
+                      f"{fmt(sum(c.status == 'ok' for c in rec.calls))} committed, "
+                      f"{fmt(sum(c.status == 'fail' for c in rec.calls))} failed, {n_unknown} in flight; "
+                      f"{len(lost)} lost, {len(bad)} violations", flush=True)
+            if lost or bad:
+                break
+        for c in unexpected:
+            bad.append(f"{c.op} raised {c.sqlstate}: {c.error}")
+        if not quiet:
+            for m in (lost + bad)[:30]:
+                print("  VIOLATION:", m, flush=True)
+        return committed, lost, bad, kills
+    finally:
+        cl.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--short", action="store_true")
+    ap.add_argument("--long", action="store_true")
+    ap.add_argument("--cycles", type=int)
+    ap.add_argument("--seconds", type=float, help="mix time before each kill")
+    ap.add_argument("--threads", type=int, default=16)
+    a = ap.parse_args()
+    cycles = a.cycles or (8 if a.long else 1)
+    secs = a.seconds or (20 if a.long else 4)
+    committed, lost, bad, kills = run(cycles, secs, a.threads)
+    print(f"crash: {fmt(committed)} committed calls, {fmt(len(lost))} lost"
+          + (f", {fmt(len(bad))} other violations" if bad else "") + f" ({kills} SIGKILLs)", flush=True)
+    return 1 if (lost or bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,619 @@
+#!/usr/bin/env python3
+"""Part 4 of the reliability harness: the privilege sweep.
+
+Creates anon / authenticated / service_role when absent, exposes the API in public, gives user B
+data in every billing table, and then, as end users, tries everything they must not do:
+  - every function of schema billing (from pg_proc) and every public wrapper, called PostgREST-
+    style (one transaction, set_config('role'), set_config('request.jwt.claims')) as anon, as
+    authenticated user A on user B's id, and as authenticated user A whose JWT claims the
+    service_role role; service-only functions also as A on A. Arguments come from the
+    signature (uuid -> B's id / B's purchase / B's member, integer -> 1, text -> a valid value,
+    ...). Each must fail with 42501, except the public reads marked 'anon' in
+    billing.api_functions (active widgets only) and billing.current_user_id() (the caller's id);
+  - INSERT / UPDATE / DELETE / TRUNCATE / SELECT ... FOR UPDATE on every billing table and view,
+    nextval/setval on every billing sequence, and DDL on schema billing: 42501;
+  - SELECT from every billing table as A: only A's rows (or the public catalog tables); as
+    anon: no user's rows;
+  - search_path hijack: a schema `evil` with same-named functions (now, gen_random_uuid,
+    current_setting, jsonb_build_object, date_trunc, ...), an aggregate sum(bigint) and operators
+    (+, -, =, <, >=, ->> ...) that log every run, put first in search_path (before pg_catalog),
+    then every credit function called as a service caller and as an end user: nothing planted
+    may run and the results must be right; and the same with types shadowed in pg_temp (temp
+    domains named uuid, jsonb, timestamptz, ... whose CHECK logs), created by an end user.
+Prints `privilege: N attempts, M allowed`; exits 1 unless every attempt was refused correctly.
+
+Usage: privilege.py (connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
+import datetime
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import claims, connect, ensure_roles, fmt, postgrest_call, q  # noqa: E402
+
+PUBLIC_CATALOG = {"plans", "api_functions", "resource_types", "widget_tables"}
+WIDGET_TYPE = "prvsweep"
+
+
+class Sweep:
+    def __init__(self):
+        self.attempts = 0
+        self.allowed = []       # an end user did what they must not
+        self.wrong_code = []    # refused, but not with 42501
+        self.notes = []         # control failures (the sweep itself would be meaningless)
+
+    def refused(self, what, fn, ok_codes=("42501",)):
+        """fn must raise 42501."""
+        self.attempts += 1
+        try:
+            res = fn()
+        except psycopg2.Error as e:
+            if e.pgcode not in ok_codes:
+                self.wrong_code.append(f"{what}: {e.pgcode} {(e.pgerror or '').strip().splitlines()[0] if e.pgerror else e}")
+            return
+        self.allowed.append(f"{what}: succeeded -> {str(res)[:200]}")
+
+
+def setup(conn):
+    ensure_roles(conn)
+    q(conn, "SELECT billing.expose_rpc('public')")
+    ctx = {"a": uuid.uuid4(), "b": uuid.uuid4()}
+    a, b = ctx["a"], ctx["b"]
+    ctx["email_b"] = f"b-{b.hex[:12]}@example.com"
+    for u in (a, b):
+        q(conn, "SELECT billing.add_subscription_credits(%s, 100, 'sweep', NULL, %s)", (u, f"sweep-sub-{u}"))
+        r = q(conn, "SELECT billing.add_purchased_credits(%s, 100)", (u,))[0][0]
+        q(conn, "SELECT billing.add_purchased_credits(%s, 7)", (u,))
+        q(conn, "SELECT billing.consume_credits_v2(%s, 5, 'sweep', 'ref', 'sweep-consume')", (u,))
+        q(conn, "SELECT billing.clawback_credits_from_transaction(%s, 'sweep')", (r["transaction_id"],))
+        q(conn, "SELECT billing.expire_subscription_credits(%s)", (u,))
+        q(conn, "SELECT billing.renew_subscription_credits(%s, 50)", (u,))
+        q(conn, "SELECT billing.refund_credits(%s, 3)", (u,))
+        q(conn, "SELECT billing.record_webhook_event(%s, 'sweep', %s)", (f"evt-sweep-{u}", u))
+        q(conn, "SELECT billing.record_message_usage(%s, 10, 20)", (u,))
+        q(conn, "SELECT * FROM billing.check_api_rate_limit(%s, '/sweep')", (u,))
+        q(conn, """SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active',
+                   p_current_period_end := now() + interval '30 days', p_event_id := %s)""", (u, f"evt-sub-{u}"))
+    ctx["tx_b"] = q(conn, "SELECT billing.add_purchased_credits(%s, 11)", (b,))[0][0]["transaction_id"]
+    q(conn, f"""CREATE TABLE IF NOT EXISTS public.widget_{WIDGET_TYPE} (
+                  id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
+                  is_active boolean NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+                  updated_at timestamptz NOT NULL DEFAULT now(), secret text)""")
+    q(conn, f"INSERT INTO public.widget_{WIDGET_TYPE} (user_id, position, is_active, secret) VALUES "
+            "(%s, 1, true, 'public'), (%s, 2, false, 'hidden'), (%s, 1, false, 'hidden-a')", (b, b, a))
+    procs = {r[0] for r in q(conn, "SELECT proname FROM pg_proc WHERE pronamespace = 'billing'::regnamespace")}
+    ctx["member_b"] = b
+    if "upsert_member" in procs:
+        try:
+            r = q(conn, "SELECT billing.upsert_member(%s, 'pro')", (ctx["email_b"],))[0][0]
+            ctx["member_b"] = uuid.UUID(str(r["member_id"]))
+        except psycopg2.Error as e:
+            print(f"  (upsert_member for the sweep failed: {e.pgcode} {e.pgerror})")
+    ctx["profile_b"] = b
+    if "upsert_pending_profile" in procs:
+        try:
+            r = q(conn, "SELECT billing.upsert_pending_profile(%s, 'tok-secret')", (f"p-{ctx['email_b']}",))[0][0]
+            ctx["profile_b"] = uuid.UUID(str(r["id"]))
+        except psycopg2.Error as e:
+            print(f"  (upsert_pending_profile for the sweep failed: {e.pgcode} {e.pgerror})")
+    return ctx
+
+
+TEXT_VALUES = {"p_metric": "messages", "p_resource_type": "agents", "p_widget_type": WIDGET_TYPE,
+               "p_transaction_type": "purchase", "p_plan_id": "pro", "p_status": "active", "p_schema": "public",
+               "p_plan_duration": "monthly", "p_function": "x"}
+
+
+def arg_value(name, typ, ctx):
+    n = (name or "").lower()
+    if typ == "uuid":
+        if "member" in n:
+            return ctx["member_b"]
+        if "transaction" in n:
+            return ctx["tx_b"]
+        if n == "p_id":
+            return ctx["profile_b"]
+        return ctx["b"]
+    if typ in ("integer", "bigint", "smallint", "numeric"):
+        return 1
+    if typ == "text":
+        if "email" in n:
+            return ctx["email_b"]
+        if "event_id" in n or "idempotency" in n:
+            return f"sweep-{uuid.uuid4()}"
+        return TEXT_VALUES.get(n, "x")
+    if typ == "boolean":
+        return False if "active" in n else True
+    if typ.startswith("timestamp"):
+        return datetime.datetime.now(datetime.timezone.utc)
+    if typ == "date":
+        return datetime.date.today()
+    if typ == "interval":
+        return "0"
+    if typ in ("jsonb", "json"):
+        return "{}"
+    if typ == "regclass":
+        return "billing.accounts"
+    if typ == "name":
+        return "user_id"
+    if typ.endswith("[]"):
+        return "{x}"
+    return None
+
+
+def functions(conn):
+    return q(conn, """
+        SELECT n.nspname, p.proname, p.proretset, p.prorettype = 'trigger'::regtype, p.prokind,
+               COALESCE(p.proargnames, '{}'), COALESCE(p.proargmodes::text[], '{}'),
+               (SELECT COALESCE(array_agg(format_type(t, NULL) ORDER BY o), '{}')
+                  FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS x(t, o)),
+               f.access
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          LEFT JOIN billing.api_functions f ON f.function_name = p.proname
+         WHERE (n.nspname = 'billing'
+                OR (n.nspname = 'public' AND f.function_name IS NOT NULL AND p.prosrc LIKE '%%billing.%%'))
+           AND p.prokind IN ('f', 'p')
+         ORDER BY 1, 2""")
+
+
+def call_sql(schema, name, prokind, types):
+    args = ", ".join(f"%s::{t}" for t in types)
+    if prokind == "p":
+        return f"CALL {schema}.{name}({args})"
+    return f"SELECT * FROM {schema}.{name}({args})"
+
+
+def sweep_functions(conn_end, ctx, sw):
+    a, b = ctx["a"], ctx["b"]
+    personas = [
+        ("anon", "anon", claims("anon")),
+        ("authenticated A", "authenticated", claims("authenticated", a)),
+        ("authenticated A claiming service_role", "authenticated", {"role": "service_role", "sub": str(a)}),
+        ("anon claiming authenticated A", "anon", claims("authenticated", a)),
+    ]
+    for schema, name, retset, is_trigger, prokind, argnames, argmodes, types, access in functions(conn_end):
+        if argmodes:
+            innames = [nm for nm, m in zip(argnames, argmodes) if m in ("i", "b", "v")]
+        else:
+            innames = list(argnames[:len(types)]) + [None] * (len(types) - len(argnames))
+        sql = call_sql(schema, name, prokind, types)
+        ok_codes = ("42501", "0A000") if is_trigger else ("42501",)
+        targets = [("on B", [arg_value(nm, t, ctx) for nm, t in zip(innames, types)])]
+        if access not in ("rpc", "anon") and "uuid" in types:
+            # service-only: refused even on the caller's own account
+            own = {**ctx, "b": a, "member_b": a}
+            targets.append(("on A", [arg_value(nm, t, own) for nm, t in zip(innames, types)]))
+        for label, role, cl in personas:
+            for tlabel, params in targets:
+                what = f"{schema}.{name} as {label} {tlabel}"
+                if name == "current_user_id":
+                    sw.attempts += 1
+                    try:
+                        got = postgrest_call(conn_end, role, cl, sql, params)[0][0]
+                    except psycopg2.Error:
+                        continue
+                    if got not in (None, a):
+                        sw.allowed.append(f"{what}: returned {got}")
+                    continue
+                if access == "anon" or (access == "rpc" and "uuid" not in types):
+                    public_read(conn_end, role, cl, what, name, sql, params, ctx, sw)
+                    continue
+                sw.refused(what, lambda: postgrest_call(conn_end, role, cl, sql, params), ok_codes)
+
+
+def public_read(conn, role, cl, what, name, sql, params, ctx, sw):
+    """Functions anon may call: they may answer, but with public data only."""
+    sw.attempts += 1
+    try:
+        rows = postgrest_call(conn, role, cl, sql, params)
+    except psycopg2.Error as e:
+        if e.pgcode not in ("42501", "22023", "P0002"):
+            sw.wrong_code.append(f"{what}: {e.pgcode} {e.pgerror}")
+        return
+    if name == "get_user_widgets_ordered":
+        for r in rows:
+            data = r[4] or {}
+            if r[3] is not True or data.get("secret") != "public" or data.get("user_id") != str(ctx["b"]):
+                sw.allowed.append(f"{what}: returned a non-public widget {r}")
+
+
+def sweep_tables(conn_end, conn_su, ctx, sw):
+    a = ctx["a"]
+    rels = q(conn_su, """SELECT c.relname, c.relkind,
+                                (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum = 1),
+                                EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'user_id'
+                                        AND NOT a.attisdropped)
+                           FROM pg_class c WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm', 'S')
+                          ORDER BY 1""")
+    personas = [("anon", "anon", claims("anon")), ("authenticated A", "authenticated", claims("authenticated", a)),
+                ("authenticated A claiming service_role", "authenticated", {"role": "service_role", "sub": str(a)})]
+    with_b_rows = 0
+    for rel, kind, col1, has_user in rels:
+        t = f'billing."{rel}"'
+        if kind == "S":
+            for label, role, cl in personas:
+                sw.refused(f"nextval({t}) as {label}", lambda: postgrest_call(conn_end, role, cl, "SELECT nextval(%s)", (t,)))
+                sw.refused(f"setval({t}) as {label}", lambda: postgrest_call(conn_end, role, cl, "SELECT setval(%s, 1)", (t,)))
+            continue
+        if has_user and q(conn_su, f"SELECT 1 FROM {t} WHERE user_id = %s LIMIT 1", (ctx["b"],)):
+            with_b_rows += 1
+        for label, role, cl in personas:
+            for stmt in (f"INSERT INTO {t} DEFAULT VALUES", f'UPDATE {t} SET "{col1}" = "{col1}"', f"DELETE FROM {t}",
+                         f"TRUNCATE {t}", f"SELECT 1 FROM {t} FOR UPDATE", f"ALTER TABLE {t} DISABLE ROW LEVEL SECURITY",
+                         f"DROP TABLE {t}" if kind == "r" else f"DROP VIEW {t}",
+                         f"CREATE POLICY sweep_open ON {t} USING (true)"):
+                if kind == "v" and ("ROW LEVEL" in stmt or "POLICY" in stmt or "TRUNCATE" in stmt):
+                    continue
+                sw.refused(f"{stmt} as {label}", lambda: postgrest_call(conn_end, role, cl, stmt))
+            # Reads: only the caller's own rows, or the public catalog.
+            sw.attempts += 1
+            try:
+                with conn_end.cursor() as cur:
+                    pass
+                conn_end.autocommit = False
+                with conn_end.cursor() as cur:
+                    cur.execute("SELECT pg_catalog.set_config('role', %s, true), "
+                                "pg_catalog.set_config('request.jwt.claims', %s, true)",
+                                (role, json.dumps(cl)))
+                    cur.execute(f"SELECT * FROM {t}")
+                    cols = [d[0] for d in cur.description]
+                    rows = cur.fetchall()
+                conn_end.rollback()
+            except psycopg2.Error as e:
+                conn_end.rollback()
+                if e.pgcode != "42501":
+                    sw.wrong_code.append(f"SELECT {t} as {label}: {e.pgcode}")
+                continue
+            finally:
+                conn_end.autocommit = True
+            if rel in PUBLIC_CATALOG:
+                continue
+            if "user_id" in cols:
+                i = cols.index("user_id")
+                mine = a if role == "authenticated" else None
+                leaked = [r for r in rows if r[i] != mine]
+                if leaked:
+                    sw.allowed.append(f"SELECT {t} as {label}: {len(leaked)} rows of other users")
+            elif rows:
+                sw.allowed.append(f"SELECT {t} as {label}: {len(rows)} rows of a table with no owner column")
+    if with_b_rows < 5:
+        sw.notes.append(f"only {with_b_rows} billing tables hold rows of user B: the read sweep is weak")
+    # DDL in schema billing.
+    for label, role, cl in personas:
+        for stmt in ("CREATE TABLE billing.sweep_t (x int)",
+                     "CREATE FUNCTION billing.sweep_f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                     "CREATE OR REPLACE FUNCTION billing.current_user_id() RETURNS uuid LANGUAGE sql AS $$SELECT NULL::uuid$$",
+                     "ALTER FUNCTION billing.consume_credits_v2(uuid, integer, text, text, text) SECURITY INVOKER",
+                     "ALTER FUNCTION billing.authorize_user(uuid) RESET search_path",
+                     "DROP FUNCTION billing.verify_ledger(uuid)",
+                     "DROP POLICY accounts_read_own ON billing.accounts",
+                     "ALTER SCHEMA billing RENAME TO sweep",
+                     "SET LOCAL pg_billing.end_user_roles = 'nobody'"):
+            sw.refused(f"{stmt} as {label}", lambda: postgrest_call(conn_end, role, cl, stmt))
+
+
+# ---------------------------------------------------------------------------------------------
+# search_path hijack
+
+EVIL_FUNCS = [
+    # (name, args, returns, body expression using pg_catalog)
+    ("now", "", "timestamptz", "pg_catalog.now()"),
+    ("statement_timestamp", "", "timestamptz", "pg_catalog.statement_timestamp()"),
+    ("clock_timestamp", "", "timestamptz", "pg_catalog.clock_timestamp()"),
+    ("gen_random_uuid", "", "uuid", "pg_catalog.gen_random_uuid()"),
+    ("current_setting", "text", "text", "pg_catalog.current_setting($1)"),
+    ("current_setting", "text, boolean", "text", "pg_catalog.current_setting($1, $2)"),
+    ("set_config", "text, text, boolean", "text", "pg_catalog.set_config($1, $2, $3)"),
+    ("lower", "text", "text", "pg_catalog.lower($1)"),
+    ("upper", "text", "text", "pg_catalog.upper($1)"),
+    ("length", "text", "integer", "pg_catalog.length($1)"),
+    ("left", "text, integer", "text", "pg_catalog.left($1, $2)"),
+    ("format", "text", "text", "pg_catalog.format($1)"),
+    ("format", "text, text", "text", "pg_catalog.format($1, $2)"),
+    ("quote_literal", "text", "text", "pg_catalog.quote_literal($1)"),
+    ("jsonb_build_object", "text, bigint", "jsonb", "pg_catalog.jsonb_build_object($1, $2)"),
+    ("jsonb_build_object", "text, text", "jsonb", "pg_catalog.jsonb_build_object($1, $2)"),
+    ("jsonb_build_object", "text, uuid", "jsonb", "pg_catalog.jsonb_build_object($1, $2)"),
+    ("jsonb_build_object", "text, boolean", "jsonb", "pg_catalog.jsonb_build_object($1, $2)"),
+    ("to_jsonb", "anyelement", "jsonb", "pg_catalog.to_jsonb($1)"),
+    ("jsonb_typeof", "jsonb", "text", "pg_catalog.jsonb_typeof($1)"),
+    ("date_trunc", "text, timestamptz", "timestamptz", "pg_catalog.date_trunc($1, $2)"),
+    ("abs", "bigint", "bigint", "pg_catalog.abs($1)"),
+    ("md5", "text", "text", "pg_catalog.md5($1)"),
+    ("row_number", "", "bigint", "1::bigint"),
+]
+EVIL_OPS = [
+    # (operator, left, right, returns, body)
+    ("+", "bigint", "bigint", "bigint", "$1 OPERATOR(pg_catalog.+) $2"),
+    ("-", "bigint", "bigint", "bigint", "$1 OPERATOR(pg_catalog.-) $2"),
+    ("+", "integer", "integer", "integer", "$1 OPERATOR(pg_catalog.+) $2"),
+    ("-", "integer", "integer", "integer", "$1 OPERATOR(pg_catalog.-) $2"),
+    ("+", "bigint", "integer", "bigint", "$1 OPERATOR(pg_catalog.+) $2"),
+    ("-", "bigint", "integer", "bigint", "$1 OPERATOR(pg_catalog.-) $2"),
+    ("=", "uuid", "uuid", "boolean", "$1 OPERATOR(pg_catalog.=) $2"),
+    ("=", "text", "text", "boolean", "$1 OPERATOR(pg_catalog.=) $2"),
+    ("<", "bigint", "bigint", "boolean", "$1 OPERATOR(pg_catalog.<) $2"),
+    (">=", "bigint", "bigint", "boolean", "$1 OPERATOR(pg_catalog.>=) $2"),
+    ("<", "timestamptz", "timestamptz", "boolean", "$1 OPERATOR(pg_catalog.<) $2"),
+    ("->>", "jsonb", "text", "text", "$1 OPERATOR(pg_catalog.->>) $2"),
+    ("||", "text", "text", "text", "$1 OPERATOR(pg_catalog.||) $2"),
+]
+
+
+def plant_evil(conn):
+    q(conn, "DROP SCHEMA IF EXISTS evil CASCADE")
+    q(conn, "CREATE SCHEMA evil")
+    q(conn, "CREATE TABLE evil.hits (who text, what text, at timestamptz DEFAULT pg_catalog.now())")
+    q(conn, "GRANT USAGE ON SCHEMA evil TO PUBLIC; GRANT INSERT, SELECT ON evil.hits TO PUBLIC")
+    for i, (name, args, ret, body) in enumerate(EVIL_FUNCS):
+        named = ", ".join(f"a{j} {t.strip()}" for j, t in enumerate(args.split(","))) if args else ""
+        q(conn, f"""CREATE FUNCTION evil."{name}"({named}) RETURNS {ret} LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+                    BEGIN INSERT INTO evil.hits (who, what) VALUES (CURRENT_USER, '{name}({args})');
+                          RETURN {body.replace('$1', 'a0').replace('$2', 'a1').replace('$3', 'a2')}; END $f$""")
+    for i, (op, l, r, ret, body) in enumerate(EVIL_OPS):
+        q(conn, f"""CREATE FUNCTION evil.op{i}(a0 {l}, a1 {r}) RETURNS {ret} LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+                    BEGIN INSERT INTO evil.hits (who, what) VALUES (CURRENT_USER, 'operator {op}({l},{r})');
+                          RETURN {body.replace('$1', 'a0').replace('$2', 'a1')}; END $f$""")
+        q(conn, f"CREATE OPERATOR evil.{op} (LEFTARG = {l}, RIGHTARG = {r}, FUNCTION = evil.op{i})")
+    q(conn, """CREATE FUNCTION evil.sum_step(s bigint, v bigint) RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+               BEGIN INSERT INTO evil.hits (who, what) VALUES (CURRENT_USER, 'aggregate sum(bigint)');
+                     RETURN COALESCE(s, 0) OPERATOR(pg_catalog.+) COALESCE(v, 0); END $f$;
+               CREATE AGGREGATE evil.sum(bigint) (SFUNC = evil.sum_step, STYPE = bigint)""")
+    q(conn, "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA evil TO PUBLIC")
+
+
+def hits(conn):
+    return q(conn, "SELECT who, what FROM evil.hits")
+
+
+HIJACK_PATHS = ["evil, pg_catalog, public", "evil, public", "evil, pg_temp, pg_catalog, public"]
+
+
+def credit_calls(u, tag):
+    """(label, sql, params, check(result) -> error or None) for the credit functions on user u,
+    starting from balances (100 subscription, 0 purchased). Run in order."""
+    return [
+        ("add_subscription_credits", "SELECT billing.add_subscription_credits(%s, 100, 'h', 'r', %s)", (u, f"{tag}-1"),
+         lambda r: None if r["subscription_credits_balance"] == 200 else r),
+        ("add_purchased_credits", "SELECT billing.add_purchased_credits(%s, 50, 'h', 'r', %s)", (u, f"{tag}-2"),
+         lambda r: None if r["purchased_credits_balance"] == 50 else r),
+        ("consume_credits_v2", "SELECT billing.consume_credits_v2(%s, 210, 'h', 'r', %s)", (u, f"{tag}-3"),
+         lambda r: None if (r["subscription_used"], r["purchased_used"], r["total_balance"]) == (200, 10, 40) else r),
+        ("consume_credits_v2 replay", "SELECT billing.consume_credits_v2(%s, 210, 'h', 'r', %s)", (u, f"{tag}-3"),
+         lambda r: None if r["total_balance"] == 40 else r),
+        ("refund_credits", "SELECT billing.refund_credits(%s, 5, 'h', 'r', %s)", (u, f"{tag}-4"),
+         lambda r: None if r["purchased_credits_balance"] == 45 else r),
+        ("renew_subscription_credits", "SELECT billing.renew_subscription_credits(%s, 30, %s, %s)",
+         (u, datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30), f"{tag}-5"), lambda r: None if r["subscription_credits_balance"] == 30 else r),
+        ("expire_subscription_credits", "SELECT billing.expire_subscription_credits(%s, 'h', %s)", (u, f"{tag}-6"),
+         lambda r: None if r["expired_amount"] == 30 else r),
+        ("increment_credits_with_log", "SELECT billing.increment_credits_with_log(%s, 5, 'purchase')", (u,),
+         lambda r: None if r == 50 else r),
+        ("decrement_credits_with_log", "SELECT billing.decrement_credits_with_log(%s, 5)", (u,),
+         lambda r: None if r == 45 else r),
+        ("get_user_credits", "SELECT total_balance FROM billing.get_user_credits(%s)", (u,),
+         lambda r: None if r == 45 else r),
+        ("get_credit_history", "SELECT count(*) FROM billing.get_credit_history(%s, 100)", (u,),
+         lambda r: None if r >= 8 else r),
+        ("check_api_rate_limit", "SELECT allowed FROM billing.check_api_rate_limit(%s, '/h')", (u,),
+         lambda r: None if r is True else r),
+        ("check_monthly_limit", "SELECT allowed FROM billing.check_monthly_limit(%s, 'messages')", (u,), lambda r: None),
+        ("get_user_dashboard_stats", "SELECT total_credits FROM billing.get_user_dashboard_stats(%s)", (u,),
+         lambda r: None if r == 45 else r),
+        ("get_effective_plan", "SELECT billing.get_effective_plan(%s)", (u,), lambda r: None),
+        ("get_user_limits", "SELECT billing.get_user_limits(%s)", (u,), lambda r: None),
+        ("get_user_current_usage", "SELECT messages_count FROM billing.get_user_current_usage(%s)", (u,), lambda r: None),
+        ("verify_ledger", "SELECT count(*) FROM billing.verify_ledger(%s)", (u,), lambda r: None if r == 0 else r),
+    ]
+
+
+def end_user_calls(u):
+    return [
+        ("consume_credits_v2", "SELECT public.consume_credits_v2(p_user_id := %s, p_amount := 1)", (u,),
+         lambda r: None if r["consumed"] == 1 else r),
+        ("billing.consume_credits_v2", "SELECT billing.consume_credits_v2(%s, 1)", (u,), lambda r: None),
+        ("decrement_credits_with_log", "SELECT public.decrement_credits_with_log(p_user_id := %s, p_amount := 1)", (u,),
+         lambda r: None),
+        ("get_user_credits", "SELECT total_balance FROM public.get_user_credits(p_user_id := %s)", (u,), lambda r: None),
+        ("get_credit_history", "SELECT count(*) FROM public.get_credit_history(p_user_id := %s)", (u,), lambda r: None),
+        ("check_api_rate_limit", "SELECT allowed FROM public.check_api_rate_limit(p_user_id := %s)", (u,), lambda r: None),
+        ("check_monthly_limit", "SELECT allowed FROM public.check_monthly_limit(p_user_id := %s, p_metric := 'tokens_input')",
+         (u,), lambda r: None),
+        ("get_user_dashboard_stats", "SELECT plan FROM public.get_user_dashboard_stats(p_user_id := %s)", (u,), lambda r: None),
+        ("get_user_subscription", "SELECT plan_name FROM public.get_user_subscription(p_user_id := %s)", (u,), lambda r: None),
+        ("get_user_widgets_ordered", "SELECT count(*) FROM public.get_user_widgets_ordered(p_user_id := %s)", (u,),
+         lambda r: None),
+        ("get_next_widget_position", "SELECT public.get_next_widget_position(p_user_id := %s)", (u,), lambda r: None),
+        ("count_user_widgets_by_type", "SELECT public.count_user_widgets_by_type(p_user_id := %s, p_widget_type := %s)",
+         (u, WIDGET_TYPE), lambda r: None),
+        ("service-only add_purchased_credits", "SELECT public.add_purchased_credits(p_user_id := %s, p_amount := 1)", (u,),
+         "42501"),
+    ]
+
+
+def run_hijacked(conn, label, calls, sw, before=None, role=None, cl=None):
+    for name, sql, params, check in calls:
+        what = f"{label}: {name}"
+        sw.attempts += 1
+        try:
+            if role:
+                rows = postgrest_call(conn, role, cl, sql, params)
+            else:
+                rows = q(conn, sql, params)
+            res = rows[0][0] if rows else None
+        except psycopg2.Error as e:
+            if check == "42501" and e.pgcode == "42501":
+                pass
+            else:
+                sw.allowed.append(f"{what}: raised {e.pgcode} {(e.pgerror or '').strip()[:300]}")
+        else:
+            if check == "42501":
+                sw.allowed.append(f"{what}: a service-only function succeeded for an end user")
+            else:
+                err = check(res)
+                if err is not None:
+                    sw.allowed.append(f"{what}: wrong result under a hijacked search_path: {err}")
+        h = hits(conn) if before is None else before(conn)
+        if h:
+            sw.allowed.append(f"{what}: planted objects ran inside pg_billing: {sorted(set(h))[:6]}")
+            q_clear(conn)
+
+
+def q_clear(conn):
+    su = connect()
+    q(su, "DELETE FROM evil.hits")
+    su.close()
+
+
+def sweep_hijack(ctx, sw):
+    su = connect()
+    plant_evil(su)
+    # The trap is armed: with evil first, an unqualified call runs the planted function.
+    for path in HIJACK_PATHS:
+        if not path.startswith("evil, pg"):
+            continue   # pg_catalog is searched first when not named: nothing to arm
+        c = connect()
+        q(c, f"SET search_path = {path}")
+        q(c, "SELECT now(), 1::bigint + 2::bigint")
+        if not hits(c):
+            sw.notes.append(f"control: the planted now()/+ did not run with search_path = {path}")
+        q_clear(c)
+        c.close()
+    # Service callers.
+    for i, path in enumerate(HIJACK_PATHS):
+        u = uuid.uuid4()
+        q(su, "SELECT billing.add_subscription_credits(%s, 100)", (u,))
+        c = connect()
+        q(c, f"SET search_path = {path}")
+        run_hijacked(c, f"service caller, search_path = {path}", credit_calls(u, f"hj{i}-{u}"), sw)
+        sw.attempts += 1
+        try:
+            q(c, "SELECT billing.expose_rpc('public')")
+        except psycopg2.Error as e:
+            sw.allowed.append(f"expose_rpc under search_path = {path}: {e.pgcode} {e.pgerror}")
+        if hits(c):
+            sw.allowed.append(f"expose_rpc under search_path = {path}: planted objects ran: {hits(c)[:5]}")
+            q_clear(c)
+        c.close()
+    # End users (PostgREST-style), search_path set for the session by the caller.
+    for path in HIJACK_PATHS:
+        c = connect()
+        q(c, f"SET search_path = {path}")
+        run_hijacked(c, f"end user, search_path = {path}", end_user_calls(ctx["a"]), sw,
+                     role="authenticated", cl=claims("authenticated", ctx["a"]))
+        c.close()
+    # Types shadowed in pg_temp (searched first for types even with search_path = ''), planted by
+    # an end user: a temp domain per common type whose CHECK logs who runs it.
+    types = ["uuid", "jsonb", "json", "text", "bigint", "integer", "int4", "int8", "boolean", "bool", "timestamptz",
+             "timestamp", "interval", "numeric", "date", "name", "regclass", "varchar"]
+    c = connect()
+    q(c, "SET ROLE authenticated")
+    q(c, "SELECT set_config('request.jwt.claims', %s, false)", (json.dumps(claims("authenticated", ctx["a"])),))
+    q(c, """CREATE FUNCTION pg_temp.spy(t text) RETURNS boolean LANGUAGE sql SET search_path = pg_catalog AS
+            $f$ INSERT INTO evil.hits (who, what) VALUES (CURRENT_USER, 'pg_temp domain check: ' || t) RETURNING true $f$""")
+    base = {"bigint": "int8", "integer": "int4", "boolean": "bool"}
+    for t in types:
+        q(c, f"CREATE DOMAIN pg_temp.{t} AS pg_catalog.{base.get(t, t)} "
+             f"CHECK (pg_temp.spy('{t}:' OPERATOR(pg_catalog.||) VALUE::pg_catalog.text))")
+    armed = q(c, "SELECT '1'::int8")
+    if not hits(su):
+        sw.notes.append("control: the pg_temp domain trap did not fire in the planting session")
+    q(su, "DELETE FROM evil.hits")
+    del armed
+    # Arguments go as untyped literals (str, not uuid.UUID, whose adapter writes '...'::uuid): the
+    # caller's own casts would resolve to its own domains, which is no hijack of pg_billing.
+    run_hijacked(c, "end user with types shadowed in pg_temp", end_user_calls(str(ctx["a"])), sw,
+                 before=lambda _c: hits(su))
+    # The same session calling the billing functions directly with its own (PostgREST) claims.
+    for name, sql, params, check in credit_calls(str(ctx["a"]), f"tmp-{uuid.uuid4()}")[2:3] + \
+            credit_calls(str(ctx["a"]), "x")[9:18]:
+        sw.attempts += 1
+        try:
+            q(c, sql, params)
+        except psycopg2.Error:
+            pass
+        h = hits(su)
+        if h:
+            sw.allowed.append(f"end user with types shadowed in pg_temp: billing.{name}: planted code ran as "
+                              f"{sorted({w for w, _ in h})} ({sorted({x for _, x in h})[:4]})")
+            q(su, "DELETE FROM evil.hits")
+    c.close()
+    q(su, "DROP SCHEMA evil CASCADE")
+    su.close()
+
+
+def static_checks(conn, sw):
+    """Every function in billing and every wrapper pins search_path."""
+    for schema, name, conf in q(conn, """
+            SELECT n.nspname, p.oid::regprocedure::text, p.proconfig
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              LEFT JOIN billing.api_functions f ON f.function_name = p.proname
+             WHERE n.nspname = 'billing' OR (n.nspname = 'public' AND f.function_name IS NOT NULL)"""):
+        sw.attempts += 1
+        if not conf or not any(x.startswith("search_path=") for x in conf):
+            sw.allowed.append(f"{name} does not pin search_path ({conf})")
+    # End-user roles hold no write privilege on any billing table, view or sequence, and no
+    # EXECUTE on a function that is not part of their API.
+    for role in ("anon", "authenticated"):
+        for rel, priv in q(conn, """
+                SELECT c.oid::regclass::text, p
+                  FROM pg_class c, unnest(ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) AS p
+                 WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm')
+                   AND has_table_privilege(%s, c.oid, p)""", (role,)):
+            sw.allowed.append(f"{role} holds {priv} on {rel}")
+        for (fn,) in q(conn, """
+                SELECT p.oid::regprocedure::text FROM pg_proc p
+                  LEFT JOIN billing.api_functions f ON f.function_name = p.proname
+                 WHERE p.pronamespace = 'billing'::regnamespace AND p.proname <> 'current_user_id'
+                   AND NOT (f.access = 'anon' OR (f.access = 'rpc' AND %s = 'authenticated'))
+                   AND has_function_privilege(%s, p.oid, 'EXECUTE')""", (role, role)):
+            sw.allowed.append(f"{role} holds EXECUTE on {fn}")
+        sw.attempts += 2
+
+
+def run(quiet=False):
+    su = connect()
+    ctx = setup(su)
+    sw = Sweep()
+    end = connect()
+    # Controls: the sweep means something only if permitted calls do succeed.
+    try:
+        postgrest_call(end, "authenticated", claims("authenticated", ctx["a"]),
+                       "SELECT public.consume_credits_v2(p_user_id := %s, p_amount := 1)", (ctx["a"],))
+        postgrest_call(end, "service_role", claims("service_role"),
+                       "SELECT public.add_purchased_credits(p_user_id := %s, p_amount := 1)", (ctx["b"],))
+    except psycopg2.Error as e:
+        sw.notes.append(f"control call refused: {e.pgcode} {e.pgerror}")
+    static_checks(su, sw)
+    sweep_functions(end, ctx, sw)
+    sweep_tables(end, su, ctx, sw)
+    sweep_hijack(ctx, sw)
+    for row in q(su, "SELECT * FROM billing.verify_ledger()"):
+        sw.allowed.append(f"verify_ledger after the sweep: {row}")
+    q(su, f"DROP TABLE IF EXISTS public.widget_{WIDGET_TYPE}")
+    end.close()
+    su.close()
+    if not quiet:
+        for m in sw.allowed[:40]:
+            print("  ALLOWED:", m, flush=True)
+        for m in sw.wrong_code[:40]:
+            print("  WRONG SQLSTATE:", m, flush=True)
+        for m in sw.notes:
+            print("  NOTE:", m, flush=True)
+    return sw
+
+
+def main():
+    sw = run()
+    line = f"privilege: {fmt(sw.attempts)} attempts, {fmt(len(sw.allowed))} allowed"
+    if sw.wrong_code:
+        line += f", {fmt(len(sw.wrong_code))} refused with a SQLSTATE other than 42501"
+    print(line, flush=True)
+    return 1 if (sw.allowed or sw.wrong_code or sw.notes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
