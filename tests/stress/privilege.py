@@ -159,10 +159,12 @@ def functions(conn):
          ORDER BY 1, 2""")
 
 
-def call_sql(schema, name, prokind, types):
+def call_sql(schema, name, prokind, types, is_trigger=False):
     args = ", ".join(f"%s::{t}" for t in types)
     if prokind == "p":
         return f"CALL {schema}.{name}({args})"
+    if is_trigger:   # SELECT * FROM a trigger function fails at parse time, before any privilege check
+        return f"SELECT {schema}.{name}({args})"
     return f"SELECT * FROM {schema}.{name}({args})"
 
 
@@ -179,7 +181,7 @@ def sweep_functions(conn_end, ctx, sw):
             innames = [nm for nm, m in zip(argnames, argmodes) if m in ("i", "b", "v")]
         else:
             innames = list(argnames[:len(types)]) + [None] * (len(types) - len(argnames))
-        sql = call_sql(schema, name, prokind, types)
+        sql = call_sql(schema, name, prokind, types, is_trigger)
         ok_codes = ("42501", "0A000") if is_trigger else ("42501",)
         targets = [("on B", [arg_value(nm, t, ctx) for nm, t in zip(innames, types)])]
         if access not in ("rpc", "anon") and "uuid" in types:
