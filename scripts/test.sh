@@ -6,7 +6,7 @@
 source "$(dirname "$0")/lib.sh"
 SUITES="${SUITES:-unit regress isolation integration}"
 PY=/usr/bin/python3   # Debian's, which has python3-psycopg2
-OUT="$REPO/.tmp/test-output"
+OUT="${TEST_OUT:-$REPO/.tmp/test-output}"
 rm -rf "$OUT"; mkdir -p "$OUT"
 chmod 777 "$OUT" "$REPO/.tmp"
 

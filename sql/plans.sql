@@ -65,7 +65,7 @@ COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an
 -- The plan a subscription entitles to right now. The single place these rules live.
 CREATE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
                                           p_trial_ends_at timestamptz, p_expires_at timestamptz)
-RETURNS text LANGUAGE sql STABLE SET search_path = '' AS $$
+RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
     SELECT CASE
         WHEN p_plan_id IS NULL THEN 'free'
         WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'

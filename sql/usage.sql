@@ -102,7 +102,7 @@ $$;
 COMMENT ON FUNCTION billing.current_usage_period(uuid) IS 'The user''s current usage period: the subscription period when now() is inside it, else the UTC calendar month.';
 
 CREATE FUNCTION billing.check_choice(p_name text, p_value text, p_allowed text[]) RETURNS void
-LANGUAGE plpgsql IMMUTABLE SET search_path = '' AS $$
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER SET search_path = '' AS $$
 BEGIN
     IF p_value IS NULL OR NOT (p_value = ANY (p_allowed)) THEN
         RAISE EXCEPTION '% % is not known', p_name, pg_catalog.quote_literal(pg_catalog.left(COALESCE(p_value, 'NULL'), 64))

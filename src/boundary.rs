@@ -40,6 +40,14 @@ impl Args {
     pub fn boolean(&self, n: usize) -> Option<bool> {
         self.get::<bool>(n)
     }
+    /// A timestamptz argument as PostgreSQL's raw microseconds since 2000-01-01 UTC.
+    pub fn timestamptz_micros(&self, n: usize) -> Option<i64> {
+        // SAFETY: timestamptz is a by-value int64 datum.
+        if unsafe { pgrx::fcinfo::pg_arg_is_null(self.0, n) } {
+            return None;
+        }
+        unsafe { pgrx::fcinfo::pg_getarg_datum(self.0, n) }.map(|d| d.value() as i64)
+    }
     pub fn timestamptz(&self, n: usize) -> Option<pgrx::datum::TimestampWithTimeZone> {
         self.get::<pgrx::datum::TimestampWithTimeZone>(n)
     }

@@ -62,7 +62,8 @@ pub fn caller() -> BResult<Caller> {
     let claims = guc(c"request.jwt.claims");
     let claim_sub = guc(c"request.jwt.claim.sub");
     let role = guc(c"role");
-    let session = session_user();
+    // The login role matters only when no SET ROLE is in effect.
+    let session = if role.as_deref().map(|r| r.is_empty() || r == "none").unwrap_or(true) { session_user() } else { String::new() };
     let roles = END_USER_ROLES
         .get()
         .map(|c| c.to_string_lossy().into_owned())

@@ -24,16 +24,18 @@ impl<T> OrInternal<T> for Result<T, SpiError> {
 thread_local! {
     /// Plans prepared once per backend and kept (SPI_keepplan); Postgres' plan cache re-plans
     /// them when the tables they use change.
-    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    /// Keyed by the address of the statement's `&'static str`: hashing a pointer, not the text.
+    static PLANS: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 fn kept(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], mutating: bool) -> BResult<Rc<OwnedPreparedStatement>> {
-    if let Some(p) = PLANS.with(|m| m.borrow().get(sql).cloned()) {
+    let key = sql.as_ptr() as usize;
+    if let Some(p) = PLANS.with(|m| m.borrow().get(&key).cloned()) {
         return Ok(p);
     }
     let prepared = if mutating { client.prepare_mut(sql, types) } else { client.prepare(sql, types) };
     let p = Rc::new(prepared.or_internal()?.keep());
-    PLANS.with(|m| m.borrow_mut().insert(sql, p.clone()));
+    PLANS.with(|m| m.borrow_mut().insert(key, p.clone()));
     Ok(p)
 }
 

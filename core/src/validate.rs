@@ -93,3 +93,46 @@ mod tests {
         }
     }
 }
+
+/// A PostgreSQL timestamptz (microseconds since 2000-01-01 00:00 UTC) as ISO 8601 in UTC, the
+/// same text whatever the session's TimeZone and DateStyle (for fingerprints and results).
+pub fn iso_utc(pg_micros: i64) -> String {
+    if pg_micros == i64::MAX {
+        return "infinity".into();
+    }
+    if pg_micros == i64::MIN {
+        return "-infinity".into();
+    }
+    const UNIX_TO_PG_DAYS: i64 = 10_957;
+    let secs = pg_micros.div_euclid(1_000_000);
+    let micros = pg_micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400) + UNIX_TO_PG_DAYS;
+    let sod = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::iso_utc;
+
+    #[test]
+    fn iso_utc_matches_postgres() {
+        assert_eq!(iso_utc(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(iso_utc(-1), "1999-12-31T23:59:59.999999Z");
+        // SELECT extract(epoch from '2030-03-31 12:34:56.5+00'::timestamptz - '2000-01-01+00') * 1e6
+        assert_eq!(iso_utc(954_506_096_500_000), "2030-03-31T12:34:56.500000Z");
+        assert_eq!(iso_utc(4_107_456_000_000_000), "2130-02-28T00:00:00.000000Z");
+        assert_eq!(iso_utc(i64::MAX), "infinity");
+        assert_eq!(iso_utc(i64::MIN), "-infinity");
+    }
+}

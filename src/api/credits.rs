@@ -495,16 +495,18 @@ fn renew_subscription_credits(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
     let amount = validate::positive_amount("p_amount", a.int(1))?;
     let period_end = a.timestamptz(2);
+    // The instant, in a form independent of the session's TimeZone and DateStyle.
+    let period_end_iso = a.timestamptz_micros(2).map(validate::iso_utc);
     let k = a.text(3);
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     let fp = idempotency::fingerprint(
         "renew_subscription_credits",
-        &[("p_amount", json!(amount)), ("p_period_end", period_end.map(|t| json!(t.to_string())).unwrap_or(Value::Null))],
+        &[("p_amount", json!(amount)), ("p_period_end", opt(period_end_iso.as_deref()))],
     );
     Spi::connect_mut(|c| {
         idempotent(c, &user, key, fp, |c| {
             let mut v = renew(c, &user, amount, period_end, key)?;
-            v["period_end"] = period_end.map(|t| json!(t.to_string())).unwrap_or(Value::Null);
+            v["period_end"] = opt(period_end_iso.as_deref());
             Ok(v)
         })
     })
