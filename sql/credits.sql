@@ -102,8 +102,8 @@ RETURNS SETOF billing.credit_transactions
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
-    -- Whole operations only: rows that share the last created_at are all included (WITH TIES),
-    -- so paging with p_before = the last row's created_at never skips a row.
+    -- Rows carry their clock time; the rare rows written in the same microsecond are all
+    -- included (WITH TIES), so paging with p_before = the last row's created_at never skips one.
     SELECT p.*
       FROM (SELECT t.*
               FROM billing.credit_transactions AS t
@@ -114,7 +114,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
      ORDER BY p.created_at DESC, p.id DESC
 $$;
 COMMENT ON FUNCTION billing.get_credit_history(uuid, integer, timestamptz) IS
-'The user''s ledger rows, newest first: p_limit (1..1000, default 50) rows, older than p_before when given; rows written at the same instant (one operation touching both pools) are never split across pages, so a page may hold a few more than p_limit. Page with p_before = the last row''s created_at. End users: own only.';
+'The user''s ledger rows, newest first: p_limit (1..1000, default 50) rows, older than p_before when given; rows written in the same microsecond are never split across pages (a page may then hold one or two more than p_limit). Page with p_before = the last row''s created_at. End users: own only.';
 
 CREATE FUNCTION billing.verify_ledger(p_user_id uuid DEFAULT NULL)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_ledger_sum bigint,

@@ -86,7 +86,9 @@ CREATE TABLE billing.credit_transactions (
     description     text,
     reference_id    text,
     idempotency_key text,
-    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- The moment the row was written (clock time, so rows of one transaction stay ordered and
+    -- get_credit_history can page by time without splitting or skipping rows).
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     PRIMARY KEY (user_id, id)
 );
 CREATE INDEX credit_transactions_user_time_idx ON billing.credit_transactions (user_id, created_at DESC, id DESC);
