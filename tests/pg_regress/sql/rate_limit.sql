@@ -1,0 +1,105 @@
+-- API rate limits (SPEC 6): check_api_rate_limit counts one request in the current UTC hour when
+-- the effective plan's api_rate_limit_hourly allows it: free 50/h (the 51st is refused),
+-- remaining, reset_at = the next UTC hour, per-endpoint counts, -1 unlimited, 0 never allowed,
+-- the monthly api_calls counter, security.
+BEGIN;
+SET LOCAL TimeZone = 'UTC';
+SET LOCAL DateStyle = 'ISO, YMD';
+-- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
+CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+DECLARE st text; msg text; hint text;
+BEGIN
+    EXECUTE p_sql;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, hint = PG_EXCEPTION_HINT;
+    RETURN regexp_replace(st || ': ' || msg || COALESCE(' [' || NULLIF(hint, '') || ']', ''),
+                          '(?!e0000000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
+END
+$f$;
+-- the start of the next UTC hour
+CREATE FUNCTION pg_temp.next_hour() RETURNS timestamptz LANGUAGE sql AS
+$f$ SELECT (date_trunc('hour', now() AT TIME ZONE 'UTC') + interval '1 hour') AT TIME ZONE 'UTC' $f$;
+GRANT EXECUTE ON FUNCTION pg_temp.err(text), pg_temp.next_hour() TO PUBLIC;
+-- the calls, in order
+CREATE TEMP TABLE calls (n int, endpoint text, allowed boolean, limit_value int, remaining int, reset_ok boolean);
+
+-- ===== free plan (no subscription): 50 an hour =====
+INSERT INTO calls
+SELECT g, e.endpoint, r.allowed, r.limit_value, r.remaining, r.reset_at = pg_temp.next_hour()
+  FROM generate_series(1, 53) AS g
+ CROSS JOIN LATERAL (SELECT CASE WHEN g % 3 = 0 THEN '/v1/snapshots' WHEN g % 3 = 1 THEN '/v1/render' END AS endpoint) AS e
+ CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000301', e.endpoint) AS r;
+-- one row per call, in order: remaining counts down, the 51st and later are refused
+SELECT n, allowed, limit_value, remaining, reset_ok FROM calls WHERE n <= 3 OR n >= 48 ORDER BY n;
+SELECT count(*) FILTER (WHERE allowed) AS allowed, count(*) FILTER (WHERE NOT allowed) AS refused,
+       bool_and(reset_ok) AS reset_at_next_utc_hour,
+       bool_and(remaining = CASE WHEN allowed THEN 50 - n ELSE 0 END) AS remaining_ok
+  FROM calls;
+-- the bucket: this UTC hour, 50 requests (refused ones are not counted), per endpoint
+SELECT bucket_start = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS this_hour,
+       request_count, endpoint_counts
+  FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000301';
+SELECT (SELECT sum(value::int) FROM jsonb_each_text(endpoint_counts)) AS endpoint_total
+  FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000301';
+-- the allowed ones are counted in the monthly api_calls too, and in today's api_calls
+SELECT api_calls_count FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000301');
+SELECT allowed, current_usage, limit_value FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000301', 'api_calls');
+-- still refused
+SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000301', '/v1/render');
+-- a previous hour's bucket does not count against this hour
+INSERT INTO billing.api_usage (user_id, bucket_start, request_count)
+VALUES ('e0000000-0000-4000-8000-000000000302', date_trunc('hour', now()) - interval '1 hour', 50);
+SELECT allowed, limit_value, remaining, reset_at = pg_temp.next_hour() AS reset_ok
+  FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302');
+
+-- ===== the plan's limit: premium 500, ultra 2000, lapsed to free 50 =====
+SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000303', 'premium', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
+SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000303', '/v1/a');
+SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000303', 'ultra', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
+SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000303', '/v1/a');
+UPDATE billing.subscriptions SET status = 'past_due', current_period_start = now() - interval '31 days', current_period_end = now() - interval '1 day'
+ WHERE user_id = 'e0000000-0000-4000-8000-000000000303';
+SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000303', '/v1/a');
+SELECT request_count, endpoint_counts FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000303';
+
+-- ===== -1: unlimited (still counted); 0: never allowed (nothing counted) =====
+-- (the endpoint argument depends on g so that the call runs once per row)
+INSERT INTO billing.plans (plan_id, display_name, api_rate_limit_hourly) VALUES ('test_rl_unlimited', 'Unlimited API', -1), ('test_rl_zero', 'No API', 0);
+SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000304', 'test_rl_unlimited', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
+SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000305', 'test_rl_zero', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
+SELECT count(*) FILTER (WHERE r.allowed) AS allowed, min(r.limit_value) AS limit_value, max(r.remaining) AS remaining,
+       bool_and(r.reset_at = pg_temp.next_hour()) AS reset_ok
+  FROM generate_series(1, 120) AS g
+ CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000304', CASE WHEN g > 0 THEN '/v1/x' END) AS r;
+SELECT request_count, endpoint_counts FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000304';
+SELECT count(*) FILTER (WHERE r.allowed) AS allowed, min(r.limit_value) AS limit_value, max(r.remaining) AS remaining,
+       bool_and(r.reset_at = pg_temp.next_hour()) AS reset_ok
+  FROM generate_series(1, 3) AS g
+ CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000305', CASE WHEN g > 0 THEN '/v1/x' END) AS r;
+SELECT count(*) AS buckets FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000305';
+SELECT api_calls_count FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000305');
+
+-- ===== arguments =====
+SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit(NULL)$$);
+SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit(NULL, '/v1/x')$$);
+
+-- ===== security =====
+SET LOCAL ROLE authenticated;
+SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000306","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+-- own: counted
+SELECT allowed, limit_value, remaining, reset_at = pg_temp.next_hour() AS reset_ok
+  FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000306', '/v1/me');
+SELECT request_count, endpoint_counts FROM billing.api_usage;
+-- another user's: 42501, nothing counted
+SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302', '/v1/x')$$);
+-- no direct writes to the buckets
+SELECT pg_temp.err($$UPDATE billing.api_usage SET request_count = 0$$);
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+SET LOCAL ROLE anon;
+SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302', '/v1/x')$$);
+RESET ROLE;
+SELECT request_count FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000302' ORDER BY bucket_start;
+
+ROLLBACK;
