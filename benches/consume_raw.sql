@@ -13,9 +13,12 @@ WITH acct AS (
 ), op AS (SELECT gen_random_uuid() AS id),
 ledger AS (
     INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after)
-    SELECT acct.user_id, op.id, 'usage', e.pool, e.amount, e.balance_after
-      FROM acct CROSS JOIN op
-     CROSS JOIN LATERAL (VALUES (1, 'subscription', acct.dsub, acct.sub), (2, 'purchased', acct.dpur, acct.pur)) AS e(ord, pool, amount, balance_after)
-     WHERE e.amount <> 0
+    SELECT acct.user_id, op.id, 'usage', 'subscription'::billing.credit_pool, acct.dsub, acct.sub FROM acct, op WHERE acct.dsub <> 0
+    UNION ALL
+    SELECT acct.user_id, op.id, 'usage', 'purchased'::billing.credit_pool, acct.dpur, acct.pur FROM acct, op WHERE acct.dpur <> 0
 )
-SELECT op.id, acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct CROSS JOIN op;
+SELECT jsonb_build_object('success', true, 'transaction_id', op.id, 'consumed', 1,
+                          'subscription_used', -acct.dsub, 'purchased_used', -acct.dpur,
+                          'subscription_credits_balance', acct.sub, 'purchased_credits_balance', acct.pur,
+                          'total_balance', acct.sub + acct.pur)
+  FROM acct, op;

@@ -7,7 +7,7 @@ CREATE SCHEMA IF NOT EXISTS bench;
 
 CREATE OR REPLACE FUNCTION bench.consume_credits_plpgsql(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                                          p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+RETURNS jsonb LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_claims      jsonb;
     v_claim_role  text;

@@ -17,75 +17,75 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
 
 CREATE FUNCTION billing.consume_credits_v2(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                            p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_consume_credits_v2';
 COMMENT ON FUNCTION billing.consume_credits_v2(uuid, integer, text, text, text) IS
 'Consume p_amount credits, subscription pool first, then purchased (FIFO). Returns {success, transaction_id, consumed, subscription_used, purchased_used, subscription_credits_balance, purchased_credits_balance, total_balance}. Not enough credits: PT402 and nothing changes. End users: own account only. p_idempotency_key replays the first result.';
 
 CREATE FUNCTION billing.add_subscription_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                                  p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_add_subscription_credits';
 COMMENT ON FUNCTION billing.add_subscription_credits(uuid, integer, text, text, text) IS
 'Service-only. Grant p_amount subscription credits (they expire at period end); creates the account if missing. Returns {success, transaction_id, added, subscription_credits_balance, purchased_credits_balance, total_balance}.';
 
 CREATE FUNCTION billing.add_purchased_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                               p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_add_purchased_credits';
 COMMENT ON FUNCTION billing.add_purchased_credits(uuid, integer, text, text, text) IS
 'Service-only. Add p_amount purchased credits (never expire); creates the account if missing. The returned transaction_id identifies the purchase for clawback_credits_from_transaction.';
 
 CREATE FUNCTION billing.expire_subscription_credits(p_user_id uuid, p_description text DEFAULT NULL,
                                                     p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_expire_subscription_credits';
 COMMENT ON FUNCTION billing.expire_subscription_credits(uuid, text, text) IS
 'Service-only. Zero the subscription pool (purchased credits stay), log billing.credit_expiration_events. Returns {expired_amount, subscription_credits_balance, purchased_credits_balance, ...}; a zero pool is a no-op with no event.';
 
 CREATE FUNCTION billing.renew_subscription_credits(p_user_id uuid, p_amount integer, p_period_end timestamptz DEFAULT NULL,
                                                    p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_renew_subscription_credits';
 COMMENT ON FUNCTION billing.renew_subscription_credits(uuid, integer, timestamptz, text) IS
 'Service-only. The renewal webhook in one call: expire the subscription pool, then grant p_amount for the period ending p_period_end, atomically. Purchased credits are untouched. Creates the account if missing.';
 
 CREATE FUNCTION billing.refund_credits(p_user_id uuid, p_amount integer, p_reason text DEFAULT NULL,
                                        p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_refund_credits';
 COMMENT ON FUNCTION billing.refund_credits(uuid, integer, text, text, text) IS
 'Service-only. Return p_amount credits to the purchased pool of an existing account (P0002 otherwise).';
 
 CREATE FUNCTION billing.clawback_credits_from_transaction(p_transaction_id uuid, p_reason text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_clawback_credits_from_transaction';
 COMMENT ON FUNCTION billing.clawback_credits_from_transaction(uuid, text) IS
 'Service-only. Reverse a purchase (chargeback): remove up to the purchase''s amount from what is left in the purchased pool and report {clawed_back, shortfall, ...balances}. Never twice for one purchase: a repeat returns the first result with already_clawed_back = true.';
 
 CREATE FUNCTION billing.increment_credits_with_log(p_user_id uuid, p_amount integer, p_transaction_type text,
                                                    p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL)
-RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_increment_credits_with_log';
 COMMENT ON FUNCTION billing.increment_credits_with_log(uuid, integer, text, text, text) IS
 'Service-only legacy alias. Type ''purchase'' adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
 
 CREATE FUNCTION billing.decrement_credits_with_log(p_user_id uuid, p_amount integer, p_transaction_type text DEFAULT 'usage',
                                                    p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL)
-RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_decrement_credits_with_log';
 COMMENT ON FUNCTION billing.decrement_credits_with_log(uuid, integer, text, text, text) IS
 'Legacy alias of FIFO consumption (consume_credits_v2) that returns the new total balance. End users: own account only.';
 
 CREATE FUNCTION billing.record_webhook_event(p_event_id text, p_event_type text, p_user_id uuid DEFAULT NULL)
-RETURNS boolean LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS boolean LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_record_webhook_event';
 COMMENT ON FUNCTION billing.record_webhook_event(text, text, uuid) IS
 'Service-only. Record a provider webhook event id: true the first time, false for every later delivery (also concurrent ones).';
 
 CREATE FUNCTION billing.get_user_credits(p_user_id uuid)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT p_user_id,
            COALESCE(a.subscription_credits_balance, 0),
@@ -99,7 +99,7 @@ COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
 
 CREATE FUNCTION billing.get_credit_history(p_user_id uuid, p_limit integer DEFAULT 50, p_before timestamptz DEFAULT NULL)
 RETURNS SETOF billing.credit_transactions
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
     -- Rows carry their clock time; the rare rows written in the same microsecond are all
@@ -119,7 +119,7 @@ COMMENT ON FUNCTION billing.get_credit_history(uuid, integer, timestamptz) IS
 CREATE FUNCTION billing.verify_ledger(p_user_id uuid DEFAULT NULL)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_ledger_sum bigint,
                purchased_credits_balance bigint, purchased_ledger_sum bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.require_service('billing.verify_ledger');
     WITH ledger AS (
         SELECT t.user_id,

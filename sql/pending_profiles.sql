@@ -70,20 +70,20 @@ CREATE FUNCTION billing.upsert_pending_profile(p_email text, p_token text DEFAUL
                                                p_billing_cycle_start timestamptz DEFAULT now(),
                                                p_billing_cycle_end timestamptz DEFAULT NULL,
                                                p_credits integer DEFAULT NULL, p_event_id text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_upsert_pending_profile';
 COMMENT ON FUNCTION billing.upsert_pending_profile(text, text, text, text, text, text, text, timestamptz, timestamptz, integer, text) IS
 'Service-only; the checkout webhook for a buyer who may have no account. Keyed by lower-cased e-mail. When an account has this e-mail (or the profile was claimed already), the purchase is applied to it at once (plan, credits as subscription credits, billing cycle) and the profile row is kept as claimed: {status: ''applied_to_account'', id, user_id}; otherwise {status: ''pending'', id}. Cycle end defaults to start + 30 days (monthly) or + 1 year (yearly); credits default to the plan''s monthly_credits. A repeated p_event_id returns the first result with duplicate = true.';
 
 CREATE FUNCTION billing.claim_pending_profile(p_user_id uuid, p_email text, p_token text DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_claim_pending_profile';
 COMMENT ON FUNCTION billing.claim_pending_profile(uuid, text, text) IS
 'Claim the pending profile of p_email for account p_user_id: the account gets its plan, credits (as subscription credits), billing cycle and the e-mail; the account is created when missing, else the profile is merged into it. Returns {success, error}: error is one sentence when no profile exists, it was claimed by another account, or the token does not match (a profile with a token needs it). Claiming again by the same user succeeds and changes nothing (already_claimed = true). End users: their own p_user_id and the email claim of their JWT only.';
 
 CREATE FUNCTION billing.get_unclaimed_pending_profiles()
 RETURNS SETOF billing.pending_profiles
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.require_service('get_unclaimed_pending_profiles');
     SELECT p.* FROM billing.pending_profiles AS p WHERE NOT p.claimed ORDER BY p.created_at, p.email
 $$;
@@ -91,7 +91,7 @@ COMMENT ON FUNCTION billing.get_unclaimed_pending_profiles() IS
 'Service-only. The pending profiles nobody has claimed yet, oldest first.';
 
 CREATE FUNCTION billing.delete_pending_profile(p_id uuid)
-RETURNS boolean LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS boolean LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_delete_pending_profile';
 COMMENT ON FUNCTION billing.delete_pending_profile(uuid) IS
 'Service-only. Delete the pending profile with id p_id (claimed or not); true when one was deleted, false when none has that id.';
@@ -99,13 +99,13 @@ COMMENT ON FUNCTION billing.delete_pending_profile(uuid) IS
 -- Sign-up: account with the free plan's credits, and the pending profile of the same e-mail
 -- claimed in the same transaction. Not in api_functions: only the trigger calls it.
 CREATE FUNCTION billing._on_new_user(p_user_id uuid, p_email text)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_on_new_user';
 COMMENT ON FUNCTION billing._on_new_user(uuid, text) IS
 'Internal, for billing.handle_new_user: creates the account of a new user with the free plan''s monthly_credits (once) and claims the unclaimed pending profile with the same e-mail. Returns {account_created, claimed}.';
 
 CREATE FUNCTION billing.handle_new_user() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM billing._on_new_user(NEW.id, NEW.email);
     RETURN NEW;
@@ -117,14 +117,14 @@ COMMENT ON FUNCTION billing.handle_new_user() IS
 -- Legacy single-pool import (SPEC 4, S4). Not in api_functions: a DBA function (EXECUTE only
 -- for the owner), and service-only inside as well.
 CREATE FUNCTION billing._migrate_single_pool(p_table oid, p_user_column text, p_balance_column text, p_purchases oid)
-RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_migrate_single_pool';
 COMMENT ON FUNCTION billing._migrate_single_pool(oid, text, text, oid) IS
 'Internal: the body of billing.migrate_single_pool.';
 
 CREATE FUNCTION billing.migrate_single_pool(p_table regclass, p_user_column name, p_balance_column name,
                                             p_purchases regclass DEFAULT NULL)
-RETURNS integer LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+RETURNS integer LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid)
 $$;
 COMMENT ON FUNCTION billing.migrate_single_pool(regclass, name, name, regclass) IS

@@ -57,7 +57,7 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
 
 -- The grace period after a canceled/past-due period ends (GUC pg_billing.grace_period).
 CREATE FUNCTION billing.grace_period() RETURNS interval
-LANGUAGE sql STABLE SET search_path = '' AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT COALESCE(NULLIF(pg_catalog.current_setting('pg_billing.grace_period', true), ''), '0')::interval
 $$;
 COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an interval (0 when unset).';
@@ -65,7 +65,7 @@ COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an
 -- The plan a subscription entitles to right now. The single place these rules live.
 CREATE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
                                           p_trial_ends_at timestamptz, p_expires_at timestamptz)
-RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN p_plan_id IS NULL THEN 'free'
         WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
@@ -82,7 +82,7 @@ COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamp
 'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan.';
 
 CREATE FUNCTION billing.get_effective_plan(p_user_id uuid) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
       FROM (SELECT 1) AS one
@@ -92,7 +92,7 @@ COMMENT ON FUNCTION billing.get_effective_plan(uuid) IS
 'The plan the user is entitled to now (see billing.effective_plan_id): free when expired, or canceled/past_due past the period end plus pg_billing.grace_period. End users: own only.';
 
 CREATE FUNCTION billing.get_user_limits(p_user_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.get_effective_plan(p_user_id);
     SELECT p.limits
       FROM billing.plans AS p
@@ -106,7 +106,7 @@ CREATE FUNCTION billing.get_user_subscription(p_user_id uuid)
 RETURNS TABLE (id uuid, user_id uuid, plan_name text, plan_display_name text, status text, limits jsonb,
                current_period_start timestamptz, current_period_end timestamptz, trial_ends_at timestamptz,
                cancel_at_period_end boolean)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT s.id, p_user_id, p.plan_id, p.display_name, COALESCE(s.status, 'free'), p.limits,
            s.current_period_start, s.current_period_end, s.trial_ends_at, COALESCE(s.cancel_at_period_end, false)
@@ -127,13 +127,13 @@ CREATE FUNCTION billing.upsert_subscription(p_user_id uuid, p_plan_id text, p_st
                                             p_provider_subscription_id text DEFAULT NULL,
                                             p_event_id text DEFAULT NULL,
                                             p_event_created_at timestamptz DEFAULT NULL)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_upsert_subscription';
 COMMENT ON FUNCTION billing.upsert_subscription(uuid, text, text, timestamptz, timestamptz, timestamptz, boolean, text, text, text, timestamptz) IS
 'Service-only. The subscription webhook entry point: creates or updates the user''s subscription. p_event_id makes it idempotent; an event older (p_event_created_at) than the last applied one is recorded but changes nothing. When an active or trialing subscription starts a new period (or is new, or changes plan), the plan''s monthly_credits are granted as subscription credits (renewal: the old ones expire). Returns {applied, reason, subscription_id, plan_id, status, effective_plan, credits_granted}.';
 
 CREATE FUNCTION billing.process_expired_subscriptions() RETURNS integer
-LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = ''
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_process_expired_subscriptions';
 COMMENT ON FUNCTION billing.process_expired_subscriptions() IS
 'Service-only maintenance (run it from pg_cron): every subscription whose effective plan has become free (canceled/past_due past period end + grace, trial ended, expires_at passed) is set to expired on the free plan, and its subscription credits expire, in one transaction. Returns the number downgraded.';

@@ -2,7 +2,7 @@
 -- RPC exposure for PostgREST/Supabase.
 
 CREATE FUNCTION billing.current_user_id() RETURNS uuid
-LANGUAGE sql STABLE SET search_path = '' AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT COALESCE(
         NULLIF(pg_catalog.current_setting('request.jwt.claim.sub', true), ''),
         NULLIF(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'
@@ -11,19 +11,19 @@ $$;
 COMMENT ON FUNCTION billing.current_user_id() IS 'The end user''s id, exactly as Supabase''s auth.uid() computes it from the request''s JWT claims; NULL without a sub claim.';
 
 CREATE FUNCTION billing.authorize_user(p_user_id uuid) RETURNS void
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_authorize_user';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_authorize_user';
 COMMENT ON FUNCTION billing.authorize_user(uuid) IS 'Internal: raises 42501 unless the caller is a service caller or the end user p_user_id; 22023 for NULL.';
 
 CREATE FUNCTION billing.require_service(p_function text) RETURNS void
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_require_service';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_require_service';
 COMMENT ON FUNCTION billing.require_service(text) IS 'Internal: raises 42501 when the request is an end user''s (pg_billing.end_user_roles).';
 
 CREATE FUNCTION billing.is_end_user() RETURNS boolean
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_is_end_user';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_is_end_user';
 COMMENT ON FUNCTION billing.is_end_user() IS 'True when the request is an end user''s: its JWT role claim or its role is in pg_billing.end_user_roles.';
 
 CREATE FUNCTION billing.check_argument(p_name text, p_value integer, p_min integer, p_max integer) RETURNS void
-LANGUAGE c IMMUTABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_check_argument';
+LANGUAGE c IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_argument';
 COMMENT ON FUNCTION billing.check_argument(text, integer, integer, integer) IS 'Internal: raises 22023 unless p_min <= p_value <= p_max (and p_value is not NULL).';
 
 -- Every public function and who may call it: 'anon' (rpc, also for anon), 'rpc' (end users
@@ -38,13 +38,13 @@ CREATE POLICY api_functions_read ON billing.api_functions FOR SELECT USING (true
 COMMENT ON TABLE billing.api_functions IS 'The functions billing.expose_rpc exposes and who may call each: anon, rpc (authenticated end users, on themselves) or service.';
 
 CREATE FUNCTION billing.api_catalog() RETURNS TABLE (function_name text, access text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT f.function_name, f.access FROM billing.api_functions AS f ORDER BY f.function_name
 $$;
 COMMENT ON FUNCTION billing.api_catalog() IS 'The functions billing.expose_rpc exposes and who may call each: anon, rpc (authenticated end users, on themselves) or service.';
 
 CREATE FUNCTION billing.apply_grants() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f record;
     has_anon boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon');
@@ -82,7 +82,7 @@ $$;
 COMMENT ON FUNCTION billing.apply_grants() IS 'Service-only. (Re)applies pg_billing''s grants for the roles that exist now (anon, authenticated, service_role): CREATE EXTENSION and expose_rpc call it; call it again after creating those roles.';
 
 CREATE FUNCTION billing.expose_rpc(p_schema text DEFAULT 'public') RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f record;
     n integer := 0;
@@ -113,7 +113,7 @@ BEGIN
                                   f.proname, call_args);
         target := pg_catalog.format('%I.%I(%s)', p_schema, f.proname, pg_catalog.pg_get_function_identity_arguments(f.oid));
         ddl := pg_catalog.format(
-            'CREATE OR REPLACE FUNCTION %I.%I(%s) RETURNS %s LANGUAGE sql %s SECURITY INVOKER SET search_path = '''' AS %L',
+            'CREATE OR REPLACE FUNCTION %I.%I(%s) RETURNS %s LANGUAGE sql %s SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS %L',
             p_schema, f.proname, pg_catalog.pg_get_function_arguments(f.oid), pg_catalog.pg_get_function_result(f.oid),
             CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END, body);
         BEGIN
@@ -142,7 +142,7 @@ $$;
 COMMENT ON FUNCTION billing.expose_rpc(text) IS 'Service-only. Creates (or refreshes) in p_schema thin SECURITY INVOKER wrappers with the names, parameters and results of pg_billing''s API, so supabase.rpc(''consume_credits_v2'', {...}) works unchanged; re-run after ALTER EXTENSION UPDATE. Returns the number of wrappers.';
 
 CREATE FUNCTION billing.unexpose_rpc(p_schema text DEFAULT 'public') RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f record;
     n integer := 0;

@@ -66,7 +66,7 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
 
 -- Internal helpers (no caller check: EXECUTE is revoked from PUBLIC; callers check first).
 CREATE FUNCTION billing.user_effective_plan(p_user_id uuid) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
       FROM (SELECT 1) AS one
       LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
@@ -74,13 +74,13 @@ $$;
 COMMENT ON FUNCTION billing.user_effective_plan(uuid) IS 'Internal: the effective plan of a user, without a caller check.';
 
 CREATE FUNCTION billing.user_plan_limits(p_user_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT COALESCE((SELECT p.limits FROM billing.plans AS p WHERE p.plan_id = billing.user_effective_plan(p_user_id)), '{}'::jsonb)
 $$;
 COMMENT ON FUNCTION billing.user_plan_limits(uuid) IS 'Internal: the limits of a user''s effective plan, without a caller check.';
 
 CREATE FUNCTION billing.limit_value(p_limits jsonb, p_key text) RETURNS bigint
-LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN pg_catalog.jsonb_typeof(p_limits -> p_key) = 'number'
                 THEN pg_catalog.trunc((p_limits ->> p_key)::numeric)::bigint
                 ELSE -1 END
@@ -88,7 +88,7 @@ $$;
 COMMENT ON FUNCTION billing.limit_value(jsonb, text) IS 'A limit from a plan''s limits: the number under p_key; -1 (unlimited) when the key is missing or not a number.';
 
 CREATE FUNCTION billing.current_usage_period(p_user_id uuid, OUT period_start timestamptz, OUT period_end timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN ok THEN s.current_period_start
                 ELSE pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END,
            CASE WHEN ok THEN s.current_period_end
@@ -102,7 +102,7 @@ $$;
 COMMENT ON FUNCTION billing.current_usage_period(uuid) IS 'The user''s current usage period: the subscription period when now() is inside it, else the UTC calendar month.';
 
 CREATE FUNCTION billing.check_choice(p_name text, p_value text, p_allowed text[]) RETURNS void
-LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF p_value IS NULL OR NOT (p_value = ANY (p_allowed)) THEN
         RAISE EXCEPTION '% % is not known', p_name, pg_catalog.quote_literal(pg_catalog.left(COALESCE(p_value, 'NULL'), 64))
@@ -114,22 +114,22 @@ COMMENT ON FUNCTION billing.check_choice(text, text, text[]) IS 'Internal: raise
 
 -- Recorders (service-only).
 CREATE FUNCTION billing.record_message_usage(p_user_id uuid, p_tokens_input integer, p_tokens_output integer) RETURNS void
-LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_record_message_usage';
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_record_message_usage';
 COMMENT ON FUNCTION billing.record_message_usage(uuid, integer, integer) IS 'Service-only. Count one message and its tokens in the user''s current period (one upsert: concurrent recorders never lose an increment).';
 
 CREATE FUNCTION billing.record_conversation_usage(p_user_id uuid) RETURNS void
-LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_record_conversation_usage';
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_record_conversation_usage';
 COMMENT ON FUNCTION billing.record_conversation_usage(uuid) IS 'Service-only. Count one conversation in the user''s current period.';
 
 CREATE FUNCTION billing.record_document_usage(p_user_id uuid, p_chunks integer) RETURNS void
-LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_record_document_usage';
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_record_document_usage';
 COMMENT ON FUNCTION billing.record_document_usage(uuid, integer) IS 'Service-only. Count one processed document and p_chunks stored chunks in the user''s current period.';
 
 CREATE FUNCTION billing.get_user_current_usage(p_user_id uuid)
 RETURNS TABLE (period_start timestamptz, period_end timestamptz, messages_count bigint, conversations_count bigint,
                tokens_input_count bigint, tokens_output_count bigint, api_calls_count bigint,
                documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT p.period_start, p.period_end,
            COALESCE(u.messages_count, 0), COALESCE(u.conversations_count, 0),
@@ -142,7 +142,7 @@ COMMENT ON FUNCTION billing.get_user_current_usage(uuid) IS 'The user''s usage c
 
 CREATE FUNCTION billing.check_monthly_limit(p_user_id uuid, p_metric text)
 RETURNS TABLE (allowed boolean, current_usage bigint, limit_value bigint, metric text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT billing.check_choice('p_metric', p_metric,
         ARRAY['messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'api_calls', 'generations']);
@@ -177,12 +177,12 @@ $$;
 COMMENT ON FUNCTION billing.check_monthly_limit(uuid, text) IS 'Whether the user is under their plan''s limit for p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period; api_calls: today, UTC). limit_value -1 = unlimited. Unknown metric: 22023. End users: own only.';
 
 CREATE FUNCTION billing._check_resource_limit(p_user_id uuid, p_resource_type text) RETURNS jsonb
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_check_resource_limit';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_resource_limit';
 COMMENT ON FUNCTION billing._check_resource_limit(uuid, text) IS 'Internal: check_resource_limit as jsonb.';
 
 CREATE FUNCTION billing.check_resource_limit(p_user_id uuid, p_resource_type text)
 RETURNS TABLE (allowed boolean, current_count integer, max_allowed integer, resource_type text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT (r ->> 'allowed')::boolean, (r ->> 'current_count')::integer,
            LEAST((r ->> 'max_allowed')::bigint, 2147483647)::integer, r ->> 'resource_type'
       FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r
@@ -190,12 +190,12 @@ $$;
 COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. Unknown type: 22023 listing the known ones. End users: own only.';
 
 CREATE FUNCTION billing._resource_usage(p_user_id uuid) RETURNS jsonb
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_resource_usage';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_resource_usage';
 COMMENT ON FUNCTION billing._resource_usage(uuid) IS 'Internal: every registered resource''s count and limit for the user, as jsonb {type: {count, limit, allowed}}.';
 
 CREATE FUNCTION billing.register_resource(p_resource_type text, p_table regclass, p_user_column name DEFAULT 'user_id',
                                           p_limit_key text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_schema text;
     v_table text;
@@ -235,19 +235,19 @@ $$;
 COMMENT ON FUNCTION billing.register_resource(text, regclass, name, text) IS 'Service-only. Tell pg_billing where an app keeps a countable resource: check_resource_limit(p_resource_type) counts the user''s rows of p_table by p_user_column (uuid, indexed) against the plan limit p_limit_key (default: the type name). Re-registering replaces the entry.';
 
 CREATE FUNCTION billing._check_api_rate_limit(p_user_id uuid, p_endpoint text) RETURNS jsonb
-LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_check_api_rate_limit';
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_api_rate_limit';
 COMMENT ON FUNCTION billing._check_api_rate_limit(uuid, text) IS 'Internal: check_api_rate_limit as jsonb.';
 
 CREATE FUNCTION billing.check_api_rate_limit(p_user_id uuid, p_endpoint text DEFAULT NULL)
 RETURNS TABLE (allowed boolean, limit_value integer, remaining integer, reset_at timestamptz)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT (r ->> 'allowed')::boolean, (r ->> 'limit_value')::integer, (r ->> 'remaining')::integer, (r ->> 'reset_at')::timestamptz
       FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r
 $$;
 COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. End users: own only.';
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n integer;
 BEGIN
@@ -263,7 +263,7 @@ $$;
 COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days); returns rows deleted.';
 
 CREATE FUNCTION billing.reset_monthly_usage() RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.require_service('reset_monthly_usage');
     WITH latest AS (
         SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end

@@ -18,7 +18,7 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
     ('count_user_widgets_by_type', 'anon');
 
 CREATE FUNCTION billing.register_widget_table(p_widget_type text, p_table regclass) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_schema text;
     v_table text;
@@ -39,14 +39,16 @@ BEGIN
     END IF;
     SELECT pg_catalog.string_agg(req.col, ', ') INTO v_missing
       FROM (VALUES ('id', 'pg_catalog.uuid'::pg_catalog.regtype), ('user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
-                   ('position', NULL), ('is_active', 'pg_catalog.bool'::pg_catalog.regtype),
+                   ('position', 'pg_catalog.int4'::pg_catalog.regtype), ('is_active', 'pg_catalog.bool'::pg_catalog.regtype),
                    ('created_at', NULL), ('updated_at', NULL)) AS req(col, typ)
      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
                         WHERE a.attrelid = p_table AND a.attname = req.col AND a.attnum > 0 AND NOT a.attisdropped
-                          AND (req.typ IS NULL OR a.atttypid = req.typ));
+                          AND (req.typ IS NULL OR a.atttypid = req.typ
+                               OR (req.col = 'position' AND a.atttypid IN ('pg_catalog.int2'::pg_catalog.regtype,
+                                                                          'pg_catalog.int8'::pg_catalog.regtype))));
     IF v_missing IS NOT NULL THEN
         RAISE EXCEPTION 'table % lacks the widget columns %', p_table, v_missing USING ERRCODE = '22023',
-            HINT = 'a widget table needs id uuid, user_id uuid, position integer, is_active boolean, created_at, updated_at';
+            HINT = 'a widget table needs id uuid, user_id uuid, position (smallint, integer or bigint), is_active boolean, created_at, updated_at';
     END IF;
     INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name) VALUES (p_widget_type, v_schema, v_table)
     ON CONFLICT (widget_type) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
@@ -55,13 +57,13 @@ $$;
 COMMENT ON FUNCTION billing.register_widget_table(text, regclass) IS 'Service-only. Register an app table of widgets of type p_widget_type (columns id uuid, user_id uuid, position, is_active boolean, created_at, updated_at). Tables public.widget_<type> with those columns need no registration.';
 
 CREATE FUNCTION billing._user_widgets(p_user_id uuid, p_active_only boolean) RETURNS jsonb
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_user_widgets';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_user_widgets';
 COMMENT ON FUNCTION billing._user_widgets(uuid, boolean) IS 'Internal: get_user_widgets_ordered as one jsonb array.';
 
 CREATE FUNCTION billing.get_user_widgets_ordered(p_user_id uuid, p_active_only boolean DEFAULT true)
 RETURNS TABLE (id uuid, widget_type text, "position" integer, is_active boolean, data jsonb,
                created_at timestamptz, updated_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT (e ->> 'id')::uuid, e ->> 'widget_type', (e ->> 'position')::integer, (e ->> 'is_active')::boolean,
            e -> 'data', (e ->> 'created_at')::timestamptz, (e ->> 'updated_at')::timestamptz
       FROM pg_catalog.jsonb_array_elements(billing._user_widgets(p_user_id, p_active_only)) WITH ORDINALITY AS w(e, n)
@@ -70,11 +72,11 @@ $$;
 COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the whole row as JSON. Anyone (anon too) may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
 
 CREATE FUNCTION billing.get_next_widget_position(p_user_id uuid) RETURNS integer
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_get_next_widget_position';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_get_next_widget_position';
 COMMENT ON FUNCTION billing.get_next_widget_position(uuid) IS 'The position for a new widget: the highest position over all the user''s widget tables + 1, 0 when none. End users: own only.';
 
 CREATE FUNCTION billing.count_user_widgets_by_type(p_user_id uuid, p_widget_type text) RETURNS integer
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = '' AS 'MODULE_PATHNAME', 'pgb_count_user_widgets_by_type';
+LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_count_user_widgets_by_type';
 COMMENT ON FUNCTION billing.count_user_widgets_by_type(uuid, text) IS 'How many widgets of p_widget_type the user has, active or not (what the widgets_per_type limit counts). Unknown type: 22023.';
 
 CREATE FUNCTION billing.get_user_dashboard_stats(p_user_id uuid)
@@ -84,7 +86,7 @@ RETURNS TABLE (plan text, plan_display_name text, status text,
                messages_count bigint, conversations_count bigint, tokens_input_count bigint, tokens_output_count bigint,
                api_calls_count bigint, documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint,
                resources jsonb, limits jsonb)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = '' AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT s.plan_name, s.plan_display_name, s.status,
            c.subscription_credits_balance, c.purchased_credits_balance, c.total_balance,

@@ -23,7 +23,9 @@ use crate::validate;
 // ---------------------------------------------------------------------------------------------
 
 /// FIFO consumption. $1 user, $2 amount, $3 description, $4 reference, $5 idempotency key,
-/// $6 ledger type. No row: unknown account or not enough credits (nothing changed).
+/// $6 ledger type, $7 operation id. Returns the JSON result. No row: unknown account or not
+/// enough credits (nothing changed). The plan is kept small on purpose: executor start-up of
+/// each node is paid on every call.
 const CONSUME: &str = "
 WITH acct AS (
     UPDATE billing.accounts AS a
@@ -36,19 +38,19 @@ WITH acct AS (
        AND a.subscription_credits_balance + a.purchased_credits_balance >= $2
  RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
            a.last_subscription_delta AS dsub, a.last_purchased_delta AS dpur
-), op AS (
-    SELECT pg_catalog.gen_random_uuid() AS id
 ), ledger AS (
     INSERT INTO billing.credit_transactions
            (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key)
-    SELECT $1, op.id, $6, e.pool, e.amount, e.balance_after, $3, $4, $5
-      FROM acct CROSS JOIN op
-     CROSS JOIN LATERAL (VALUES (1, 'subscription', acct.dsub, acct.sub),
-                                (2, 'purchased', acct.dpur, acct.pur)) AS e(ord, pool, amount, balance_after)
-     WHERE e.amount <> 0
-     ORDER BY e.ord
+    SELECT $1, $7, $6, 'subscription'::billing.credit_pool, acct.dsub, acct.sub, $3, $4, $5 FROM acct WHERE acct.dsub <> 0
+    UNION ALL
+    SELECT $1, $7, $6, 'purchased'::billing.credit_pool, acct.dpur, acct.pur, $3, $4, $5 FROM acct WHERE acct.dpur <> 0
 )
-SELECT op.id, acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct CROSS JOIN op";
+SELECT pg_catalog.jsonb_build_object(
+           'success', true, 'transaction_id', $7, 'consumed', $2,
+           'subscription_used', -acct.dsub, 'purchased_used', -acct.dpur,
+           'subscription_credits_balance', acct.sub, 'purchased_credits_balance', acct.pur,
+           'total_balance', acct.sub + acct.pur)
+  FROM acct";
 
 /// Grant to one pool, creating the account if missing. $1 user, $2 to subscription, $3 to
 /// purchased, $4 description, $5 reference, $6 key, $7 ledger type.
@@ -72,8 +74,8 @@ WITH acct AS (
            (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key)
     SELECT $1, op.id, $7, e.pool, e.amount, e.balance_after, $4, $5, $6
       FROM acct CROSS JOIN op
-     CROSS JOIN LATERAL (VALUES (1, 'subscription', acct.dsub, acct.sub),
-                                (2, 'purchased', acct.dpur, acct.pur)) AS e(ord, pool, amount, balance_after)
+     CROSS JOIN LATERAL (VALUES (1, 'subscription'::billing.credit_pool, acct.dsub, acct.sub),
+                                (2, 'purchased'::billing.credit_pool, acct.dpur, acct.pur)) AS e(ord, pool, amount, balance_after)
      WHERE e.amount <> 0
      ORDER BY e.ord
 )
@@ -256,10 +258,9 @@ struct Row {
     sub: i64,
     pur: i64,
     d1: i64,
-    d2: i64,
 }
 
-fn row(t: SpiTupleTable<'_>, with_d2: bool) -> BResult<Row> {
+fn row(t: SpiTupleTable<'_>) -> BResult<Row> {
     let t = t.first();
     let op = col::<pgrx::Uuid>(&t, 1)?.ok_or_else(|| BillingError::internal("statement returned no operation id"))?;
     Ok(Row {
@@ -267,11 +268,57 @@ fn row(t: SpiTupleTable<'_>, with_d2: bool) -> BResult<Row> {
         sub: col::<i64>(&t, 2)?.unwrap_or(0),
         pur: col::<i64>(&t, 3)?.unwrap_or(0),
         d1: col::<i64>(&t, 4)?.unwrap_or(0),
-        d2: if with_d2 { col::<i64>(&t, 5)?.unwrap_or(0) } else { 0 },
     })
 }
 
-/// FIFO consumption, shared by consume_credits_v2 and decrement_credits_with_log.
+/// A fresh operation id: a version-4 uuid from PostgreSQL's strong random source, as
+/// gen_random_uuid() makes it (generated here so the statement needs no extra plan node).
+pub fn new_operation_id() -> BResult<[u8; 16]> {
+    let mut b = [0u8; 16];
+    // SAFETY: writes exactly 16 bytes into b.
+    if !unsafe { pgrx::pg_sys::pg_strong_random(b.as_mut_ptr().cast(), b.len()) } {
+        return Err(BillingError::internal("could not generate random values"));
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(b)
+}
+
+/// Run the FIFO consumption statement; its one row holds the JSON result.
+fn run_consume<'c>(
+    client: &mut SpiClient<'c>,
+    user: &[u8; 16],
+    amount: i64,
+    ledger_type: &str,
+    description: Option<&str>,
+    reference: Option<&str>,
+    key: Option<&str>,
+) -> BResult<SpiTupleTable<'c>> {
+    let op = new_operation_id()?;
+    let mut attempts = 0;
+    loop {
+        let t = spi::write(
+            client,
+            CONSUME,
+            &[UUID, INT8, TEXT, TEXT, TEXT, TEXT, UUID],
+            &[uuid_arg(user), amount.into(), description.into(), reference.into(), key.into(), ledger_type.into(), uuid_arg(&op)],
+        )?;
+        if !t.is_empty() {
+            return Ok(t.first());
+        }
+        // Nothing changed. Say why: no account (P0002), or the shortfall (PT402). If a
+        // concurrent grant committed in between and the balance now covers it, try again.
+        let b = balances(client, user)?;
+        attempts += 1;
+        credits::fifo_split(b, amount)?;
+        if attempts >= 3 {
+            return Err(BillingError::InsufficientCredits { needed: amount, subscription: b.subscription, purchased: b.purchased });
+        }
+    }
+}
+
+/// FIFO consumption, shared by consume_credits_v2, decrement_credits_with_log and the members
+/// domain: the result as JSON.
 pub fn consume(
     client: &mut SpiClient<'_>,
     user: &[u8; 16],
@@ -281,39 +328,14 @@ pub fn consume(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Value> {
-    let mut attempts = 0;
-    let t = loop {
-        let t = spi::write(
-            client,
-            CONSUME,
-            &[UUID, INT8, TEXT, TEXT, TEXT, TEXT],
-            &[uuid_arg(user), amount.into(), description.into(), reference.into(), key.into(), ledger_type.into()],
-        )?;
-        if !t.is_empty() {
-            break t;
-        }
-        // Nothing changed. Say why: no account (P0002), or the shortfall (PT402). If a
-        // concurrent grant committed in between and the balance now covers it, try again.
-        let b = balances(client, user)?;
-        attempts += 1;
-        if let Err(e) = credits::fifo_split(b, amount) {
-            return Err(e);
-        }
-        if attempts >= 3 {
-            return Err(BillingError::InsufficientCredits { needed: amount, subscription: b.subscription, purchased: b.purchased });
-        }
-    };
-    let r = row(t, true)?;
-    Ok(json!({
-        "success": true,
-        "transaction_id": r.op,
-        "consumed": amount,
-        "subscription_used": -r.d1,
-        "purchased_used": -r.d2,
-        "subscription_credits_balance": r.sub,
-        "purchased_credits_balance": r.pur,
-        "total_balance": r.sub + r.pur,
-    }))
+    let t = run_consume(client, user, amount, ledger_type, description, reference, key)?;
+    col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0).ok_or_else(|| BillingError::internal("consumption returned no result"))
+}
+
+/// The same, returning the jsonb datum itself (copied out of SPI), for the hot path.
+fn consume_datum(client: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, description: Option<&str>, reference: Option<&str>) -> BResult<pgrx::pg_sys::Datum> {
+    let t = run_consume(client, user, amount, "usage", description, reference, None)?;
+    spi::transfer(&t, 1, false, -1)?.ok_or_else(|| BillingError::internal("consumption returned no result"))
 }
 
 #[derive(Clone, Copy)]
@@ -343,7 +365,7 @@ pub fn grant(
         &[UUID, INT8, INT8, TEXT, TEXT, TEXT, TEXT],
         &[uuid_arg(user), to_sub.into(), to_pur.into(), description.into(), reference.into(), key.into(), ledger_type.into()],
     )?;
-    let r = row(t, true)?;
+    let r = row(t)?;
     Ok(json!({
         "success": true,
         "transaction_id": r.op,
@@ -375,6 +397,9 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
+    if key.is_none() {
+        return Spi::connect_mut(|c| consume_datum(c, &user, amount, description, reference)).map(Ret::Datum);
+    }
     let fp = idempotency::fingerprint(
         "consume_credits_v2",
         &[("p_amount", json!(amount)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
@@ -445,7 +470,7 @@ pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>,
     if t.is_empty() {
         return Err(unknown_account(user));
     }
-    let r = row(t, false)?;
+    let r = row(t)?;
     Ok(json!({
         "success": true,
         "transaction_id": if r.d1 != 0 { Value::String(r.op) } else { Value::Null },
@@ -477,7 +502,7 @@ pub fn renew(
     key: Option<&str>,
 ) -> BResult<Value> {
     let t = spi::write(c, RENEW, &[UUID, INT8, TIMESTAMPTZ, TEXT], &[uuid_arg(user), amount.into(), period_end.into(), key.into()])?;
-    let r = row(t, false)?;
+    let r = row(t)?;
     Ok(json!({
         "success": true,
         "transaction_id": r.op,
@@ -546,7 +571,7 @@ fn clawback_credits_from_transaction(a: &Args) -> BResult<Ret> {
         }
         let reference = uuid_text(&purchase);
         let t = spi::write(c, CLAWBACK, &[UUID, INT8, TEXT, TEXT], &[uuid_arg(&user), amount.into(), reason.into(), reference.as_str().into()])?;
-        let r = row(t, false)?;
+        let r = row(t)?;
         let taken = -r.d1;
         let v = json!({
             "success": true,

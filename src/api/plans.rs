@@ -96,6 +96,14 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
     let status = validate::required("p_status", a.text(2))?;
     plans::one_of("p_status", &status, &SUBSCRIPTION_STATUSES)?;
     let (start, end, trial) = (a.timestamptz(3), a.timestamptz(4), a.timestamptz(5));
+    if let (Some(s), Some(e)) = (a.timestamptz_micros(3), a.timestamptz_micros(4)) {
+        if e < s {
+            return Err(BillingError::invalid_with_hint(
+                "p_current_period_end is before p_current_period_start",
+                format!("the period starts {} and ends {}", validate::iso_utc(s), validate::iso_utc(e)),
+            ));
+        }
+    }
     let cancel = a.boolean(6).unwrap_or(false);
     let (pv, ps, ev) = (a.text(7), a.text(8), a.text(9));
     let provider = validate::key("p_provider", pv.as_deref())?;

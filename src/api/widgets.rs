@@ -31,7 +31,9 @@ SELECT pg_catalog.substr(c.relname, 8), n.nspname::text, c.relname::text
    AND NOT EXISTS (SELECT 1 FROM billing.widget_tables AS w WHERE w.widget_type = pg_catalog.substr(c.relname, 8))
    AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute AS a
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-           AND (a.attname IN ('position', 'created_at', 'updated_at')
+           AND (a.attname IN ('created_at', 'updated_at')
+                OR (a.attname = 'position' AND a.atttypid IN ('pg_catalog.int2'::pg_catalog.regtype,
+                    'pg_catalog.int4'::pg_catalog.regtype, 'pg_catalog.int8'::pg_catalog.regtype))
                 OR (a.attname IN ('id', 'user_id') AND a.atttypid = 'pg_catalog.uuid'::pg_catalog.regtype)
                 OR (a.attname = 'is_active' AND a.atttypid = 'pg_catalog.bool'::pg_catalog.regtype))) = 6
  ORDER BY 1";

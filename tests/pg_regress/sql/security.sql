@@ -264,7 +264,7 @@ SELECT p.oid::regprocedure, c.relname
 SELECT p.oid::regprocedure, p.proconfig
   FROM pg_proc AS p
  WHERE p.pronamespace = 'billing'::regnamespace
-   AND NOT COALESCE('search_path=""' = ANY (p.proconfig), false);
+   AND NOT COALESCE('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false);
 -- every billing function has a COMMENT (no rows)
 SELECT p.oid::regprocedure
   FROM pg_proc AS p
@@ -303,7 +303,7 @@ SELECT w.oid::regprocedure
   JOIN pg_proc AS w ON w.proname = c.function_name AND w.pronamespace = 'public'::regnamespace
   JOIN pg_proc AS b ON b.proname = c.function_name AND b.pronamespace = 'billing'::regnamespace
  WHERE w.prosecdef
-    OR NOT COALESCE('search_path=""' = ANY (w.proconfig), false)
+    OR NOT COALESCE('search_path=pg_catalog, pg_temp' = ANY (w.proconfig), false)
     OR obj_description(w.oid, 'pg_proc') IS DISTINCT FROM obj_description(b.oid, 'pg_proc')
     OR has_function_privilege('anon', w.oid, 'EXECUTE') <> (c.access = 'anon')
     OR has_function_privilege('authenticated', w.oid, 'EXECUTE') <> (c.access IN ('rpc', 'anon'))
