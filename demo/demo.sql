@@ -126,3 +126,43 @@ SELECT plan, status, total_credits, messages_count, resources->'agents' AS agent
 SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
 \echo
 \echo 'End of the S2 and S5 stories.'
+
+\echo
+\echo '=== S1: an image-generation app with members: a pool of generations per month, extra credits that survive renewal ==='
+\echo 'Dana buys the Pro membership (500 generations a month). The payment webhook upserts her member record by e-mail (any case).'
+SELECT r->>'created' AS created, r->>'plan' AS plan, r->>'credits_granted' AS generations_granted
+  FROM billing.upsert_member('Dana@Example.com', 'pro', (current_date + 20), 'wh_evt_100') AS r;
+\set dana '(SELECT user_id FROM billing.members WHERE email = ''dana@example.com'')'
+\echo 'The webhook is delivered twice; the second delivery changes nothing.'
+SELECT r->>'duplicate' AS duplicate FROM billing.upsert_member('dana@example.com', 'pro', (current_date + 20), 'wh_evt_100') AS r;
+\echo 'She generates 480 images, then buys 50 extra credits (an idempotent webhook: delivered twice, applied once).'
+SELECT count(*) AS generations FROM (SELECT billing.consume_generation(:dana, 1) FROM generate_series(1, 480)) AS g;
+SELECT billing.add_credits(:dana, 50, 'wh_evt_101') IS NOT NULL AS added, billing.add_credits(:dana, 50, 'wh_evt_101') ->> 'duplicate' AS second_delivery_duplicate;
+SELECT status->>'plan' AS plan, status->>'current_usage' AS used, status->>'remaining' AS remaining, status->>'pool_limit' AS pool_limit
+  FROM billing.get_usage_status(:dana) AS status;
+\echo 'A batch of 40 uses the rest of her month''s pool, then her extra credits.'
+SELECT r->>'type' AS type, r->>'current_usage' AS used, r->>'remaining' AS remaining FROM billing.consume_generation(:dana, 40, 'batch') AS r;
+\echo 'Her renewal date comes: the daily job resets her pool to 500 and moves the date a month on. Extra credits survive renewal.'
+SELECT billing.reset_usage_for_due_members(current_date + 20) AS members_reset;
+SELECT status->>'current_usage' AS used, status->>'remaining' AS remaining, (status->>'renewal_date')::date - current_date AS days_to_next_renewal
+  FROM billing.get_usage_status(:dana) AS status;
+SELECT subscription_credits_balance AS pool, purchased_credits_balance AS extra FROM billing.get_user_credits(:dana);
+
+\echo
+\echo '=== S3: checkout without an account, claimed after sign-up ==='
+\echo 'Eve pays on the checkout page before she has an account. The payment webhook keeps a pending profile for her e-mail.'
+SELECT r->>'status' AS status FROM billing.upsert_pending_profile('eve@example.com', p_token := 'tok-eve-1', p_plan_id := 'premium',
+       p_provider := 'lemonsqueezy', p_credits := 300, p_event_id := 'ls_evt_1') AS r;
+SELECT email, plan_id, credits, claimed FROM billing.get_unclaimed_pending_profiles();
+\echo 'She signs up (user e0...e). Claiming with a wrong token fails with a sentence; with the right one it succeeds, once.'
+SELECT billing.claim_pending_profile('e0000000-0000-4000-8000-00000000000e', 'eve@example.com', 'wrong') AS wrong_token;
+SELECT billing.claim_pending_profile('e0000000-0000-4000-8000-00000000000e', 'eve@example.com', 'tok-eve-1') ->> 'success' AS claimed;
+SELECT billing.claim_pending_profile('e0000000-0000-4000-8000-00000000000e', 'eve@example.com', 'tok-eve-1') ->> 'success' AS claimed_again_is_fine;
+SELECT billing.claim_pending_profile('f0000000-0000-4000-8000-00000000000f', 'eve@example.com', 'tok-eve-1') ->> 'error' AS someone_else;
+\echo 'Her account now has the plan and the credits; the claimed profile is kept for audit.'
+SELECT plan_name, status FROM billing.get_user_subscription('e0000000-0000-4000-8000-00000000000e');
+SELECT subscription_credits_balance, total_balance FROM billing.get_user_credits('e0000000-0000-4000-8000-00000000000e');
+SELECT email, claimed, claimed_by_user_id = 'e0000000-0000-4000-8000-00000000000e' AS by_eve FROM billing.pending_profiles;
+SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
+\echo
+\echo 'End of the S1 and S3 stories.'
