@@ -1,5 +1,6 @@
 """The short variants of the reliability and security harness (tests/stress): contention for
-20 s and the privilege sweep against PGDATABASE, and one SIGKILL of a durable throwaway cluster.
+20 s and the privilege sweep against PGDATABASE, one SIGKILL of a durable throwaway cluster, the
+bad-input sweep over every function and the upgrade paths (both in databases of their own).
 The long variants run with `scripts/stress.sh` (make stress)."""
 import sys
 from pathlib import Path
@@ -7,7 +8,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stress"))
 import contention  # noqa: E402
 import crash  # noqa: E402
+import bad_input  # noqa: E402
 import privilege  # noqa: E402
+import upgrade  # noqa: E402
 from common import fmt  # noqa: E402
 
 
@@ -32,3 +35,17 @@ def test_privilege_sweep():
     assert not sw.allowed, f"{len(sw.allowed)} attempts allowed, first: {sw.allowed[:5]}"
     assert not sw.wrong_code, f"{len(sw.wrong_code)} refused with a SQLSTATE other than 42501: {sw.wrong_code[:5]}"
     assert not sw.notes, f"sweep controls failed: {sw.notes}"
+
+
+def test_bad_input_every_function_short():
+    res = bad_input.run(long=False)
+    print(res.line(), flush=True)
+    assert res.tried > 1000, f"only {res.tried} calls"
+    assert res.outcomes.get("ok", 0) > 300 and res.outcomes.get("22023", 0) > 100, res.outcomes
+    assert not res.findings, f"{len(res.findings)} findings, first: {res.findings[:10]}"
+
+
+def test_upgrade_paths():
+    out = upgrade.run()
+    print(out.line(), flush=True)
+    assert not out.differences, f"{len(out.differences)} differences, first: {out.differences[:10]}"

@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""Part 5 of the reliability harness: the upgrade path (SPEC 1: `ALTER EXTENSION pg_billing UPDATE`
+from every released version keeps all data).
+
+Released versions are frozen in sql/releases/pg_billing--<version>.sql (the install script exactly
+as it shipped; see sql/releases/README.md); upgrade scripts are sql/pg_billing--<from>--<to>.sql.
+  (a) A frozen release whose version is the current default_version must be byte-identical to the
+      installed /usr/share/postgresql/15/extension/pg_billing--<version>.sql: a released version
+      never changes. No frozen file for the current version prints "no frozen release yet" and
+      fails only when PGB_REQUIRE_FROZEN=1 (set it once the version is released).
+  (b) For every frozen release older than the current version: its script and every upgrade
+      script of sql/ are copied into the extension directory (removed / restored afterwards),
+      a fresh database gets `CREATE EXTENSION pg_billing VERSION '<old>'`, data is written through
+      the API (grants, consumption, refund, expiry, subscription, usage, rate limit, member,
+      pending profile, webhook event), `ALTER EXTENSION pg_billing UPDATE` runs, and then:
+        - the version is the current default_version;
+        - every row of every table that existed before is still there, unchanged (on the old
+          columns); balances per user are unchanged; verify_ledger() is empty; consume still works;
+        - the catalog of schema billing (pg_class, pg_attribute and defaults, pg_constraint,
+          pg_index, pg_proc with bodies, settings, ACLs and comments, pg_policy, pg_type/pg_enum,
+          views, sequences, extension membership and pg_extension_config_dump registration)
+          equals that of a fresh `CREATE EXTENSION pg_billing` in another database.
+Prints `upgrade: N upgrade paths checked, M differences`; exits 1 on any difference.
+
+`--selftest` proves path (b) is real without a release: it freezes the installed script as a
+made-up version 0.0.9 (in a temporary directory) with an empty 0.0.9--<current> upgrade script
+(must give 0 differences), then with an upgrade script that changes the schema (must find the
+change). The extension directory is left exactly as it was.
+
+Usage: upgrade.py [--selftest] (connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
+import argparse
+import filecmp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import connect, ensure_roles, fmt, q  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EXT = "pg_billing"
+
+
+def extension_dir():
+    try:
+        share = subprocess.run(["/usr/bin/pg_config", "--sharedir"], check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        share = "/usr/share/postgresql/15"
+    return Path(share) / "extension"
+
+
+def vkey(v):
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"[.\-]", v))
+
+
+def frozen_releases(releases_dir):
+    out = {}
+    for p in sorted(Path(releases_dir).glob(f"{EXT}--*.sql")):
+        m = re.fullmatch(rf"{EXT}--([^-]+)\.sql", p.name)
+        if m:
+            out[m.group(1)] = p
+    return out
+
+
+def upgrade_scripts(sql_dir):
+    return sorted(p for p in Path(sql_dir).glob(f"{EXT}--*--*.sql"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files in the extension directory: every one this test adds is removed, every one it replaces
+# is restored.
+
+class ExtFiles:
+    def __init__(self, extdir):
+        self.extdir = Path(extdir)
+        self.added, self.replaced = [], []      # paths; (path, backup)
+        self.tmp = Path(tempfile.mkdtemp(prefix="pgb_upgrade_backup."))
+
+    def _run(self, args):
+        pre = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        subprocess.run(pre + args, check=True)
+
+    def put(self, src, name=None):
+        dest = self.extdir / (name or Path(src).name)
+        if dest.exists():
+            if filecmp.cmp(src, dest, shallow=False):
+                return
+            backup = self.tmp / f"{len(self.replaced)}-{dest.name}"
+            shutil.copy2(dest, backup)
+            self.replaced.append((dest, backup))
+        else:
+            self.added.append(dest)
+        self._run(["cp", str(src), str(dest)])
+        self._run(["chmod", "644", str(dest)])
+
+    def restore(self):
+        for dest in reversed(self.added):
+            self._run(["rm", "-f", str(dest)])
+        for dest, backup in reversed(self.replaced):
+            self._run(["cp", str(backup), str(dest)])
+        self.added, self.replaced = [], []
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog of schema billing, as sorted lines of text.
+
+CATALOG_QUERIES = {
+    "relation": """
+        SELECT format('%s kind=%s persistence=%s rls=%s force_rls=%s options=%s acl=%s comment=%s member=%s',
+                      c.relname, c.relkind, c.relpersistence, c.relrowsecurity, c.relforcerowsecurity,
+                      c.reloptions, c.relacl, obj_description(c.oid, 'pg_class'),
+                      EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                              AND d.deptype = 'e'))
+          FROM pg_class c WHERE c.relnamespace = 'billing'::regnamespace""",
+    "column": """
+        SELECT format('%s.%s #%s %s notnull=%s default=%s identity=%s generated=%s collation=%s acl=%s comment=%s',
+                      c.relname, a.attname,
+                      row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum), format_type(a.atttypid, a.atttypmod),
+                      a.attnotnull, pg_get_expr(ad.adbin, ad.adrelid), a.attidentity, a.attgenerated,
+                      a.attcollation::regcollation, a.attacl, col_description(c.oid, a.attnum))
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+         WHERE c.relnamespace = 'billing'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+           AND c.relkind IN ('r', 'p', 'v', 'm', 'c', 'f')""",
+    "constraint": """
+        SELECT format('%s on %s: %s deferrable=%s', con.conname, con.conrelid::regclass, pg_get_constraintdef(con.oid),
+                      con.condeferrable)
+          FROM pg_constraint con WHERE con.connamespace = 'billing'::regnamespace""",
+    "index": """
+        SELECT pg_get_indexdef(i.indexrelid) || format(' primary=%s unique=%s', i.indisprimary, i.indisunique)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE c.relnamespace = 'billing'::regnamespace""",
+    "function": """
+        SELECT format('%s(%s) returns %s lang=%s kind=%s volatile=%s secdef=%s strict=%s leakproof=%s parallel=%s '
+                      'cost=%s rows=%s config=%s acl=%s bin=%s src=%s comment=%s member=%s',
+                      p.proname, pg_get_function_arguments(p.oid), pg_get_function_result(p.oid), l.lanname, p.prokind,
+                      p.provolatile, p.prosecdef, p.proisstrict, p.proleakproof, p.proparallel, p.procost, p.prorows,
+                      p.proconfig, p.proacl, p.probin, md5(p.prosrc), obj_description(p.oid, 'pg_proc'),
+                      EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                              AND d.deptype = 'e'))
+          FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+         WHERE p.pronamespace = 'billing'::regnamespace""",
+    "policy": """
+        SELECT format('%s on %s: cmd=%s permissive=%s roles=%s using=%s check=%s', pol.polname, pol.polrelid::regclass,
+                      pol.polcmd, pol.polpermissive,
+                      (SELECT array_agg(CASE WHEN r = 0 THEN 'public' ELSE r::regrole::text END ORDER BY 1)
+                         FROM unnest(pol.polroles) r),
+                      pg_get_expr(pol.polqual, pol.polrelid), pg_get_expr(pol.polwithcheck, pol.polrelid))
+          FROM pg_policy pol JOIN pg_class c ON c.oid = pol.polrelid
+         WHERE c.relnamespace = 'billing'::regnamespace""",
+    "type": """
+        SELECT format('%s typtype=%s acl=%s enum=%s member=%s', t.typname, t.typtype, t.typacl,
+                      (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid),
+                      EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid
+                              AND d.deptype = 'e'))
+          FROM pg_type t
+         WHERE t.typnamespace = 'billing'::regnamespace AND t.typtype IN ('e', 'd', 'b', 'r', 'm')""",
+    "view": """
+        SELECT format('%s: %s', c.relname, md5(pg_get_viewdef(c.oid)))
+          FROM pg_class c WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('v', 'm')""",
+    "sequence": """
+        SELECT format('%s %s start=%s inc=%s max=%s min=%s cycle=%s', c.relname, format_type(s.seqtypid, NULL),
+                      s.seqstart, s.seqincrement, s.seqmax, s.seqmin, s.seqcycle)
+          FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid WHERE c.relnamespace = 'billing'::regnamespace""",
+    "trigger": """
+        SELECT pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'billing'::regnamespace AND NOT t.tgisinternal""",
+    "config_dump": """
+        SELECT format('%s where=%s', cfg.oid::regclass, cond)
+          FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS x(oid, cond), LATERAL (SELECT x.oid) cfg
+         WHERE e.extname = 'pg_billing'""",
+    "extension": """
+        SELECT format('schema=%s relocatable=%s', extnamespace::regnamespace, extrelocatable)
+          FROM pg_extension WHERE extname = 'pg_billing'""",
+    "schema": """
+        SELECT format('billing owner=%s acl=%s comment=%s', nspowner::regrole, nspacl, obj_description(oid, 'pg_namespace'))
+          FROM pg_namespace WHERE nspname = 'billing'""",
+}
+
+
+def catalog(conn):
+    lines = set()
+    for kind, sql in CATALOG_QUERIES.items():
+        with conn.cursor() as cur:
+            cur.execute(sql)        # no parameters: the format() strings hold '%s'
+            for (line,) in cur.fetchall():
+                lines.add(f"{kind}: {line}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Data written through the API under the old version, and its check after the update.
+
+def write_data(conn, tag):
+    """Returns (users, list of problems)."""
+    problems = []
+    u1, u2, u3 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    email = f"up-{tag}@example.com"
+    steps = [
+        ("SELECT billing.add_subscription_credits(%s, 100, 'grant', 'ref-1', 'k1')", (u1,)),
+        ("SELECT billing.add_purchased_credits(%s, 250, 'pack', 'pi_1', 'k2')", (u1,)),
+        ("SELECT billing.consume_credits_v2(%s, 120, 'use', 'r', 'k3')", (u1,)),
+        ("SELECT billing.refund_credits(%s, 5, 'refund')", (u1,)),
+        ("SELECT billing.add_subscription_credits(%s, 40)", (u2,)),
+        ("SELECT billing.expire_subscription_credits(%s)", (u2,)),
+        ("SELECT billing.renew_subscription_credits(%s, 60)", (u2,)),
+        ("""SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active',
+                   p_current_period_end := now() + interval '30 days', p_event_id := %s)""", (u3, f"evt-up-{tag}")),
+        ("SELECT billing.record_message_usage(%s, 10, 20)", (u1,)),
+        ("SELECT billing.record_conversation_usage(%s)", (u1,)),
+        ("SELECT * FROM billing.check_api_rate_limit(%s, '/up')", (u1,)),
+        ("SELECT billing.record_webhook_event(%s, 'invoice.paid', %s)", (f"wh-up-{tag}", u1)),
+        ("SELECT billing.upsert_member(%s, 'pro', NULL, %s)", (email, f"mem-up-{tag}")),
+        ("SELECT billing.upsert_pending_profile(%s, 'tok-up')", (f"pend-{tag}@example.com",)),
+    ]
+    for sql, params in steps:
+        try:
+            q(conn, sql, params)
+        except psycopg2.Error as e:
+            problems.append(f"writing data under the old version: {sql.split('(')[0]} failed: {e.pgcode} {e.pgerror}")
+    try:
+        member = q(conn, "SELECT (billing.upsert_member(%s, 'pro'))->>'member_id'", (email,))[0][0]
+        q(conn, "SELECT billing.add_credits(%s, 7, %s)", (member, f"ac-up-{tag}"))
+        q(conn, "SELECT billing.consume_generation(%s, 3)", (member,))
+    except psycopg2.Error as e:
+        problems.append(f"writing member data under the old version: {e.pgcode} {e.pgerror}")
+    return [u1, u2, u3], problems
+
+
+def table_rows(conn):
+    """{table: (columns, sorted rows as text)} for every table of schema billing."""
+    out = {}
+    for (t,) in q(conn, "SELECT relname FROM pg_class WHERE relnamespace = 'billing'::regnamespace AND relkind = 'r'"):
+        cols = [r[0] for r in q(conn, """SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0
+                                          AND NOT attisdropped ORDER BY attnum""", (f'billing."{t}"',))]
+        out[t] = (cols, None)
+    return out
+
+
+def rows_on(conn, table, cols):
+    sel = ", ".join(f'"{c}"::text' for c in cols)
+    return sorted(q(conn, f'SELECT {sel} FROM billing."{table}"'), key=lambda r: tuple("" if x is None else x for x in r))
+
+
+def balances(conn, users):
+    return {u: q(conn, "SELECT subscription_credits_balance, purchased_credits_balance FROM billing.get_user_credits(%s)", (u,))
+            for u in users}
+
+
+# ---------------------------------------------------------------------------------------------
+
+class Outcome:
+    def __init__(self):
+        self.paths = 0
+        self.differences = []
+        self.notes = []
+
+    def line(self):
+        s = f"upgrade: {fmt(self.paths)} upgrade paths checked, {fmt(len(self.differences))} differences"
+        return s + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+
+def make_db(admin, name):
+    q(admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    q(admin, f"CREATE DATABASE {name}")
+    return psycopg2.extensions.make_dsn(admin.dsn, dbname=name)
+
+
+def check_path(admin, old, current, out, label=None, quiet=False):
+    """CREATE EXTENSION VERSION old, data, UPDATE; compare with a fresh install. The files must be
+    in the extension directory already. Returns the list of differences of this path."""
+    label = label or f"{old} -> {current}"
+    diffs = []
+    tag = uuid.uuid4().hex[:8]
+    db_old, db_new = f"pgb_upgrade_old_{os.getpid()}", f"pgb_upgrade_new_{os.getpid()}"
+    try:
+        c_old = connect(make_db(admin, db_old))
+        try:
+            q(c_old, "CREATE EXTENSION pg_billing VERSION %s", (old,))
+        except psycopg2.Error as e:
+            diffs.append(f"{label}: CREATE EXTENSION pg_billing VERSION '{old}' failed: {e.pgcode} {e.pgerror}")
+            return diffs
+        users, problems = write_data(c_old, tag)
+        diffs += [f"{label}: {p}" for p in problems]
+        before_tables = table_rows(c_old)
+        before = {t: rows_on(c_old, t, cols) for t, (cols, _) in before_tables.items()}
+        before_bal = balances(c_old, users)
+        try:
+            q(c_old, "ALTER EXTENSION pg_billing UPDATE")
+        except psycopg2.Error as e:
+            diffs.append(f"{label}: ALTER EXTENSION pg_billing UPDATE failed: {e.pgcode} {e.pgerror}")
+            return diffs
+        ver = q(c_old, "SELECT extversion FROM pg_extension WHERE extname = 'pg_billing'")[0][0]
+        if ver != current:
+            diffs.append(f"{label}: after UPDATE the version is {ver}, not {current} (no upgrade path?)")
+        after_tables = table_rows(c_old)
+        for t, (cols, _) in before_tables.items():
+            if t not in after_tables:
+                diffs.append(f"{label}: table billing.{t} is gone after the update")
+                continue
+            missing = [c for c in cols if c not in after_tables[t][0]]
+            if missing:
+                diffs.append(f"{label}: billing.{t} lost columns {missing}")
+                continue
+            after = rows_on(c_old, t, cols)
+            if after != before[t]:
+                diffs.append(f"{label}: billing.{t}: rows changed by the update ({len(before[t])} before, {len(after)} after)")
+        if balances(c_old, users) != before_bal:
+            diffs.append(f"{label}: balances changed by the update: {before_bal} -> {balances(c_old, users)}")
+        bad = q(c_old, "SELECT count(*) FROM billing.verify_ledger()")[0][0]
+        if bad:
+            diffs.append(f"{label}: verify_ledger lists {bad} users after the update")
+        try:
+            r = q(c_old, "SELECT billing.consume_credits_v2(%s, 1)", (users[0],))[0][0]
+            if r.get("success") is not True:
+                diffs.append(f"{label}: consume after the update returned {r}")
+        except psycopg2.Error as e:
+            diffs.append(f"{label}: consume after the update failed: {e.pgcode} {e.pgerror}")
+        c_new = connect(make_db(admin, db_new))
+        q(c_new, "CREATE EXTENSION pg_billing")
+        cat_old, cat_new = catalog(c_old), catalog(c_new)
+        for line in sorted(cat_new - cat_old):
+            diffs.append(f"{label}: catalog: only in a fresh install:     {line[:400]}")
+        for line in sorted(cat_old - cat_new):
+            diffs.append(f"{label}: catalog: only in the upgraded install: {line[:400]}")
+        if not quiet:
+            print(f"  {label}: {len(before)} tables, {sum(len(v) for v in before.values())} rows kept; "
+                  f"{len(cat_new)} catalog entries compared; {len(diffs)} differences", flush=True)
+        c_old.close()
+        c_new.close()
+    finally:
+        for db in (db_old, db_new):
+            q(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    return diffs
+
+
+def run(releases_dir=None, sql_dir=None, quiet=False):
+    """The check on the repository's sql/releases and sql/. Returns an Outcome."""
+    releases_dir = Path(releases_dir or REPO / "sql" / "releases")
+    sql_dir = Path(sql_dir or REPO / "sql")
+    out = Outcome()
+    extdir = extension_dir()
+    admin = connect()
+    ensure_roles(admin)
+    current = q(admin, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_billing'")[0][0]
+    frozen = frozen_releases(releases_dir)
+    # (a) the current version, once released, never changes.
+    if current in frozen:
+        installed = extdir / f"{EXT}--{current}.sql"
+        if not installed.exists():
+            out.differences.append(f"{installed} is not installed")
+        elif not filecmp.cmp(frozen[current], installed, shallow=False):
+            out.differences.append(f"released {current}: the installed {installed.name} differs from the frozen "
+                                   f"{frozen[current].relative_to(REPO) if REPO in frozen[current].parents else frozen[current]}: "
+                                   "a released version must never change (bump the version and add an upgrade script)")
+        elif not quiet:
+            print(f"  released {current}: the installed script is identical to the frozen one", flush=True)
+    else:
+        out.notes.append(f"no frozen release yet of {current}")
+        if not quiet:
+            print(f"  no frozen release yet of the current version {current} (sql/releases/{EXT}--{current}.sql)", flush=True)
+        if os.environ.get("PGB_REQUIRE_FROZEN") == "1":
+            out.differences.append(f"PGB_REQUIRE_FROZEN=1 but sql/releases/{EXT}--{current}.sql is missing")
+    for v in frozen:
+        if vkey(v) > vkey(current):
+            out.differences.append(f"frozen release {v} is newer than the current version {current}")
+    # (b) every older release upgrades to the current version.
+    older = sorted((v for v in frozen if vkey(v) < vkey(current)), key=vkey)
+    if not older:
+        if not quiet:
+            print("  no release older than the current version: no upgrade path to check yet", flush=True)
+    files = ExtFiles(extdir)
+    try:
+        if older:
+            for s in upgrade_scripts(sql_dir):
+                files.put(s)
+        for v in older:
+            files.put(frozen[v])
+            out.differences += check_path(admin, v, current, out, quiet=quiet)
+            out.paths += 1
+    finally:
+        files.restore()
+        admin.close()
+    return out
+
+
+def selftest(quiet=False):
+    """Fakes a release 0.0.9 from the installed script; an empty upgrade script must give no
+    difference, a schema-changing one must be found. Returns a list of problems (empty = good)."""
+    problems = []
+    extdir = extension_dir()
+    admin = connect()
+    ensure_roles(admin)
+    current = q(admin, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_billing'")[0][0]
+    fake = "0.0.9"
+    if vkey(fake) >= vkey(current):
+        return [f"selftest: the fake version {fake} is not older than {current}"]
+    for name in (f"{EXT}--{fake}.sql", f"{EXT}--{fake}--{current}.sql"):
+        if (extdir / name).exists():
+            return [f"selftest: {extdir / name} exists already; refusing to touch it"]
+    listing = sorted(os.listdir(extdir))
+    tmp = Path(tempfile.mkdtemp(prefix="pgb_upgrade_selftest."))
+    try:
+        rel, sqld = tmp / "releases", tmp / "sql"
+        rel.mkdir()
+        sqld.mkdir()
+        shutil.copy2(extdir / f"{EXT}--{current}.sql", rel / f"{EXT}--{fake}.sql")
+        for case, script, want_diff in [
+            ("no-op upgrade", "-- selftest: 0.0.9 is the same schema\n", False),
+            ("schema-changing upgrade",
+             "ALTER TABLE billing.plans ADD COLUMN selftest_extra integer;\n"
+             "COMMENT ON FUNCTION billing.verify_ledger(uuid) IS 'selftest';\n", True),
+        ]:
+            (sqld / f"{EXT}--{fake}--{current}.sql").write_text(script)
+            files = ExtFiles(extdir)
+            try:
+                files.put(rel / f"{EXT}--{fake}.sql")
+                files.put(sqld / f"{EXT}--{fake}--{current}.sql")
+                diffs = check_path(admin, fake, current, None, label=f"selftest {fake} -> {current} ({case})", quiet=quiet)
+            finally:
+                files.restore()
+            if want_diff:
+                wanted = [d for d in diffs if "selftest_extra" in d] and [d for d in diffs if "selftest" in d and "function" in d]
+                if not wanted:
+                    problems.append(f"selftest ({case}): the changed column and comment were not reported: {diffs[:5]}")
+                elif not quiet:
+                    print(f"  selftest ({case}): found as expected: {len(diffs)} differences, e.g. {diffs[0][:160]}", flush=True)
+            elif diffs:
+                problems.append(f"selftest ({case}): {len(diffs)} differences, first: {diffs[:5]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        admin.close()
+    if sorted(os.listdir(extdir)) != listing:
+        problems.append("selftest: the extension directory was not left as it was")
+    return problems
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--selftest", action="store_true")
+    ap.add_argument("--short", action="store_true")
+    ap.add_argument("--long", action="store_true")
+    a = ap.parse_args()
+    if a.selftest:
+        problems = selftest()
+        for p in problems:
+            print("  PROBLEM:", p)
+        print(f"upgrade selftest: {'ok' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
+    out = run()
+    for d in out.differences:
+        print("  DIFFERENCE:", d, flush=True)
+    print(out.line(), flush=True)
+    return 1 if out.differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
