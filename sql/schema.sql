@@ -72,7 +72,10 @@ CREATE TABLE billing.accounts (
     updated_at                     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
     -- statement that writes the table, so the hot tables keep as few as they can.
-    CONSTRAINT accounts_balances_non_negative CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0)
+    -- The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so every stored
+    -- account's total fits a bigint.
+    CONSTRAINT accounts_balances_non_negative CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
+                                                     AND subscription_credits_balance + purchased_credits_balance >= 0)
 );
 CREATE INDEX accounts_email_idx ON billing.accounts (pg_catalog.lower(email));
 COMMENT ON TABLE billing.accounts IS 'One row per user: subscription credits (expire at period end) and purchased credits (never expire). Changed only through pg_billing functions.';

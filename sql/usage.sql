@@ -252,8 +252,8 @@ DECLARE
     n integer;
 BEGIN
     PERFORM billing.require_service('cleanup_api_usage');
-    IF p_older_than IS NULL OR p_older_than < interval '0' THEN
-        RAISE EXCEPTION 'p_older_than must be a non-negative interval' USING ERRCODE = '22023';
+    IF p_older_than IS NULL OR p_older_than < interval '0' OR p_older_than > interval '1000 years' THEN
+        RAISE EXCEPTION 'p_older_than must be an interval between 0 and 1000 years' USING ERRCODE = '22023';
     END IF;
     DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than;
     GET DIAGNOSTICS n = ROW_COUNT;

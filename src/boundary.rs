@@ -129,6 +129,43 @@ impl Raise {
     }
 }
 
+/// A JSON value for [`jsonb_object`].
+pub enum JVal<'a> {
+    Bool(bool),
+    Int(i64),
+    Str(&'a str),
+}
+
+/// Build a jsonb object directly (pushJsonbValue / JsonbValueToJsonb), in the current memory
+/// context: no JSON text is written or parsed. Call it after SPI has been left.
+pub fn jsonb_object(pairs: &[(&str, JVal<'_>)]) -> pg_sys::Datum {
+    use pg_sys::{jbvType, JsonbIteratorToken as Tok, JsonbValue, JsonbValue__bindgen_ty_1 as V};
+    fn string(s: &str) -> JsonbValue {
+        JsonbValue {
+            type_: jbvType::jbvString,
+            val: V { string: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 { len: s.len() as i32, val: s.as_ptr() as *mut _ } },
+        }
+    }
+    // SAFETY: every JsonbValue points at data (the pairs' strings, palloc'd numerics) that lives
+    // until JsonbValueToJsonb has copied it; PostgreSQL raises (and we unwind) on failure.
+    unsafe {
+        let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
+        pg_sys::pushJsonbValue(&mut state, Tok::WJB_BEGIN_OBJECT, std::ptr::null_mut());
+        for (k, v) in pairs {
+            let mut key = string(k);
+            pg_sys::pushJsonbValue(&mut state, Tok::WJB_KEY, &mut key);
+            let mut val = match v {
+                JVal::Bool(b) => JsonbValue { type_: jbvType::jbvBool, val: V { boolean: *b } },
+                JVal::Int(i) => JsonbValue { type_: jbvType::jbvNumeric, val: V { numeric: pg_sys::int64_to_numeric(*i) } },
+                JVal::Str(s) => string(s),
+            };
+            pg_sys::pushJsonbValue(&mut state, Tok::WJB_VALUE, &mut val);
+        }
+        let res = pg_sys::pushJsonbValue(&mut state, Tok::WJB_END_OBJECT, std::ptr::null_mut());
+        pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(res))
+    }
+}
+
 fn to_datum(fcinfo: pg_sys::FunctionCallInfo, ret: Ret) -> pg_sys::Datum {
     let datum = match ret {
         Ret::Null | Ret::Void => None,

@@ -9,6 +9,7 @@ pub mod credits;
 pub mod error;
 pub mod idempotency;
 pub mod identity;
+pub mod ids;
 pub mod members;
 pub mod plans;
 pub mod validate;

@@ -136,3 +136,37 @@ mod time_tests {
         assert_eq!(iso_utc(i64::MIN), "-infinity");
     }
 }
+
+/// PostgreSQL microseconds (since 2000-01-01 UTC) of 1900-01-01 and of 9999-12-31 23:59:59.
+const MIN_SANE_MICROS: i64 = -3_155_673_600_000_000;
+const MAX_SANE_MICROS: i64 = 252_455_615_999_000_000;
+
+/// A timestamp argument that pg_billing does arithmetic on (adds periods to) must fall in the
+/// years 1900 to 9999, so that arithmetic cannot leave PostgreSQL's range (22023, not 22008).
+pub fn sane_timestamp(name: &str, pg_micros: Option<i64>) -> Result<()> {
+    match pg_micros {
+        Some(t) if !(MIN_SANE_MICROS..=MAX_SANE_MICROS).contains(&t) => Err(BillingError::invalid_with_hint(
+            format!("{name} is out of range"),
+            "timestamps must fall in the years 1900 to 9999",
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod sane_tests {
+    use super::*;
+
+    #[test]
+    fn sane_timestamps() {
+        sane_timestamp("t", None).unwrap();
+        sane_timestamp("t", Some(0)).unwrap();
+        sane_timestamp("t", Some(MIN_SANE_MICROS)).unwrap();
+        sane_timestamp("t", Some(MAX_SANE_MICROS)).unwrap();
+        assert_eq!(iso_utc(MAX_SANE_MICROS), "9999-12-31T23:59:59.000000Z");
+        assert_eq!(iso_utc(MIN_SANE_MICROS), "1900-01-01T00:00:00.000000Z");
+        for bad in [i64::MAX, i64::MIN, MAX_SANE_MICROS + 1, MIN_SANE_MICROS - 1] {
+            assert_eq!(sane_timestamp("t", Some(bad)).unwrap_err().sqlstate(), "22023");
+        }
+    }
+}

@@ -162,6 +162,9 @@ fn ymd(d: Date) -> BResult<Ymd> {
     if !d.is_finite() {
         return Err(BillingError::invalid("dates must be finite (not infinity)"));
     }
+    if !(1900..=9999).contains(&d.year()) {
+        return Err(BillingError::invalid_with_hint("the date is out of range", "dates must fall in the years 1900 to 9999"));
+    }
     Ok(Ymd::new(d.year(), d.month(), d.day()))
 }
 
@@ -311,7 +314,7 @@ fn consume_generation(a: &Args) -> BResult<Ret> {
             let v = credits::consume(c, &user, g.from_credits, "generation", description, None, None)?;
             (v["total_balance"].as_i64().unwrap_or(0), if g.overage > 0 { "overage" } else { "generation" })
         } else {
-            (sub + pur, "overage")
+            (sub.saturating_add(pur), "overage")
         };
         let t = spi::write(c, COUNT_USAGE, &[UUID, INT8, INT8], &[uuid_arg(&user), g.from_credits.into(), g.overage.into()])?;
         let usage = col::<i64>(&t.first(), 1)?.unwrap_or(0);
@@ -324,7 +327,7 @@ fn consume_generation(a: &Args) -> BResult<Ret> {
             "allowed": true,
             "type": kind,
             "current_usage": usage,
-            "pool_limit": usage + remaining,
+            "pool_limit": usage.saturating_add(remaining),
             "remaining": remaining,
             "overage": g.overage,
         }))

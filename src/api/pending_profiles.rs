@@ -243,6 +243,8 @@ fn upsert_pending_profile(a: &Args) -> BResult<Ret> {
     let duration_arg = a.text(6).unwrap_or_else(|| "monthly".into());
     let duration = m::canonical_plan_duration(&duration_arg)?;
     let interval = m::plan_duration_interval(duration)?;
+    validate::sane_timestamp("p_billing_cycle_start", a.timestamptz_micros(7))?;
+    validate::sane_timestamp("p_billing_cycle_end", a.timestamptz_micros(8))?;
     let (start, end) = (a.timestamptz(7), a.timestamptz(8));
     if let (Some(s), Some(e)) = (start, end) {
         if e.into_inner() < s.into_inner() {
@@ -357,7 +359,8 @@ fn on_new_user(a: &Args) -> BResult<Ret> {
     let email = raw.as_deref().map(|e| m::normalize_email("email", Some(e)));
     let stored = match &email {
         Some(Ok(e)) => Some(e.clone()),
-        Some(Err(_)) => raw.as_deref().map(|e| e.trim().to_lowercase()),
+        // (kept only while it fits the e-mail index; a longer one is dropped)
+        Some(Err(_)) => raw.as_deref().map(|e| e.trim().to_lowercase()).filter(|e| e.chars().count() <= m::MAX_EMAIL),
         None => None,
     };
     Spi::connect_mut(|c| {

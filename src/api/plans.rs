@@ -95,6 +95,9 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
     let plan = validate::required("p_plan_id", a.text(1))?;
     let status = validate::required("p_status", a.text(2))?;
     plans::one_of("p_status", &status, &SUBSCRIPTION_STATUSES)?;
+    for (n, name) in [(3, "p_current_period_start"), (4, "p_current_period_end"), (5, "p_trial_ends_at")] {
+        validate::sane_timestamp(name, a.timestamptz_micros(n))?;
+    }
     let (start, end, trial) = (a.timestamptz(3), a.timestamptz(4), a.timestamptz(5));
     if let (Some(s), Some(e)) = (a.timestamptz_micros(3), a.timestamptz_micros(4)) {
         if e < s {
