@@ -5,7 +5,8 @@ source "$(dirname "$0")/lib.sh"
 ensure_deps
 PROFILE="${PROFILE:-release}" install_extension
 trap stop_cluster EXIT
-EXTRA_PG_CONF="max_wal_size = 4GB
+EXTRA_PG_CONF="fsync = on
+max_wal_size = 4GB
 checkpoint_timeout = 30min
 autovacuum_naptime = 10s" start_cluster
 createdb bench

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Instructions per call of the three consume implementations, counted by callgrind in a
+# single-user backend: deterministic, and independent of whatever else the machine is doing
+# (wall-clock benchmarks are not). Each implementation runs N1 and N2 prepared calls; the
+# difference divided by N2 - N1 removes start-up costs. Needs the extension installed
+# (PROFILE=release) and valgrind.  Usage: bash benches/callgrind.sh [N1 N2]
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+N1="${1:-300}"; N2="${2:-1300}"
+PGBIN=/usr/lib/postgresql/15/bin
+command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
+D="$(mktemp -d /tmp/pgb_callgrind.XXXXXX)"; chown postgres "$D"; chmod 755 "$D"
+trap 'rm -rf "$D"' EXIT
+runuser -u postgres -- "$PGBIN/initdb" -D "$D/data" -A trust -U postgres --no-sync >/dev/null
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/data" -o "-k $D -p 54999 -c listen_addresses=''" -w start >/dev/null
+createdb -h "$D" -p 54999 -U postgres cg
+psql -X -q -h "$D" -p 54999 -U postgres -d cg -c "CREATE EXTENSION pg_billing" -f "$HERE/plpgsql_reference.sql" \
+  -c "SELECT count(billing.add_purchased_credits(('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 2000000000)) FROM generate_series(1, 10000) AS i" >/dev/null
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/data" -w stop >/dev/null
+/usr/bin/python3 - "$D" "$N1" "$N2" "$HERE" <<'PY'
+import sys
+d, n1, n2, here = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+raw = open(f"{here}/consume_raw.sql").read().split("\n", 1)[1]
+raw = raw.replace("('00000000-0000-4000-8000-' || lpad(to_hex(:uid::integer), 12, '0'))::uuid", "$1").replace("\n", " ").rstrip("; ")
+prep = {"rust": "SELECT billing.consume_credits_v2($1, 1)", "plpgsql": "SELECT bench.consume_credits_plpgsql($1, 1)", "raw": raw}
+for name, body in prep.items():
+    for n in (n1, n2):
+        with open(f"{d}/{name}_{n}.sql", "w") as f:
+            f.write(f"SET synchronous_commit = off;\n\nPREPARE c(uuid) AS {body};\n\n")
+            for i in range(n):
+                f.write(f"EXECUTE c('00000000-0000-4000-8000-{i % 10000 + 1:012x}');\n\n")
+PY
+chmod 644 "$D"/*.sql
+declare -A per
+for name in rust plpgsql raw; do
+    tot=()
+    for n in "$N1" "$N2"; do
+        # each run starts from the same data: copy the cluster
+        rm -rf "$D/run"; cp -a "$D/data" "$D/run"
+        runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$D/$name.$n.out" \
+            "$PGBIN/postgres" --single -D "$D/run" -j cg < "$D/${name}_$n.sql" > "$D/$name.$n.log" 2>&1
+        if grep -q ERROR "$D/$name.$n.log"; then grep -m3 ERROR "$D/$name.$n.log"; exit 1; fi
+        tot+=("$(callgrind_annotate "$D/$name.$n.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')")
+    done
+    per[$name]=$(( (tot[1] - tot[0]) / (N2 - N1) ))
+    echo "$name: ${per[$name]} instructions per call"
+done
+awk -v r="${per[rust]}" -v p="${per[plpgsql]}" -v w="${per[raw]}" \
+    'BEGIN { printf "PL/pgSQL / Rust = %.2fx, raw SQL / Rust = %.2fx (higher is better for Rust)\n", p / r, w / r }'
