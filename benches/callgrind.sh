@@ -40,7 +40,8 @@ for name in rust plpgsql raw; do
         runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$D/$name.$n.out" \
             "$PGBIN/postgres" --single -D "$D/run" -j cg < "$D/${name}_$n.sql" > "$D/$name.$n.log" 2>&1
         if grep -q ERROR "$D/$name.$n.log"; then grep -m3 ERROR "$D/$name.$n.log"; exit 1; fi
-        tot+=("$(callgrind_annotate "$D/$name.$n.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')")
+        callgrind_annotate "$D/$name.$n.out" > "$D/$name.$n.txt" 2>/dev/null
+        tot+=("$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$D/$name.$n.txt")")
     done
     per[$name]=$(( (tot[1] - tot[0]) / (N2 - N1) ))
     echo "$name: ${per[$name]} instructions per call"
