@@ -4,6 +4,8 @@
 # (wall-clock benchmarks are not). Each implementation runs N1 and N2 prepared calls; the
 # difference divided by N2 - N1 removes start-up costs. Needs the extension installed
 # (PROFILE=release) and valgrind.  Usage: bash benches/callgrind.sh [N1 N2]
+# LEDGER_ROWS=5000000 preloads that many old ledger rows first (the cost-growth target);
+# ONLY=rust measures only pg_billing.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 N1="${1:-300}"; N2="${2:-1300}"
@@ -16,6 +18,11 @@ runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/data" -o "-k $D -p 54999 -c listen
 createdb -h "$D" -p 54999 -U postgres cg
 psql -X -q -h "$D" -p 54999 -U postgres -d cg -c "CREATE EXTENSION pg_billing" -f "$HERE/plpgsql_reference.sql" \
   -c "SELECT count(billing.add_purchased_credits(('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 2000000000)) FROM generate_series(1, 10000) AS i" >/dev/null
+if [ "${LEDGER_ROWS:-0}" -gt 0 ]; then
+    psql -X -q -h "$D" -p 54999 -U postgres -d cg -c "INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, created_at)
+        SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(1 + i % 10000), 12, '0'))::uuid, gen_random_uuid(), 'usage', 'purchased', -1, 1, now() - interval '1 year'
+          FROM generate_series(1, ${LEDGER_ROWS}) AS i" -c "VACUUM ANALYZE billing.credit_transactions" >/dev/null
+fi
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/data" -w stop >/dev/null
 /usr/bin/python3 - "$D" "$N1" "$N2" "$HERE" <<'PY'
 import sys
@@ -32,7 +39,7 @@ for name, body in prep.items():
 PY
 chmod 644 "$D"/*.sql
 declare -A per
-for name in rust plpgsql raw; do
+for name in ${ONLY:-rust plpgsql raw}; do
     tot=()
     for n in "$N1" "$N2"; do
         # each run starts from the same data: copy the cluster
@@ -46,5 +53,6 @@ for name in rust plpgsql raw; do
     per[$name]=$(( (tot[1] - tot[0]) / (N2 - N1) ))
     echo "$name: ${per[$name]} instructions per call"
 done
+[ -n "${ONLY:-}" ] && exit 0
 awk -v r="${per[rust]}" -v p="${per[plpgsql]}" -v w="${per[raw]}" \
     'BEGIN { printf "PL/pgSQL / Rust = %.2fx, raw SQL / Rust = %.2fx (higher is better for Rust)\n", p / r, w / r }'

@@ -146,6 +146,7 @@ def bench_consume():
 
 def bench_growth():
     print("cost growth with ledger size", flush=True)
+    setup_consume()
     sizes = [0, int(1_000_000 * SCALE), int(5_000_000 * SCALE)]
     sql("TRUNCATE billing.credit_transactions")
     lines = ["| ledger rows present | median latency (ms), 1 client | median tps |", "|---|---|---|"]

@@ -298,7 +298,7 @@ thread_local! {
     static OP_IDS: std::cell::RefCell<Option<pg_billing_core::ids::OpIds>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A fresh operation id (a version-4 uuid; see `pg_billing_core::ids`).
+/// A fresh operation id (a time-ordered version-7 uuid; see `pg_billing_core::ids`).
 pub fn new_operation_id() -> BResult<[u8; 16]> {
     OP_IDS.with(|cell| {
         let mut cell = cell.borrow_mut();
@@ -310,7 +310,10 @@ pub fn new_operation_id() -> BResult<[u8; 16]> {
             }
             *cell = Some(pg_billing_core::ids::OpIds::from_seed(seed));
         }
-        cell.as_mut().map(|g| g.next_uuid()).ok_or_else(|| BillingError::internal("no id generator"))
+        // SAFETY: GetCurrentTimestamp only reads the clock.
+        let pg_micros = unsafe { pgrx::pg_sys::GetCurrentTimestamp() };
+        let unix_ms = (pg_micros.div_euclid(1000) + 946_684_800_000).max(0) as u64;
+        cell.as_mut().map(|g| g.next_uuid_v7(unix_ms)).ok_or_else(|| BillingError::internal("no id generator"))
     })
 }
 
