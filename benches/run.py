@@ -322,7 +322,8 @@ def main():
     t0 = time.time()
     host = socket.gethostname()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    out = Path(os.environ.get("BENCH_OUT") or (HERE / "results" / f"{date}-{host}.md"))
+    default = Path(tempfile.gettempdir()) / f"pg_billing-bench-smoke-{date}-{host}.md" if SMOKE else HERE / "results" / f"{date}-{host}.md"
+    out = Path(os.environ.get("BENCH_OUT") or default)
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
     steps = [("consume", bench_consume), ("growth", bench_growth), ("memory", bench_memory),
              ("resource", bench_resource_limit), ("widgets", bench_widgets), ("rate", bench_rate_and_usage)]
