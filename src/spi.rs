@@ -119,3 +119,14 @@ pub fn transfer(t: &SpiTupleTable<'_>, n: usize, by_value: bool, typlen: i32) ->
         Some(d) => Ok(Some(unsafe { pg_sys::SPI_datumTransfer(d, by_value, typlen) })),
     }
 }
+
+/// The uuids in column 1 of every row.
+pub fn uuid_column(t: SpiTupleTable<'_>) -> BResult<Vec<[u8; 16]>> {
+    let mut out = Vec::new();
+    for row in t {
+        if let Some(u) = row.get::<pgrx::Uuid>(1).or_internal()? {
+            out.push(*u.as_bytes());
+        }
+    }
+    Ok(out)
+}

@@ -22,40 +22,10 @@ use crate::validate;
 // Statements
 // ---------------------------------------------------------------------------------------------
 
-/// FIFO consumption. $1 user, $2 amount, $3 description, $4 reference, $5 idempotency key,
-/// $6 ledger type, $7 operation id. Returns the JSON result. No row: unknown account or not
-/// enough credits (nothing changed). The plan is kept small on purpose: executor start-up of
-/// each node is paid on every call.
-const CONSUME: &str = "
-WITH acct AS (
-    UPDATE billing.accounts AS a
-       SET subscription_credits_balance = a.subscription_credits_balance - LEAST(a.subscription_credits_balance, $2),
-           purchased_credits_balance    = a.purchased_credits_balance - ($2 - LEAST(a.subscription_credits_balance, $2)),
-           last_subscription_delta      = -LEAST(a.subscription_credits_balance, $2),
-           last_purchased_delta         = -($2 - LEAST(a.subscription_credits_balance, $2)),
-           updated_at                   = pg_catalog.now()
-     WHERE a.user_id = $1
-       AND a.subscription_credits_balance + a.purchased_credits_balance >= $2
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
-           a.last_subscription_delta AS dsub, a.last_purchased_delta AS dpur
-), ledger AS (
-    INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key)
-    SELECT $1, $7, $6, 'subscription'::billing.credit_pool, acct.dsub, acct.sub, $3, $4, $5 FROM acct WHERE acct.dsub <> 0
-    UNION ALL
-    SELECT $1, $7, $6, 'purchased'::billing.credit_pool, acct.dpur, acct.pur, $3, $4, $5 FROM acct WHERE acct.dpur <> 0
-)
-SELECT pg_catalog.jsonb_build_object(
-           'success', true, 'transaction_id', $7, 'consumed', $2,
-           'subscription_used', -acct.dsub, 'purchased_used', -acct.dpur,
-           'subscription_credits_balance', acct.sub, 'purchased_credits_balance', acct.pur,
-           'total_balance', acct.sub + acct.pur)
-  FROM acct";
-
-/// The hot path of consume_credits_v2, as two simple statements under the same row lock (the
-/// UPDATE takes it): executor start-up of two small plans costs less than that of one CTE plan
-/// (measured with callgrind; see benches/README.md). $1 user, $2 amount. No row: unknown account
-/// or not enough credits (nothing changed).
+/// FIFO consumption, as two simple statements under the same row lock (the UPDATE takes it):
+/// executor start-up of two small plans costs less than that of one CTE plan (measured with
+/// callgrind; see benches/README.md). $1 user, $2 amount. No row: unknown account or not enough
+/// credits (nothing changed).
 const DEBIT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - LEAST(a.subscription_credits_balance, $2),
@@ -317,41 +287,7 @@ pub fn new_operation_id() -> BResult<[u8; 16]> {
     })
 }
 
-/// Run the FIFO consumption statement; its one row holds the JSON result.
-fn run_consume<'c>(
-    client: &mut SpiClient<'c>,
-    user: &[u8; 16],
-    amount: i64,
-    ledger_type: &str,
-    description: Option<&str>,
-    reference: Option<&str>,
-    key: Option<&str>,
-) -> BResult<SpiTupleTable<'c>> {
-    let op = new_operation_id()?;
-    let mut attempts = 0;
-    loop {
-        let t = spi::write(
-            client,
-            CONSUME,
-            &[UUID, INT8, TEXT, TEXT, TEXT, TEXT, UUID],
-            &[uuid_arg(user), amount.into(), description.into(), reference.into(), key.into(), ledger_type.into(), uuid_arg(&op)],
-        )?;
-        if !t.is_empty() {
-            return Ok(t.first());
-        }
-        // Nothing changed. Say why: no account (P0002), or the shortfall (PT402). If a
-        // concurrent grant committed in between and the balance now covers it, try again.
-        let b = balances(client, user)?;
-        attempts += 1;
-        credits::fifo_split(b, amount)?;
-        if attempts >= 3 {
-            return Err(BillingError::InsufficientCredits { needed: amount, subscription: b.subscription, purchased: b.purchased });
-        }
-    }
-}
-
-/// FIFO consumption, shared by consume_credits_v2, decrement_credits_with_log and the members
-/// domain: the result as JSON.
+/// FIFO consumption with its result as JSON (for idempotency records and Rust callers).
 pub fn consume(
     client: &mut SpiClient<'_>,
     user: &[u8; 16],
@@ -361,12 +297,11 @@ pub fn consume(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Value> {
-    let t = run_consume(client, user, amount, ledger_type, description, reference, key)?;
-    col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0).ok_or_else(|| BillingError::internal("consumption returned no result"))
+    Ok(debit(client, user, amount, ledger_type, description, reference, key)?.to_json())
 }
 
-/// What the hot path consumed: enough to build its JSON result outside SPI.
-struct Debit {
+/// What a consumption did: enough to build its JSON result (outside SPI for the hot path).
+pub struct Debit {
     op: [u8; 16],
     amount: i64,
     sub: i64,
@@ -375,9 +310,17 @@ struct Debit {
     dpur: i64,
 }
 
-/// The hot path (no idempotency key): debit, then the ledger rows. Same effects and result as
-/// `consume`.
-fn consume_fast(client: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, description: Option<&str>, reference: Option<&str>) -> BResult<Debit> {
+/// FIFO consumption: debit, then the ledger rows (one per pool touched), under the account's
+/// row lock. Shared by consume_credits_v2, decrement_credits_with_log and the members domain.
+pub fn debit(
+    client: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    amount: i64,
+    ledger_type: &str,
+    description: Option<&str>,
+    reference: Option<&str>,
+    key: Option<&str>,
+) -> BResult<Debit> {
     let mut attempts = 0;
     let t = loop {
         let t = spi::write(client, DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
@@ -400,8 +343,8 @@ fn consume_fast(client: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, descri
                 client,
                 LEDGER_ROW,
                 &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT],
-                &[uuid_arg(user), uuid_arg(&op), "usage".into(), pool.into(), delta.into(), after.into(),
-                  description.into(), reference.into(), Option::<&str>::None.into()],
+                &[uuid_arg(user), uuid_arg(&op), ledger_type.into(), pool.into(), delta.into(), after.into(),
+                  description.into(), reference.into(), key.into()],
             )?;
         }
     }
@@ -409,7 +352,21 @@ fn consume_fast(client: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, descri
 }
 
 impl Debit {
-    /// consume_credits_v2's result, built as jsonb in the caller's memory context.
+    /// consume_credits_v2's result as a JSON value.
+    fn to_json(&self) -> Value {
+        json!({
+            "success": true,
+            "transaction_id": uuid_text(&self.op),
+            "consumed": self.amount,
+            "subscription_used": -self.dsub,
+            "purchased_used": -self.dpur,
+            "subscription_credits_balance": self.sub,
+            "purchased_credits_balance": self.pur,
+            "total_balance": self.sub.saturating_add(self.pur),
+        })
+    }
+
+    /// The same result built directly as jsonb in the caller's memory context (the hot path).
     fn to_jsonb(&self) -> pgrx::pg_sys::Datum {
         use crate::boundary::{jsonb_object, JVal};
         let op = uuid_text(&self.op);
@@ -486,8 +443,8 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     if key.is_none() {
-        let debit = Spi::connect_mut(|c| consume_fast(c, &user, amount, description, reference))?;
-        return Ok(Ret::Datum(debit.to_jsonb()));
+        let d = Spi::connect_mut(|c| debit(c, &user, amount, "usage", description, reference, None))?;
+        return Ok(Ret::Datum(d.to_jsonb()));
     }
     let fp = idempotency::fingerprint(
         "consume_credits_v2",

@@ -382,13 +382,7 @@ fn reset_usage_for_due_members(a: &Args) -> BResult<Ret> {
     let today_date = validate::required("p_today", date_arg(a, 0))?;
     let today = ymd(today_date)?;
     Spi::connect_mut(|c| {
-        let due: Vec<[u8; 16]> = spi::write(c, DUE, &[DATE], &[today_date.into()])?
-            .map(|row| row.get::<pgrx::Uuid>(1).map(|u| u.map(|u| *u.as_bytes())))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| BillingError::internal(format!("SPI: {e}")))?
-            .into_iter()
-            .flatten()
-            .collect();
+        let due = spi::uuid_column(spi::write(c, DUE, &[DATE], &[today_date.into()])?)?;
         let mut n = 0;
         for user in due {
             // Locked in user_id order; a member reset concurrently is no longer due and skipped.

@@ -187,13 +187,7 @@ fn process_expired_subscriptions(_a: &Args) -> BResult<Ret> {
     security::require_service("process_expired_subscriptions")?;
     Spi::connect_mut(|c| {
         let t = spi::write(c, EXPIRE_DUE, &[], &[])?;
-        let users: Vec<[u8; 16]> = t
-            .map(|row| row.get::<pgrx::Uuid>(1).map(|u| u.map(|u| *u.as_bytes())))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| BillingError::internal(format!("SPI: {e}")))?
-            .into_iter()
-            .flatten()
-            .collect();
+        let users = spi::uuid_column(t)?;
         for user in &users {
             match credits::expire(c, user, Some("subscription expired"), None) {
                 Ok(_) | Err(BillingError::NotFound { .. }) => {}
