@@ -8,7 +8,7 @@ SUITES="${SUITES:-unit regress isolation integration}"
 PY=/usr/bin/python3   # Debian's, which has python3-psycopg2
 OUT="${TEST_OUT:-$REPO/.tmp/test-output}"
 rm -rf "$OUT"; mkdir -p "$OUT"
-chmod 777 "$OUT" "$REPO/.tmp"
+chmod 777 "$OUT" "$(dirname "$OUT")"
 
 passed=0; failed=0; declare -a summary
 record() { # suite passed failed

@@ -125,7 +125,9 @@ CREATE TABLE billing.idempotency_keys (
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (user_id, idempotency_key)
 );
-COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutators, per user: the request fingerprint and the first response, replayed on repeats.';
+COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutators, per user: the request fingerprint and the first response, replayed on repeats. cleanup_idempotency_keys deletes old keys.';
+-- For cleanup_idempotency_keys (0.2.0).
+CREATE INDEX idempotency_keys_created_at_idx ON billing.idempotency_keys (created_at);
 
 -- Clawbacks: at most one per purchase.
 CREATE TABLE billing.clawbacks (
@@ -145,7 +147,9 @@ CREATE TABLE billing.webhook_events (
     processed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     result       jsonb
 );
-COMMENT ON TABLE billing.webhook_events IS 'Provider webhook event ids already processed (record_webhook_event).';
+COMMENT ON TABLE billing.webhook_events IS 'Provider webhook event ids already processed (record_webhook_event). cleanup_webhook_events deletes old ids.';
+-- For cleanup_webhook_events (0.2.0).
+CREATE INDEX webhook_events_processed_at_idx ON billing.webhook_events (processed_at);
 
 CREATE VIEW billing.user_credits WITH (security_invoker = true) AS
 SELECT a.user_id,

@@ -512,18 +512,27 @@ fn refund_credits(a: &Args) -> BResult<Ret> {
 crate::billing_fn!(pg_finfo_pgb_refund_credits, pgb_refund_credits, refund_credits);
 
 pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>, key: Option<&str>) -> BResult<Value> {
-    let t = spi::write(c, EXPIRE, &[UUID, TEXT, TEXT], &[uuid_arg(user), description.into(), key.into()])?;
-    if t.is_empty() {
-        return Err(unknown_account(user));
-    }
-    let r = row(t)?;
+    // Read first, without a lock: an empty subscription pool (the common case for a scheduled
+    // job) is a no-op that answers from this one snapshot and never waits behind a user's open
+    // transaction. Otherwise the UPDATE locks the row and expires what the newest version holds.
+    let b = balances(c, user)?;
+    let (op, expired, sub, pur) = if b.subscription == 0 {
+        (Value::Null, 0, b.subscription, b.purchased)
+    } else {
+        let t = spi::write(c, EXPIRE, &[UUID, TEXT, TEXT], &[uuid_arg(user), description.into(), key.into()])?;
+        if t.is_empty() {
+            return Err(unknown_account(user));
+        }
+        let r = row(t)?;
+        (if r.d1 != 0 { Value::String(r.op) } else { Value::Null }, -r.d1, r.sub, r.pur)
+    };
     Ok(json!({
         "success": true,
-        "transaction_id": if r.d1 != 0 { Value::String(r.op) } else { Value::Null },
-        "expired_amount": -r.d1,
-        "subscription_credits_balance": r.sub,
-        "purchased_credits_balance": r.pur,
-        "total_balance": r.sub.saturating_add(r.pur),
+        "transaction_id": op,
+        "expired_amount": expired,
+        "subscription_credits_balance": sub,
+        "purchased_credits_balance": pur,
+        "total_balance": sub.saturating_add(pur),
     }))
 }
 

@@ -49,3 +49,16 @@ def test_upgrade_paths():
     out = upgrade.run()
     print(out.line(), flush=True)
     assert not out.differences, f"{len(out.differences)} differences, first: {out.differences[:10]}"
+
+
+def test_upgrade_check_finds_mistakes():
+    # The upgrade check itself: a made-up older release must upgrade with no difference, and
+    # a schema change, as well as each typical mistake in the real upgrade scripts (grants, an
+    # index, the API catalog rows, a comment left out; a statement that cannot run twice), must
+    # be reported.
+    problems = upgrade.selftest(quiet=True)
+    tried, more = upgrade.mutation_test(quiet=True)
+    print(f"upgrade check: selftest {'ok' if not problems else problems}; {tried} mutations tried, "
+          f"{tried - len(more)} found", flush=True)
+    assert not problems and not more, problems + more
+    assert tried >= 5, f"only {tried} mutations applied to the upgrade scripts"

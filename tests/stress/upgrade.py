@@ -16,6 +16,10 @@ as it shipped; see sql/releases/README.md); upgrade scripts are sql/pg_billing--
         - the version is the current default_version;
         - every row of every table that existed before is still there, unchanged (on the old
           columns); balances per user are unchanged; verify_ledger() is empty; consume still works;
+        - the tables the extension fills itself (not dumped: billing.api_functions) hold exactly
+          the rows of a fresh install;
+        - every upgrade script of the path runs a second time without error and changes neither
+          the catalog nor any row (upgrade scripts are idempotent, SPEC 12);
         - the catalog of schema billing (pg_class, pg_attribute and defaults, pg_constraint,
           pg_index, pg_proc with bodies, settings, ACLs and comments, pg_policy, pg_type/pg_enum,
           views, sequences, extension membership and pg_extension_config_dump registration)
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import psycopg2
@@ -84,6 +89,36 @@ def frozen_releases(releases_dir):
 
 def upgrade_scripts(sql_dir):
     return sorted(p for p in Path(sql_dir).glob(f"{EXT}--*--*.sql"))
+
+
+def upgrade_chain(scripts, old, current):
+    """The upgrade scripts ALTER EXTENSION runs from old to current, in order (the shortest chain
+    by version, as PostgreSQL picks), or None when there is no path."""
+    edges = {}
+    for p in scripts:
+        m = re.fullmatch(rf"{EXT}--([^-]+)--([^-]+)\.sql", Path(p).name)
+        if m:
+            edges.setdefault(m.group(1), []).append((m.group(2), Path(p)))
+    paths, seen = [(old, [])], {old}
+    while paths:
+        nxt = []
+        for v, chain in paths:
+            if v == current:
+                return chain
+            for to, p in sorted(edges.get(v, []), key=lambda e: vkey(e[0])):
+                if to not in seen:
+                    seen.add(to)
+                    nxt.append((to, chain + [p]))
+        paths = nxt
+    return None
+
+
+def script_as_sql(path):
+    """An extension script as plain SQL, with what CREATE EXTENSION substitutes: no \\echo guard
+    lines, MODULE_PATHNAME and @extschema@ replaced."""
+    text = Path(path).read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("\\echo"))
+    return text.replace("MODULE_PATHNAME", f"$libdir/{EXT}").replace("@extschema@", "billing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +293,16 @@ def table_rows(conn):
     return out
 
 
+def content_tables(conn):
+    """Tables of the extension that pg_dump does not dump (not in extconfig): filled by the
+    install and upgrade scripts themselves, such as billing.api_functions."""
+    return [r[0] for r in q(conn, """
+        SELECT c.relname FROM pg_class c
+         WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
+           AND c.oid <> ALL (COALESCE((SELECT extconfig FROM pg_extension WHERE extname = 'pg_billing'), '{}'))
+         ORDER BY 1""")]
+
+
 def rows_on(conn, table, cols):
     sel = ", ".join(f'"{c}"::text' for c in cols)
     return sorted(q(conn, f'SELECT {sel} FROM billing."{table}"'), key=lambda r: tuple("" if x is None else x for x in r))
@@ -287,9 +332,11 @@ def make_db(admin, name):
     return psycopg2.extensions.make_dsn(admin.dsn, dbname=name)
 
 
-def check_path(admin, old, current, out, label=None, quiet=False):
+def check_path(admin, old, current, out, label=None, quiet=False, chain=None):
     """CREATE EXTENSION VERSION old, data, UPDATE; compare with a fresh install. The files must be
-    in the extension directory already. Returns the list of differences of this path."""
+    in the extension directory already. With `chain` (the upgrade scripts of the path), each is
+    then run a second time and must change nothing: upgrade scripts are idempotent (SPEC 12).
+    Returns the list of differences of this path."""
     label = label or f"{old} -> {current}"
     diffs = []
     tag = uuid.uuid4().hex[:8]
@@ -324,8 +371,10 @@ def check_path(admin, old, current, out, label=None, quiet=False):
                 diffs.append(f"{label}: billing.{t} lost columns {missing}")
                 continue
             after = rows_on(c_old, t, cols)
-            if after != before[t]:
-                diffs.append(f"{label}: billing.{t}: rows changed by the update ({len(before[t])} before, {len(after)} after)")
+            lost = Counter(before[t]) - Counter(after)
+            if lost:
+                diffs.append(f"{label}: billing.{t}: {sum(lost.values())} of {len(before[t])} rows lost or changed by "
+                             f"the update, e.g. {next(iter(lost))}")
         if balances(c_old, users) != before_bal:
             diffs.append(f"{label}: balances changed by the update: {before_bal} -> {balances(c_old, users)}")
         bad = q(c_old, "SELECT count(*) FROM billing.verify_ledger()")[0][0]
@@ -340,13 +389,43 @@ def check_path(admin, old, current, out, label=None, quiet=False):
         c_new = connect(make_db(admin, db_new))
         q(c_new, "CREATE EXTENSION pg_billing")
         cat_old, cat_new = catalog(c_old), catalog(c_new)
+        # Tables the extension fills itself (not registered with pg_extension_config_dump, so not
+        # user data): their rows must be those of a fresh install.
+        for t in content_tables(c_new):
+            cols = [r[0] for r in q(c_new, """SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0
+                                               AND NOT attisdropped ORDER BY attnum""", (f'billing."{t}"',))]
+            try:
+                upgraded, fresh = rows_on(c_old, t, cols), rows_on(c_new, t, cols)
+            except psycopg2.Error as e:
+                diffs.append(f"{label}: extension content billing.{t} cannot be read after the update: {e.pgcode} {e.pgerror}")
+                continue
+            for r in sorted(set(fresh) - set(upgraded), key=str):
+                diffs.append(f"{label}: billing.{t} (extension content): only in a fresh install: {r}")
+            for r in sorted(set(upgraded) - set(fresh), key=str):
+                diffs.append(f"{label}: billing.{t} (extension content): only in the upgraded install: {r}")
+        if chain:
+            rows_before_rerun = {t: rows_on(c_old, t, cols) for t, (cols, _) in table_rows(c_old).items()}
+            for script in chain:
+                try:
+                    with c_old.cursor() as cur:
+                        cur.execute(script_as_sql(script))
+                except psycopg2.Error as e:
+                    diffs.append(f"{label}: {script.name} is not idempotent: a second run failed: {e.pgcode} {e.pgerror}")
+            cat_rerun = catalog(c_old)
+            for line in sorted(cat_rerun ^ cat_old):
+                diffs.append(f"{label}: a second run of the upgrade scripts changed the catalog: {line[:400]}")
+            rows_after_rerun = {t: rows_on(c_old, t, cols) for t, (cols, _) in table_rows(c_old).items()}
+            if rows_after_rerun != rows_before_rerun:
+                changed = sorted(t for t in rows_after_rerun if rows_after_rerun[t] != rows_before_rerun.get(t))
+                diffs.append(f"{label}: a second run of the upgrade scripts changed rows of {changed}")
         for line in sorted(cat_new - cat_old):
             diffs.append(f"{label}: catalog: only in a fresh install:     {line[:400]}")
         for line in sorted(cat_old - cat_new):
             diffs.append(f"{label}: catalog: only in the upgraded install: {line[:400]}")
         if not quiet:
+            rerun = f"; {len(chain)} upgrade scripts run twice" if chain else ""
             print(f"  {label}: {len(before)} tables, {sum(len(v) for v in before.values())} rows kept; "
-                  f"{len(cat_new)} catalog entries compared; {len(diffs)} differences", flush=True)
+                  f"{len(cat_new)} catalog entries compared{rerun}; {len(diffs)} differences", flush=True)
         c_old.close()
         c_new.close()
     finally:
@@ -391,13 +470,18 @@ def run(releases_dir=None, sql_dir=None, quiet=False):
         if not quiet:
             print("  no release older than the current version: no upgrade path to check yet", flush=True)
     files = ExtFiles(extdir)
+    scripts = upgrade_scripts(sql_dir)
     try:
         if older:
-            for s in upgrade_scripts(sql_dir):
+            for s in scripts:
                 files.put(s)
         for v in older:
+            chain = upgrade_chain(scripts, v, current)
+            if chain is None:
+                out.differences.append(f"no upgrade path from the released {v} to {current}: add sql/{EXT}--{v}--{current}.sql")
+                continue
             files.put(frozen[v])
-            out.differences += check_path(admin, v, current, out, quiet=quiet)
+            out.differences += check_path(admin, v, current, out, quiet=quiet, chain=chain)
             out.paths += 1
     finally:
         files.restore()
@@ -456,6 +540,62 @@ def selftest(quiet=False):
     return problems
 
 
+# Mistakes an upgrade script could make; the check must find each one in the real scripts.
+MUTATIONS = [
+    ("grants left out", r"^(REVOKE [^\n]*|SELECT billing\.apply_grants\(\);)\n", True),
+    ("an index left out", r"^CREATE INDEX [^\n]*\n", False),
+    ("not idempotent (no IF NOT EXISTS)", r"(?<=^CREATE INDEX )IF NOT EXISTS ", False),
+    ("API catalog rows left out", r"^INSERT INTO billing\.api_functions.*?;\n", False),
+    ("a comment left out", r"^COMMENT ON TABLE [^\n]*\n", False),
+]
+
+
+def mutation_test(quiet=False):
+    """Each mutation of each real upgrade script (sql/) must give at least one difference.
+    Returns (mutations tried, list of problems)."""
+    problems, tried = [], 0
+    extdir = extension_dir()
+    admin = connect()
+    ensure_roles(admin)
+    current = q(admin, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_billing'")[0][0]
+    frozen = frozen_releases(REPO / "sql" / "releases")
+    scripts = upgrade_scripts(REPO / "sql")
+    tmp = Path(tempfile.mkdtemp(prefix="pgb_upgrade_mutations."))
+    try:
+        for old in sorted((v for v in frozen if vkey(v) < vkey(current)), key=vkey):
+            chain = upgrade_chain(scripts, old, current)
+            if not chain:
+                continue
+            for name, pattern, every in MUTATIONS:
+                for i, script in enumerate(chain):
+                    text = script.read_text()
+                    flags = re.M | re.S
+                    mutated = re.sub(pattern, "", text, count=0 if every else 1, flags=flags)
+                    if mutated == text:
+                        continue
+                    tried += 1
+                    (tmp / script.name).write_text(mutated)
+                    files = ExtFiles(extdir)
+                    try:
+                        files.put(frozen[old])
+                        for other in chain:
+                            files.put(tmp / other.name if other == script else other)
+                        mutated_chain = [tmp / c.name if c == script else c for c in chain]
+                        diffs = check_path(admin, old, current, None, label=f"mutation '{name}' of {script.name}",
+                                           quiet=True, chain=mutated_chain)
+                    finally:
+                        files.restore()
+                    if not diffs:
+                        problems.append(f"mutation '{name}' of {script.name} was not found")
+                    elif not quiet:
+                        print(f"  mutation '{name}' of {script.name}: found ({len(diffs)} differences, "
+                              f"e.g. {diffs[0][:140]})", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        admin.close()
+    return tried, problems
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--selftest", action="store_true")
@@ -464,6 +604,9 @@ def main():
     a = ap.parse_args()
     if a.selftest:
         problems = selftest()
+        tried, more = mutation_test()
+        problems += more
+        print(f"  {tried} mutations of the real upgrade scripts tried")
         for p in problems:
             print("  PROBLEM:", p)
         print(f"upgrade selftest: {'ok' if not problems else f'{len(problems)} problems'}")
