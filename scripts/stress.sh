@@ -18,4 +18,6 @@ DO $$ BEGIN
 END $$;
 CREATE EXTENSION pg_billing;
 SQL
+# The long run must check every upgrade path with the old release's own library.
+[ "${STRESS_MODE:---long}" = --long ] && export PGB_REQUIRE_OLD_LIBRARY="${PGB_REQUIRE_OLD_LIBRARY:-1}"
 PGDATABASE=stress $PY "$REPO/tests/stress/run.py" "${STRESS_MODE:---long}"

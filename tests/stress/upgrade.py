@@ -158,6 +158,101 @@ class ExtFiles:
 
 
 # ---------------------------------------------------------------------------------------------
+# The shared library of an older release, built from the commit it shipped from.
+
+def release_commit(version, releases_dir=None):
+    """The commit a released version shipped from (sql/releases/commits.txt), or None."""
+    f = Path(releases_dir or REPO / "sql" / "releases") / "commits.txt"
+    if not f.exists():
+        return None
+    for line in f.read_text().splitlines():
+        parts = line.split("#")[0].split()
+        if len(parts) == 2 and parts[0] == version:
+            return parts[1]
+    return None
+
+
+def old_library(version, quiet=False):
+    """Builds the shared library of a released version from its commit (cached in .tmp/releases/).
+    Returns (path, None), or (None, reason) when the commit is not in this clone (a shallow one),
+    or raises RuntimeError when the build fails."""
+    commit = release_commit(version)
+    if not commit:
+        return None, f"no commit recorded for {version} in sql/releases/commits.txt"
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
+                      capture_output=True).returncode != 0:
+        return None, f"the {version} commit {commit[:12]} is not in this clone"
+    base = REPO / ".tmp" / "releases" / f"{version}-{commit[:12]}"
+    so = base / "target" / "debug" / f"lib{EXT}.so"
+    if so.exists():
+        return so, None
+    if not quiet:
+        print(f"  building the {version} library from commit {commit[:12]} (once; cached in {base.relative_to(REPO)})",
+              flush=True)
+    src = base / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    env = dict(os.environ, PGRX_HOME=str(REPO / "pgrx-config"), CARGO_TARGET_DIR=str(base / "target"))
+    r = subprocess.run(["cargo", "build", "--lib", "--locked"], cwd=src, env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not so.exists():
+        raise RuntimeError(f"building the {version} library failed: {r.stderr[-3000:]}")
+    return so, None
+
+
+class Library:
+    """Swaps the installed shared library. Every swap is an atomic rename, so a running backend
+    keeps the file it mapped (overwriting a mapped library in place can crash it); a new
+    connection loads whatever is installed when it first calls a pg_billing function."""
+
+    def __init__(self):
+        try:
+            libdir = subprocess.run(["/usr/bin/pg_config", "--pkglibdir"], check=True, capture_output=True,
+                                    text=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            libdir = "/usr/lib/postgresql/15/lib"
+        self.path = Path(libdir) / f"{EXT}.so"
+        self.tmp = Path(tempfile.mkdtemp(prefix="pgb_upgrade_lib."))
+        self.backup = None
+
+    def _run(self, args):
+        pre = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        subprocess.run(pre + args, check=True)
+
+    def _put(self, src):
+        staged = self.path.with_name(f".{self.path.name}.pgb_upgrade")
+        self._run(["cp", str(src), str(staged)])
+        self._run(["chmod", "755", str(staged)])
+        self._run(["mv", "-f", str(staged), str(self.path)])
+
+    def install(self, so):
+        if self.backup is None:
+            self.backup = self.tmp / self.path.name
+            shutil.copy2(self.path, self.backup)
+        self._put(so)
+
+    def installed_inode(self):
+        return os.stat(self.path).st_ino
+
+    def mapped_by(self, conn):
+        """The inodes of pg_billing libraries the connection's backend has mapped (from
+        /proc/<pid>/maps), or None when that cannot be read."""
+        pid = q(conn, "SELECT pg_backend_pid()")[0][0]
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            return None
+        return {int(f[4]) for f in (line.split() for line in lines) if len(f) >= 6 and f[5].endswith(f"/{EXT}.so")}
+
+    def restore(self):
+        if self.backup is not None:
+            self._put(self.backup)
+            self.backup = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # The catalog of schema billing, as sorted lines of text.
 
 CATALOG_QUERIES = {
@@ -318,11 +413,13 @@ def balances(conn, users):
 class Outcome:
     def __init__(self):
         self.paths = 0
+        self.old_libraries = 0
         self.differences = []
         self.notes = []
 
     def line(self):
-        s = f"upgrade: {fmt(self.paths)} upgrade paths checked, {fmt(len(self.differences))} differences"
+        libs = f" (data written by the old release's own library on {fmt(self.old_libraries)})" if self.old_libraries else ""
+        s = f"upgrade: {fmt(self.paths)} upgrade paths checked{libs}, {fmt(len(self.differences))} differences"
         return s + (f" ({'; '.join(self.notes)})" if self.notes else "")
 
 
@@ -332,17 +429,24 @@ def make_db(admin, name):
     return psycopg2.extensions.make_dsn(admin.dsn, dbname=name)
 
 
-def check_path(admin, old, current, out, label=None, quiet=False, chain=None):
+def check_path(admin, old, current, out, label=None, quiet=False, chain=None, old_lib=None):
     """CREATE EXTENSION VERSION old, data, UPDATE; compare with a fresh install. The files must be
     in the extension directory already. With `chain` (the upgrade scripts of the path), each is
     then run a second time and must change nothing: upgrade scripts are idempotent (SPEC 12).
+    With `old_lib` (the old release's shared library), the old version is installed and its data
+    written by that library; the current library is put back before the UPDATE, as a DBA does.
     Returns the list of differences of this path."""
     label = label or f"{old} -> {current}"
     diffs = []
     tag = uuid.uuid4().hex[:8]
     db_old, db_new = f"pgb_upgrade_old_{os.getpid()}", f"pgb_upgrade_new_{os.getpid()}"
+    lib = Library() if old_lib else None
     try:
-        c_old = connect(make_db(admin, db_old))
+        dsn_old = make_db(admin, db_old)
+        if lib:
+            lib.install(old_lib)
+            old_inode = lib.installed_inode()
+        c_old = connect(dsn_old)
         try:
             q(c_old, "CREATE EXTENSION pg_billing VERSION %s", (old,))
         except psycopg2.Error as e:
@@ -353,6 +457,19 @@ def check_path(admin, old, current, out, label=None, quiet=False, chain=None):
         before_tables = table_rows(c_old)
         before = {t: rows_on(c_old, t, cols) for t, (cols, _) in before_tables.items()}
         before_bal = balances(c_old, users)
+        if lib:
+            mapped = lib.mapped_by(c_old)
+            if mapped is not None and mapped != {old_inode}:
+                diffs.append(f"{label}: the data was not written by the old library (mapped {mapped}, old {old_inode})")
+            c_old.close()
+            lib.restore()
+            lib = None
+            new_inode = os.stat(Library().path).st_ino
+            c_old = connect(dsn_old)
+            q(c_old, "SELECT billing.is_end_user()")     # a C function: loads the library
+            mapped = Library().mapped_by(c_old)
+            if mapped is not None and mapped != {new_inode}:
+                diffs.append(f"{label}: the update did not run with the current library (mapped {mapped}, current {new_inode})")
         try:
             q(c_old, "ALTER EXTENSION pg_billing UPDATE")
         except psycopg2.Error as e:
@@ -429,13 +546,18 @@ def check_path(admin, old, current, out, label=None, quiet=False, chain=None):
         c_old.close()
         c_new.close()
     finally:
+        if lib:
+            lib.restore()
         for db in (db_old, db_new):
             q(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     return diffs
 
 
-def run(releases_dir=None, sql_dir=None, quiet=False):
-    """The check on the repository's sql/releases and sql/. Returns an Outcome."""
+def run(releases_dir=None, sql_dir=None, quiet=False, old_libraries=True):
+    """The check on the repository's sql/releases and sql/. With old_libraries, each older
+    release's data is written by that release's own library, built from its commit; when the
+    commit is not in this clone the current library writes it and the figure line says so
+    (PGB_REQUIRE_OLD_LIBRARY=1 makes that a difference). Returns an Outcome."""
     releases_dir = Path(releases_dir or REPO / "sql" / "releases")
     sql_dir = Path(sql_dir or REPO / "sql")
     out = Outcome()
@@ -481,7 +603,21 @@ def run(releases_dir=None, sql_dir=None, quiet=False):
                 out.differences.append(f"no upgrade path from the released {v} to {current}: add sql/{EXT}--{v}--{current}.sql")
                 continue
             files.put(frozen[v])
-            out.differences += check_path(admin, v, current, out, quiet=quiet, chain=chain)
+            lib = None
+            if old_libraries:
+                try:
+                    lib, reason = old_library(v, quiet=quiet)
+                except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                    out.differences.append(f"{v}: {e}")
+                    continue
+                if lib is None:
+                    out.notes.append(f"{v} data written by the current library: {reason}")
+                    if os.environ.get("PGB_REQUIRE_OLD_LIBRARY") == "1":
+                        out.differences.append(f"PGB_REQUIRE_OLD_LIBRARY=1 but {reason}")
+                else:
+                    out.old_libraries += 1
+            out.differences += check_path(admin, v, current, out, quiet=quiet, chain=chain, old_lib=lib,
+                                          label=f"{v} -> {current}" + (f" ({v} library)" if lib else ""))
             out.paths += 1
     finally:
         files.restore()
