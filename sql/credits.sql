@@ -88,37 +88,19 @@ COMMENT ON FUNCTION billing.record_webhook_event(text, text, uuid) IS
 -- Retention (0.2.0). A key or event id is remembered for at least a day, so a client's or a
 -- provider's retries within a day can never apply twice.
 CREATE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM billing.require_service('cleanup_idempotency_keys');
-    IF p_older_than IS NULL OR p_older_than < interval '1 day' OR p_older_than > interval '1000 years' THEN
-        RAISE EXCEPTION 'p_older_than must be an interval between 1 day and 1000 years'
-            USING ERRCODE = '22023', HINT = 'a repeat of a call whose key was deleted is applied again';
-    END IF;
-    DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
 COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
 'Service-only maintenance: forgets idempotency keys older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
 
 CREATE FUNCTION billing.cleanup_webhook_events(p_older_than interval DEFAULT '90 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM billing.require_service('cleanup_webhook_events');
-    IF p_older_than IS NULL OR p_older_than < interval '1 day' OR p_older_than > interval '1000 years' THEN
-        RAISE EXCEPTION 'p_older_than must be an interval between 1 day and 1000 years'
-            USING ERRCODE = '22023', HINT = 'a redelivered event whose id was deleted is applied again';
-    END IF;
-    DELETE FROM billing.webhook_events AS e WHERE e.processed_at < pg_catalog.now() - p_older_than;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
+    WITH gone AS (DELETE FROM billing.webhook_events AS e WHERE e.processed_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
 COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 'Service-only maintenance: forgets webhook event ids processed more than p_older_than ago (default 90 days, at least 1 day); returns ids deleted. A redelivery of a forgotten event is applied again (upsert_subscription given p_event_created_at still ignores an event older than the last one it applied).';

@@ -18,6 +18,21 @@ CREATE FUNCTION billing.require_service(p_function text) RETURNS void
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_require_service';
 COMMENT ON FUNCTION billing.require_service(text) IS 'Internal: raises 42501 when the request is an end user''s (pg_billing.end_user_roles).';
 
+-- The argument of every cleanup_* function (0.2.0): service-only, an interval between p_at_least
+-- and 1000 years, checked before anything is deleted.
+CREATE FUNCTION billing.check_retention(p_function text, p_older_than interval, p_at_least interval, p_hint text)
+RETURNS void LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET IntervalStyle = 'postgres' AS $$
+BEGIN
+    PERFORM billing.require_service(p_function);
+    IF p_older_than IS NULL OR p_older_than < p_at_least OR p_older_than > interval '1000 years' THEN
+        RAISE EXCEPTION 'p_older_than must be an interval between % and 1000 years',
+                        CASE WHEN p_at_least = interval '0' THEN '0' ELSE p_at_least::text END
+            USING ERRCODE = '22023', HINT = COALESCE(p_hint, 'pass an interval such as ''7 days''');
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.check_retention(text, interval, interval, text) IS 'Internal: raises 42501 for an end user and 22023 unless p_at_least <= p_older_than <= 1000 years (the cleanup_* functions).';
+
 CREATE FUNCTION billing.is_end_user() RETURNS boolean
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_is_end_user';
 COMMENT ON FUNCTION billing.is_end_user() IS 'True when the request is an end user''s: its JWT role claim or its role is in pg_billing.end_user_roles.';

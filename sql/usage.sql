@@ -247,18 +247,10 @@ $$;
 COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. End users: own only.';
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM billing.require_service('cleanup_api_usage');
-    IF p_older_than IS NULL OR p_older_than < interval '0' OR p_older_than > interval '1000 years' THEN
-        RAISE EXCEPTION 'p_older_than must be an interval between 0 and 1000 years' USING ERRCODE = '22023';
-    END IF;
-    DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_api_usage', p_older_than, interval '0', NULL);
+    WITH gone AS (DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
 COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days); returns rows deleted.';
 

@@ -207,6 +207,21 @@ CREATE FUNCTION billing.require_service(p_function text) RETURNS void
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_require_service';
 COMMENT ON FUNCTION billing.require_service(text) IS 'Internal: raises 42501 when the request is an end user''s (pg_billing.end_user_roles).';
 
+-- The argument of every cleanup_* function (0.2.0): service-only, an interval between p_at_least
+-- and 1000 years, checked before anything is deleted.
+CREATE FUNCTION billing.check_retention(p_function text, p_older_than interval, p_at_least interval, p_hint text)
+RETURNS void LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET IntervalStyle = 'postgres' AS $$
+BEGIN
+    PERFORM billing.require_service(p_function);
+    IF p_older_than IS NULL OR p_older_than < p_at_least OR p_older_than > interval '1000 years' THEN
+        RAISE EXCEPTION 'p_older_than must be an interval between % and 1000 years',
+                        CASE WHEN p_at_least = interval '0' THEN '0' ELSE p_at_least::text END
+            USING ERRCODE = '22023', HINT = COALESCE(p_hint, 'pass an interval such as ''7 days''');
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.check_retention(text, interval, interval, text) IS 'Internal: raises 42501 for an end user and 22023 unless p_at_least <= p_older_than <= 1000 years (the cleanup_* functions).';
+
 CREATE FUNCTION billing.is_end_user() RETURNS boolean
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_is_end_user';
 COMMENT ON FUNCTION billing.is_end_user() IS 'True when the request is an end user''s: its JWT role claim or its role is in pg_billing.end_user_roles.';
@@ -450,37 +465,19 @@ COMMENT ON FUNCTION billing.record_webhook_event(text, text, uuid) IS
 -- Retention (0.2.0). A key or event id is remembered for at least a day, so a client's or a
 -- provider's retries within a day can never apply twice.
 CREATE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM billing.require_service('cleanup_idempotency_keys');
-    IF p_older_than IS NULL OR p_older_than < interval '1 day' OR p_older_than > interval '1000 years' THEN
-        RAISE EXCEPTION 'p_older_than must be an interval between 1 day and 1000 years'
-            USING ERRCODE = '22023', HINT = 'a repeat of a call whose key was deleted is applied again';
-    END IF;
-    DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
 COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
 'Service-only maintenance: forgets idempotency keys older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
 
 CREATE FUNCTION billing.cleanup_webhook_events(p_older_than interval DEFAULT '90 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM billing.require_service('cleanup_webhook_events');
-    IF p_older_than IS NULL OR p_older_than < interval '1 day' OR p_older_than > interval '1000 years' THEN
-        RAISE EXCEPTION 'p_older_than must be an interval between 1 day and 1000 years'
-            USING ERRCODE = '22023', HINT = 'a redelivered event whose id was deleted is applied again';
-    END IF;
-    DELETE FROM billing.webhook_events AS e WHERE e.processed_at < pg_catalog.now() - p_older_than;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
+    WITH gone AS (DELETE FROM billing.webhook_events AS e WHERE e.processed_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
 COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 'Service-only maintenance: forgets webhook event ids processed more than p_older_than ago (default 90 days, at least 1 day); returns ids deleted. A redelivery of a forgotten event is applied again (upsert_subscription given p_event_created_at still ignores an event older than the last one it applied).';
@@ -946,18 +943,10 @@ $$;
 COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. End users: own only.';
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n integer;
-BEGIN
-    PERFORM billing.require_service('cleanup_api_usage');
-    IF p_older_than IS NULL OR p_older_than < interval '0' OR p_older_than > interval '1000 years' THEN
-        RAISE EXCEPTION 'p_older_than must be an interval between 0 and 1000 years' USING ERRCODE = '22023';
-    END IF;
-    DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_api_usage', p_older_than, interval '0', NULL);
+    WITH gone AS (DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
 COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days); returns rows deleted.';
 
