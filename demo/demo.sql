@@ -166,3 +166,23 @@ SELECT email, claimed, claimed_by_user_id = 'e0000000-0000-4000-8000-00000000000
 SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
 \echo
 \echo 'End of the S1 and S3 stories.'
+
+\echo
+\echo '=== Operations: the nightly maintenance job (0.2.0) ==='
+\echo 'Months pass (we age the rows by editing their timestamps). The nightly job forgets old idempotency keys,'
+\echo 'webhook event ids and rate-limit buckets; balances and the ledger are untouched.'
+UPDATE billing.idempotency_keys SET created_at = created_at - interval '45 days';
+UPDATE billing.webhook_events SET processed_at = processed_at - interval '120 days';
+UPDATE billing.api_usage SET bucket_start = bucket_start - interval '10 days';
+SELECT billing.cleanup_idempotency_keys() AS keys_forgotten, billing.cleanup_webhook_events() AS event_ids_forgotten,
+       billing.cleanup_api_usage() AS rate_buckets_deleted;
+\echo 'Period end: Finn only ever bought credits, so expiring his empty subscription pool is a no-op (no lock, no'
+\echo 'ledger row). Eve''s period ended, so her pool expires; purchased credits never do.'
+SELECT billing.add_purchased_credits('f1000000-0000-4000-8000-0000000000f1', 25) ->> 'purchased_credits_balance' AS finn_bought;
+SELECT r->>'expired_amount' AS finn_expired, r->>'transaction_id' IS NULL AS no_ledger_row
+  FROM billing.expire_subscription_credits('f1000000-0000-4000-8000-0000000000f1') AS r;
+SELECT r->>'expired_amount' AS eve_expired, r->>'subscription_credits_balance' AS left_in_pool
+  FROM billing.expire_subscription_credits('e0000000-0000-4000-8000-00000000000e') AS r;
+SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
+\echo
+\echo 'End of the demo.'

@@ -17,7 +17,8 @@ as it shipped; see sql/releases/README.md); upgrade scripts are sql/pg_billing--
         - every row of every table that existed before is still there, unchanged (on the old
           columns); balances per user are unchanged; verify_ledger() is empty; consume still works;
         - the tables the extension fills itself (not dumped: billing.api_functions) hold exactly
-          the rows of a fresh install;
+          the rows of a fresh install, and expose_rpc('public') re-run after the update creates
+          the wrappers a fresh install gets;
         - every upgrade script of the path runs a second time without error and changes neither
           the catalog nor any row (upgrade scripts are idempotent, SPEC 12);
         - the catalog of schema billing (pg_class, pg_attribute and defaults, pg_constraint,
@@ -505,6 +506,24 @@ def check_path(admin, old, current, out, label=None, quiet=False, chain=None, ol
             diffs.append(f"{label}: consume after the update failed: {e.pgcode} {e.pgerror}")
         c_new = connect(make_db(admin, db_new))
         q(c_new, "CREATE EXTENSION pg_billing")
+        # SPEC 1: expose_rpc is re-run after an upgrade and gives the wrappers of a fresh install.
+        wrappers = {}
+        for name, conn in (("upgraded", c_old), ("fresh", c_new)):
+            try:
+                q(conn, "SELECT billing.expose_rpc('public')")
+                with conn.cursor() as cur:
+                    cur.execute("""     -- no parameters: the format() string holds '%s'
+                        SELECT format('%s(%s) returns %s secdef=%s config=%s acl=%s', p.proname,
+                                      pg_get_function_arguments(p.oid), pg_get_function_result(p.oid), p.prosecdef,
+                                      p.proconfig, p.proacl)
+                          FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace""")
+                    wrappers[name] = {r[0] for r in cur.fetchall()}
+            except psycopg2.Error as e:
+                diffs.append(f"{label}: expose_rpc('public') failed on the {name} install: {e.pgcode} {e.pgerror}")
+        if len(wrappers) == 2:
+            for line in sorted(wrappers["fresh"] ^ wrappers["upgraded"]):
+                side = "a fresh install" if line in wrappers["fresh"] else "the upgraded install"
+                diffs.append(f"{label}: public wrapper only in {side}: {line[:300]}")
         cat_old, cat_new = catalog(c_old), catalog(c_new)
         # Tables the extension fills itself (not registered with pg_extension_config_dump, so not
         # user data): their rows must be those of a fresh install.
@@ -542,7 +561,8 @@ def check_path(admin, old, current, out, label=None, quiet=False, chain=None, ol
         if not quiet:
             rerun = f"; {len(chain)} upgrade scripts run twice" if chain else ""
             print(f"  {label}: {len(before)} tables, {sum(len(v) for v in before.values())} rows kept; "
-                  f"{len(cat_new)} catalog entries compared{rerun}; {len(diffs)} differences", flush=True)
+                  f"{len(cat_new)} catalog entries and {len(wrappers.get('fresh', ()))} public wrappers compared{rerun}; "
+                  f"{len(diffs)} differences", flush=True)
         c_old.close()
         c_new.close()
     finally:
