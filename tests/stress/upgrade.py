@@ -24,7 +24,9 @@ as it shipped; see sql/releases/README.md); upgrade scripts are sql/pg_billing--
         - the catalog of schema billing (pg_class, pg_attribute and defaults, pg_constraint,
           pg_index, pg_proc with bodies, settings, ACLs and comments, pg_policy, pg_type/pg_enum,
           views, sequences, extension membership and pg_extension_config_dump registration)
-          equals that of a fresh `CREATE EXTENSION pg_billing` in another database.
+          equals that of a fresh `CREATE EXTENSION pg_billing` in another database, and so does
+          `pg_dump --schema-only --binary-upgrade` (which writes every member object), less the
+          lines that carry only OIDs;
 Prints `upgrade: N upgrade paths checked, M differences`; exits 1 on any difference.
 
 `--selftest` proves path (b) is real without a release: it freezes the installed script as a
@@ -34,6 +36,7 @@ change). The extension directory is left exactly as it was.
 
 Usage: upgrade.py [--selftest] (connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
 import argparse
+import difflib
 import filecmp
 import os
 import re
@@ -330,6 +333,24 @@ CATALOG_QUERIES = {
 }
 
 
+def schema_dump(dbname):
+    """`pg_dump --schema-only --binary-upgrade` of a database: in binary-upgrade mode pg_dump writes
+    every member object of an extension, not just CREATE EXTENSION. The lines that only carry OIDs
+    and relfilenodes, sequence positions, the frozen transaction ids and the dump's random \\restrict key (which differ
+    between any two databases) are left out; the extension's version and its dump registrations
+    are compared elsewhere."""
+    bindir = subprocess.run(["/usr/bin/pg_config", "--bindir"], check=True, capture_output=True, text=True).stdout.strip()
+    r = subprocess.run([f"{bindir}/pg_dump", "--schema-only", "--binary-upgrade", "-d", dbname],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"pg_dump of {dbname} failed: {r.stderr.strip()}")
+    skip = re.compile(r"^(SELECT pg_catalog\.binary_upgrade_(set_next_|create_empty_extension)"   # OIDs
+                      r"|SET relfrozenxid = |WHERE oid = '\d+';$"         # transaction ids of a toast table
+                      r"|SELECT pg_catalog\.setval\("                     # sequence positions (data)
+                      r"|\\(un)?restrict )")                             # a random key per dump
+    return [line for line in r.stdout.splitlines() if not skip.match(line)]
+
+
 def catalog(conn):
     lines = set()
     for kind, sql in CATALOG_QUERIES.items():
@@ -558,10 +579,21 @@ def check_path(admin, old, current, out, label=None, quiet=False, chain=None, ol
             diffs.append(f"{label}: catalog: only in a fresh install:     {line[:400]}")
         for line in sorted(cat_old - cat_new):
             diffs.append(f"{label}: catalog: only in the upgraded install: {line[:400]}")
+        # The same question asked of pg_dump: the schema dumps of both databases are identical.
+        dump_new = []
+        try:
+            dump_old, dump_new = schema_dump(db_old), schema_dump(db_new)
+            if dump_old != dump_new:
+                delta = list(difflib.unified_diff(dump_new, dump_old, "fresh install", "upgraded install", n=1, lineterm=""))
+                diffs.append(f"{label}: pg_dump --schema-only --binary-upgrade differs ({len(delta)} diff lines): "
+                             + " | ".join(delta[2:12])[:1500])
+        except (RuntimeError, OSError) as e:
+            diffs.append(f"{label}: {e}")
         if not quiet:
             rerun = f"; {len(chain)} upgrade scripts run twice" if chain else ""
             print(f"  {label}: {len(before)} tables, {sum(len(v) for v in before.values())} rows kept; "
-                  f"{len(cat_new)} catalog entries and {len(wrappers.get('fresh', ()))} public wrappers compared{rerun}; "
+                  f"{len(cat_new)} catalog entries, {len(wrappers.get('fresh', ()))} public wrappers and "
+                  f"{len(dump_new)} lines of schema dump compared{rerun}; "
                   f"{len(diffs)} differences", flush=True)
         c_old.close()
         c_new.close()
