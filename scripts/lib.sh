@@ -5,9 +5,12 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PGRX_HOME="$REPO/pgrx-config"
-PG_CONFIG=/usr/bin/pg_config
-PGBIN=/usr/lib/postgresql/15/bin
-PGXS=/usr/lib/postgresql/15/lib/pgxs
+# PG_CONFIG may name another PostgreSQL tree (a relocatable one); Debian's 15 by default.
+export PG_CONFIG="${PG_CONFIG:-/usr/bin/pg_config}"
+PGBIN="$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
+PGXS="$(dirname "$("$PG_CONFIG" --pgxs 2>/dev/null || echo /usr/lib/postgresql/15/lib/pgxs/src/makefiles/pgxs.mk)")/../.."
+PGXS="$(cd "$PGXS" 2>/dev/null && pwd || echo /usr/lib/postgresql/15/lib/pgxs)"
+export PGBIN
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

@@ -9,7 +9,7 @@ import uuid
 
 from helpers import connect, expect_sqlstate, q
 
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
 
 
 def tool(name):

@@ -324,7 +324,7 @@ def setup_users(conn, n, tag):
 # ---------------------------------------------------------------------------------------------
 # Throwaway clusters (crash test)
 
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
 
 
 def _as_postgres(args, **kw):

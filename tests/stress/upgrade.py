@@ -60,7 +60,7 @@ EXT = "pg_billing"
 
 def extension_dir():
     try:
-        share = subprocess.run(["/usr/bin/pg_config", "--sharedir"], check=True, capture_output=True, text=True).stdout.strip()
+        share = subprocess.run([os.environ.get("PG_CONFIG", "/usr/bin/pg_config"), "--sharedir"], check=True, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         share = "/usr/share/postgresql/15"
     return Path(share) / "extension"
@@ -212,7 +212,7 @@ class Library:
 
     def __init__(self):
         try:
-            libdir = subprocess.run(["/usr/bin/pg_config", "--pkglibdir"], check=True, capture_output=True,
+            libdir = subprocess.run([os.environ.get("PG_CONFIG", "/usr/bin/pg_config"), "--pkglibdir"], check=True, capture_output=True,
                                     text=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             libdir = "/usr/lib/postgresql/15/lib"
@@ -339,7 +339,7 @@ def schema_dump(dbname):
     and relfilenodes, sequence positions, the frozen transaction ids and the dump's random \\restrict key (which differ
     between any two databases) are left out; the extension's version and its dump registrations
     are compared elsewhere."""
-    bindir = subprocess.run(["/usr/bin/pg_config", "--bindir"], check=True, capture_output=True, text=True).stdout.strip()
+    bindir = subprocess.run([os.environ.get("PG_CONFIG", "/usr/bin/pg_config"), "--bindir"], check=True, capture_output=True, text=True).stdout.strip()
     r = subprocess.run([f"{bindir}/pg_dump", "--schema-only", "--binary-upgrade", "-d", dbname],
                        capture_output=True, text=True)
     if r.returncode != 0:
