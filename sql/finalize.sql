@@ -6,9 +6,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION billing.current_user_id() TO PUBLIC;
 GRANT USAGE ON SCHEMA billing TO PUBLIC;
 
--- End users may read (never write) their own rows; the plan catalog is public.
-GRANT SELECT ON billing.plans, billing.accounts, billing.credit_transactions,
-                billing.credit_expiration_events, billing.user_credits TO PUBLIC;
+-- End users may read (never write) their own rows; the plan catalog is public. SELECT is granted
+-- by billing.apply_grants() (below) to the end-user roles and service_role, never to PUBLIC.
 
 ALTER TABLE billing.plans ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.accounts ENABLE ROW LEVEL SECURITY;

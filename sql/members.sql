@@ -60,7 +60,7 @@ ALTER TABLE billing.member_overage ENABLE ROW LEVEL SECURITY;
 CREATE POLICY members_read_own ON billing.members FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
 CREATE POLICY member_overage_read_own ON billing.member_overage FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
 -- billing.member_emails: no policy and no grant (a global lookup; end users read their member row).
-GRANT SELECT ON billing.members, billing.member_overage TO PUBLIC;
+-- SELECT on billing.members, billing.member_overage: billing.apply_grants() (end-user roles and service_role only).
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('upsert_member', 'service'),

@@ -55,7 +55,7 @@ CREATE POLICY pending_profiles_read_own ON billing.pending_profiles FOR SELECT
     USING (claimed_by_user_id = (SELECT billing.current_user_id()));
 CREATE POLICY legacy_imports_read_own ON billing.legacy_imports FOR SELECT
     USING (user_id = (SELECT billing.current_user_id()));
-GRANT SELECT ON billing.pending_profiles, billing.legacy_imports TO PUBLIC;
+-- SELECT on billing.pending_profiles (never its token), billing.legacy_imports: billing.apply_grants() (end-user roles and service_role only).
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('upsert_pending_profile', 'service'),

@@ -46,7 +46,7 @@ ALTER TABLE billing.subscriptions ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.subscription_events ENABLE ROW LEVEL SECURITY;
 CREATE POLICY subscriptions_read_own ON billing.subscriptions FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
 CREATE POLICY subscription_events_read_own ON billing.subscription_events FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
-GRANT SELECT ON billing.subscriptions, billing.subscription_events TO PUBLIC;
+-- SELECT on billing.subscriptions, billing.subscription_events: billing.apply_grants() (end-user roles and service_role only).
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('upsert_subscription', 'service'),

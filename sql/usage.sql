@@ -50,7 +50,7 @@ ALTER TABLE billing.resource_types ENABLE ROW LEVEL SECURITY;
 CREATE POLICY usage_metrics_read_own ON billing.usage_metrics FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
 CREATE POLICY api_usage_read_own ON billing.api_usage FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
 CREATE POLICY resource_types_read ON billing.resource_types FOR SELECT USING (true);
-GRANT SELECT ON billing.usage_metrics, billing.api_usage, billing.resource_types TO PUBLIC;
+-- SELECT on billing.usage_metrics, billing.api_usage, billing.resource_types: billing.apply_grants() (end-user roles and service_role only).
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('record_message_usage', 'service'),
@@ -248,11 +248,11 @@ COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API 
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_api_usage', p_older_than, interval '0', NULL);
+    SELECT billing.check_retention('cleanup_api_usage', p_older_than, interval '1 day', NULL);
     WITH gone AS (DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than RETURNING 1)
     SELECT pg_catalog.count(*)::integer FROM gone;
 $$;
-COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days); returns rows deleted.';
+COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days, at least 1 day: a shorter interval is 22023 and deletes nothing, so the current hour''s bucket is never deleted); returns rows deleted.';
 
 CREATE FUNCTION billing.reset_monthly_usage() RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

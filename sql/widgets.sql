@@ -10,7 +10,7 @@ COMMENT ON TABLE billing.widget_tables IS 'Widget tables registered with billing
 SELECT pg_catalog.pg_extension_config_dump('billing.widget_tables', '');
 ALTER TABLE billing.widget_tables ENABLE ROW LEVEL SECURITY;
 CREATE POLICY widget_tables_read ON billing.widget_tables FOR SELECT USING (true);
-GRANT SELECT ON billing.widget_tables TO PUBLIC;
+-- SELECT on billing.widget_tables: billing.apply_grants() (end-user roles and service_role only).
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('get_user_widgets_ordered', 'anon'),

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod ids;
 pub mod members;
 pub mod plans;
+pub mod rate_limit;
 pub mod validate;
 
 pub use error::{BillingError, Result};

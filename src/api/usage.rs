@@ -1,13 +1,14 @@
 //! Usage metering, resource limits and API rate limits (SPEC 6).
 
 use pg_billing_core::plans::{self, count_query};
+use pg_billing_core::rate_limit;
 use pg_billing_core::BillingError;
 use pgrx::spi::{Spi, SpiClient};
 use serde_json::{json, Map, Value};
 
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, INT8, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, INT4, INT8, TEXT, UUID};
 use crate::validate;
 
 /// Add to the current period's counters in one upsert, so concurrent recorders never lose an
@@ -31,7 +32,8 @@ ON CONFLICT (user_id, period_start) DO UPDATE
 
 /// Count one request in the current UTC hour bucket if the plan's hourly limit allows it, in one
 /// statement: the conflicting row is locked and the WHERE re-checked on its newest version, so
-/// with limit N exactly N concurrent callers get a row back. $1 user, $2 endpoint.
+/// with limit N exactly N concurrent callers get a row back. $1 user, $2 endpoint key, $3 the
+/// most endpoints counted by name per bucket, $4 the key of the rest (pg_billing_core::rate_limit).
 const RATE: &str = "
 WITH lim AS (
     SELECT COALESCE((SELECT p.api_rate_limit_hourly FROM billing.plans AS p
@@ -42,8 +44,13 @@ WITH lim AS (
     SELECT $1, lim.bucket, 1, pg_catalog.jsonb_build_object($2::text, 1) FROM lim WHERE lim.l <> 0
     ON CONFLICT (user_id, bucket_start) DO UPDATE
        SET request_count   = u.request_count + 1,
-           endpoint_counts = u.endpoint_counts
-                             || pg_catalog.jsonb_build_object($2::text, COALESCE((u.endpoint_counts ->> $2::text)::bigint, 0) + 1)
+           endpoint_counts = u.endpoint_counts || pg_catalog.jsonb_build_object(
+               CASE WHEN u.endpoint_counts ? $2::text
+                      OR pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(u.endpoint_counts, '$.keyvalue()')) < $3
+                    THEN $2::text ELSE $4::text END,
+               COALESCE((u.endpoint_counts ->> CASE WHEN u.endpoint_counts ? $2::text
+                                                      OR pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(u.endpoint_counts, '$.keyvalue()')) < $3
+                                                    THEN $2::text ELSE $4::text END)::bigint, 0) + 1)
      WHERE (SELECT lim.l FROM lim) < 0 OR u.request_count < (SELECT lim.l FROM lim)
     RETURNING u.request_count
 ), monthly AS (
@@ -121,10 +128,14 @@ crate::billing_fn!(pg_finfo_pgb_record_document_usage, pgb_record_document_usage
 fn check_api_rate_limit(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
     security::authorize_user(&user)?;
-    let e = a.text(1);
-    let endpoint = validate::key("p_endpoint", e.as_deref())?.unwrap_or("*");
+    let endpoint = rate_limit::endpoint_key(a.text(1).as_deref())?;
     Spi::connect_mut(|c| {
-        let t = spi::write(c, RATE, &[UUID, TEXT], &[uuid_arg(&user), endpoint.into()])?;
+        let t = spi::write(
+            c,
+            RATE,
+            &[UUID, TEXT, INT4, TEXT],
+            &[uuid_arg(&user), endpoint.as_str().into(), rate_limit::MAX_ENDPOINTS.into(), rate_limit::OTHER_ENDPOINTS.into()],
+        )?;
         let t = t.first();
         let limit = col::<i32>(&t, 1)?.unwrap_or(0);
         let reset_at = col::<String>(&t, 2)?;
