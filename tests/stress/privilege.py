@@ -19,7 +19,17 @@ data in every billing table, and then, as end users, tries everything they must 
     (+, -, =, <, >=, ->> ...) that log every run, put first in search_path (before pg_catalog),
     then every credit function called as a service caller and as an end user: nothing planted
     may run and the results must be right; and the same with types shadowed in pg_temp (temp
-    domains named uuid, jsonb, timestamptz, ... whose CHECK logs), created by an end user.
+    domains named uuid, jsonb, timestamptz, ... whose CHECK logs), created by an end user;
+  - grants (0.3.0): a role with no billing grants that writes request.jwt.claims (any role can)
+    reads no billing table or view (42501); no column holding a claim token is readable by anon
+    or authenticated (SELECT col, SELECT *, WHERE col = ...); a role with CREATE on a schema
+    plants add_purchased_credits (same signature, then another overload) before expose_rpc:
+    expose_rpc refuses (42501) and the planted function never becomes the wrapper; wrappers are
+    the extension owner's, and the planter can neither replace nor drop them; service_role may
+    run the DBA functions (verify_ledger, register_resource, register_widget_table, expose_rpc,
+    unexpose_rpc); an end user calling check_api_rate_limit with 200 distinct 255-character
+    endpoints leaves a bounded bucket (at most 33 keys of at most 64 characters); and
+    cleanup_api_usage('0') / ('1 hour') from a service caller is 22023 and keeps this hour.
 Prints `privilege: N attempts, M allowed`; exits 1 unless every attempt was refused correctly.
 
 Usage: privilege.py (connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
@@ -295,6 +305,156 @@ def sweep_tables(conn_end, conn_su, ctx, sw):
                      "ALTER SCHEMA billing RENAME TO sweep",
                      "SET LOCAL pg_billing.end_user_roles = 'nobody'"):
             sw.refused(f"{stmt} as {label}", lambda: postgrest_call(conn_end, role, cl, stmt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grants (0.3.0): roles without billing grants, claim tokens, planted wrappers, the DBA functions
+# for service callers, rate-limit bucket bloat, and cleanup of the current hour.
+
+NOBODY = "sweep_nobody"
+PLANTER = "sweep_planter"
+PLANT_SCHEMA = "sweep_plant"
+TOKEN_COLUMN = r"(^|_)token(_|$)"
+ENDPOINT_KEYS_MAX, ENDPOINT_KEY_CHARS = 33, 64     # 32 endpoints by name + "(other)"
+
+
+def ensure_role(conn, role):
+    q(conn, f"""DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}')
+                THEN CREATE ROLE {role} NOLOGIN; END IF; END $$""")
+
+
+def plant(su, sql):
+    """Run sql as PLANTER (a role with CREATE on PLANT_SCHEMA only)."""
+    q(su, f"SET ROLE {PLANTER}")
+    try:
+        q(su, sql)
+    finally:
+        q(su, "RESET ROLE")
+
+
+def plant_state(su):
+    """{signature: (owner, is a wrapper of billing)} of every API-named function in PLANT_SCHEMA."""
+    return {sig: (owner, wrapper) for sig, owner, wrapper in q(su, f"""
+        SELECT p.oid::regprocedure::text, p.proowner::regrole::text, p.prosrc LIKE '%%billing.%%'
+          FROM pg_proc p JOIN billing.api_functions f ON f.function_name = p.proname
+         WHERE p.pronamespace = '{PLANT_SCHEMA}'::regnamespace""")}
+
+
+def sweep_grants(ctx, sw):
+    su, end = connect(), connect()
+    a, b = ctx["a"], ctx["b"]
+    owner = q(su, "SELECT extowner::regrole::text FROM pg_extension WHERE extname = 'pg_billing'")[0][0]
+    for role in (NOBODY, PLANTER):
+        ensure_role(su, role)
+    service = [("postgres", None, None), ("service_role", "service_role", claims("service_role"))]
+
+    def as_service(who, role, cl, sql, params=()):
+        return postgrest_call(end, role, cl, sql, params) if role else q(su, sql, params)
+
+    rels = q(su, """SELECT format('billing.%%I', c.relname) FROM pg_class c
+                     WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm') ORDER BY 1""")
+    # 1. A role with no billing grants, claiming to be B (then A): no billing table or view at all.
+    for (t,) in rels:
+        for who in (b, a):
+            sw.refused(f"SELECT * FROM {t} as {NOBODY} claiming authenticated {who}",
+                       lambda: postgrest_call(end, NOBODY, claims("authenticated", who), f"SELECT * FROM {t} LIMIT 5"))
+    # 2. Claim tokens: never readable by end users, not even in a WHERE clause.
+    try:
+        q(su, "SELECT billing.upsert_pending_profile(%s, 'tok-sweep-a')", (f"a-{a.hex[:12]}@example.com",))
+        q(su, "SELECT billing.claim_pending_profile(%s, %s, 'tok-sweep-a')", (a, f"a-{a.hex[:12]}@example.com"))
+    except psycopg2.Error as e:
+        print(f"  (a claimed profile for the token sweep failed: {e.pgcode} {e.pgerror})")
+    token_cols = q(su, """SELECT format('billing.%%I', c.relname), quote_ident(a.attname)
+                            FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                           WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+                             AND a.attname ~ %s""", (TOKEN_COLUMN,))
+    for t, col in token_cols:
+        for label, role, cl in (("anon", "anon", claims("anon")), ("authenticated A", "authenticated", claims("authenticated", a)),
+                                ("authenticated B", "authenticated", claims("authenticated", b))):
+            for stmt in (f"SELECT {col} FROM {t}", f"SELECT * FROM {t}", f"SELECT count(*) FROM {t} WHERE {col} LIKE 'tok%%'"):
+                sw.refused(f"{stmt} as {label}", lambda: postgrest_call(end, role, cl, stmt))
+    # 3. A planted "wrapper": CREATE on the target schema, add_purchased_credits created first.
+    q(su, f"DROP SCHEMA IF EXISTS {PLANT_SCHEMA} CASCADE")
+    q(su, f"CREATE SCHEMA {PLANT_SCHEMA}")
+    q(su, f"GRANT USAGE, CREATE ON SCHEMA {PLANT_SCHEMA} TO {PLANTER}")
+    args, ident = q(su, """SELECT pg_get_function_arguments(p.oid), pg_get_function_identity_arguments(p.oid) FROM pg_proc p
+                            WHERE p.pronamespace = 'billing'::regnamespace AND p.proname = 'add_purchased_credits'""")[0]
+    plants = [
+        ("the same signature", f"CREATE FUNCTION {PLANT_SCHEMA}.add_purchased_credits({args}) RETURNS jsonb "
+                               "LANGUAGE sql AS $f$ SELECT '{\"minted\": 1000000}'::jsonb $f$"),
+        ("another overload", f"CREATE FUNCTION {PLANT_SCHEMA}.consume_credits_v2(p_user_id uuid, p_amount integer) RETURNS jsonb "
+                             "LANGUAGE sql AS $f$ SELECT '{\"minted\": 1000000}'::jsonb $f$"),
+    ]
+    for label, ddl in plants:
+        plant(su, ddl)
+        for who, role, cl in service:
+            sw.refused(f"expose_rpc('{PLANT_SCHEMA}') as {who} over a planted function ({label})",
+                       lambda: as_service(who, role, cl, "SELECT billing.expose_rpc(%s)", (PLANT_SCHEMA,)))
+            for sig, (own, wrapper) in plant_state(su).items():
+                sw.attempts += 1
+                if own != owner and wrapper:
+                    sw.allowed.append(f"expose_rpc as {who} left {sig} a wrapper owned by {own} ({label})")
+        q(su, f"SELECT billing.unexpose_rpc('{PLANT_SCHEMA}')")
+        q(su, f"DROP ROUTINE IF EXISTS {PLANT_SCHEMA}.add_purchased_credits, {PLANT_SCHEMA}.consume_credits_v2")
+    # 4. The DBA functions for service callers (SPEC 2): service_role may run them.
+    q(su, "CREATE TABLE IF NOT EXISTS public.sweep_things (id bigint PRIMARY KEY, user_id uuid NOT NULL)")
+    q(su, "CREATE INDEX IF NOT EXISTS sweep_things_user_idx ON public.sweep_things (user_id)")
+    dba_calls = [("verify_ledger", "SELECT count(*) FROM billing.verify_ledger()", ()),
+                 ("register_resource", "SELECT billing.register_resource('sweep_things', 'public.sweep_things')", ()),
+                 ("register_widget_table", "SELECT billing.register_widget_table(%s, %s)", (WIDGET_TYPE, f"public.widget_{WIDGET_TYPE}")),
+                 ("expose_rpc", "SELECT billing.expose_rpc(%s)", (PLANT_SCHEMA,))]
+    for name, sql, params in dba_calls:
+        try:
+            postgrest_call(end, "service_role", claims("service_role"), sql, params)
+        except psycopg2.Error as e:
+            sw.notes.append(f"control: service_role could not run the DBA function {name}: {e.pgcode} {e.pgerror}")
+    # The wrappers service_role created are the extension owner's; the planter can neither
+    # replace nor drop them.
+    for sig, (own, wrapper) in plant_state(su).items():
+        sw.attempts += 1
+        if own != owner:
+            sw.allowed.append(f"expose_rpc as service_role left {sig} owned by {own}")
+    if not plant_state(su):
+        sw.notes.append(f"control: expose_rpc('{PLANT_SCHEMA}') as service_role created no wrapper")
+    for ddl in (f"CREATE OR REPLACE FUNCTION {PLANT_SCHEMA}.add_purchased_credits({args}) RETURNS jsonb "
+                "LANGUAGE sql AS $f$ SELECT NULL::jsonb $f$",
+                f"DROP FUNCTION {PLANT_SCHEMA}.add_purchased_credits({ident})"):
+        sw.refused(f"{ddl[:60]}... as {PLANTER} over a wrapper", lambda: plant(su, ddl))
+    try:
+        postgrest_call(end, "service_role", claims("service_role"), "SELECT billing.unexpose_rpc(%s)", (PLANT_SCHEMA,))
+    except psycopg2.Error as e:
+        sw.notes.append(f"control: service_role could not run the DBA function unexpose_rpc: {e.pgcode} {e.pgerror}")
+    q(su, f"DROP SCHEMA {PLANT_SCHEMA} CASCADE")
+    q(su, "DELETE FROM billing.resource_types WHERE resource_type = 'sweep_things'")
+    q(su, "DELETE FROM billing.widget_tables WHERE widget_type = %s", (WIDGET_TYPE,))
+    q(su, "DROP TABLE public.sweep_things")
+    # 5. Rate-limit bucket bloat: an end user with many long, distinct endpoints.
+    c = uuid.uuid4()
+    q(su, """SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'ultra', p_status := 'active',
+             p_current_period_end := now() + interval '30 days')""", (c,))
+    sw.attempts += 1
+    try:
+        postgrest_call(end, "authenticated", claims("authenticated", c), """
+            SELECT count(*) FROM generate_series(1, 200) AS g
+             CROSS JOIN LATERAL billing.check_api_rate_limit(%s, '/sweep/' || g || '/' || repeat('x', 240)) AS r""", (c,))
+        keys, longest = q(su, """SELECT (SELECT count(*) FROM jsonb_object_keys(endpoint_counts)),
+                                        (SELECT max(length(k)) FROM jsonb_object_keys(endpoint_counts) AS k)
+                                   FROM billing.api_usage WHERE user_id = %s""", (c,))[0]
+        if keys > ENDPOINT_KEYS_MAX or longest > ENDPOINT_KEY_CHARS:
+            sw.allowed.append(f"200 distinct endpoints grew one rate-limit bucket to {keys} keys of up to {longest} characters")
+    except (psycopg2.Error, IndexError) as e:
+        sw.notes.append(f"control: the rate-limit bloat attempt failed: {e}")
+    # 6. cleanup_api_usage shorter than a day would reset everyone's current hour.
+    for who, role, cl in service:
+        for interval in ("0", "1 hour"):
+            sw.refused(f"cleanup_api_usage('{interval}') as {who}",
+                       lambda: as_service(who, role, cl, "SELECT billing.cleanup_api_usage(%s)", (interval,)), ("22023",))
+    sw.attempts += 1
+    if not q(su, """SELECT 1 FROM billing.api_usage WHERE user_id = %s
+                     AND bucket_start = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'""", (c,)):
+        sw.allowed.append("cleanup_api_usage deleted the current hour's rate-limit bucket")
+    end.close()
+    su.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,6 +752,7 @@ def run(quiet=False):
     static_checks(su, sw)
     sweep_functions(end, ctx, sw)
     sweep_tables(end, su, ctx, sw)
+    sweep_grants(ctx, sw)
     sweep_hijack(ctx, sw)
     for row in q(su, "SELECT * FROM billing.verify_ledger()"):
         sw.allowed.append(f"verify_ledger after the sweep: {row}")

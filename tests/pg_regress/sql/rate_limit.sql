@@ -80,6 +80,31 @@ SELECT count(*) FILTER (WHERE r.allowed) AS allowed, min(r.limit_value) AS limit
 SELECT count(*) AS buckets FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000305';
 SELECT api_calls_count FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000305');
 
+-- ===== per-endpoint counts are bounded (0.3.0) =====
+-- 0.2.0 added a key per distinct endpoint, of up to 255 characters, to the one row rewritten on
+-- every request (unbounded on unlimited plans). Now: at most 32 endpoints by name per bucket,
+-- each key the endpoint's first 64 characters, every further endpoint under "(other)".
+SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000307', 'test_rl_unlimited', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
+-- 300 distinct 255-character endpoints
+SELECT count(*) FILTER (WHERE r.allowed) AS allowed
+  FROM generate_series(1, 300) AS g
+ CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000307',
+                                                 '/v1/' || g || '/' || repeat('x', 250 - length(g::text))) AS r;
+-- an endpoint counted by name keeps being counted by name; a new one goes to "(other)"
+SELECT r.allowed FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000307', '/v1/1/' || repeat('x', 249)) AS r;
+SELECT r.allowed FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000307', '/v1/brand-new') AS r;
+SELECT request_count,
+       (SELECT count(*) FROM jsonb_object_keys(endpoint_counts)) AS keys,
+       endpoint_counts ->> '(other)' AS other,
+       endpoint_counts ->> ('/v1/1/' || repeat('x', 58)) AS first_endpoint,
+       (SELECT max(length(k)) FROM jsonb_object_keys(endpoint_counts) AS k) AS longest_key,
+       (SELECT sum(value::int) FROM jsonb_each_text(endpoint_counts)) = request_count AS every_request_counted,
+       pg_column_size(endpoint_counts) < 4000 AS row_stays_small
+  FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000307';
+-- longer than 255 characters (or with NUL): 22023 as before, nothing counted
+SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000307', repeat('y', 256))$$);
+SELECT request_count FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000307';
+
 -- ===== arguments =====
 SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit(NULL)$$);
 SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit(NULL, '/v1/x')$$);

@@ -75,6 +75,22 @@ UPDATE billing.webhook_events SET processed_at = now() - interval '2 days' WHERE
 SELECT billing.cleanup_webhook_events('3 days') AS deleted_3_days;
 SELECT billing.cleanup_webhook_events('1 day') AS deleted_1_day;
 
+-- ===== API usage buckets: cleanup_api_usage keeps at least one day (0.3.0) =====
+-- 0.2.0 accepted '0' and deleted the current hour's buckets (everyone's rate limit reset).
+SELECT allowed FROM billing.check_api_rate_limit('f0000000-0000-4000-8000-000000000002', '/v1/now');
+INSERT INTO billing.api_usage (user_id, bucket_start, request_count)
+VALUES ('f0000000-0000-4000-8000-000000000002', date_trunc('hour', now()) - interval '2 days', 5),
+       ('f0000000-0000-4000-8000-000000000002', date_trunc('hour', now()) - interval '23 hours', 4);
+SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('0')$$);
+SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('1 hour')$$);
+SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('23 hours 59 minutes')$$);
+SELECT pg_temp.err($$SELECT billing.cleanup_api_usage(NULL)$$);
+SELECT count(*) AS buckets FROM billing.api_usage WHERE user_id = 'f0000000-0000-4000-8000-000000000002';
+-- exactly 1 day: only the 2-day-old bucket goes; this hour's and the 23-hour-old one stay
+SELECT billing.cleanup_api_usage('1 day') >= 1 AS deleted_1_day;
+SELECT request_count, bucket_start = date_trunc('hour', now()) AS this_hour
+  FROM billing.api_usage WHERE user_id = 'f0000000-0000-4000-8000-000000000002' ORDER BY bucket_start;
+
 -- ===== security =====
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"f0000000-0000-4000-8000-000000000001","role":"authenticated"}', true) IS NOT NULL AS claims_set;

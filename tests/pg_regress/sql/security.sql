@@ -355,6 +355,160 @@ SELECT p.oid::regprocedure FROM pg_proc AS p
 SELECT count(*) = (SELECT count(*) FROM billing.api_catalog()) AS billing_functions_kept FROM pg_proc
  WHERE pronamespace = 'billing'::regnamespace AND proname IN (SELECT function_name FROM billing.api_catalog());
 
+-- ===== 0.3.0: the DBA functions are for service callers too (issue 10 item 7, SPEC 2) =====
+-- access 'dba': EXECUTE for service_role only, never for PUBLIC / anon / authenticated (no rows)
+SELECT f.function_name
+  FROM billing.api_functions AS f
+  JOIN pg_proc AS p ON p.proname = f.function_name AND p.pronamespace = 'billing'::regnamespace
+ WHERE f.access = 'dba'
+   AND (NOT has_function_privilege('service_role', p.oid, 'EXECUTE')
+        OR has_function_privilege('anon', p.oid, 'EXECUTE') OR has_function_privilege('authenticated', p.oid, 'EXECUTE')
+        OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) AS a WHERE a.grantee = 0));
+SELECT function_name FROM billing.api_functions WHERE access = 'dba' ORDER BY 1;
+-- and they are not part of the exposed API
+SELECT count(*) AS dba_in_api_catalog FROM billing.api_catalog() WHERE access = 'dba' OR function_name IN ('verify_ledger', 'expose_rpc');
+CREATE TABLE public.sec_things (id bigint PRIMARY KEY, user_id uuid NOT NULL);
+CREATE INDEX ON public.sec_things (user_id);
+CREATE TABLE public.sec_widgets (id uuid PRIMARY KEY, user_id uuid NOT NULL, position integer NOT NULL,
+                                 is_active boolean NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL);
+CREATE SCHEMA rpc_svc;
+-- service_role (0.2.0: permission denied for each)
+SET LOCAL ROLE service_role;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.verify_ledger()$$) AS verify_ledger;
+SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$) AS register_resource;
+SELECT pg_temp.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$) AS register_widget_table;
+SELECT billing.expose_rpc('rpc_svc') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all;
+RESET ROLE;
+SELECT resource_type, table_name FROM billing.resource_types WHERE resource_type = 'sec_things';
+SELECT widget_type, table_name FROM billing.widget_tables WHERE widget_type = 'secw';
+-- the wrappers service_role created belong to the extension owner, and no DBA function is exposed
+SELECT count(*) AS wrappers, count(*) FILTER (WHERE p.proowner <> e.extowner) AS not_the_owners
+  FROM pg_proc AS p, pg_extension AS e
+ WHERE e.extname = 'pg_billing' AND p.pronamespace = 'rpc_svc'::regnamespace;
+SELECT p.proname FROM pg_proc AS p JOIN billing.api_functions AS f ON f.function_name = p.proname
+ WHERE p.pronamespace = 'rpc_svc'::regnamespace AND f.access = 'dba';
+SET LOCAL ROLE service_role;
+SELECT billing.unexpose_rpc('rpc_svc') = (SELECT count(*) FROM billing.api_catalog()) AS removed_all;
+RESET ROLE;
+-- end users still may not (42501)
+SET LOCAL ROLE authenticated;
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$);
+SELECT pg_temp.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$);
+SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_svc')$$);
+RESET ROLE;
+-- service_role carrying an end user's claims is that end user: refused inside
+SET LOCAL ROLE service_role;
+SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$);
+SELECT pg_temp.err($$SELECT count(*) FROM billing.verify_ledger()$$);
+SELECT pg_temp.err($$SELECT billing.unexpose_rpc('rpc_svc')$$);
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+
+-- ===== 0.3.0: expose_rpc never adopts a function another role planted (issue 11 item 5) =====
+-- A role with CREATE on the target schema plants add_purchased_credits first. 0.2.0's CREATE OR
+-- REPLACE kept the planter as owner, who could then rewrite the backend's "wrapper".
+CREATE ROLE sec_planter NOLOGIN;
+CREATE SCHEMA rpc_plant;
+GRANT USAGE, CREATE ON SCHEMA rpc_plant TO sec_planter;
+SET LOCAL ROLE sec_planter;
+CREATE FUNCTION rpc_plant.add_purchased_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
+                                                p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
+RETURNS jsonb LANGUAGE sql AS $f$ SELECT '{"planted": true}'::jsonb $f$;
+RESET ROLE;
+-- refused (42501, naming the function and its owner), by the owner and by service_role alike
+SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SET LOCAL ROLE service_role;
+SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+RESET ROLE;
+-- nothing was created, and the planted function is still the planter's own code, not a wrapper
+SELECT p.oid::regprocedure, p.proowner::regrole, p.prosrc LIKE '%planted%' AS planted_body
+  FROM pg_proc AS p WHERE p.pronamespace = 'rpc_plant'::regnamespace;
+-- an overload with other arguments (PostgREST could route a call to it) is refused too
+DROP FUNCTION rpc_plant.add_purchased_credits(uuid, integer, text, text, text);
+SET LOCAL ROLE sec_planter;
+CREATE FUNCTION rpc_plant.consume_credits_v2(p_user_id uuid, p_amount integer) RETURNS jsonb
+LANGUAGE sql AS $f$ SELECT '{"planted": true}'::jsonb $f$;
+RESET ROLE;
+SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SELECT count(*) AS functions_in_rpc_plant FROM pg_proc WHERE pronamespace = 'rpc_plant'::regnamespace;
+-- once it is gone, expose_rpc works and every wrapper is the extension owner's (no rows) ...
+DROP FUNCTION rpc_plant.consume_credits_v2(uuid, integer);
+SELECT billing.expose_rpc('rpc_plant') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all;
+SELECT p.oid::regprocedure, p.proowner::regrole
+  FROM pg_proc AS p, pg_extension AS e
+ WHERE e.extname = 'pg_billing' AND p.pronamespace = 'rpc_plant'::regnamespace AND p.proowner <> e.extowner;
+-- ... which the planter can neither rewrite nor drop
+SET LOCAL ROLE sec_planter;
+SELECT pg_temp.err($$CREATE OR REPLACE FUNCTION rpc_plant.add_purchased_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'$$);
+SELECT pg_temp.err($$DROP FUNCTION rpc_plant.add_purchased_credits(uuid, integer, text, text, text)$$);
+-- a look-alike planted next to the wrappers ...
+CREATE FUNCTION rpc_plant.get_user_credits(p_note text) RETURNS text LANGUAGE sql AS $f$ SELECT 'billing.get_user_credits(' || p_note $f$;
+RESET ROLE;
+-- ... makes a refresh refuse, and unexpose_rpc drops only the wrappers, never another role's function
+SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SELECT billing.unexpose_rpc('rpc_plant') = (SELECT count(*) FROM billing.api_catalog()) AS removed_wrappers;
+SELECT p.oid::regprocedure, p.proowner::regrole FROM pg_proc AS p WHERE p.pronamespace = 'rpc_plant'::regnamespace;
+-- schemas of the system are refused
+SELECT pg_temp.err($$SELECT billing.expose_rpc('pg_toast')$$);
+
+-- ===== 0.3.0: billing rows only for end-user roles and service callers (issue 11 item 7) =====
+-- A role with no billing grants writes request.jwt.claims (any role can) to pass RLS as user 51:
+-- 0.2.0 granted SELECT to PUBLIC, so it read user 51's e-mail, balances, ledger, subscription and
+-- pending profile (with its token). Now: permission denied on every billing table.
+INSERT INTO billing.pending_profiles (email, token, plan_id, billing_cycle_start, billing_cycle_end,
+                                      claimed, claimed_by_user_id, claimed_at)
+VALUES ('sec51@example.com', 'tok-secret-51', 'pro', now(), now() + interval '30 days',
+        true, '00000000-0000-0000-0000-000000000051', now());
+SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000000051', 'pro', 'active', now(), now() + interval '30 days') IS NOT NULL AS subscribed;
+CREATE ROLE sec_nobody NOLOGIN;
+SET LOCAL ROLE sec_nobody;
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.accounts$$) AS accounts;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.user_credits$$) AS user_credits;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.credit_transactions$$) AS ledger;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.subscriptions$$) AS subscriptions;
+SELECT pg_temp.err($$SELECT token FROM billing.pending_profiles$$) AS pending_profiles;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.members$$) AS members;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.usage_metrics$$) AS usage_metrics;
+RESET ROLE;
+-- no billing table or view grants anything to PUBLIC, and such a role can read none (no rows)
+SELECT c.relname FROM pg_class AS c
+ WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+   AND (EXISTS (SELECT 1 FROM aclexplode(c.relacl) AS a WHERE a.grantee = 0)
+        OR has_table_privilege('sec_nobody', c.oid, 'SELECT')
+        OR has_any_column_privilege('sec_nobody', c.oid, 'SELECT'));
+-- service_role reads every billing table (no rows)
+SELECT c.relname FROM pg_class AS c
+ WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+   AND NOT has_table_privilege('service_role', c.oid, 'SELECT');
+-- the end user still reads their own rows, the claimed profile without its token
+SET LOCAL ROLE authenticated;
+SELECT user_id FROM billing.accounts;
+SELECT user_id, plan_id, status FROM billing.subscriptions;
+SELECT email, plan_id, claimed FROM billing.pending_profiles;
+SELECT pg_temp.err($$SELECT token FROM billing.pending_profiles$$) AS token;
+SELECT pg_temp.err($$SELECT * FROM billing.pending_profiles$$) AS star;
+SELECT pg_temp.err($$SELECT count(*) FROM billing.pending_profiles WHERE token = 'tok-secret-51'$$) AS guess;
+RESET ROLE;
+-- no token column of any billing table is readable by anon or authenticated (no rows)
+SELECT c.relname, a.attname, r.rolname
+  FROM pg_class AS c JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ CROSS JOIN (VALUES ('anon'), ('authenticated')) AS r(rolname)
+ WHERE c.relnamespace = 'billing'::regnamespace AND a.attname ~ '(^|_)token(_|$)'
+   AND has_column_privilege(r.rolname, c.oid, a.attnum, 'SELECT');
+SELECT has_column_privilege('service_role', 'billing.pending_profiles', 'token', 'SELECT') AS service_reads_tokens;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+-- the end-user roles are those of pg_billing.end_user_roles that exist
+CREATE ROLE sec_webuser NOLOGIN;
+SET LOCAL pg_billing.end_user_roles = 'anon, authenticated, sec_webuser, sec_missing_role';
+SELECT billing.apply_grants();
+SELECT has_table_privilege('sec_webuser', 'billing.accounts', 'SELECT') AS accounts,
+       has_table_privilege('sec_webuser', 'billing.idempotency_keys', 'SELECT') AS idempotency_keys,
+       has_column_privilege('sec_webuser', 'billing.pending_profiles', 'email', 'SELECT') AS profile_email,
+       has_column_privilege('sec_webuser', 'billing.pending_profiles', 'token', 'SELECT') AS profile_token;
+RESET pg_billing.end_user_roles;
+
 -- ===== the ledger matches every balance =====
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
