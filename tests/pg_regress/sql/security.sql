@@ -377,19 +377,22 @@ SET LOCAL ROLE service_role;
 SELECT pg_temp.err($$SELECT count(*) FROM billing.verify_ledger()$$) AS verify_ledger;
 SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$) AS register_resource;
 SELECT pg_temp.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$) AS register_widget_table;
-SELECT billing.expose_rpc('rpc_svc') = (SELECT count(*) FROM billing.api_functions WHERE access <> 'dba') AS exposed_all;
+SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_svc')$$) AS expose_rpc;
 RESET ROLE;
 SELECT resource_type, table_name FROM billing.resource_types WHERE resource_type = 'sec_things';
 SELECT widget_type, table_name FROM billing.widget_tables WHERE widget_type = 'secw';
--- the wrappers service_role created belong to the extension owner, and no DBA function is exposed
-SELECT count(*) > 0 AS wrappers, count(*) FILTER (WHERE p.proowner <> e.extowner) AS not_the_owners
+-- the wrappers service_role created are the whole API, belong to the extension owner, and no
+-- DBA function is exposed
+SELECT count(*) = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all,
+       count(*) FILTER (WHERE p.proowner <> e.extowner) AS not_the_owners
   FROM pg_proc AS p, pg_extension AS e
  WHERE e.extname = 'pg_billing' AND p.pronamespace = 'rpc_svc'::regnamespace;
 SELECT p.proname FROM pg_proc AS p JOIN billing.api_functions AS f ON f.function_name = p.proname
  WHERE p.pronamespace = 'rpc_svc'::regnamespace AND f.access = 'dba';
 SET LOCAL ROLE service_role;
-SELECT billing.unexpose_rpc('rpc_svc') = (SELECT count(*) FROM billing.api_functions WHERE access <> 'dba') AS removed_all;
+SELECT pg_temp.err($$SELECT billing.unexpose_rpc('rpc_svc')$$) AS unexpose_rpc;
 RESET ROLE;
+SELECT count(*) AS left_in_rpc_svc FROM pg_proc WHERE pronamespace = 'rpc_svc'::regnamespace;
 -- end users still may not (42501)
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
