@@ -454,6 +454,11 @@ def sweep_grants(ctx, sw):
                      AND bucket_start = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'""", (c,)):
         sw.allowed.append("cleanup_api_usage deleted the current hour's rate-limit bucket")
     end.close()
+    for role in (NOBODY, PLANTER):
+        try:
+            q(su, f"DROP ROLE IF EXISTS {role}")
+        except psycopg2.Error as e:   # still holding privileges in another database: keep it
+            print(f"  (could not drop role {role}: {e.pgcode})")
     su.close()
 
 
