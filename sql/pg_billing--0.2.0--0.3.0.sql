@@ -44,18 +44,18 @@ DECLARE
     has_service boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'service_role');
     -- The end-user roles of pg_billing.end_user_roles (default anon,authenticated) that exist.
     end_users text[] := ARRAY(
-        SELECT ro.rolname::text FROM pg_catalog.pg_roles AS ro
-         WHERE ro.rolname::text IN (SELECT pg_catalog.btrim(x)
+        SELECT rl.rolname::text FROM pg_catalog.pg_roles AS rl
+         WHERE rl.rolname::text IN (SELECT pg_catalog.btrim(x)
                                       FROM pg_catalog.unnest(pg_catalog.string_to_array(
                                                COALESCE(pg_catalog.current_setting('pg_billing.end_user_roles', true),
                                                         'anon,authenticated'), ',')) AS x)
-         ORDER BY ro.rolname);
+         ORDER BY rl.rolname);
     -- Every role whose table privileges this function manages: end-user roles, anon,
     -- authenticated and service_role, where they exist.
     managed text[] := ARRAY(
-        SELECT ro.rolname::text FROM pg_catalog.pg_roles AS ro
-         WHERE ro.rolname::text = ANY (end_users || ARRAY['anon', 'authenticated', 'service_role'])
-         ORDER BY ro.rolname);
+        SELECT rl.rolname::text FROM pg_catalog.pg_roles AS rl
+         WHERE rl.rolname::text = ANY (end_users || ARRAY['anon', 'authenticated', 'service_role'])
+         ORDER BY rl.rolname);
     -- The relations end users may SELECT (RLS shows them their own rows; plans, resource_types
     -- and widget_tables are catalogs). Every other billing relation is the owner's and
     -- service_role's only. Token columns (token, token_hash, claim_token, ...: the word token
