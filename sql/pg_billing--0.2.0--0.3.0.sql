@@ -247,9 +247,20 @@ COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only mainten
 
 -- 0.2.0 granted SELECT on these to PUBLIC; apply_grants() below revokes it from every billing
 -- relation and grants SELECT to the end-user roles and service_role only.
-REVOKE SELECT ON billing.plans, billing.accounts, billing.credit_transactions, billing.credit_expiration_events,
-                 billing.user_credits, billing.members, billing.member_overage, billing.pending_profiles,
-                 billing.legacy_imports, billing.subscriptions, billing.subscription_events, billing.usage_metrics,
-                 billing.api_usage, billing.resource_types, billing.widget_tables FROM PUBLIC;
+REVOKE SELECT ON billing.plans FROM PUBLIC;
+REVOKE SELECT ON billing.accounts FROM PUBLIC;
+REVOKE SELECT ON billing.credit_transactions FROM PUBLIC;
+REVOKE SELECT ON billing.credit_expiration_events FROM PUBLIC;
+REVOKE SELECT ON billing.user_credits FROM PUBLIC;
+REVOKE SELECT ON billing.members FROM PUBLIC;
+REVOKE SELECT ON billing.member_overage FROM PUBLIC;
+REVOKE SELECT ON billing.pending_profiles FROM PUBLIC;
+REVOKE SELECT ON billing.legacy_imports FROM PUBLIC;
+REVOKE SELECT ON billing.subscriptions FROM PUBLIC;
+REVOKE SELECT ON billing.subscription_events FROM PUBLIC;
+REVOKE SELECT ON billing.usage_metrics FROM PUBLIC;
+REVOKE SELECT ON billing.api_usage FROM PUBLIC;
+REVOKE SELECT ON billing.resource_types FROM PUBLIC;
+REVOKE SELECT ON billing.widget_tables FROM PUBLIC;
 SELECT billing.apply_grants();
 -- ===== end of grants =====
