@@ -10,7 +10,7 @@
 
 -- ===== grants: issue 10 item 7 (DBA functions for service_role), issue 11 items 5 (expose_rpc
 -- never adopts another role's function), 7 (no billing rows for PUBLIC; no readable claim
--- tokens), 8(b) (bounded per-endpoint rate-limit counts: Rust only, nothing here) and 8(c)
+-- tokens), 8(b) (bounded per-endpoint rate-limit counts: Rust; the comments here) and 8(c)
 -- (cleanup_api_usage keeps at least one day). billing.apply_grants() at the end revokes and
 -- re-grants every billing relation and API function, so it must run after every section that
 -- creates or re-creates a table, view or API function: keep this section last (or call it again
@@ -25,6 +25,10 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
     ('unexpose_rpc', 'dba'),
     ('verify_ledger', 'dba')
 ON CONFLICT (function_name) DO UPDATE SET access = EXCLUDED.access;
+
+-- 11.8(b): the bounded per-endpoint counts, described where users read them.
+COMMENT ON TABLE billing.api_usage IS 'API requests per user and UTC hour (check_api_rate_limit), with per-endpoint counts (at most 32 endpoints by name, keyed by their first 64 characters; further ones under (other)); cleanup_api_usage deletes old buckets.';
+COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. The bucket counts requests per endpoint too: the first 32 distinct endpoints of the hour by name (their first 64 characters), any further one under (other); p_endpoint longer than 255 characters is 22023. End users: own only.';
 
 CREATE OR REPLACE FUNCTION billing.api_catalog() RETURNS TABLE (function_name text, access text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

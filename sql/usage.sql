@@ -28,7 +28,7 @@ CREATE TABLE billing.api_usage (
     PRIMARY KEY (user_id, bucket_start)
 );
 CREATE INDEX api_usage_bucket_idx ON billing.api_usage (bucket_start);
-COMMENT ON TABLE billing.api_usage IS 'API requests per user and UTC hour (check_api_rate_limit), with per-endpoint counts; cleanup_api_usage deletes old buckets.';
+COMMENT ON TABLE billing.api_usage IS 'API requests per user and UTC hour (check_api_rate_limit), with per-endpoint counts (at most 32 endpoints by name, keyed by their first 64 characters; further ones under (other)); cleanup_api_usage deletes old buckets.';
 
 -- Where an app keeps its countable resources (agents, documents, products, ...).
 CREATE TABLE billing.resource_types (
@@ -244,7 +244,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
     SELECT (r ->> 'allowed')::boolean, (r ->> 'limit_value')::integer, (r ->> 'remaining')::integer, (r ->> 'reset_at')::timestamptz
       FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r
 $$;
-COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. End users: own only.';
+COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. The bucket counts requests per endpoint too: the first 32 distinct endpoints of the hour by name (their first 64 characters), any further one under (other); p_endpoint longer than 255 characters is 22023. End users: own only.';
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
