@@ -18,9 +18,11 @@ const PLAN_IDS: &str = "SELECT pg_catalog.string_agg(p.plan_id, ', ' ORDER BY p.
 /// Lock the current subscription (after the account: see `crate::api::lock_account`) and say
 /// what the incoming event would change. $1 user, $2 event time, $3 new period start (NULL:
 /// keep the stored one), $4 new period end.
-/// The period advances when the start or the end is later than the stored one.
+/// The period advances when the start or the end is later than the stored one; an event whose
+/// period starts before the stored one is about an older period, so it is stale too.
 const LOCK: &str = "
-SELECT s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_event_created_at AS stale,
+SELECT (s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_event_created_at)
+       OR COALESCE($3 < s.current_period_start, false) AS stale,
        COALESCE($3 > s.current_period_start, false) OR COALESCE($4 > s.current_period_end, false) AS new_period,
        s.period_credits_granted
   FROM billing.subscriptions AS s

@@ -13,6 +13,7 @@ COMMIT;
 -- the backend's calls with those keys run (0.2.0: PT409)
 SELECT billing.expire_subscription_credits('a3000000-0000-4000-8000-000000000001', 'period end', 'expire-2026-12') ->> 'expired_amount' AS expired;
 SELECT billing.refund_credits('a3000000-0000-4000-8000-000000000001', 3, 'refund', 'in_1', 'refund-in_1') ->> 'purchased_credits_balance' AS refunded;
+-- within the service namespace SPEC 4's rule holds: the backend's own key for another operation is PT409
 SELECT billing.consume_credits_v2('a3000000-0000-4000-8000-000000000001', 2, p_idempotency_key => 'expire-2026-12') ->> 'consumed' AS service_consumed;
 -- within each namespace the first result replays, and other arguments are PT409
 SELECT billing.add_subscription_credits('a3000000-0000-4000-8000-000000000001', 50, p_idempotency_key => 'grant-1') ->> 'total_balance' AS replayed_total;

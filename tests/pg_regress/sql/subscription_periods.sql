@@ -40,7 +40,7 @@ SELECT pg_temp.bal('a1000000-0000-4000-8000-000000000002');
 SELECT billing.upsert_subscription('a1000000-0000-4000-8000-000000000002', 'pro', 'active', :'p1', :'p2') ->> 'credits_granted' AS next_period;
 SELECT pg_temp.bal('a1000000-0000-4000-8000-000000000002');
 -- an older period (an event out of order without p_event_created_at) grants nothing
-SELECT billing.upsert_subscription('a1000000-0000-4000-8000-000000000002', 'pro', 'active', :'p0', :'p1') ->> 'credits_granted' AS older_period;
+SELECT billing.upsert_subscription('a1000000-0000-4000-8000-000000000002', 'pro', 'active', :'p0', :'p1') ->> 'reason' AS older_period;
 SELECT type, amount, balance_after FROM billing.credit_transactions
  WHERE user_id = 'a1000000-0000-4000-8000-000000000002' ORDER BY created_at, id;
 
