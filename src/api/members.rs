@@ -80,9 +80,11 @@ SELECT m.plan_id, COALESCE(p.allow_overage, false), m.period_start
  WHERE m.user_id = $1
    FOR UPDATE OF m";
 
-/// Lock the member's account row and read its pools. $1 member.
+/// Lock the member's account row and read its pools (subscription credits past their expiry
+/// count as 0; the consumption then settles them). $1 member.
 const LOCK_ACCOUNT: &str = "
-SELECT a.subscription_credits_balance, a.purchased_credits_balance
+SELECT CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0 ELSE a.subscription_credits_balance END,
+       a.purchased_credits_balance
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// Count a consumption. $1 member, $2 credits used, $3 overage.
@@ -123,7 +125,7 @@ SELECT pg_catalog.jsonb_build_object(
            'period_start', m.period_start,
            'renewal_date', m.renewal_date)
   FROM billing.members AS m
-  LEFT JOIN billing.accounts AS a ON a.user_id = m.user_id
+  LEFT JOIN billing.user_credits AS a ON a.user_id = m.user_id
  WHERE m.user_id = $1";
 
 /// Members due on $1, in a fixed order.
