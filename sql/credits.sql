@@ -70,7 +70,7 @@ CREATE FUNCTION billing.increment_credits_with_log(p_user_id uuid, p_amount inte
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_increment_credits_with_log';
 COMMENT ON FUNCTION billing.increment_credits_with_log(uuid, integer, text, text, text) IS
-'Service-only legacy alias. Type ''purchase'' adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
+'Service-only legacy alias. Type ''purchase'' (matched case-insensitively, spaces trimmed, and logged as purchase) adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
 
 CREATE FUNCTION billing.decrement_credits_with_log(p_user_id uuid, p_amount integer, p_transaction_type text DEFAULT 'usage',
                                                    p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL)

@@ -15,8 +15,11 @@
 -- them: they go to the service namespace, and those of consume_credits_v2 (the one keyed
 -- function end users may call) are copied into the user namespace too, so a retry across the
 -- upgrade is still replayed, never applied twice.
-ALTER TABLE billing.idempotency_keys ADD COLUMN IF NOT EXISTS scope text NOT NULL DEFAULT 'service';
-ALTER TABLE billing.idempotency_keys ALTER COLUMN scope DROP DEFAULT;
+-- (Added without a default and filled, so the table matches a fresh install: a column added with
+-- a default keeps a "missing value" that a fresh table does not have.)
+ALTER TABLE billing.idempotency_keys ADD COLUMN IF NOT EXISTS scope text;
+UPDATE billing.idempotency_keys SET scope = 'service' WHERE scope IS NULL;
+ALTER TABLE billing.idempotency_keys ALTER COLUMN scope SET NOT NULL;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint AS c
@@ -37,12 +40,14 @@ COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutato
 -- What each subscription's current period has granted (issue 10 item 1, issue 11 item 4). A
 -- subscription that 0.2.0 left active or trialing was granted its plan's monthly credits when its
 -- period began.
-ALTER TABLE billing.subscriptions ADD COLUMN IF NOT EXISTS period_credits_granted bigint NOT NULL DEFAULT 0;
+ALTER TABLE billing.subscriptions ADD COLUMN IF NOT EXISTS period_credits_granted bigint;
+ALTER TABLE billing.subscriptions ALTER COLUMN period_credits_granted SET DEFAULT 0;
 UPDATE billing.subscriptions AS s
-   SET period_credits_granted = p.monthly_credits
-  FROM billing.plans AS p
- WHERE p.plan_id = s.plan_id AND s.status IN ('active', 'trialing')
-   AND s.period_credits_granted = 0 AND p.monthly_credits > 0;
+   SET period_credits_granted = CASE WHEN s.status IN ('active', 'trialing')
+                                     THEN COALESCE((SELECT p.monthly_credits FROM billing.plans AS p WHERE p.plan_id = s.plan_id), 0)
+                                     ELSE 0 END
+ WHERE s.period_credits_granted IS NULL;
+ALTER TABLE billing.subscriptions ALTER COLUMN period_credits_granted SET NOT NULL;
 
 -- Subscription credits past their expiry read as 0 (issue 10 item 2).
 CREATE OR REPLACE VIEW billing.user_credits WITH (security_invoker = true) AS
@@ -85,4 +90,8 @@ COMMENT ON FUNCTION billing.upsert_subscription(uuid, text, text, timestamptz, t
 'Service-only. The subscription webhook entry point: creates or updates the user''s subscription. p_event_id makes it idempotent; an event older (p_event_created_at) than the last applied one, or about an older period (its start before the stored one), is recorded but changes nothing. An omitted (NULL) p_current_period_start keeps the stored one (now for a new subscription). Credits: when the period advances (a new subscription, or a start or end later than the stored one) an active or trialing subscription renews the plan''s monthly_credits (the old subscription credits expire; the new ones expire at p_current_period_end); within a period, a change to a plan with more monthly_credits tops the pool up by the difference, a downgrade or a repeated event grants nothing. Returns {applied, reason, subscription_id, plan_id, status, effective_plan, credits_granted}.';
 COMMENT ON FUNCTION billing.process_expired_subscriptions() IS
 'Service-only maintenance (run it from pg_cron): every subscription whose effective plan has become free (canceled/past_due past period end + grace, trial ended, expires_at passed) is set to expired on the free plan, and its subscription credits expire, in one transaction. A user whose account or subscription another transaction holds is skipped, never waited for (the next run takes it), so the batch cannot deadlock. Returns the number downgraded.';
+
+-- A purchase by any spelling reaches the purchased pool (issue 10 item 5).
+COMMENT ON FUNCTION billing.increment_credits_with_log(uuid, integer, text, text, text) IS
+'Service-only legacy alias. Type ''purchase'' (matched case-insensitively, spaces trimmed, and logged as purchase) adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
 

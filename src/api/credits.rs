@@ -716,7 +716,8 @@ fn increment_credits_with_log(a: &Args) -> BResult<Ret> {
     let (d, r) = (a.text(3), a.text(4));
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
-    let pool = if ty == "purchase" { Pool::Purchased } else { Pool::Subscription };
+    // A purchase by any spelling goes to the purchased pool and is logged as 'purchase'.
+    let (pool, ty) = if validate::is_purchase_type(&ty) { (Pool::Purchased, "purchase".to_string()) } else { (Pool::Subscription, ty) };
     let v = Spi::connect_mut(|c| grant(c, &user, pool, amount, &ty, description, reference, None))?;
     legacy_total(&v)
 }
