@@ -11,8 +11,9 @@ until a call reads the wrong datum. tests/integration/test_signatures.py checks:
     (search_path) and, for C functions, the C symbol;
   - every C symbol a declaration names (sql/*.sql, the frozen releases sql/releases/*.sql and the
     installed catalog) is exported by the installed library (nm -D), with its pg_finfo_ record;
-  - every `billing_fn!` in src/ has a declaration, and each argument its body reads by position
-    (following helpers it hands the arguments to) is declared at that position with that type.
+  - every `billing_fn!` in src/ has a declaration, each argument its body reads by position
+    (following helpers it hands the arguments to) is declared at that position with that type,
+    and each declared argument is read.
 
 Regenerate the list after a deliberate signature change, and read its diff:
     make signatures          (scripts/signatures.sh: build, install, fresh cluster, write the file)
@@ -65,7 +66,9 @@ class FreshDatabase:
 
 
 def catalog_lines(conn):
-    return [r[0] for r in q(conn, SIGNATURE_QUERY)]
+    with conn.cursor() as cur:
+        cur.execute(SIGNATURE_QUERY)        # no parameters: the format() string holds '%s'
+        return [r[0] for r in cur.fetchall()]
 
 
 def pinned_lines(path=PINNED):
@@ -202,8 +205,12 @@ def body_problems(conn, src_dir=REPO / "src"):
         if sym not in decls:
             problems.append(f"{sym} ({f.name}): billing_fn! entry point with no LANGUAGE c declaration in schema billing")
             continue
+        body_reads = reads(fns, body)
         for fname, types, names in decls[sym]:
-            for pos, typ, where in sorted(reads(fns, body), key=lambda r: (r[0] is None, r[0] or 0, r[1])):
+            for pos in sorted(set(range(len(types))) - {r[0] for r in body_reads}):
+                arg = names[pos] if pos < len(names) else f"${pos + 1}"
+                problems.append(f"{fname} ({sym}): declares argument {pos} ({arg} {types[pos]}) that {body} never reads")
+            for pos, typ, where in sorted(body_reads, key=lambda r: (r[0] is None, r[0] or 0, r[1])):
                 if pos is None:
                     problems.append(f"{fname} ({sym}): cannot tell which argument {where} reads")
                 elif pos >= len(types):

@@ -54,8 +54,9 @@ def test_rust_bodies_read_declared_arguments():
 
 
 def test_body_check_finds_a_drift():
-    # The check itself: a body that reads one argument too many, or an argument as the wrong
-    # type, must be reported (on a copy of src/ with one body changed).
+    # The check itself: a body that reads one argument too many, an argument as the wrong type,
+    # or leaves a declared argument unread must be reported (on a copy of src/ with two bodies
+    # changed), and nothing else.
     import shutil
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="pgb_signatures_"))
@@ -67,9 +68,17 @@ def test_body_check_finds_a_drift():
         body = "fn consume_credits_v2(a: &Args) -> BResult<Ret> {\n"
         assert body in text
         credits.write_text(text.replace(body, body + "    let _drift = (a.text(5), a.uuid(1));\n", 1))
+        usage = src / "api" / "usage.rs"
+        text = usage.read_text()
+        read = 'non_negative("p_chunks", a.int(1))'
+        assert read in text
+        usage.write_text(text.replace(read, 'non_negative("p_chunks", Some(1))', 1))
         with signatures.FreshDatabase() as conn:
             problems = signatures.body_problems(conn, src_dir=src)
         assert any("reads argument 5" in p and "consume_credits_v2" in p for p in problems), problems
         assert any("reads argument 1 as uuid" in p and "p_amount integer" in p for p in problems), problems
+        assert any("record_document_usage" in p and "(p_chunks integer)" in p and "never reads" in p
+                   for p in problems), problems
+        assert len(problems) == 3, problems
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

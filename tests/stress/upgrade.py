@@ -609,7 +609,8 @@ def run(releases_dir=None, sql_dir=None, quiet=False, old_libraries=True):
     """The check on the repository's sql/releases and sql/. With old_libraries, each older
     release's data is written by that release's own library, built from its commit; when the
     commit is not in this clone the current library writes it and the figure line says so
-    (PGB_REQUIRE_OLD_LIBRARY=1 makes that a difference). Returns an Outcome."""
+    (PGB_REQUIRE_OLD_LIBRARY=1 makes that a difference: scripts/test.sh and the long stress run
+    set it, so make test fails instead of falling back). Returns an Outcome."""
     releases_dir = Path(releases_dir or REPO / "sql" / "releases")
     sql_dir = Path(sql_dir or REPO / "sql")
     out = Outcome()
