@@ -27,9 +27,8 @@ check_suite() { # suite passed failed exit_code expected_count(or "")
     if [ -n "$want" ] && [ $((p + f)) -lt "$want" ]; then
         why+=("$((want - p - f)) of $want tests did not report"); f=$((want - p))
     fi
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then why+=("runner exited $rc"); f=1; fi
+    if [ "$rc" -ne 0 ]; then why+=("runner exited $rc"); [ "$f" -gt 0 ] || f=1; fi
     if [ $((p + f)) -eq 0 ]; then why+=("no test ran"); f=1; fi
-    [ "$rc" -ne 0 ] && [ ${#why[@]} -eq 0 ] && why+=("runner exited $rc")
     local IFS=';'; record "$s" "$p" "$f" "${why[*]}"
 }
 print_summary() {
@@ -86,7 +85,7 @@ run_regress_suite() { # suite db runner inputdir tests...
     if [ ${#tests[@]} -eq 0 ]; then record "$suite" 0 1 "no tests found in $inputdir"; return; fi
     if ! setup_db "$db"; then record "$suite" 0 1 "could not create database $db"; return; fi
     set +e
-    "$runner" --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
+    "$runner" --use-existing --bindir="$PGBIN" --host="$PGHOST" --port="$PGPORT" --user=postgres \
         --dbname="$db" --inputdir="$inputdir" --outputdir="$OUT/$suite" "${tests[@]}" > "$OUT/$suite.log" 2>&1
     rc=$?
     set -e
