@@ -118,10 +118,10 @@ if [[ " $SUITES " == *" integration "* ]]; then
     if ! setup_db integration; then
         record integration 0 1 "could not create database integration"
     else
+        eval "pytest_args=(${PYTEST_ARGS:-})"      # shell words, so -k "a or b" stays one argument
         set +e
-        # shellcheck disable=SC2086
         PGDATABASE=integration PGBIN="$PGBIN" $PY -m pytest -c "$REPO/tests/pytest.ini" "$REPO/tests/integration" \
-            --junitxml="$OUT/integration.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/integration.log"
+            --junitxml="$OUT/integration.xml" "${pytest_args[@]}" 2>&1 | tee "$OUT/integration.log"
         irc=${PIPESTATUS[0]}
         set -e
         # The counts from pytest's JUnit report: skipped tests and errors count as failed.
