@@ -47,6 +47,10 @@ on_exit() { # an aborted run (a failed build, a cluster that did not start) stil
 }
 trap on_exit EXIT
 
+for s in $SUITES; do   # a misspelt suite would otherwise run nothing
+    case "$s" in unit|regress|isolation|integration) ;; *) record "$s" 0 1 "unknown suite (unit, regress, isolation, integration)" ;; esac
+done
+
 ensure_deps
 
 if [[ " $SUITES " == *" unit "* ]]; then
