@@ -3,7 +3,8 @@
 -- their local dates differ, and at least one of them differs from the UTC date. In 0.2.0 members
 -- created at the same instant in the two zones got different renewal dates (CURRENT_DATE), the
 -- default reset date followed the session's zone, and a yearly cycle from Feb 28 ended a day
--- early in Kiritimati (timestamptz + interval steps days and months in the session's zone).
+-- early in Kiritimati and a 1-day grace period lasted 23 hours across a daylight-saving change
+-- (timestamptz + interval steps days and months in the session's zone).
 BEGIN;
 SET LOCAL DateStyle = 'ISO, YMD';
 -- utc_today(): the UTC date of this transaction's instant (now() does not move within it).
@@ -68,6 +69,25 @@ SELECT billing.upsert_pending_profile('tz-pp-dst@example.com', p_billing_cycle_s
 SET LOCAL TimeZone = 'UTC';
 SELECT p.email, p.plan_duration, p.billing_cycle_start, p.billing_cycle_end, p.next_credit_renewal
   FROM billing.pending_profiles AS p WHERE p.email LIKE 'tz-pp-%' ORDER BY p.email;
+
+-- ===== effective_plan_id: the grace period is added in UTC =====
+-- A zone (POSIX rule) that sprang forward an hour 12 hours ago: there the local day that holds
+-- the change is 23 hours long. A canceled period that ended 23h30m ago with a 1-day grace is
+-- still in grace (24 hours); 0.2.0 added a local day (23 hours) and said free.
+SET LOCAL pg_billing.grace_period = '1 day';
+DO $$
+DECLARE t timestamp := date_trunc('hour', (now() AT TIME ZONE 'UTC') - interval '12 hours');
+        n integer := extract(doy FROM t)::integer - 1;
+BEGIN
+    EXECUTE format('SET LOCAL TimeZone = %L',
+                   format('XST0XDT,%s/%s,%s/0', n, extract(hour FROM t), (n + 180) % 365));
+END
+$$;
+SELECT (now() - interval '23 hours 30 minutes') + interval '1 day' - now() AS a_local_day_after_the_end_is;
+SELECT billing.effective_plan_id('pro', 'canceled', now() - interval '23 hours 30 minutes', NULL, NULL) AS ended_23h30m_ago,
+       billing.effective_plan_id('pro', 'canceled', now() - interval '24 hours 30 minutes', NULL, NULL) AS ended_24h30m_ago,
+       billing.effective_plan_id('pro', 'trialing', NULL, now() - interval '23 hours 30 minutes', NULL) AS trial_ended_23h30m_ago;
+SET LOCAL TimeZone = 'UTC';
 
 -- the ledger matches every balance
 SELECT * FROM billing.verify_ledger();
