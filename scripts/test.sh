@@ -52,7 +52,7 @@ if [[ " $SUITES " == *" regress "* ]]; then
     setup_db regression
     tests=$(cd "$REPO/tests/pg_regress/sql" && ls *.sql | sed 's/\.sql$//' | sort)
     set +e
-    "$PGXS/src/test/regress/pg_regress" --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
+    "$PGXS/src/test/regress/pg_regress" --use-existing --bindir="$PGBIN" --host="$PGHOST" --port="$PGPORT" --user=postgres \
         --dbname=regression --inputdir="$REPO/tests/pg_regress" --outputdir="$OUT/regress" $tests 2>&1 | tee "$OUT/regress.log"
     set -e
     rp=$(grep -cE '^(ok|test) .* ok( |$)|^ok [0-9]+ ' "$OUT/regress.log" || true)
@@ -66,7 +66,7 @@ if [[ " $SUITES " == *" isolation "* ]]; then
     setup_db isolation
     specs=$(cd "$REPO/tests/isolation/specs" && ls *.spec 2>/dev/null | sed 's/\.spec$//' | sort)
     set +e
-    "$PGXS/src/test/isolation/pg_isolation_regress" --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
+    "$PGXS/src/test/isolation/pg_isolation_regress" --use-existing --bindir="$PGBIN" --host="$PGHOST" --port="$PGPORT" --user=postgres \
         --dbname=isolation --inputdir="$REPO/tests/isolation" --outputdir="$OUT/isolation" $specs 2>&1 | tee "$OUT/isolation.log"
     set -e
     ip=$(grep -cE '^(ok|test|permutation) .* ok( |$)|^ok [0-9]+ ' "$OUT/isolation.log" || true)

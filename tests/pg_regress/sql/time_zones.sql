@@ -11,11 +11,18 @@ SET LOCAL DateStyle = 'ISO, YMD';
 CREATE FUNCTION pg_temp.utc_today() RETURNS date LANGUAGE sql AS $f$
     SELECT (now() AT TIME ZONE 'UTC')::date
 $f$;
--- m(email): a member's dates against today in UTC, and when its credits expire.
+-- rel(d): a date relative to today in UTC.
+CREATE FUNCTION pg_temp.rel(d date) RETURNS text LANGUAGE sql AS $f$
+    SELECT CASE d WHEN pg_temp.utc_today() THEN 'today'
+                  WHEN pg_temp.utc_today() + 1 THEN 'tomorrow'
+                  WHEN (pg_temp.utc_today() + interval '1 month')::date THEN 'today + 1 month'
+                  WHEN (pg_temp.utc_today() + 1 - interval '1 month')::date THEN 'tomorrow - 1 month'
+                  ELSE 'today + ' || (d - pg_temp.utc_today()) || ' days' END
+$f$;
+-- m(email): a member's dates, and whether its credits expire at 00:00 UTC of its renewal date.
 CREATE FUNCTION pg_temp.m(p_email text) RETURNS text LANGUAGE sql AS $f$
-    SELECT format('renewal=today%s%s start=today%s%s anchor_is_renewal_day=%s credits_expire_at_utc_midnight_of_renewal=%s',
-                  CASE WHEN m.renewal_date >= pg_temp.utc_today() THEN '+' ELSE '' END, m.renewal_date - pg_temp.utc_today(),
-                  CASE WHEN m.period_start >= pg_temp.utc_today() THEN '+' ELSE '' END, m.period_start - pg_temp.utc_today(),
+    SELECT format('renewal=%s start=%s anchor_is_renewal_day=%s credits_expire_at_utc_midnight_of_renewal=%s',
+                  pg_temp.rel(m.renewal_date), pg_temp.rel(m.period_start),
                   m.anchor_day = extract(day FROM m.renewal_date),
                   a.subscription_credits_expire_at = (m.renewal_date::timestamp AT TIME ZONE 'UTC'))
       FROM billing.members AS m JOIN billing.accounts AS a ON a.user_id = m.user_id
@@ -83,7 +90,7 @@ BEGIN
                    format('XST0XDT,%s/%s,%s/0', n, extract(hour FROM t), (n + 180) % 365));
 END
 $$;
-SELECT (now() - interval '23 hours 30 minutes') + interval '1 day' - now() AS a_local_day_after_the_end_is;
+SELECT (extract(epoch FROM (now() - interval '23 hours 30 minutes') + interval '1 day' - now()) / 60)::integer AS local_day_after_the_end_minus_now_minutes;
 SELECT billing.effective_plan_id('pro', 'canceled', now() - interval '23 hours 30 minutes', NULL, NULL) AS ended_23h30m_ago,
        billing.effective_plan_id('pro', 'canceled', now() - interval '24 hours 30 minutes', NULL, NULL) AS ended_24h30m_ago,
        billing.effective_plan_id('pro', 'trialing', NULL, now() - interval '23 hours 30 minutes', NULL) AS trial_ended_23h30m_ago;
