@@ -21,9 +21,8 @@ CREATE FUNCTION pg_temp.rel(d date) RETURNS text LANGUAGE sql AS $f$
 $f$;
 -- m(email): a member's dates, and whether its credits expire at 00:00 UTC of its renewal date.
 CREATE FUNCTION pg_temp.m(p_email text) RETURNS text LANGUAGE sql AS $f$
-    SELECT format('renewal=%s start=%s anchor_is_renewal_day=%s credits_expire_at_utc_midnight_of_renewal=%s',
+    SELECT format('renewal=%s start=%s credits_expire_at_utc_midnight_of_renewal=%s',
                   pg_temp.rel(m.renewal_date), pg_temp.rel(m.period_start),
-                  m.anchor_day = extract(day FROM m.renewal_date),
                   a.subscription_credits_expire_at = (m.renewal_date::timestamp AT TIME ZONE 'UTC'))
       FROM billing.members AS m JOIN billing.accounts AS a ON a.user_id = m.user_id
      WHERE m.email = p_email
