@@ -65,7 +65,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an interval (0 when unset).';
 
--- The plan a subscription entitles to right now. The single place these rules live.
+-- The plan a subscription entitles to right now. The single place these rules live. The grace
+-- period is added in UTC (timestamptz + interval would step days and months in the session's
+-- TimeZone: '1 day' across a daylight-saving change would be 23 or 25 hours).
 CREATE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
                                           p_trial_ends_at timestamptz, p_expires_at timestamptz)
 RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -74,15 +76,16 @@ RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, 
         WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
         WHEN p_status IN ('expired', 'paused', 'pending') THEN 'free'
         WHEN p_status IN ('canceled', 'past_due')
-             AND (p_current_period_end IS NULL OR pg_catalog.now() > p_current_period_end + billing.grace_period()) THEN 'free'
+             AND (p_current_period_end IS NULL
+                  OR pg_catalog.now() > ((p_current_period_end AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC') THEN 'free'
         WHEN p_status = 'trialing' AND p_trial_ends_at IS NOT NULL
-             AND pg_catalog.now() > p_trial_ends_at + billing.grace_period() THEN 'free'
+             AND pg_catalog.now() > ((p_trial_ends_at AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC' THEN 'free'
         WHEN NOT EXISTS (SELECT 1 FROM billing.plans AS p WHERE p.plan_id = p_plan_id) THEN 'free'
         ELSE p_plan_id
     END
 $$;
 COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamptz, timestamptz) IS
-'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan.';
+'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan. The grace period is added in UTC, whatever the session''s TimeZone (''1 day'' is always 24 hours).';
 
 CREATE FUNCTION billing.get_effective_plan(p_user_id uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

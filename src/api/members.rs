@@ -6,7 +6,8 @@
 //! `crate::api::credits` so the ledger holds. Rows are locked in one order everywhere:
 //! `billing.member_emails`, then `billing.members`, then `billing.accounts`.
 
-use pg_billing_core::members::{self as m, Ymd};
+use chrono::{Datelike, NaiveDate};
+use pg_billing_core::members as m;
 use pg_billing_core::BillingError;
 use pgrx::datum::{Date, DatumWithOid, TimestampWithTimeZone};
 use pgrx::pg_sys::{self, PgOid};
@@ -46,14 +47,16 @@ RETURNING e.user_id";
 
 /// Create or update the member. $1 member, $2 e-mail, $3 plan, $4 renewal date (NULL: keep, or
 /// one month from today for a new member). Returns whether it was inserted, the previous plan,
-/// the renewal date as ISO text, and whether the plan changed.
+/// the renewal date as ISO text, and whether the plan changed. "Today" is the UTC date of now()
+/// (not CURRENT_DATE, which follows the session's TimeZone): renewals fall at UTC midnight.
 const UPSERT_MEMBER: &str = "
 WITH r AS (
-    SELECT COALESCE($4, (CURRENT_DATE + '1 month'::interval)::date) AS d
+    SELECT COALESCE($4, (t.today + '1 month'::interval)::date) AS d, t.today
+      FROM (SELECT (pg_catalog.now() AT TIME ZONE 'UTC')::date AS today) AS t
 )
 INSERT INTO billing.members AS m (user_id, email, plan_id, renewal_date, anchor_day, period_start)
 SELECT $1, $2, $3, r.d, pg_catalog.date_part('day', r.d)::smallint,
-       LEAST(CURRENT_DATE, (r.d - '1 month'::interval)::date) FROM r
+       LEAST(r.today, (r.d - '1 month'::interval)::date) FROM r
 ON CONFLICT (user_id) DO UPDATE
    SET email            = EXCLUDED.email,
        plan_id          = EXCLUDED.plan_id,
@@ -160,18 +163,19 @@ fn date_arg(a: &Args, n: usize) -> Option<Date> {
     unsafe { pgrx::fcinfo::pg_getarg::<Date>(a.0, n) }
 }
 
-fn ymd(d: Date) -> BResult<Ymd> {
+fn ymd(d: Date) -> BResult<NaiveDate> {
     if !d.is_finite() {
         return Err(BillingError::invalid("dates must be finite (not infinity)"));
     }
     if !(1900..=9999).contains(&d.year()) {
         return Err(BillingError::invalid_with_hint("the date is out of range", "dates must fall in the years 1900 to 9999"));
     }
-    Ok(Ymd::new(d.year(), d.month(), d.day()))
+    NaiveDate::from_ymd_opt(d.year(), d.month().into(), d.day().into())
+        .ok_or_else(|| BillingError::internal(format!("date {}-{}-{} is not a calendar date", d.year(), d.month(), d.day())))
 }
 
-fn to_date(d: Ymd) -> BResult<Date> {
-    Date::new(d.year, d.month, d.day).map_err(|e| BillingError::internal(format!("date {d:?}: {e}")))
+fn to_date(d: NaiveDate) -> BResult<Date> {
+    Date::new(d.year(), d.month() as u8, d.day() as u8).map_err(|e| BillingError::internal(format!("date {d}: {e}")))
 }
 
 /// Lock and read a plan's (monthly_credits, allow_overage), or 22023 naming the known plans.

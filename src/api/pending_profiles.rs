@@ -35,17 +35,20 @@ SELECT a.user_id FROM billing.accounts AS a
 
 /// Record a purchase for an e-mail. $1 e-mail, $2 token, $3 plan, $4 provider, $5 provider user,
 /// $6 provider membership, $7 duration, $8 cycle start, $9 cycle end, $10 credits, $11 the
-/// account it is applied to now (NULL: pending), $12 the duration as an interval.
+/// account it is applied to now (NULL: pending), $12 the duration as an interval. Durations are
+/// added in UTC (a year from Feb 29 is Feb 28, 30 days are 720 hours) whatever the session's
+/// TimeZone: `timestamptz + interval` would step days and months in the session's zone.
 const UPSERT_PROFILE: &str = "
 INSERT INTO billing.pending_profiles AS p
        (email, token, plan_id, provider, provider_user_id, provider_membership_id, plan_duration,
         billing_cycle_start, billing_cycle_end, next_credit_renewal, credits, used_credits,
         claimed, claimed_by_user_id, claimed_at)
 SELECT $1, $2, $3, $4, $5, $6, $7, s.cycle_start, s.cycle_end,
-       LEAST(s.cycle_end, s.cycle_start + '30 days'::interval), $10, 0,
+       LEAST(s.cycle_end, ((s.cycle_start AT TIME ZONE 'UTC') + '30 days'::interval) AT TIME ZONE 'UTC'), $10, 0,
        $11::uuid IS NOT NULL, $11, CASE WHEN $11::uuid IS NOT NULL THEN pg_catalog.now() END
   FROM (SELECT COALESCE($8, pg_catalog.now()) AS cycle_start,
-               COALESCE($9, COALESCE($8, pg_catalog.now()) + $12::interval) AS cycle_end) AS s
+               COALESCE($9, ((COALESCE($8, pg_catalog.now()) AT TIME ZONE 'UTC') + $12::interval) AT TIME ZONE 'UTC')
+                   AS cycle_end) AS s
 ON CONFLICT (email) DO UPDATE
    SET token                  = EXCLUDED.token,
        plan_id                = EXCLUDED.plan_id,
