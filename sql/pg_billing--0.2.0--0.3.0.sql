@@ -135,3 +135,150 @@ RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, 
 $$;
 COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamptz, timestamptz) IS
 'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan. The grace period is added in UTC, whatever the session''s TimeZone (''1 day'' is always 24 hours).';
+
+
+-- ---------------------------------------------------------------------------------------------
+-- Issue 10 item 4 and issue 11 item 1: the app's own tables (widgets, resources, legacy import)
+-- are read with the caller's rights (end users) or the table owner's (service callers), never
+-- as the extension owner; registered tables are kept by oid, kind and owner.
+-- Registries: existing rows get the relation their stored name resolves to now (a name that
+-- resolves to nothing gets oid 0, kind '-', owner 0: using it is refused with P0002 until the
+-- table is registered again). The functions' new code is in the library; the SQL below carries
+-- the registration functions and the comments.
+-- ---------------------------------------------------------------------------------------------
+ALTER TABLE billing.widget_tables ADD COLUMN IF NOT EXISTS table_oid pg_catalog.regclass;
+ALTER TABLE billing.widget_tables ADD COLUMN IF NOT EXISTS table_kind "char";
+ALTER TABLE billing.widget_tables ADD COLUMN IF NOT EXISTS table_owner pg_catalog.regrole;
+UPDATE billing.widget_tables AS t
+   SET table_oid = COALESCE(c.oid, 0::pg_catalog.oid)::pg_catalog.regclass,
+       table_kind = COALESCE(c.relkind, '-'),
+       table_owner = COALESCE(c.relowner, 0::pg_catalog.oid)::pg_catalog.regrole
+  FROM billing.widget_tables AS o
+  LEFT JOIN pg_catalog.pg_class AS c
+         ON c.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', o.schema_name, o.table_name))
+ WHERE o.widget_type = t.widget_type
+   AND (t.table_oid IS NULL OR t.table_kind IS NULL OR t.table_owner IS NULL);
+ALTER TABLE billing.widget_tables ALTER COLUMN table_oid SET NOT NULL;
+ALTER TABLE billing.widget_tables ALTER COLUMN table_kind SET NOT NULL;
+ALTER TABLE billing.widget_tables ALTER COLUMN table_owner SET NOT NULL;
+ALTER TABLE billing.resource_types ADD COLUMN IF NOT EXISTS table_oid pg_catalog.regclass;
+ALTER TABLE billing.resource_types ADD COLUMN IF NOT EXISTS table_kind "char";
+ALTER TABLE billing.resource_types ADD COLUMN IF NOT EXISTS table_owner pg_catalog.regrole;
+UPDATE billing.resource_types AS t
+   SET table_oid = COALESCE(c.oid, 0::pg_catalog.oid)::pg_catalog.regclass,
+       table_kind = COALESCE(c.relkind, '-'),
+       table_owner = COALESCE(c.relowner, 0::pg_catalog.oid)::pg_catalog.regrole
+  FROM billing.resource_types AS o
+  LEFT JOIN pg_catalog.pg_class AS c
+         ON c.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', o.schema_name, o.table_name))
+ WHERE o.resource_type = t.resource_type
+   AND (t.table_oid IS NULL OR t.table_kind IS NULL OR t.table_owner IS NULL);
+ALTER TABLE billing.resource_types ALTER COLUMN table_oid SET NOT NULL;
+ALTER TABLE billing.resource_types ALTER COLUMN table_kind SET NOT NULL;
+ALTER TABLE billing.resource_types ALTER COLUMN table_owner SET NOT NULL;
+COMMENT ON TABLE billing.widget_tables IS 'Widget tables registered with billing.register_widget_table (plain tables public.widget_<type> with the required columns and a trusted owner are found without registration). table_oid, table_kind and table_owner are the relation as registered: a call that finds the oid gone or its kind or owner changed refuses (P0002) until the table is registered again; schema_name and table_name are its name at registration.';
+
+CREATE OR REPLACE FUNCTION billing.register_widget_table(p_widget_type text, p_table regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_schema text;
+    v_table text;
+    v_kind "char";
+    v_owner pg_catalog.oid;
+    v_missing text;
+BEGIN
+    PERFORM billing.require_service('billing.register_widget_table');
+    IF p_widget_type IS NULL OR p_widget_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'p_widget_type must be a lower-case name such as links' USING ERRCODE = '22023';
+    END IF;
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'p_table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_table, v_kind, v_owner
+      FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table or view', p_table USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.string_agg(req.col, ', ') INTO v_missing
+      FROM (VALUES ('id', 'pg_catalog.uuid'::pg_catalog.regtype), ('user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
+                   ('position', 'pg_catalog.int4'::pg_catalog.regtype), ('is_active', 'pg_catalog.bool'::pg_catalog.regtype),
+                   ('created_at', NULL), ('updated_at', NULL)) AS req(col, typ)
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                        WHERE a.attrelid = p_table AND a.attname = req.col AND a.attnum > 0 AND NOT a.attisdropped
+                          AND (req.typ IS NULL OR a.atttypid = req.typ
+                               OR (req.col = 'position' AND a.atttypid IN ('pg_catalog.int2'::pg_catalog.regtype,
+                                                                          'pg_catalog.int8'::pg_catalog.regtype))));
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'table % lacks the widget columns %', p_table, v_missing USING ERRCODE = '22023',
+            HINT = 'a widget table needs id uuid, user_id uuid, position (smallint, integer or bigint), is_active boolean, created_at, updated_at';
+    END IF;
+    INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name, table_oid, table_kind, table_owner)
+    VALUES (p_widget_type, v_schema, v_table, p_table, v_kind, v_owner::pg_catalog.regrole)
+    ON CONFLICT (widget_type) DO UPDATE
+       SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, table_oid = EXCLUDED.table_oid,
+           table_kind = EXCLUDED.table_kind, table_owner = EXCLUDED.table_owner;
+END
+$$;
+
+COMMENT ON FUNCTION billing.register_widget_table(text, regclass) IS 'Service-only. Register an app table (or view) of widgets of type p_widget_type (columns id uuid, user_id uuid, position, is_active boolean, created_at, updated_at). The relation is kept by oid with its kind and owner: dropped and re-created, or given another owner, it must be registered again. Plain tables public.widget_<type> with those columns and a trusted owner (superuser, member of the database owner or of a role in pg_billing.trusted_table_owners) need no registration.';
+
+COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the row as JSON, with the columns the reading role may SELECT. End users (anon too) read with their own role: the tables'' RLS and column grants decide which rows and columns they get (a table whose widget columns they cannot read is skipped). Service callers read each table as its owner (every row and column). Anyone may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
+
+COMMENT ON FUNCTION billing.get_next_widget_position(uuid) IS 'The position for a new widget: the highest position over all the user''s widget tables + 1, 0 when none. End users: own only, read with their own role (RLS and grants apply); service callers: as each table''s owner.';
+
+COMMENT ON FUNCTION billing.count_user_widgets_by_type(uuid, text) IS 'How many widgets of p_widget_type the user has, active or not (what the widgets_per_type limit counts). End users count the rows their own role may see (RLS applies; 42501 when it may not read user_id); service callers count as the table''s owner. Unknown type: 22023.';
+
+COMMENT ON TABLE billing.resource_types IS 'Resource types registered with billing.register_resource: the table and user column to count, and the plan limits key. table_oid, table_kind and table_owner are the table as registered: a count that finds the oid gone or its kind or owner changed refuses (P0002) until the table is registered again; schema_name and table_name are its name at registration.';
+
+CREATE OR REPLACE FUNCTION billing.register_resource(p_resource_type text, p_table regclass, p_user_column name DEFAULT 'user_id',
+                                          p_limit_key text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_schema text;
+    v_table text;
+    v_kind "char";
+    v_owner pg_catalog.oid;
+BEGIN
+    PERFORM billing.require_service('billing.register_resource');
+    IF p_resource_type IS NULL OR p_resource_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'p_resource_type must be a lower-case name such as agents' USING ERRCODE = '22023';
+    END IF;
+    IF p_table IS NULL OR p_user_column IS NULL THEN
+        RAISE EXCEPTION 'p_table and p_user_column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_table, v_kind, v_owner
+      FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table', p_table USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = p_table AND a.attname = p_user_column AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.atttypid = 'pg_catalog.uuid'::pg_catalog.regtype) THEN
+        RAISE EXCEPTION 'table % has no uuid column %', p_table, pg_catalog.quote_ident(p_user_column) USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index AS i
+                    WHERE i.indrelid = p_table AND i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute AS a
+                                                                  WHERE a.attrelid = p_table AND a.attname = p_user_column)) THEN
+        RAISE EXCEPTION 'table % has no index that starts with column %', p_table, pg_catalog.quote_ident(p_user_column)
+            USING ERRCODE = '22023',
+                  HINT = pg_catalog.format('without one every limit check scans the whole table; create it first: CREATE INDEX ON %s (%I);', p_table, p_user_column);
+    END IF;
+    INSERT INTO billing.resource_types AS r (resource_type, schema_name, table_name, user_column, limit_key,
+                                             table_oid, table_kind, table_owner)
+    VALUES (p_resource_type, v_schema, v_table, p_user_column, COALESCE(p_limit_key, p_resource_type),
+            p_table, v_kind, v_owner::pg_catalog.regrole)
+    ON CONFLICT (resource_type) DO UPDATE
+       SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+           user_column = EXCLUDED.user_column, limit_key = EXCLUDED.limit_key,
+           table_oid = EXCLUDED.table_oid, table_kind = EXCLUDED.table_kind, table_owner = EXCLUDED.table_owner;
+END
+$$;
+
+COMMENT ON FUNCTION billing.register_resource(text, regclass, name, text) IS 'Service-only. Tell pg_billing where an app keeps a countable resource: check_resource_limit(p_resource_type) counts the user''s rows of p_table by p_user_column (uuid, indexed) against the plan limit p_limit_key (default: the type name). The table is kept by oid with its kind and owner and counted as its owner: dropped and re-created (or replaced by a view), or given another owner, it must be registered again. Re-registering replaces the entry.';
+
+COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
+
+COMMENT ON FUNCTION billing.migrate_single_pool(regclass, name, name, regclass) IS
+'Service-only DBA function. Imports legacy single-pool balances: p_table has one balance per user (p_user_column uuid, p_balance_column integer/bigint/numeric; several rows of one user are summed). p_purchases, when given, is the legacy credit history (S4''s credit_transactions): a uuid user column (p_user_column when the history has a uuid column of that name, else user_id), amount, and type; rows with type = ''purchase'' and amount > 0 count as purchases. Each user gets purchased = least(balance, sum of purchases) and subscription = the rest, so no credits are created; an existing account gets them added. Ledger rows of type ''migration'' record the opening balances (verify_ledger stays empty). Each (user, table) is imported once (billing.legacy_imports), so re-running imports nothing twice. p_table and p_purchases are locked and read as their owners (never as the extension owner), so code in them (a view''s functions) runs with no more rights than its owner has. Returns the number of users imported.';
