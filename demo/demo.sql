@@ -81,8 +81,8 @@ SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit(:bob, '
 \echo 'The provider delivers an older event late (a "past_due" from before the upgrade). It is recorded but changes nothing:'
 SELECT r->>'applied' AS applied, r->>'reason' AS reason
   FROM billing.upsert_subscription(:bob, 'ultra', 'past_due', p_event_id := 'evt_old_0', p_event_created_at := now() - interval '2 days') AS r;
-\echo 'Later he cancels; the period ends (we move the clock by editing the row) and the nightly job downgrades him to free.'
-SELECT billing.upsert_subscription(:bob, 'ultra', 'canceled', now() - interval '40 days', now() - interval '1 day',
+\echo 'Later he cancels; the period ends (the event moves the period end into the past) and the nightly job downgrades him to free.'
+SELECT billing.upsert_subscription(:bob, 'ultra', 'canceled', now() - interval '20 days', now() - interval '1 day',
                                    p_cancel_at_period_end := true, p_event_id := 'evt_cancel_2') ->> 'effective_plan' AS effective_plan_now;
 SELECT billing.process_expired_subscriptions() AS downgraded;
 SELECT plan_name, status FROM billing.get_user_subscription(:bob);
@@ -97,6 +97,8 @@ CREATE TABLE public.widget_links (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     is_active boolean NOT NULL DEFAULT true, title text, url text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
 CREATE TABLE public.widget_youtube (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
     is_active boolean NOT NULL DEFAULT true, video_id text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
+-- what Supabase's default privileges give the API roles: visitors read widgets with their own rights
+GRANT SELECT ON public.widget_links, public.widget_youtube TO anon, authenticated;
 \echo 'The app tells pg_billing where its agents live; widget_<type> tables are found on their own.'
 SELECT billing.register_resource('agents', 'public.agents');
 \echo 'Cleo is on Pro (5 agents). She has 5 already, so creating a 6th is refused by the limit check the app runs first:'

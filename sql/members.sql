@@ -74,7 +74,7 @@ CREATE FUNCTION billing.upsert_member(p_email text, p_plan_id text, p_renewal_da
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_upsert_member';
 COMMENT ON FUNCTION billing.upsert_member(text, text, date, text) IS
-'Service-only; the membership webhook. Creates or updates the member with this e-mail (lower-cased; an existing account with that e-mail becomes the member): plan and, when given, renewal date (default: one month from today). A new member or a plan change gets the plan''s monthly_credits as the period''s subscription credits (replacing the previous pool; extra credits stay) and starts its usage at 0. Returns {member_id, email, plan, previous_plan, created, plan_changed, credits_granted, renewal_date, duplicate}. A repeated p_event_id changes nothing and returns the first result with duplicate = true. Unknown plan or malformed e-mail: 22023.';
+'Service-only; the membership webhook. Creates or updates the member with this e-mail (lower-cased; an existing account with that e-mail becomes the member): plan and, when given, renewal date (default: one month from today''s date in UTC, whatever the session''s TimeZone). A new member or a plan change gets the plan''s monthly_credits as the period''s subscription credits (replacing the previous pool; extra credits stay) and starts its usage at 0. Returns {member_id, email, plan, previous_plan, created, plan_changed, credits_granted, renewal_date, duplicate}. A repeated p_event_id changes nothing and returns the first result with duplicate = true. Unknown plan or malformed e-mail: 22023.';
 
 CREATE FUNCTION billing.consume_generation(p_member_id uuid, p_count integer DEFAULT 1, p_description text DEFAULT NULL)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -94,8 +94,8 @@ AS 'MODULE_PATHNAME', 'pgb_get_usage_status';
 COMMENT ON FUNCTION billing.get_usage_status(uuid) IS
 'The member''s {email, plan, pool_limit, current_usage, remaining, renewal_date, extra_credits, overage}: pool_limit = current_usage + remaining credits. End users: their own member only. Unknown member: P0002.';
 
-CREATE FUNCTION billing.reset_usage_for_due_members(p_today date DEFAULT CURRENT_DATE)
+CREATE FUNCTION billing.reset_usage_for_due_members(p_today date DEFAULT (pg_catalog.now() AT TIME ZONE 'UTC')::date)
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_reset_usage_for_due_members';
 COMMENT ON FUNCTION billing.reset_usage_for_due_members(date) IS
-'Service-only; run daily. For every member whose renewal_date <= p_today: renews the subscription pool to the plan''s monthly_credits (expiring the rest; extra credits stay), sets usage to 0 and moves renewal_date monthly past p_today (members several periods behind catch up in one step). Returns the number of members reset; re-running the same day resets nothing.';
+'Service-only; run daily. p_today defaults to today''s date in UTC (whatever the session''s TimeZone; renewal dates are UTC dates). For every member whose renewal_date <= p_today: renews the subscription pool to the plan''s monthly_credits (expiring the rest; extra credits stay), sets usage to 0 and moves renewal_date monthly past p_today (members several periods behind catch up in one step). Returns the number of members reset; re-running the same day resets nothing.';

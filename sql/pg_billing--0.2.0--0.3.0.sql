@@ -8,6 +8,281 @@
 -- Each section below names the issue items it carries.
 \echo Use "ALTER EXTENSION pg_billing UPDATE TO '0.3.0'" to load this file. \quit
 
+-- ===== Credits and subscriptions (issue 10 items 1, 2, 5, 6; issue 11 items 4, 6, 8d) =====
+
+-- Idempotency keys in two namespaces per user (issue 11 item 6): end users' keys ('user') and
+-- service callers' ('service') never collide. Keys written before 0.3.0 did not record who used
+-- them: they go to the service namespace, and those of consume_credits_v2 (the one keyed
+-- function end users may call) are copied into the user namespace too, so a retry across the
+-- upgrade is still replayed, never applied twice.
+-- (Added without a default and filled, so the table matches a fresh install: a column added with
+-- a default keeps a "missing value" that a fresh table does not have.)
+ALTER TABLE billing.idempotency_keys ADD COLUMN IF NOT EXISTS scope text;
+UPDATE billing.idempotency_keys SET scope = 'service' WHERE scope IS NULL;
+ALTER TABLE billing.idempotency_keys ALTER COLUMN scope SET NOT NULL;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint AS c
+                    WHERE c.conrelid = 'billing.idempotency_keys'::pg_catalog.regclass AND c.conname = 'idempotency_keys_pkey'
+                      AND pg_catalog.array_length(c.conkey, 1) = 3) THEN
+        ALTER TABLE billing.idempotency_keys DROP CONSTRAINT idempotency_keys_pkey;
+        ALTER TABLE billing.idempotency_keys ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (user_id, scope, idempotency_key);
+    END IF;
+END
+$$;
+INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request, response, created_at, scope)
+SELECT k.user_id, k.idempotency_key, k.request, k.response, k.created_at, 'user'
+  FROM billing.idempotency_keys AS k
+ WHERE k.scope = 'service' AND k.request ->> 'operation' = 'consume_credits_v2'
+ON CONFLICT (user_id, scope, idempotency_key) DO NOTHING;
+COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutators, per user and caller kind (scope: user or service): the request fingerprint and the first response, replayed on repeats. cleanup_idempotency_keys deletes old keys.';
+
+-- What each subscription's current period has granted (issue 10 item 1, issue 11 item 4). A
+-- subscription that 0.2.0 left active or trialing was granted its plan's monthly credits when its
+-- period began.
+ALTER TABLE billing.subscriptions ADD COLUMN IF NOT EXISTS period_credits_granted bigint;
+ALTER TABLE billing.subscriptions ALTER COLUMN period_credits_granted SET DEFAULT 0;
+UPDATE billing.subscriptions AS s
+   SET period_credits_granted = CASE WHEN s.status IN ('active', 'trialing')
+                                     THEN COALESCE((SELECT p.monthly_credits FROM billing.plans AS p WHERE p.plan_id = s.plan_id), 0)
+                                     ELSE 0 END
+ WHERE s.period_credits_granted IS NULL;
+ALTER TABLE billing.subscriptions ALTER COLUMN period_credits_granted SET NOT NULL;
+
+-- Subscription credits past their expiry read as 0 (issue 10 item 2).
+CREATE OR REPLACE VIEW billing.user_credits WITH (security_invoker = true) AS
+SELECT a.user_id,
+       CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
+            ELSE a.subscription_credits_balance END AS subscription_credits_balance,
+       a.purchased_credits_balance,
+       CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
+            ELSE a.subscription_credits_balance END + a.purchased_credits_balance AS total_balance
+  FROM billing.accounts AS a;
+COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools and their total; subscription credits past their expiry count as 0. Row security applies: end users see their own row.';
+
+CREATE OR REPLACE FUNCTION billing.get_user_credits(p_user_id uuid)
+RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.authorize_user(p_user_id);
+    SELECT p_user_id,
+           COALESCE(c.subscription_credits_balance, 0),
+           COALESCE(c.purchased_credits_balance, 0),
+           COALESCE(c.total_balance, 0)
+      FROM (SELECT 1) AS one
+      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id
+$$;
+COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
+'The user''s two pools and their total (zeros when the user has no account yet); subscription credits past their expiry (the period end) count as 0. End users: own only.';
+
+-- An omitted period start keeps the stored one (issue 10 item 1).
+CREATE OR REPLACE FUNCTION billing.upsert_subscription(p_user_id uuid, p_plan_id text, p_status text,
+                                            p_current_period_start timestamptz DEFAULT NULL,
+                                            p_current_period_end timestamptz DEFAULT NULL,
+                                            p_trial_ends_at timestamptz DEFAULT NULL,
+                                            p_cancel_at_period_end boolean DEFAULT false,
+                                            p_provider text DEFAULT NULL,
+                                            p_provider_subscription_id text DEFAULT NULL,
+                                            p_event_id text DEFAULT NULL,
+                                            p_event_created_at timestamptz DEFAULT NULL)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgb_upsert_subscription';
+COMMENT ON FUNCTION billing.upsert_subscription(uuid, text, text, timestamptz, timestamptz, timestamptz, boolean, text, text, text, timestamptz) IS
+'Service-only. The subscription webhook entry point: creates or updates the user''s subscription. p_event_id makes it idempotent; an event older (p_event_created_at) than the last applied one, or about an older period (its start before the stored one), is recorded but changes nothing. An omitted (NULL) p_current_period_start keeps the stored one (now for a new subscription). Credits: when the period advances (a new subscription, or a start or end later than the stored one) an active or trialing subscription renews the plan''s monthly_credits (the old subscription credits expire; the new ones expire at p_current_period_end); within a period, a change to a plan with more monthly_credits tops the pool up by the difference, a downgrade or a repeated event grants nothing. Returns {applied, reason, subscription_id, plan_id, status, effective_plan, credits_granted}.';
+COMMENT ON FUNCTION billing.process_expired_subscriptions() IS
+'Service-only maintenance (run it from pg_cron): every subscription whose effective plan has become free (canceled/past_due past period end + grace, trial ended, expires_at passed) is set to expired on the free plan, and its subscription credits expire, in one transaction. A user whose account or subscription another transaction holds is skipped, never waited for (the next run takes it), so the batch cannot deadlock. Returns the number downgraded.';
+
+-- A purchase by any spelling reaches the purchased pool (issue 10 item 5).
+COMMENT ON FUNCTION billing.increment_credits_with_log(uuid, integer, text, text, text) IS
+'Service-only legacy alias. Type ''purchase'' (matched case-insensitively, spaces trimmed, and logged as purchase) adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
+
+
+
+-- ---------------------------------------------------------------------------------------------
+-- Issue 10 item 8: billing dates in UTC whatever the session's TimeZone. (Item 11, the uuid and
+-- chrono crates, changes only the library.) The Rust statements of upsert_member (today is the
+-- UTC date of now()) and upsert_pending_profile (durations added in UTC) are in the library;
+-- here: reset_usage_for_due_members' default p_today (was CURRENT_DATE), effective_plan_id (the
+-- grace period added in UTC) and the COMMENTs.
+-- CREATE OR REPLACE may change a parameter's default expression (only removing one is refused).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION billing.reset_usage_for_due_members(p_today date DEFAULT (pg_catalog.now() AT TIME ZONE 'UTC')::date)
+RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgb_reset_usage_for_due_members';
+COMMENT ON FUNCTION billing.reset_usage_for_due_members(date) IS
+'Service-only; run daily. p_today defaults to today''s date in UTC (whatever the session''s TimeZone; renewal dates are UTC dates). For every member whose renewal_date <= p_today: renews the subscription pool to the plan''s monthly_credits (expiring the rest; extra credits stay), sets usage to 0 and moves renewal_date monthly past p_today (members several periods behind catch up in one step). Returns the number of members reset; re-running the same day resets nothing.';
+
+COMMENT ON FUNCTION billing.upsert_member(text, text, date, text) IS
+'Service-only; the membership webhook. Creates or updates the member with this e-mail (lower-cased; an existing account with that e-mail becomes the member): plan and, when given, renewal date (default: one month from today''s date in UTC, whatever the session''s TimeZone). A new member or a plan change gets the plan''s monthly_credits as the period''s subscription credits (replacing the previous pool; extra credits stay) and starts its usage at 0. Returns {member_id, email, plan, previous_plan, created, plan_changed, credits_granted, renewal_date, duplicate}. A repeated p_event_id changes nothing and returns the first result with duplicate = true. Unknown plan or malformed e-mail: 22023.';
+
+COMMENT ON FUNCTION billing.upsert_pending_profile(text, text, text, text, text, text, text, timestamptz, timestamptz, integer, text) IS
+'Service-only; the checkout webhook for a buyer who may have no account. Keyed by lower-cased e-mail. When an account has this e-mail (or the profile was claimed already), the purchase is applied to it at once (plan, credits as subscription credits, billing cycle) and the profile row is kept as claimed: {status: ''applied_to_account'', id, user_id}; otherwise {status: ''pending'', id}. Cycle end defaults to start + 30 days (monthly) or + 1 year (yearly), added in UTC whatever the session''s TimeZone (so is next_credit_renewal, at most start + 30 days); credits default to the plan''s monthly_credits. A repeated p_event_id returns the first result with duplicate = true.';
+
+CREATE OR REPLACE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
+                                          p_trial_ends_at timestamptz, p_expires_at timestamptz)
+RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN p_plan_id IS NULL THEN 'free'
+        WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
+        WHEN p_status IN ('expired', 'paused', 'pending') THEN 'free'
+        WHEN p_status IN ('canceled', 'past_due')
+             AND (p_current_period_end IS NULL
+                  OR pg_catalog.now() > ((p_current_period_end AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC') THEN 'free'
+        WHEN p_status = 'trialing' AND p_trial_ends_at IS NOT NULL
+             AND pg_catalog.now() > ((p_trial_ends_at AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC' THEN 'free'
+        WHEN NOT EXISTS (SELECT 1 FROM billing.plans AS p WHERE p.plan_id = p_plan_id) THEN 'free'
+        ELSE p_plan_id
+    END
+$$;
+COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamptz, timestamptz) IS
+'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan. The grace period is added in UTC, whatever the session''s TimeZone (''1 day'' is always 24 hours).';
+
+
+-- ---------------------------------------------------------------------------------------------
+-- Issue 10 item 4 and issue 11 item 1: the app's own tables (widgets, resources, legacy import)
+-- are read with the caller's rights (end users) or the table owner's (service callers), never
+-- as the extension owner; registered tables are kept by oid, kind and owner.
+-- Registries: existing rows get the relation their stored name resolves to now (a name that
+-- resolves to nothing gets oid 0, kind '-', owner 0: using it is refused with P0002 until the
+-- table is registered again). The functions' new code is in the library; the SQL below carries
+-- the registration functions and the comments.
+-- ---------------------------------------------------------------------------------------------
+ALTER TABLE billing.widget_tables ADD COLUMN IF NOT EXISTS table_oid pg_catalog.regclass;
+ALTER TABLE billing.widget_tables ADD COLUMN IF NOT EXISTS table_kind "char";
+ALTER TABLE billing.widget_tables ADD COLUMN IF NOT EXISTS table_owner pg_catalog.regrole;
+UPDATE billing.widget_tables AS t
+   SET table_oid = COALESCE(c.oid, 0::pg_catalog.oid)::pg_catalog.regclass,
+       table_kind = COALESCE(c.relkind, '-'),
+       table_owner = COALESCE(c.relowner, 0::pg_catalog.oid)::pg_catalog.regrole
+  FROM billing.widget_tables AS o
+  LEFT JOIN pg_catalog.pg_class AS c
+         ON c.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', o.schema_name, o.table_name))
+ WHERE o.widget_type = t.widget_type
+   AND (t.table_oid IS NULL OR t.table_kind IS NULL OR t.table_owner IS NULL);
+ALTER TABLE billing.widget_tables ALTER COLUMN table_oid SET NOT NULL;
+ALTER TABLE billing.widget_tables ALTER COLUMN table_kind SET NOT NULL;
+ALTER TABLE billing.widget_tables ALTER COLUMN table_owner SET NOT NULL;
+ALTER TABLE billing.resource_types ADD COLUMN IF NOT EXISTS table_oid pg_catalog.regclass;
+ALTER TABLE billing.resource_types ADD COLUMN IF NOT EXISTS table_kind "char";
+ALTER TABLE billing.resource_types ADD COLUMN IF NOT EXISTS table_owner pg_catalog.regrole;
+UPDATE billing.resource_types AS t
+   SET table_oid = COALESCE(c.oid, 0::pg_catalog.oid)::pg_catalog.regclass,
+       table_kind = COALESCE(c.relkind, '-'),
+       table_owner = COALESCE(c.relowner, 0::pg_catalog.oid)::pg_catalog.regrole
+  FROM billing.resource_types AS o
+  LEFT JOIN pg_catalog.pg_class AS c
+         ON c.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', o.schema_name, o.table_name))
+ WHERE o.resource_type = t.resource_type
+   AND (t.table_oid IS NULL OR t.table_kind IS NULL OR t.table_owner IS NULL);
+ALTER TABLE billing.resource_types ALTER COLUMN table_oid SET NOT NULL;
+ALTER TABLE billing.resource_types ALTER COLUMN table_kind SET NOT NULL;
+ALTER TABLE billing.resource_types ALTER COLUMN table_owner SET NOT NULL;
+COMMENT ON TABLE billing.widget_tables IS 'Widget tables registered with billing.register_widget_table (plain tables public.widget_<type> with the required columns and a trusted owner are found without registration). table_oid, table_kind and table_owner are the relation as registered: a call that finds the oid gone or its kind or owner changed refuses (P0002) until the table is registered again; schema_name and table_name are its name at registration.';
+
+CREATE OR REPLACE FUNCTION billing.register_widget_table(p_widget_type text, p_table regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_schema text;
+    v_table text;
+    v_kind "char";
+    v_owner pg_catalog.oid;
+    v_missing text;
+BEGIN
+    PERFORM billing.require_service('billing.register_widget_table');
+    IF p_widget_type IS NULL OR p_widget_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'p_widget_type must be a lower-case name such as links' USING ERRCODE = '22023';
+    END IF;
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'p_table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_table, v_kind, v_owner
+      FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table or view', p_table USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.string_agg(req.col, ', ') INTO v_missing
+      FROM (VALUES ('id', 'pg_catalog.uuid'::pg_catalog.regtype), ('user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
+                   ('position', 'pg_catalog.int4'::pg_catalog.regtype), ('is_active', 'pg_catalog.bool'::pg_catalog.regtype),
+                   ('created_at', NULL), ('updated_at', NULL)) AS req(col, typ)
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                        WHERE a.attrelid = p_table AND a.attname = req.col AND a.attnum > 0 AND NOT a.attisdropped
+                          AND (req.typ IS NULL OR a.atttypid = req.typ
+                               OR (req.col = 'position' AND a.atttypid IN ('pg_catalog.int2'::pg_catalog.regtype,
+                                                                          'pg_catalog.int8'::pg_catalog.regtype))));
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'table % lacks the widget columns %', p_table, v_missing USING ERRCODE = '22023',
+            HINT = 'a widget table needs id uuid, user_id uuid, position (smallint, integer or bigint), is_active boolean, created_at, updated_at';
+    END IF;
+    INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name, table_oid, table_kind, table_owner)
+    VALUES (p_widget_type, v_schema, v_table, p_table, v_kind, v_owner::pg_catalog.regrole)
+    ON CONFLICT (widget_type) DO UPDATE
+       SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, table_oid = EXCLUDED.table_oid,
+           table_kind = EXCLUDED.table_kind, table_owner = EXCLUDED.table_owner;
+END
+$$;
+
+COMMENT ON FUNCTION billing.register_widget_table(text, regclass) IS 'Service-only. Register an app table (or view) of widgets of type p_widget_type (columns id uuid, user_id uuid, position, is_active boolean, created_at, updated_at). The relation is kept by oid with its kind and owner: dropped and re-created, or given another owner, it must be registered again. Plain tables public.widget_<type> with those columns and a trusted owner (superuser, member of the database owner or of a role in pg_billing.trusted_table_owners) need no registration.';
+
+COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the row as JSON, with the columns the reading role may SELECT. End users (anon too) read with their own role: the tables'' RLS and column grants decide which rows and columns they get (a table whose widget columns they cannot read is skipped). Service callers read each table as its owner (every row and column). Anyone may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
+
+COMMENT ON FUNCTION billing.get_next_widget_position(uuid) IS 'The position for a new widget: the highest position over all the user''s widget tables + 1, 0 when none. End users: own only, read with their own role (RLS and grants apply); service callers: as each table''s owner.';
+
+COMMENT ON FUNCTION billing.count_user_widgets_by_type(uuid, text) IS 'How many widgets of p_widget_type the user has, active or not (what the widgets_per_type limit counts). End users count the rows their own role may see (RLS applies; 42501 when it may not read user_id); service callers count as the table''s owner. Unknown type: 22023.';
+
+COMMENT ON TABLE billing.resource_types IS 'Resource types registered with billing.register_resource: the table and user column to count, and the plan limits key. table_oid, table_kind and table_owner are the table as registered: a count that finds the oid gone or its kind or owner changed refuses (P0002) until the table is registered again; schema_name and table_name are its name at registration.';
+
+CREATE OR REPLACE FUNCTION billing.register_resource(p_resource_type text, p_table regclass, p_user_column name DEFAULT 'user_id',
+                                          p_limit_key text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_schema text;
+    v_table text;
+    v_kind "char";
+    v_owner pg_catalog.oid;
+BEGIN
+    PERFORM billing.require_service('billing.register_resource');
+    IF p_resource_type IS NULL OR p_resource_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'p_resource_type must be a lower-case name such as agents' USING ERRCODE = '22023';
+    END IF;
+    IF p_table IS NULL OR p_user_column IS NULL THEN
+        RAISE EXCEPTION 'p_table and p_user_column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_table, v_kind, v_owner
+      FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table', p_table USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = p_table AND a.attname = p_user_column AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.atttypid = 'pg_catalog.uuid'::pg_catalog.regtype) THEN
+        RAISE EXCEPTION 'table % has no uuid column %', p_table, pg_catalog.quote_ident(p_user_column) USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index AS i
+                    WHERE i.indrelid = p_table AND i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute AS a
+                                                                  WHERE a.attrelid = p_table AND a.attname = p_user_column)) THEN
+        RAISE EXCEPTION 'table % has no index that starts with column %', p_table, pg_catalog.quote_ident(p_user_column)
+            USING ERRCODE = '22023',
+                  HINT = pg_catalog.format('without one every limit check scans the whole table; create it first: CREATE INDEX ON %s (%I);', p_table, p_user_column);
+    END IF;
+    INSERT INTO billing.resource_types AS r (resource_type, schema_name, table_name, user_column, limit_key,
+                                             table_oid, table_kind, table_owner)
+    VALUES (p_resource_type, v_schema, v_table, p_user_column, COALESCE(p_limit_key, p_resource_type),
+            p_table, v_kind, v_owner::pg_catalog.regrole)
+    ON CONFLICT (resource_type) DO UPDATE
+       SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+           user_column = EXCLUDED.user_column, limit_key = EXCLUDED.limit_key,
+           table_oid = EXCLUDED.table_oid, table_kind = EXCLUDED.table_kind, table_owner = EXCLUDED.table_owner;
+END
+$$;
+
+COMMENT ON FUNCTION billing.register_resource(text, regclass, name, text) IS 'Service-only. Tell pg_billing where an app keeps a countable resource: check_resource_limit(p_resource_type) counts the user''s rows of p_table by p_user_column (uuid, indexed) against the plan limit p_limit_key (default: the type name). The table is kept by oid with its kind and owner and counted as its owner: dropped and re-created (or replaced by a view), or given another owner, it must be registered again. Re-registering replaces the entry.';
+
+COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
+
+COMMENT ON FUNCTION billing.migrate_single_pool(regclass, name, name, regclass) IS
+'Service-only DBA function. Imports legacy single-pool balances: p_table has one balance per user (p_user_column uuid, p_balance_column integer/bigint/numeric; several rows of one user are summed). p_purchases, when given, is the legacy credit history (S4''s credit_transactions): a uuid user column (p_user_column when the history has a uuid column of that name, else user_id), amount, and type; rows with type = ''purchase'' and amount > 0 count as purchases. Each user gets purchased = least(balance, sum of purchases) and subscription = the rest, so no credits are created; an existing account gets them added. Ledger rows of type ''migration'' record the opening balances (verify_ledger stays empty). Each (user, table) is imported once (billing.legacy_imports), so re-running imports nothing twice. p_table and p_purchases are locked and read as their owners (never as the extension owner), so code in them (a view''s functions) runs with no more rights than its owner has. Returns the number of users imported.';
+
 -- ===== grants: issue 10 item 7 (DBA functions for service_role), issue 11 items 5 (expose_rpc
 -- never adopts another role's function), 7 (no billing rows for PUBLIC; no readable claim
 -- tokens), 8(b) (bounded per-endpoint rate-limit counts: Rust; the comments here) and 8(c)

@@ -11,6 +11,36 @@ pub fn grants_credits(status: &str) -> bool {
     matches!(status, "active" | "trialing")
 }
 
+/// What an applied subscription event grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodGrant {
+    /// Nothing.
+    None,
+    /// The period's first grant: the old subscription credits expire and these are granted.
+    Renew(i64),
+    /// An upgrade within the period: these are added (the difference to the new plan).
+    TopUp(i64),
+}
+
+/// The credit rule of `upsert_subscription` (issue 10 item 1, issue 11 item 4). Credits are granted
+/// only when the period really advances (`new_period`: a new subscription, or a start or end later
+/// than the stored one) or, within one period, when the plan changes to one with more monthly
+/// credits than the period has granted so far: then the difference tops the pool up. So a period
+/// never grants more than the highest plan it had, however often the webhook repeats or the plan
+/// flips; a downgrade within a period grants nothing and takes nothing back. `granted` is what the
+/// period has granted so far; returns the grant and the new value of it.
+pub fn period_grant(new_period: bool, status: &str, monthly: i64, granted: i64) -> (PeriodGrant, i64) {
+    let granted = if new_period { 0 } else { granted };
+    if !grants_credits(status) || monthly <= granted {
+        return (PeriodGrant::None, granted);
+    }
+    if granted == 0 {
+        (PeriodGrant::Renew(monthly), monthly)
+    } else {
+        (PeriodGrant::TopUp(monthly - granted), monthly)
+    }
+}
+
 /// `p_name` must be one of `allowed` (22023 listing them otherwise).
 pub fn one_of(name: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
@@ -52,16 +82,20 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// One widget table: its type and where it lives.
+/// One widget table as one reading role sees it: its type, where it lives, and the columns that
+/// role may SELECT (they, and only they, make up `data`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WidgetSource {
     pub widget_type: String,
     pub schema: String,
     pub table: String,
+    pub columns: Vec<String>,
 }
 
-/// The query over every widget source for one user ($1 uuid, $2 boolean: include inactive),
-/// ordered by position, then type, then id, aggregated into one jsonb array.
+/// The query over some widget sources for one user ($1 uuid, $2 boolean: include inactive),
+/// ordered by position, then type, then id, aggregated into one jsonb array. `data` is built from
+/// the source's listed columns only (never the whole row: a column the reading role may not
+/// SELECT must not appear).
 pub fn widgets_query(sources: &[WidgetSource]) -> String {
     if sources.is_empty() {
         return "SELECT '[]'::jsonb WHERE $1 IS NOT NULL OR $2 IS NOT NULL".to_string();
@@ -69,11 +103,13 @@ pub fn widgets_query(sources: &[WidgetSource]) -> String {
     let parts: Vec<String> = sources
         .iter()
         .map(|s| {
+            let cols: Vec<String> = s.columns.iter().map(|c| format!("w.{}", quote_ident(c))).collect();
             format!(
                 "SELECT w.id, {ty}::text AS widget_type, w.position::integer AS position, w.is_active, \
-                 pg_catalog.to_jsonb(w) AS data, w.created_at, w.updated_at \
+                 (SELECT pg_catalog.to_jsonb(r) FROM (SELECT {cols}) AS r) AS data, w.created_at, w.updated_at \
                  FROM {schema}.{table} AS w WHERE w.user_id = $1 AND (w.is_active OR $2)",
                 ty = quote_literal(&s.widget_type),
+                cols = cols.join(", "),
                 schema = quote_ident(&s.schema),
                 table = quote_ident(&s.table),
             )
@@ -87,6 +123,12 @@ pub fn widgets_query(sources: &[WidgetSource]) -> String {
         parts.join(" UNION ALL ")
     )
 }
+
+/// Merge the jsonb arrays of several [`widgets_query`] results ($1 text[]: each array as text,
+/// which keeps numbers exact) into one, in the same order. Only built-in functions run here.
+pub const MERGE_WIDGETS: &str = "SELECT COALESCE(pg_catalog.jsonb_agg(e.value ORDER BY (e.value ->> 'position')::integer, \
+     e.value ->> 'widget_type', (e.value ->> 'id')::uuid), '[]'::jsonb) \
+     FROM pg_catalog.unnest($1::pg_catalog.text[]) AS p(t), pg_catalog.jsonb_array_elements(p.t::jsonb) AS e";
 
 /// max(position) + 1 over every source for $1 (0 when none).
 pub fn next_position_query(sources: &[WidgetSource]) -> String {
@@ -125,6 +167,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn repeated_webhooks_grant_once_per_period() {
+        let (g, n) = period_grant(true, "active", 500, 0);
+        assert_eq!((g, n), (PeriodGrant::Renew(500), 500));
+        for status in ["active", "trialing", "past_due", "canceled"] {
+            assert_eq!(period_grant(false, status, 500, n), (PeriodGrant::None, 500));
+        }
+        // the next period grants again
+        assert_eq!(period_grant(true, "active", 500, 500), (PeriodGrant::Renew(500), 500));
+    }
+
+    #[test]
+    fn plan_flip_flops_never_exceed_the_highest_plan() {
+        // pro (500) -> premium (2000) -> pro -> premium within one period: 2000 in all.
+        let mut granted = 0;
+        let mut total = 0;
+        for (i, monthly) in [500, 2000, 500, 2000, 500, 2000].into_iter().enumerate() {
+            let (g, n) = period_grant(i == 0, "active", monthly, granted);
+            total += match g {
+                PeriodGrant::None => 0,
+                PeriodGrant::Renew(x) | PeriodGrant::TopUp(x) => x,
+            };
+            granted = n;
+        }
+        assert_eq!(total, 2000);
+        assert_eq!(granted, 2000);
+    }
+
+    #[test]
+    fn entitlement_within_a_period_grants_the_first_time() {
+        // pending (no grant) -> active in the same period: the period's first grant.
+        assert_eq!(period_grant(true, "pending", 500, 0), (PeriodGrant::None, 0));
+        assert_eq!(period_grant(false, "active", 500, 0), (PeriodGrant::Renew(500), 500));
+        // a downgrade grants nothing, an upgrade tops up the difference
+        assert_eq!(period_grant(false, "active", 10, 500), (PeriodGrant::None, 500));
+        assert_eq!(period_grant(false, "active", 2000, 500), (PeriodGrant::TopUp(1500), 2000));
+        // a plan without credits
+        assert_eq!(period_grant(true, "active", 0, 0), (PeriodGrant::None, 0));
+    }
+
+    #[test]
     fn statuses() {
         for s in SUBSCRIPTION_STATUSES {
             one_of("p_status", s, &SUBSCRIPTION_STATUSES).unwrap();
@@ -149,12 +231,16 @@ mod tests {
     #[test]
     fn widget_queries() {
         let s = vec![
-            WidgetSource { widget_type: "links".into(), schema: "public".into(), table: "widget_links".into() },
-            WidgetSource { widget_type: "gallery".into(), schema: "app".into(), table: "Gallery".into() },
+            WidgetSource { widget_type: "links".into(), schema: "public".into(), table: "widget_links".into(), columns: vec!["id".into(), "label".into()] },
+            WidgetSource { widget_type: "gallery".into(), schema: "app".into(), table: "Gallery".into(), columns: vec!["id".into(), "Odd \"col\"".into()] },
         ];
         let q = widgets_query(&s);
         assert_eq!(q.matches("UNION ALL").count(), 1);
         assert!(q.contains("FROM \"app\".\"Gallery\" AS w"));
+        // data: the listed columns only, never the whole row
+        assert!(q.contains("(SELECT pg_catalog.to_jsonb(r) FROM (SELECT w.\"id\", w.\"label\") AS r) AS data"));
+        assert!(q.contains("w.\"Odd \"\"col\"\"\""));
+        assert!(!q.contains("to_jsonb(w)"));
         assert!(q.contains("ORDER BY x.position, x.widget_type, x.id"));
         assert!(widgets_query(&[]).contains("'[]'"));
         assert!(next_position_query(&s).contains("-1) + 1"));
