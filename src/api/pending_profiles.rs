@@ -111,12 +111,13 @@ SELECT p.id, p.plan_id, GREATEST(p.credits - p.used_credits, 0)::bigint,
  WHERE p.email = $1 AND p.id = $2";
 
 /// Create the account when missing (nothing is granted). $1 user.
-const ENSURE_ACCOUNT: &str = "INSERT INTO billing.accounts (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING RETURNING 1";
+const CREATE_ACCOUNT: &str = "INSERT INTO billing.accounts (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING RETURNING 1";
 
-/// Lock the account (first: accounts before subscriptions) and read its subscription pool.
-/// $1 user.
+/// Lock the account (first: accounts before subscriptions) and read whether its subscription
+/// pool holds credits that have not expired. $1 user.
 const LOCK_ACCOUNT: &str = "
-SELECT a.subscription_credits_balance, a.subscription_credits_expire_at
+SELECT a.subscription_credits_balance > 0
+       AND (a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now())
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// Lock the subscription and read what applying must not lower: its plan's credits, whether it
@@ -152,10 +153,11 @@ ON CONFLICT (user_id) DO UPDATE
        updated_at               = pg_catalog.now()";
 
 /// When the subscription pool expires after a purchase was added: the purchase's date when the
-/// pool was empty (or had no date), else the later of the two. $1 user, $2 date, $3 pool was empty.
+/// pool held no live credits, else the later of the two (never earlier). $1 user, $2 date,
+/// $3 the pool held live credits.
 const SET_EXPIRY: &str = "
 UPDATE billing.accounts AS a
-   SET subscription_credits_expire_at = CASE WHEN $3 OR a.subscription_credits_expire_at IS NULL THEN $2
+   SET subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at IS NULL THEN $2
                                              ELSE GREATEST(a.subscription_credits_expire_at, $2) END
  WHERE a.user_id = $1";
 
@@ -212,7 +214,6 @@ fn load_profile(c: &mut SpiClient<'_>, email: &str, id: &[u8; 16]) -> BResult<Pr
 struct Applied {
     existed: bool,
     plan_kept: bool,
-    period_kept: bool,
 }
 
 /// Give `user` the profile's `credits` (added to the subscription pool) and, unless the account
@@ -221,14 +222,9 @@ struct Applied {
 /// with more monthly credits keeps its plan, one whose period ends later keeps its period, and
 /// the pool only grows (expiring at the later date).
 fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profile, credits: i64) -> BResult<Applied> {
-    let created = !spi::write(c, ENSURE_ACCOUNT, &[UUID], &[uuid_arg(user)])?.is_empty();
+    let created = !spi::write(c, CREATE_ACCOUNT, &[UUID], &[uuid_arg(user)])?.is_empty();
     let t = spi::write(c, LOCK_ACCOUNT, &[UUID], &[uuid_arg(user)])?;
-    let (pool, pool_expiry) = if t.is_empty() {
-        (0, None)
-    } else {
-        let t = t.first();
-        (col::<i64>(&t, 1)?.unwrap_or(0), col::<TimestampWithTimeZone>(&t, 2)?)
-    };
+    let live_pool = !t.is_empty() && col::<bool>(&t.first(), 1)?.unwrap_or(false);
     let t = spi::write(c, LOCK_SUBSCRIPTION, &[UUID], &[uuid_arg(user)])?;
     let (plan_kept, period_kept, subscribed) = if t.is_empty() {
         (false, false, false)
@@ -263,13 +259,13 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
         credits::grant(c, user, Pool::Subscription, credits, "renewal", Some("subscription renewal"), None, None)?;
     }
     let expiry = p.next_renewal.or(p.cycle_end);
-    if credits > 0 || pool == 0 || pool_expiry.is_none() {
-        spi::write(c, SET_EXPIRY, &[UUID, TIMESTAMPTZ, BOOL], &[uuid_arg(user), expiry.into(), (pool == 0).into()])?;
+    if credits > 0 || !live_pool {
+        spi::write(c, SET_EXPIRY, &[UUID, TIMESTAMPTZ, BOOL], &[uuid_arg(user), expiry.into(), live_pool.into()])?;
     }
     if let Some(email) = email {
         set_account_email(c, user, email)?;
     }
-    Ok(Applied { existed: !created, plan_kept, period_kept })
+    Ok(Applied { existed: !created, plan_kept })
 }
 
 /// Claim the unclaimed profiles of `email` (with `token`, or without a token when
@@ -473,12 +469,13 @@ fn upsert_pending_profile(a: &Args) -> BResult<Ret> {
             // difference (a repeated or flip-flopping webhook mints nothing).
             let advanced = matches!((micros(cycle_end), old_end), (Some(n), Some(o)) if n > o)
                 || matches!((micros(cycle_start), old_start), (Some(n), Some(o)) if n > o);
+            let upgraded = monthly > old_plan_credits;
             let (grant, stored_credits, stored_plan, s_start, s_end) = if advanced {
                 (credits_n, credits_n, plan_id.clone(), cycle_start, cycle_end)
             } else {
                 // the stored cycle stays; the higher plan and credits are kept
                 let (grant, stored) = m::plan_change_grant(old_credits, credits_n);
-                let higher = if monthly > old_plan_credits { plan_id.clone() } else { old_plan };
+                let higher = if upgraded { plan_id.clone() } else { old_plan };
                 (grant, stored, higher, old_start_ts, old_end_ts)
             };
             spi::write(
@@ -497,9 +494,11 @@ fn upsert_pending_profile(a: &Args) -> BResult<Ret> {
                     advanced.into(),
                 ],
             )?;
-            let p = load_profile(c, &email, &id)?;
-            // The account that claimed it keeps its own (possibly changed) e-mail.
-            apply(c, &user, None, &p, grant)?;
+            if advanced || upgraded || grant > 0 {
+                let p = load_profile(c, &email, &id)?;
+                // The account that claimed it keeps its own (possibly changed) e-mail.
+                apply(c, &user, None, &p, grant)?;
+            }
             outcome = Some((
                 json!({
                     "status": "applied_to_account",

@@ -91,7 +91,8 @@ SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 100);
 SELECT billing.get_usage_status(pg_temp.mid('alice@example.com')) - 'member_id' AS status;
 
 -- ===== the pool first, then extra credits; beyond them overage (premium allows it) =====
-SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 1900);
+-- (1890: the 10 used before the upgrade still count in this period's usage)
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 1890);
 SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 50, 'into extra credits');
 SELECT pg_temp.st('alice@example.com');
 -- 10 more with 5 credits left: 5 from credits, 5 overage (type overage, still allowed)

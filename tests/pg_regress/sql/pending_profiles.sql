@@ -75,7 +75,8 @@ SELECT pg_temp.pp('bob@example.com');
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
 -- success, creating the account: plan, credits (subscription), billing cycle, e-mail
 INSERT INTO res SELECT 'bob_claim', billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'BOB@example.com', 'tok-bob')
-RETURNING label, r - 'profile_id' AS r;
+RETURNING label, r - 'profile_id' - 'profile_ids' AS r;
+SELECT r -> 'profile_ids' = jsonb_build_array(r -> 'profile_id') AS one_profile_claimed FROM res WHERE label = 'bob_claim';
 SELECT (r ->> 'profile_id')::uuid = (SELECT p.id FROM billing.pending_profiles AS p WHERE p.email = 'bob@example.com') AS profile_id_matches
   FROM res WHERE label = 'bob_claim';
 SELECT pg_temp.pp('bob@example.com');
@@ -104,7 +105,9 @@ SELECT count(*) AS expirations FROM billing.credit_expiration_events AS e WHERE 
 -- (issue 11 item 2: the typed e-mail is not proof of who bought; the buyer claims it)
 SELECT billing.upsert_pending_profile('Erin@example.com', NULL, 'ultra', 'stripe', NULL, 'sub_9', 'monthly',
                                       '2024-05-01 00:00+00', NULL, NULL, 'evt_pp_2') - 'id' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000903');
+-- 903 keeps its pool and plan (0.2.0: ultra with 10000 applied at once)
+SELECT a.subscription_credits_balance, s.plan_id FROM billing.accounts AS a JOIN billing.subscriptions AS s USING (user_id)
+ WHERE a.user_id = '00000000-0000-0000-0000-000000000903';
 -- two rows for erin now: the purchase 903 claimed and the new one, pending
 SELECT p.plan_id, p.provider, p.claimed, p.claimed_by_user_id FROM billing.pending_profiles AS p
  WHERE p.email = 'erin@example.com' ORDER BY p.claimed DESC;
@@ -251,7 +254,7 @@ SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000941', 'sh
 SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-B', 'premium', 'stripe', 'cus_B', NULL, 'monthly',
                                       '2030-01-05 00:00+00') ->> 'status' AS status;
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000941');
--- A cannot take it (A's token does not fit; A's own claim is already done)
+-- A claiming again with A's token: already claimed, nothing more (B's purchase needs B's token)
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000941', 'shared@corp.com', 'tok-A') - 'profile_id' AS r;
 -- B claims the purchase with its token and gets it
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000942', 'shared@corp.com', 'tok-B') - 'profile_id' - 'profile_ids' AS r;
