@@ -57,11 +57,14 @@ COMMENT ON TABLE billing.pending_profiles IS 'Purchases made before the buyer ha
 
 -- 11.4 / 11.2 (members): what plans granted this period, and a downgrade scheduled for the next
 -- renewal. Existing members are taken to have been granted their plan's credits this period.
-ALTER TABLE billing.members ADD COLUMN IF NOT EXISTS period_granted bigint NOT NULL DEFAULT 0;
+-- (Added without a default, then filled, then given its default: ADD COLUMN ... DEFAULT would
+-- leave a "missing value" in the catalog that a fresh install does not have.)
+ALTER TABLE billing.members ADD COLUMN IF NOT EXISTS period_granted bigint;
+UPDATE billing.members AS m
+   SET period_granted = COALESCE((SELECT p.monthly_credits FROM billing.plans AS p WHERE p.plan_id = m.plan_id), 0)
+ WHERE m.period_granted IS NULL;
+ALTER TABLE billing.members ALTER COLUMN period_granted SET DEFAULT 0, ALTER COLUMN period_granted SET NOT NULL;
 ALTER TABLE billing.members ADD COLUMN IF NOT EXISTS next_plan_id text;
-UPDATE billing.members AS m SET period_granted = p.monthly_credits
-  FROM billing.plans AS p
- WHERE p.plan_id = m.plan_id AND m.period_granted = 0 AND p.monthly_credits > 0;
 COMMENT ON TABLE billing.member_emails IS 'E-mail of each member (ASCII letters lower-cased, nothing else folded) and its member_id; upsert_member is keyed by it.';
 COMMENT ON FUNCTION billing.upsert_member(text, text, date, text) IS
 'Service-only; the membership webhook. Creates or updates the member with this e-mail (trimmed, ASCII letters lower-cased, nothing else folded; an existing account with that e-mail becomes the member): plan and, when given, renewal date (default: one month from today). A new member gets the plan''s monthly_credits as the period''s subscription credits (an existing account''s pool is topped up to them, never lowered; extra credits stay). Never lowers what a member has: a plan with more (or as many) monthly credits takes effect at once and tops the pool up by the difference to the highest plan granted this period, so plan changes within one period never grant more than the highest plan''s credits; a plan with fewer credits is scheduled (scheduled_plan) and takes effect at the next renewal; usage is not reset by a plan change. Returns {member_id, email, plan, scheduled_plan, previous_plan, created, plan_changed, credits_granted, renewal_date, duplicate}. A repeated p_event_id changes nothing and returns the first result with duplicate = true. Unknown plan or malformed e-mail: 22023.';
