@@ -77,8 +77,9 @@ ON CONFLICT (user_id) DO UPDATE
        previous_plan_id = m.plan_id,
        next_plan_id     = EXCLUDED.next_plan_id,
        period_granted   = EXCLUDED.period_granted,
-       renewal_date     = CASE WHEN $4 IS NULL THEN m.renewal_date ELSE EXCLUDED.renewal_date END,
-       anchor_day       = CASE WHEN $4 IS NULL THEN m.anchor_day ELSE EXCLUDED.anchor_day END,
+       -- The current period never gets shorter (issue 11 item 2): an earlier date is ignored.
+       renewal_date     = CASE WHEN $4 IS NULL OR $4 < m.renewal_date THEN m.renewal_date ELSE EXCLUDED.renewal_date END,
+       anchor_day       = CASE WHEN $4 IS NULL OR $4 < m.renewal_date THEN m.anchor_day ELSE EXCLUDED.anchor_day END,
        updated_at       = pg_catalog.now()
 RETURNING (m.xmax = 0) AS inserted, m.previous_plan_id, pg_catalog.to_char(m.renewal_date, 'YYYY-MM-DD'),
           (m.renewal_date::timestamp AT TIME ZONE 'UTC')";

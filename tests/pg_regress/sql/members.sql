@@ -222,6 +222,8 @@ SELECT sum(t.amount) FILTER (WHERE t.amount > 0) AS granted_in_period
 -- the next renewal: plan, pool and usage stay for this period
 SELECT billing.upsert_member('flip@example.com', 'free', '2024-09-10') - 'member_id' AS r;
 SELECT pg_temp.st('flip@example.com');
+-- an earlier renewal date would shorten the period (and expire the pool early): ignored
+SELECT billing.upsert_member('flip@example.com', 'free', '2024-08-20') ->> 'renewal_date' AS renewal_kept;
 -- going back to the current plan cancels the scheduled downgrade
 SELECT billing.upsert_member('flip@example.com', 'premium') ->> 'scheduled_plan' AS scheduled;
 SELECT billing.upsert_member('flip@example.com', 'pro') ->> 'scheduled_plan' AS scheduled;
