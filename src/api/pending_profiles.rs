@@ -33,10 +33,11 @@ use crate::validate;
 // Statements
 // ---------------------------------------------------------------------------------------------
 
-/// A purchase's billing cycle: start defaults to now, end to start + the duration.
-/// $1 start, $2 end, $3 the duration as an interval.
+/// A purchase's billing cycle: start defaults to now, end to start + the duration. Durations are
+/// added in UTC (a year from Feb 29 is Feb 28, 30 days are 720 hours) whatever the session's
+/// TimeZone. $1 start, $2 end, $3 the duration as an interval.
 const CYCLE: &str = "
-SELECT s.cycle_start, COALESCE($2, s.cycle_start + $3::interval)
+SELECT s.cycle_start, COALESCE($2, ((s.cycle_start AT TIME ZONE 'UTC') + $3::interval) AT TIME ZONE 'UTC')
   FROM (SELECT COALESCE($1, pg_catalog.now()) AS cycle_start) AS s";
 
 /// The purchase with this identity, locked. $1 e-mail, $2 token, $3 provider, $4 provider user.
@@ -56,7 +57,7 @@ const INSERT_PROFILE: &str = "
 INSERT INTO billing.pending_profiles AS p
        (email, token, plan_id, provider, provider_user_id, provider_membership_id, plan_duration,
         billing_cycle_start, billing_cycle_end, next_credit_renewal, credits)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, LEAST($9, $8 + '30 days'::interval), $10)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, LEAST($9, (($8 AT TIME ZONE 'UTC') + '30 days'::interval) AT TIME ZONE 'UTC'), $10)
 ON CONFLICT (email, token, provider, provider_user_id) DO NOTHING
 RETURNING p.id";
 
@@ -69,7 +70,7 @@ UPDATE billing.pending_profiles AS p
        plan_duration          = $5,
        billing_cycle_start    = $6,
        billing_cycle_end      = $7,
-       next_credit_renewal    = LEAST($7, $6 + '30 days'::interval),
+       next_credit_renewal    = LEAST($7, (($6 AT TIME ZONE 'UTC') + '30 days'::interval) AT TIME ZONE 'UTC'),
        credits                = $8,
        used_credits           = CASE WHEN $9 THEN 0 ELSE p.used_credits END,
        updated_at             = pg_catalog.now()
