@@ -1,5 +1,5 @@
 # pg_billing: the two commands are `make demo` and `make test` (see README).
-.PHONY: demo test unit install bench stress
+.PHONY: demo test unit install bench stress signatures
 
 demo:
 	bash scripts/demo.sh
@@ -21,3 +21,7 @@ bench-smoke:
 
 stress:
 	bash scripts/stress.sh
+
+# Regenerate tests/signatures.txt (the pinned catalog signatures) after a deliberate change.
+signatures:
+	bash scripts/signatures.sh

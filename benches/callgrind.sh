@@ -2,24 +2,26 @@
 # Instructions per call of the three consume implementations, counted by callgrind in a
 # single-user backend: deterministic, and independent of whatever else the machine is doing
 # (wall-clock benchmarks are not). Each implementation runs N1 and N2 prepared calls; the
-# difference divided by N2 - N1 removes start-up costs. Needs the extension installed
-# (PROFILE=release) and valgrind.  Usage: bash benches/callgrind.sh [N1 N2]
+# difference divided by N2 - N1 removes start-up costs. Builds and installs the release library
+# first (SKIP_INSTALL=1 measures what is installed) into the PostgreSQL tree PG_CONFIG names
+# (Debian's 15 by default, as in scripts/lib.sh), and runs that tree's binaries. Needs valgrind.
+# Usage: [PG_CONFIG=...] bash benches/callgrind.sh [N1 N2]
 # LEDGER_ROWS=5000000 preloads that many old ledger rows first (the cost-growth target);
 # ONLY=rust measures only pg_billing.
-set -euo pipefail
-HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$(dirname "$0")/../scripts/lib.sh"
+HERE="$REPO/benches"
 N1="${1:-300}"; N2="${2:-1300}"
-PGBIN=/usr/lib/postgresql/15/bin
+PROFILE="${PROFILE:-release}" install_extension
 command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
 D="$(mktemp -d /tmp/pgb_callgrind.XXXXXX)"; chown postgres "$D"; chmod 755 "$D"
 trap 'rm -rf "$D"' EXIT
 runuser -u postgres -- "$PGBIN/initdb" -D "$D/data" -A trust -U postgres --no-sync >/dev/null
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/data" -o "-k $D -p 54999 -c listen_addresses=''" -w start >/dev/null
-createdb -h "$D" -p 54999 -U postgres cg
-psql -X -q -h "$D" -p 54999 -U postgres -d cg -c "CREATE EXTENSION pg_billing" -f "$HERE/plpgsql_reference.sql" \
+"$PGBIN/createdb" -h "$D" -p 54999 -U postgres cg
+"$PGBIN/psql" -X -q -h "$D" -p 54999 -U postgres -d cg -c "CREATE EXTENSION pg_billing" -f "$HERE/plpgsql_reference.sql" \
   -c "SELECT count(billing.add_purchased_credits(('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 2000000000)) FROM generate_series(1, 10000) AS i" >/dev/null
 if [ "${LEDGER_ROWS:-0}" -gt 0 ]; then
-    psql -X -q -h "$D" -p 54999 -U postgres -d cg -c "INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, created_at)
+    "$PGBIN/psql" -X -q -h "$D" -p 54999 -U postgres -d cg -c "INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, created_at)
         SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(1 + i % 10000), 12, '0'))::uuid, gen_random_uuid(), 'usage', 'purchased', -1, 1, now() - interval '1 year'
           FROM generate_series(1, ${LEDGER_ROWS}) AS i" -c "VACUUM ANALYZE billing.credit_transactions" >/dev/null
 fi

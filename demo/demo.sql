@@ -81,8 +81,8 @@ SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit(:bob, '
 \echo 'The provider delivers an older event late (a "past_due" from before the upgrade). It is recorded but changes nothing:'
 SELECT r->>'applied' AS applied, r->>'reason' AS reason
   FROM billing.upsert_subscription(:bob, 'ultra', 'past_due', p_event_id := 'evt_old_0', p_event_created_at := now() - interval '2 days') AS r;
-\echo 'Later he cancels; the period ends (we move the clock by editing the row) and the nightly job downgrades him to free.'
-SELECT billing.upsert_subscription(:bob, 'ultra', 'canceled', now() - interval '40 days', now() - interval '1 day',
+\echo 'Later he cancels; the period ends (the event moves the period end into the past) and the nightly job downgrades him to free.'
+SELECT billing.upsert_subscription(:bob, 'ultra', 'canceled', now() - interval '20 days', now() - interval '1 day',
                                    p_cancel_at_period_end := true, p_event_id := 'evt_cancel_2') ->> 'effective_plan' AS effective_plan_now;
 SELECT billing.process_expired_subscriptions() AS downgraded;
 SELECT plan_name, status FROM billing.get_user_subscription(:bob);

@@ -11,15 +11,19 @@ PGBIN="$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
 PGXS="$(dirname "$("$PG_CONFIG" --pgxs 2>/dev/null || echo /usr/lib/postgresql/15/lib/pgxs/src/makefiles/pgxs.mk)")/../.."
 PGXS="$(cd "$PGXS" 2>/dev/null && pwd || echo /usr/lib/postgresql/15/lib/pgxs)"
 export PGBIN
+# The Python tests run under Debian's python3 with Debian's python3-psycopg2 and python3-pytest
+# (ensure_deps installs both).
+PY=/usr/bin/python3
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
-# Debian packages, cargo-pgrx 0.18.1. Idempotent: a second run installs nothing.
+# Debian packages (PostgreSQL 15, clang, the Python test tools, binutils for nm), cargo-pgrx
+# 0.18.1. Idempotent: a second run installs nothing.
 ensure_deps() {
     [ "${SKIP_DEPS:-0}" = 1 ] && return 0
-    local pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-psycopg2)
+    local pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo binutils python3-psycopg2 python3-pytest)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

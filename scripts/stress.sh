@@ -4,20 +4,13 @@
 # cluster, and the privilege sweep. Prints one figure line per part; exits non-zero on any
 # violation. STRESS_MODE=--short runs the short variant (what `make test` includes).
 source "$(dirname "$0")/lib.sh"
-PY=/usr/bin/python3   # Debian's, which has python3-psycopg2
 ensure_deps
 install_extension
 trap stop_cluster EXIT
 start_cluster
 createdb stress
-psql_q -d stress <<'SQL'
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN; END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
-END $$;
-CREATE EXTENSION pg_billing;
-SQL
+psql_q -d stress -f "$REPO/tests/roles.sql"        # Supabase's roles, as in scripts/test.sh
+psql_q -d stress -c "CREATE EXTENSION pg_billing"
 # The long run must check every upgrade path with the old release's own library.
 [ "${STRESS_MODE:---long}" = --long ] && export PGB_REQUIRE_OLD_LIBRARY="${PGB_REQUIRE_OLD_LIBRARY:-1}"
 PGDATABASE=stress $PY "$REPO/tests/stress/run.py" "${STRESS_MODE:---long}"

@@ -1,91 +1,150 @@
 #!/usr/bin/env bash
 # Every test of pg_billing, from a fresh machine: unit tests, pg_regress, isolation specs and
-# integration tests (PostgREST-style calls, dump/restore, ...). Prints the counts at the end.
+# integration tests under pytest (PostgREST-style calls, dump/restore, catalog signatures, the
+# short stress run and the upgrade check). Prints one `N passed, N failed` line per suite and one
+# overall; exits non-zero unless every suite ran at least one test and none failed.
 # Usage: scripts/test.sh            (all suites)
 #        SUITES="regress isolation" scripts/test.sh
+#        SUITES=integration PYTEST_ARGS="-k upgrade" scripts/test.sh   (a selection of pytest tests)
+# A suite fails (and counts at least one failure) when its runner exits non-zero, when it runs
+# no test, when fewer tests report than were given to it, or when it cannot start at all.
 source "$(dirname "$0")/lib.sh"
 SUITES="${SUITES:-unit regress isolation integration}"
-PY=/usr/bin/python3   # Debian's, which has python3-psycopg2
 OUT="${TEST_OUT:-$REPO/.tmp/test-output}"
 rm -rf "$OUT"; mkdir -p "$OUT"
 chmod 777 "$OUT" "$(dirname "$OUT")"
 
-passed=0; failed=0; declare -a summary
-record() { # suite passed failed
+passed=0; failed=0; declare -a summary; finished=0
+record() { # suite passed failed [why]
     passed=$((passed + $2)); failed=$((failed + $3))
-    summary+=("$(printf '%-12s %4d passed, %d failed' "$1" "$2" "$3")")
+    summary+=("$(printf '%-12s %4d passed, %d failed%s' "$1" "$2" "$3" "${4:+  ($4)}")")
 }
+# A suite's counts, made strict: a runner that exited non-zero has at least one failure, a suite
+# that reported fewer tests than it was given counts the missing ones as failed, and a suite that
+# ran nothing has failed.
+check_suite() { # suite passed failed exit_code expected_count(or "")
+    local s=$1 p=$2 f=$3 rc=$4 want=${5:-} why=()
+    if [ -n "$want" ] && [ $((p + f)) -lt "$want" ]; then
+        why+=("$((want - p - f)) of $want tests did not report"); f=$((want - p))
+    fi
+    if [ "$rc" -ne 0 ]; then why+=("runner exited $rc"); [ "$f" -gt 0 ] || f=1; fi
+    if [ $((p + f)) -eq 0 ]; then why+=("no test ran"); f=1; fi
+    local IFS=';'; record "$s" "$p" "$f" "${why[*]}"
+}
+print_summary() {
+    log "summary"
+    for line in "${summary[@]}"; do echo "  $line"; done
+    echo "$passed passed, $failed failed"
+}
+on_exit() { # an aborted run (a failed build, a cluster that did not start) still ends with the line
+    local rc=$?
+    if [ "$finished" = 0 ]; then
+        record "aborted" 0 1 "test.sh stopped with exit code $rc before the suites finished"
+        print_summary
+    fi
+    stop_cluster
+    [ "$finished" = 1 ] || exit 1
+}
+trap on_exit EXIT
+
+for s in $SUITES; do   # a misspelt suite would otherwise run nothing
+    case "$s" in unit|regress|isolation|integration) ;; *) record "$s" 0 1 "unknown suite (unit, regress, isolation, integration)" ;; esac
+done
 
 ensure_deps
 
 if [[ " $SUITES " == *" unit "* ]]; then
     log "unit tests (pg_billing_core)"
-    if (cd "$REPO" && cargo test -q -p pg_billing_core 2>&1) | tee "$OUT/unit.log" | tail -n 5; then :; fi
+    set +e
+    (cd "$REPO" && cargo test -q -p pg_billing_core 2>&1) > "$OUT/unit.log"
+    urc=$?
+    set -e
+    tail -n 5 "$OUT/unit.log"
     read -r up uf < <(grep -E '^test result:' "$OUT/unit.log" | awk '{p+=$4; f+=$6} END {print p+0, f+0}')
-    grep -q '^test result: ok' "$OUT/unit.log" || uf=$((uf > 0 ? uf : 1))
-    record unit "$up" "$uf"
+    check_suite unit "$up" "$uf" "$urc"
 fi
 
 install_extension
-trap stop_cluster EXIT
 start_cluster
 
-# Supabase's roles, so grants, RLS and PostgREST-style calls are tested as they run there.
+# A database with Supabase's roles (tests/roles.sql) and pg_billing, so grants, RLS and
+# PostgREST-style calls are tested as they run there.
 setup_db() { # dbname
-    createdb "$1"
-    psql_q -d "$1" <<'SQL'
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN; END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticator') THEN
-    CREATE ROLE authenticator LOGIN NOINHERIT;
-    GRANT anon, authenticated, service_role TO authenticator;
-  END IF;
-END $$;
-CREATE EXTENSION pg_billing;
-SQL
+    createdb "$1" || return 1
+    psql_q -d "$1" -f "$REPO/tests/roles.sql" || return 1
+    psql_q -d "$1" -c "CREATE EXTENSION pg_billing" || return 1
+}
+
+# pg_regress / pg_isolation_regress: one "test <name> ... ok|FAILED" line per test.
+regress_counts() { # log -> "passed failed"
+    local ok bad
+    ok=$(grep -cE '^(test +)?[A-Za-z0-9_]+ +\.\.\. ok( |$)' "$1" || true)
+    bad=$(grep -cE '^(test +)?[A-Za-z0-9_]+ +\.\.\. (FAILED|failed)' "$1" || true)
+    echo "$ok $bad"
+}
+
+run_regress_suite() { # suite db runner inputdir tests...
+    local suite=$1 db=$2 runner=$3 inputdir=$4; shift 4
+    local tests=("$@") rc p f
+    if [ ${#tests[@]} -eq 0 ]; then record "$suite" 0 1 "no tests found in $inputdir"; return; fi
+    if ! setup_db "$db"; then record "$suite" 0 1 "could not create database $db"; return; fi
+    set +e
+    "$runner" --use-existing --bindir="$PGBIN" --host="$PGHOST" --port="$PGPORT" --user=postgres \
+        --dbname="$db" --inputdir="$inputdir" --outputdir="$OUT/$suite" "${tests[@]}" > "$OUT/$suite.log" 2>&1
+    rc=$?
+    set -e
+    cat "$OUT/$suite.log"
+    read -r p f < <(regress_counts "$OUT/$suite.log")
+    if [ -f "$OUT/$suite/regression.diffs" ]; then
+        cp "$OUT/$suite/regression.diffs" "$OUT/$suite.diffs"
+        head -n 200 "$OUT/$suite.diffs"
+    fi
+    check_suite "$suite" "$p" "$f" "$rc" "${#tests[@]}"
 }
 
 if [[ " $SUITES " == *" regress "* ]]; then
     log "pg_regress"
-    setup_db regression
-    tests=$(cd "$REPO/tests/pg_regress/sql" && ls *.sql | sed 's/\.sql$//' | sort)
-    set +e
-    "$PGXS/src/test/regress/pg_regress" --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
-        --dbname=regression --inputdir="$REPO/tests/pg_regress" --outputdir="$OUT/regress" $tests 2>&1 | tee "$OUT/regress.log"
-    set -e
-    rp=$(grep -cE '^(ok|test) .* ok( |$)|^ok [0-9]+ ' "$OUT/regress.log" || true)
-    rf=$(grep -cE ' FAILED|failed \(ignored\)|^not ok' "$OUT/regress.log" || true)
-    [ -f "$OUT/regress/regression.diffs" ] && cp "$OUT/regress/regression.diffs" "$OUT/regress.diffs" && head -n 200 "$OUT/regress.diffs"
-    record regress "$rp" "$rf"
+    mapfile -t tests < <(cd "$REPO/tests/pg_regress/sql" && ls -- *.sql 2>/dev/null | sed 's/\.sql$//' | sort)
+    run_regress_suite regress regression "$PGXS/src/test/regress/pg_regress" "$REPO/tests/pg_regress" "${tests[@]}"
 fi
 
 if [[ " $SUITES " == *" isolation "* ]]; then
     log "isolation specs"
-    setup_db isolation
-    specs=$(cd "$REPO/tests/isolation/specs" && ls *.spec 2>/dev/null | sed 's/\.spec$//' | sort)
-    set +e
-    "$PGXS/src/test/isolation/pg_isolation_regress" --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
-        --dbname=isolation --inputdir="$REPO/tests/isolation" --outputdir="$OUT/isolation" $specs 2>&1 | tee "$OUT/isolation.log"
-    set -e
-    ip=$(grep -cE '^(ok|test|permutation) .* ok( |$)|^ok [0-9]+ ' "$OUT/isolation.log" || true)
-    if_=$(grep -cE ' FAILED|^not ok' "$OUT/isolation.log" || true)
-    [ -f "$OUT/isolation/regression.diffs" ] && cp "$OUT/isolation/regression.diffs" "$OUT/isolation.diffs" && head -n 200 "$OUT/isolation.diffs"
-    record isolation "$ip" "$if_"
+    mapfile -t specs < <(cd "$REPO/tests/isolation/specs" && ls -- *.spec 2>/dev/null | sed 's/\.spec$//' | sort)
+    run_regress_suite isolation isolation "$PGXS/src/test/isolation/pg_isolation_regress" "$REPO/tests/isolation" "${specs[@]}"
 fi
 
 if [[ " $SUITES " == *" integration "* ]]; then
-    log "integration tests"
-    setup_db integration
-    set +e
-    PGDATABASE=integration $PY "$REPO/tests/integration/run.py" --short 2>&1 | tee "$OUT/integration.log"
-    set -e
-    read -r np nf < <(grep -E '^integration: [0-9]+ passed, [0-9]+ failed' "$OUT/integration.log" | tail -n1 | awk '{print $2, $4}')
-    record integration "${np:-0}" "${nf:-1}"
+    log "integration tests (pytest)"
+    # The upgrade check must write each older release's data with that release's own library: a
+    # clone without the release commits (a shallow one) fails instead of falling back.
+    export PGB_REQUIRE_OLD_LIBRARY=1
+    if ! setup_db integration; then
+        record integration 0 1 "could not create database integration"
+    else
+        eval "pytest_args=(${PYTEST_ARGS:-})"      # shell words, so -k "a or b" stays one argument
+        set +e
+        PGDATABASE=integration PGBIN="$PGBIN" $PY -m pytest -c "$REPO/tests/pytest.ini" "$REPO/tests/integration" \
+            --junitxml="$OUT/integration.xml" "${pytest_args[@]}" 2>&1 | tee "$OUT/integration.log"
+        irc=${PIPESTATUS[0]}
+        set -e
+        # The counts from pytest's JUnit report: skipped tests and errors count as failed.
+        read -r np nf < <($PY - "$OUT/integration.xml" <<'PY' || echo "0 0"
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print(0, 0); sys.exit()
+t = f = 0
+for s in (root.iter("testsuite")):
+    t += int(s.get("tests", 0)); f += int(s.get("failures", 0)) + int(s.get("errors", 0)) + int(s.get("skipped", 0))
+print(t - f, f)
+PY
+)
+        check_suite integration "$np" "$nf" "$irc"
+    fi
 fi
 
-log "summary"
-for line in "${summary[@]}"; do echo "  $line"; done
-echo "$passed passed, $failed failed"
+finished=1
+print_summary
 [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]

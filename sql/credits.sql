@@ -70,7 +70,7 @@ CREATE FUNCTION billing.increment_credits_with_log(p_user_id uuid, p_amount inte
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_increment_credits_with_log';
 COMMENT ON FUNCTION billing.increment_credits_with_log(uuid, integer, text, text, text) IS
-'Service-only legacy alias. Type ''purchase'' adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
+'Service-only legacy alias. Type ''purchase'' (matched case-insensitively, spaces trimmed, and logged as purchase) adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
 
 CREATE FUNCTION billing.decrement_credits_with_log(p_user_id uuid, p_amount integer, p_transaction_type text DEFAULT 'usage',
                                                    p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL)
@@ -110,14 +110,14 @@ RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_cred
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT p_user_id,
-           COALESCE(a.subscription_credits_balance, 0),
-           COALESCE(a.purchased_credits_balance, 0),
-           COALESCE(a.subscription_credits_balance + a.purchased_credits_balance, 0)
+           COALESCE(c.subscription_credits_balance, 0),
+           COALESCE(c.purchased_credits_balance, 0),
+           COALESCE(c.total_balance, 0)
       FROM (SELECT 1) AS one
-      LEFT JOIN billing.accounts AS a ON a.user_id = p_user_id
+      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id
 $$;
 COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
-'The user''s two pools and their total (zeros when the user has no account yet). End users: own only.';
+'The user''s two pools and their total (zeros when the user has no account yet); subscription credits past their expiry (the period end) count as 0. End users: own only.';
 
 CREATE FUNCTION billing.get_credit_history(p_user_id uuid, p_limit integer DEFAULT 50, p_before timestamptz DEFAULT NULL)
 RETURNS SETOF billing.credit_transactions

@@ -105,7 +105,7 @@ AS 'MODULE_PATHNAME', 'pgb_get_usage_status';
 COMMENT ON FUNCTION billing.get_usage_status(uuid) IS
 'The member''s {email, plan, pool_limit, current_usage, remaining, renewal_date, extra_credits, overage}: pool_limit = current_usage + remaining credits. End users: their own member only. Unknown member: P0002.';
 
-CREATE FUNCTION billing.reset_usage_for_due_members(p_today date DEFAULT CURRENT_DATE)
+CREATE FUNCTION billing.reset_usage_for_due_members(p_today date DEFAULT (pg_catalog.now() AT TIME ZONE 'UTC')::date)
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_reset_usage_for_due_members';
 COMMENT ON FUNCTION billing.reset_usage_for_due_members(date) IS

@@ -18,7 +18,10 @@ CREATE TABLE billing.subscriptions (
     last_event_created_at    timestamptz,
     created_at               timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at               timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    CHECK (current_period_end IS NULL OR current_period_start IS NULL OR current_period_end >= current_period_start)
+    CHECK (current_period_end IS NULL OR current_period_start IS NULL OR current_period_end >= current_period_start),
+    -- Subscription credits the current period has granted (0.3.0): a period never grants more
+    -- than its highest plan's monthly_credits, however often webhooks repeat or the plan flips.
+    period_credits_granted   bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX subscriptions_expiry_idx ON billing.subscriptions (status, current_period_end)
     WHERE status IN ('canceled', 'past_due', 'trialing') OR expires_at IS NOT NULL;
@@ -62,7 +65,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an interval (0 when unset).';
 
--- The plan a subscription entitles to right now. The single place these rules live.
+-- The plan a subscription entitles to right now. The single place these rules live. The grace
+-- period is added in UTC (timestamptz + interval would step days and months in the session's
+-- TimeZone: '1 day' across a daylight-saving change would be 23 or 25 hours).
 CREATE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
                                           p_trial_ends_at timestamptz, p_expires_at timestamptz)
 RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -71,15 +76,16 @@ RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, 
         WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
         WHEN p_status IN ('expired', 'paused', 'pending') THEN 'free'
         WHEN p_status IN ('canceled', 'past_due')
-             AND (p_current_period_end IS NULL OR pg_catalog.now() > p_current_period_end + billing.grace_period()) THEN 'free'
+             AND (p_current_period_end IS NULL
+                  OR pg_catalog.now() > ((p_current_period_end AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC') THEN 'free'
         WHEN p_status = 'trialing' AND p_trial_ends_at IS NOT NULL
-             AND pg_catalog.now() > p_trial_ends_at + billing.grace_period() THEN 'free'
+             AND pg_catalog.now() > ((p_trial_ends_at AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC' THEN 'free'
         WHEN NOT EXISTS (SELECT 1 FROM billing.plans AS p WHERE p.plan_id = p_plan_id) THEN 'free'
         ELSE p_plan_id
     END
 $$;
 COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamptz, timestamptz) IS
-'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan.';
+'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan. The grace period is added in UTC, whatever the session''s TimeZone (''1 day'' is always 24 hours).';
 
 CREATE FUNCTION billing.get_effective_plan(p_user_id uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -119,7 +125,7 @@ COMMENT ON FUNCTION billing.get_user_subscription(uuid) IS
 'The user''s subscription with its effective plan (name, display name, limits); users without a subscription get the free plan row (id NULL, status free). End users: own only.';
 
 CREATE FUNCTION billing.upsert_subscription(p_user_id uuid, p_plan_id text, p_status text,
-                                            p_current_period_start timestamptz DEFAULT pg_catalog.now(),
+                                            p_current_period_start timestamptz DEFAULT NULL,
                                             p_current_period_end timestamptz DEFAULT NULL,
                                             p_trial_ends_at timestamptz DEFAULT NULL,
                                             p_cancel_at_period_end boolean DEFAULT false,
@@ -130,10 +136,10 @@ CREATE FUNCTION billing.upsert_subscription(p_user_id uuid, p_plan_id text, p_st
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_upsert_subscription';
 COMMENT ON FUNCTION billing.upsert_subscription(uuid, text, text, timestamptz, timestamptz, timestamptz, boolean, text, text, text, timestamptz) IS
-'Service-only. The subscription webhook entry point: creates or updates the user''s subscription. p_event_id makes it idempotent; an event older (p_event_created_at) than the last applied one is recorded but changes nothing. When an active or trialing subscription starts a new period (or is new, or changes plan), the plan''s monthly_credits are granted as subscription credits (renewal: the old ones expire). Returns {applied, reason, subscription_id, plan_id, status, effective_plan, credits_granted}.';
+'Service-only. The subscription webhook entry point: creates or updates the user''s subscription. p_event_id makes it idempotent; an event older (p_event_created_at) than the last applied one, or about an older period (its start before the stored one), is recorded but changes nothing. An omitted (NULL) p_current_period_start keeps the stored one (now for a new subscription). Credits: when the period advances (a new subscription, or a start or end later than the stored one) an active or trialing subscription renews the plan''s monthly_credits (the old subscription credits expire; the new ones expire at p_current_period_end); within a period, a change to a plan with more monthly_credits tops the pool up by the difference, a downgrade or a repeated event grants nothing. Returns {applied, reason, subscription_id, plan_id, status, effective_plan, credits_granted}.';
 
 CREATE FUNCTION billing.process_expired_subscriptions() RETURNS integer
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_process_expired_subscriptions';
 COMMENT ON FUNCTION billing.process_expired_subscriptions() IS
-'Service-only maintenance (run it from pg_cron): every subscription whose effective plan has become free (canceled/past_due past period end + grace, trial ended, expires_at passed) is set to expired on the free plan, and its subscription credits expire, in one transaction. Returns the number downgraded.';
+'Service-only maintenance (run it from pg_cron): every subscription whose effective plan has become free (canceled/past_due past period end + grace, trial ended, expires_at passed) is set to expired on the free plan, and its subscription credits expire, in one transaction. A user whose account or subscription another transaction holds is skipped, never waited for (the next run takes it), so the batch cannot deadlock. Returns the number downgraded.';

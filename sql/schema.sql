@@ -125,9 +125,12 @@ CREATE TABLE billing.idempotency_keys (
     request         jsonb NOT NULL,
     response        jsonb,
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    PRIMARY KEY (user_id, idempotency_key)
+    -- Whose key it is (0.3.0): 'user' for an end user's call, 'service' for a service caller's.
+    -- The two namespaces never collide, so an end user cannot block the backend's keyed calls.
+    scope           text NOT NULL,
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (user_id, scope, idempotency_key)
 );
-COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutators, per user: the request fingerprint and the first response, replayed on repeats. cleanup_idempotency_keys deletes old keys.';
+COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutators, per user and caller kind (scope: user or service): the request fingerprint and the first response, replayed on repeats. cleanup_idempotency_keys deletes old keys.';
 -- For cleanup_idempotency_keys (0.2.0).
 CREATE INDEX idempotency_keys_created_at_idx ON billing.idempotency_keys (created_at);
 
@@ -153,13 +156,17 @@ COMMENT ON TABLE billing.webhook_events IS 'Provider webhook event ids already p
 -- For cleanup_webhook_events (0.2.0).
 CREATE INDEX webhook_events_processed_at_idx ON billing.webhook_events (processed_at);
 
+-- Subscription credits past their expiry (the period end) read as 0 (0.3.0), also before the
+-- first write settles them.
 CREATE VIEW billing.user_credits WITH (security_invoker = true) AS
 SELECT a.user_id,
-       a.subscription_credits_balance,
+       CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
+            ELSE a.subscription_credits_balance END AS subscription_credits_balance,
        a.purchased_credits_balance,
-       a.subscription_credits_balance + a.purchased_credits_balance AS total_balance
+       CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
+            ELSE a.subscription_credits_balance END + a.purchased_credits_balance AS total_balance
   FROM billing.accounts AS a;
-COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools and their total. Row security applies: end users see their own row.';
+COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools and their total; subscription credits past their expiry count as 0. Row security applies: end users see their own row.';
 
 -- pg_dump keeps the rows of every table.
 SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');

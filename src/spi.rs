@@ -65,18 +65,7 @@ pub fn uuid_arg(bytes: &[u8; 16]) -> DatumWithOid<'static> {
 }
 
 /// A uuid as text, the way Postgres prints it.
-pub fn uuid_text(bytes: &[u8; 16]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(36);
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 0x0f) as usize] as char);
-    }
-    out
-}
+pub use pg_billing_core::ids::uuid_text;
 
 /// Read column `n` (1-based) of the first row.
 pub fn col<T: pgrx::FromDatum + pgrx::IntoDatum>(t: &SpiTupleTable<'_>, n: usize) -> BResult<Option<T>> {

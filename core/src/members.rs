@@ -1,5 +1,8 @@
 //! Members (SPEC 8) and pending profiles (SPEC 9): e-mail normalisation, plan durations,
-//! renewal-period date arithmetic and the generation/overage decision. No database needed.
+//! renewal-period date arithmetic (chrono `NaiveDate`s: calendar dates, no time zone; the SQL side
+//! gives them as UTC dates) and the generation/overage decision. No database needed.
+
+use chrono::{Datelike, Months, NaiveDate};
 
 use crate::error::{BillingError, Result};
 
@@ -70,62 +73,44 @@ pub fn canonical_plan_duration(value: &str) -> Result<&'static str> {
     plan_duration_interval(value).map(|i| if i == "30 days" { "monthly" } else { "yearly" })
 }
 
-/// A calendar date (proleptic Gregorian).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Ymd {
-    pub year: i32,
-    pub month: u8,
-    pub day: u8,
-}
-
-impl Ymd {
-    pub const fn new(year: i32, month: u8, day: u8) -> Ymd {
-        Ymd { year, month, day }
+/// The first day of the month `months` months after `from`'s month (negative: before).
+fn month_start(from: NaiveDate, months: i64) -> Option<NaiveDate> {
+    let first = from.with_day(1)?;
+    let n = Months::new(u32::try_from(months.unsigned_abs()).ok()?);
+    if months >= 0 {
+        first.checked_add_months(n)
+    } else {
+        first.checked_sub_months(n)
     }
 }
 
-pub fn is_leap(year: i32) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
-}
-
-pub fn days_in_month(year: i32, month: u8) -> u8 {
-    match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        _ if is_leap(year) => 29,
-        _ => 28,
-    }
-}
-
-/// `months` months after (year, month), on `anchor_day` clamped to the month's length: a member
-/// renewing on the 31st renews on Feb 28/29, then on Mar 31 again (no drift to the 28th).
-pub fn add_months(year: i32, month: u8, months: i64, anchor_day: u8) -> Ymd {
-    let index = year as i64 * 12 + (month as i64 - 1) + months;
-    let y = index.div_euclid(12) as i32;
-    let m = (index.rem_euclid(12) + 1) as u8;
-    let d = anchor_day.clamp(1, 31).min(days_in_month(y, m));
-    Ymd::new(y, m, d)
+/// `months` months after `from`'s month, on `anchor_day` clamped to the month's length: a
+/// member renewing on the 31st renews on Feb 28/29, then on Mar 31 again (no drift to the 28th).
+/// `None` only outside chrono's range (years beyond +-262,000).
+pub fn add_months(from: NaiveDate, months: i64, anchor_day: u8) -> Option<NaiveDate> {
+    let m = month_start(from, months)?;
+    m.with_day(u32::from(anchor_day.clamp(1, 31).min(m.num_days_in_month())))
 }
 
 /// The period a due member moves to on `today`: the renewal dates step monthly (on
 /// `anchor_day`) from `renewal` until the next one is after `today`. Returns (period start, next
 /// renewal date); `None` when the member is not due (`renewal > today`). A member several
 /// periods behind lands in the period containing `today`, in one step.
-pub fn advance_renewal(renewal: Ymd, anchor_day: u8, today: Ymd) -> Option<(Ymd, Ymd)> {
+pub fn advance_renewal(renewal: NaiveDate, anchor_day: u8, today: NaiveDate) -> Option<(NaiveDate, NaiveDate)> {
     if renewal > today {
         return None;
     }
     // Months from the renewal month to today's month, then adjust by at most one.
-    let mut k = (today.year as i64 - renewal.year as i64) * 12 + (today.month as i64 - renewal.month as i64);
-    let at = |k: i64| add_months(renewal.year, renewal.month, k, anchor_day);
-    while k > 0 && at(k) > today {
+    let mut k = (today.year() as i64 - renewal.year() as i64) * 12 + (today.month() as i64 - renewal.month() as i64);
+    let at = |k: i64| add_months(renewal, k, anchor_day);
+    while k > 0 && at(k)? > today {
         k -= 1;
     }
-    while at(k + 1) <= today {
+    while at(k + 1)? <= today {
         k += 1;
     }
     // at(k) <= today < at(k + 1); k >= 0 because at(0) is on or before renewal <= today.
-    Some((at(k).max(renewal), at(k + 1)))
+    Some((at(k)?.max(renewal), at(k + 1)?))
 }
 
 /// What a plan change within one renewal period grants (issue 11 item 4). `granted` is what plan
@@ -171,6 +156,7 @@ pub fn plan_generation(subscription: i64, purchased: i64, count: i64, allow_over
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn emails_are_lower_cased_and_trimmed() {
@@ -223,81 +209,140 @@ mod tests {
         assert_eq!(plan_duration_interval("weekly").unwrap_err().sqlstate(), "22023");
     }
 
-    #[test]
-    fn month_lengths() {
-        assert_eq!(days_in_month(2024, 2), 29);
-        assert_eq!(days_in_month(2023, 2), 28);
-        assert_eq!(days_in_month(1900, 2), 28);
-        assert_eq!(days_in_month(2000, 2), 29);
-        assert_eq!(days_in_month(2023, 4), 30);
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
     }
 
     #[test]
     fn months_clamp_to_the_anchor_day() {
-        assert_eq!(add_months(2024, 1, 1, 31), Ymd::new(2024, 2, 29));
-        assert_eq!(add_months(2024, 1, 2, 31), Ymd::new(2024, 3, 31));
-        assert_eq!(add_months(2024, 11, 3, 15), Ymd::new(2025, 2, 15));
-        assert_eq!(add_months(2024, 1, -1, 10), Ymd::new(2023, 12, 10));
+        assert_eq!(add_months(d(2024, 1, 31), 1, 31), Some(d(2024, 2, 29)));
+        assert_eq!(add_months(d(2024, 1, 1), 2, 31), Some(d(2024, 3, 31)));
+        assert_eq!(add_months(d(2024, 11, 30), 3, 15), Some(d(2025, 2, 15)));
+        assert_eq!(add_months(d(2024, 1, 10), -1, 10), Some(d(2023, 12, 10)));
+        assert_eq!(add_months(d(1900, 1, 31), 1, 31), Some(d(1900, 2, 28)));
+        assert_eq!(add_months(d(2000, 1, 31), 1, 31), Some(d(2000, 2, 29)));
+        assert_eq!(add_months(d(2023, 3, 31), 1, 31), Some(d(2023, 4, 30)));
+        assert_eq!(add_months(NaiveDate::MAX, 1, 1), None);
     }
 
     #[test]
     fn not_due_is_none() {
-        assert_eq!(advance_renewal(Ymd::new(2024, 5, 2), 2, Ymd::new(2024, 5, 1)), None);
+        assert_eq!(advance_renewal(d(2024, 5, 2), 2, d(2024, 5, 1)), None);
     }
 
     #[test]
     fn due_today_moves_one_month() {
-        let r = advance_renewal(Ymd::new(2024, 5, 1), 1, Ymd::new(2024, 5, 1)).unwrap();
-        assert_eq!(r, (Ymd::new(2024, 5, 1), Ymd::new(2024, 6, 1)));
+        let r = advance_renewal(d(2024, 5, 1), 1, d(2024, 5, 1)).unwrap();
+        assert_eq!(r, (d(2024, 5, 1), d(2024, 6, 1)));
     }
 
     #[test]
     fn several_periods_behind_lands_in_todays_period() {
-        let r = advance_renewal(Ymd::new(2024, 1, 15), 15, Ymd::new(2024, 4, 20)).unwrap();
-        assert_eq!(r, (Ymd::new(2024, 4, 15), Ymd::new(2024, 5, 15)));
-        let r = advance_renewal(Ymd::new(2024, 1, 15), 15, Ymd::new(2024, 4, 14)).unwrap();
-        assert_eq!(r, (Ymd::new(2024, 3, 15), Ymd::new(2024, 4, 15)));
-        let r = advance_renewal(Ymd::new(2022, 12, 31), 31, Ymd::new(2024, 2, 29)).unwrap();
-        assert_eq!(r, (Ymd::new(2024, 2, 29), Ymd::new(2024, 3, 31)));
-        let r = advance_renewal(Ymd::new(2022, 12, 31), 31, Ymd::new(2024, 2, 28)).unwrap();
-        assert_eq!(r, (Ymd::new(2024, 1, 31), Ymd::new(2024, 2, 29)));
+        let r = advance_renewal(d(2024, 1, 15), 15, d(2024, 4, 20)).unwrap();
+        assert_eq!(r, (d(2024, 4, 15), d(2024, 5, 15)));
+        let r = advance_renewal(d(2024, 1, 15), 15, d(2024, 4, 14)).unwrap();
+        assert_eq!(r, (d(2024, 3, 15), d(2024, 4, 15)));
+        let r = advance_renewal(d(2022, 12, 31), 31, d(2024, 2, 29)).unwrap();
+        assert_eq!(r, (d(2024, 2, 29), d(2024, 3, 31)));
+        let r = advance_renewal(d(2022, 12, 31), 31, d(2024, 2, 28)).unwrap();
+        assert_eq!(r, (d(2024, 1, 31), d(2024, 2, 29)));
     }
 
     #[test]
     fn end_of_month_anchor_does_not_drift() {
         // Stored renewal date Feb 29 with anchor 31: next is Mar 31, not Mar 29.
-        let r = advance_renewal(Ymd::new(2024, 2, 29), 31, Ymd::new(2024, 3, 1)).unwrap();
-        assert_eq!(r, (Ymd::new(2024, 2, 29), Ymd::new(2024, 3, 31)));
+        let r = advance_renewal(d(2024, 2, 29), 31, d(2024, 3, 1)).unwrap();
+        assert_eq!(r, (d(2024, 2, 29), d(2024, 3, 31)));
     }
 
     /// Exhaustive over two years of days and every anchor: the result always brackets today,
     /// the next renewal is after today and on the anchor (clamped), and nothing is due again.
     #[test]
     fn advance_properties() {
-        let start = Ymd::new(2023, 1, 1);
         for anchor in 1..=31u8 {
-            let renewal = add_months(2023, 1, 0, anchor);
-            let mut today = start;
-            for _ in 0..730 {
+            let renewal = add_months(d(2023, 1, 1), 0, anchor).unwrap();
+            for today in d(2023, 1, 1).iter_days().take(730) {
                 if let Some((from, next)) = advance_renewal(renewal, anchor, today) {
                     assert!(from <= today && today < next, "{renewal:?} {today:?} {from:?} {next:?}");
-                    assert_eq!(next.day, anchor.min(days_in_month(next.year, next.month)));
+                    assert_eq!(next.day(), u32::from(anchor.min(next.num_days_in_month())));
                     assert_eq!(advance_renewal(next, anchor, today), None);
                 } else {
                     assert!(renewal > today);
                 }
-                today = next_day(today);
             }
         }
     }
 
-    fn next_day(d: Ymd) -> Ymd {
-        if d.day < days_in_month(d.year, d.month) {
-            Ymd::new(d.year, d.month, d.day + 1)
-        } else if d.month < 12 {
-            Ymd::new(d.year, d.month + 1, 1)
-        } else {
-            Ymd::new(d.year + 1, 1, 1)
+    /// 0.2.0's hand-written calendar, kept to check chrono's arithmetic against it.
+    mod before {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+        pub struct Ymd {
+            pub year: i32,
+            pub month: u8,
+            pub day: u8,
+        }
+
+        fn is_leap(year: i32) -> bool {
+            (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+        }
+
+        pub fn days_in_month(year: i32, month: u8) -> u8 {
+            match month {
+                1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+                4 | 6 | 9 | 11 => 30,
+                _ if is_leap(year) => 29,
+                _ => 28,
+            }
+        }
+
+        pub fn add_months(year: i32, month: u8, months: i64, anchor_day: u8) -> Ymd {
+            let index = year as i64 * 12 + (month as i64 - 1) + months;
+            let y = index.div_euclid(12) as i32;
+            let m = (index.rem_euclid(12) + 1) as u8;
+            let d = anchor_day.clamp(1, 31).min(days_in_month(y, m));
+            Ymd { year: y, month: m, day: d }
+        }
+
+        pub fn advance_renewal(renewal: Ymd, anchor_day: u8, today: Ymd) -> Option<(Ymd, Ymd)> {
+            if renewal > today {
+                return None;
+            }
+            let mut k = (today.year as i64 - renewal.year as i64) * 12 + (today.month as i64 - renewal.month as i64);
+            let at = |k: i64| add_months(renewal.year, renewal.month, k, anchor_day);
+            while k > 0 && at(k) > today {
+                k -= 1;
+            }
+            while at(k + 1) <= today {
+                k += 1;
+            }
+            Some((at(k).max(renewal), at(k + 1)))
+        }
+    }
+
+    fn old(x: NaiveDate) -> before::Ymd {
+        before::Ymd { year: x.year(), month: x.month() as u8, day: x.day() as u8 }
+    }
+
+    /// A date in the years pg_billing accepts (1900 to 9999).
+    fn date() -> impl Strategy<Value = NaiveDate> {
+        (0i64..2_921_939).prop_map(|n| d(1900, 1, 1) + chrono::Days::new(n as u64))
+    }
+
+    proptest! {
+        #[test]
+        fn add_months_as_before(from in date(), months in -1200i64..1200, anchor in 0u8..40) {
+            let new = add_months(from, months, anchor);
+            let expected = before::add_months(from.year(), from.month() as u8, months, anchor);
+            prop_assert_eq!(new.map(old), Some(expected));
+            prop_assert_eq!(from.num_days_in_month(), before::days_in_month(from.year(), from.month() as u8));
+        }
+
+        #[test]
+        fn advance_renewal_as_before(renewal in date(), anchor in 1u8..=31, ahead in -400i64..4000) {
+            let today = renewal + chrono::TimeDelta::days(ahead);
+            let new = advance_renewal(renewal, anchor, today);
+            let expected = before::advance_renewal(old(renewal), anchor, old(today));
+            prop_assert_eq!(new.map(|(a, b)| (old(a), old(b))), expected);
         }
     }
 

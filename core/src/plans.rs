@@ -11,6 +11,36 @@ pub fn grants_credits(status: &str) -> bool {
     matches!(status, "active" | "trialing")
 }
 
+/// What an applied subscription event grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodGrant {
+    /// Nothing.
+    None,
+    /// The period's first grant: the old subscription credits expire and these are granted.
+    Renew(i64),
+    /// An upgrade within the period: these are added (the difference to the new plan).
+    TopUp(i64),
+}
+
+/// The credit rule of `upsert_subscription` (issue 10 item 1, issue 11 item 4). Credits are granted
+/// only when the period really advances (`new_period`: a new subscription, or a start or end later
+/// than the stored one) or, within one period, when the plan changes to one with more monthly
+/// credits than the period has granted so far: then the difference tops the pool up. So a period
+/// never grants more than the highest plan it had, however often the webhook repeats or the plan
+/// flips; a downgrade within a period grants nothing and takes nothing back. `granted` is what the
+/// period has granted so far; returns the grant and the new value of it.
+pub fn period_grant(new_period: bool, status: &str, monthly: i64, granted: i64) -> (PeriodGrant, i64) {
+    let granted = if new_period { 0 } else { granted };
+    if !grants_credits(status) || monthly <= granted {
+        return (PeriodGrant::None, granted);
+    }
+    if granted == 0 {
+        (PeriodGrant::Renew(monthly), monthly)
+    } else {
+        (PeriodGrant::TopUp(monthly - granted), monthly)
+    }
+}
+
 /// `p_name` must be one of `allowed` (22023 listing them otherwise).
 pub fn one_of(name: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
@@ -123,6 +153,46 @@ pub fn resource_allowed(count: i64, max: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_webhooks_grant_once_per_period() {
+        let (g, n) = period_grant(true, "active", 500, 0);
+        assert_eq!((g, n), (PeriodGrant::Renew(500), 500));
+        for status in ["active", "trialing", "past_due", "canceled"] {
+            assert_eq!(period_grant(false, status, 500, n), (PeriodGrant::None, 500));
+        }
+        // the next period grants again
+        assert_eq!(period_grant(true, "active", 500, 500), (PeriodGrant::Renew(500), 500));
+    }
+
+    #[test]
+    fn plan_flip_flops_never_exceed_the_highest_plan() {
+        // pro (500) -> premium (2000) -> pro -> premium within one period: 2000 in all.
+        let mut granted = 0;
+        let mut total = 0;
+        for (i, monthly) in [500, 2000, 500, 2000, 500, 2000].into_iter().enumerate() {
+            let (g, n) = period_grant(i == 0, "active", monthly, granted);
+            total += match g {
+                PeriodGrant::None => 0,
+                PeriodGrant::Renew(x) | PeriodGrant::TopUp(x) => x,
+            };
+            granted = n;
+        }
+        assert_eq!(total, 2000);
+        assert_eq!(granted, 2000);
+    }
+
+    #[test]
+    fn entitlement_within_a_period_grants_the_first_time() {
+        // pending (no grant) -> active in the same period: the period's first grant.
+        assert_eq!(period_grant(true, "pending", 500, 0), (PeriodGrant::None, 0));
+        assert_eq!(period_grant(false, "active", 500, 0), (PeriodGrant::Renew(500), 500));
+        // a downgrade grants nothing, an upgrade tops up the difference
+        assert_eq!(period_grant(false, "active", 10, 500), (PeriodGrant::None, 500));
+        assert_eq!(period_grant(false, "active", 2000, 500), (PeriodGrant::TopUp(1500), 2000));
+        // a plan without credits
+        assert_eq!(period_grant(true, "active", 0, 0), (PeriodGrant::None, 0));
+    }
 
     #[test]
     fn statuses() {

@@ -1,5 +1,7 @@
 //! Argument checks shared by every function. All failures are `22023` with the parameter's name.
 
+use chrono::Datelike;
+
 use crate::error::{BillingError, Result};
 
 /// Longest free text (descriptions, reasons) stored in the ledger.
@@ -58,6 +60,13 @@ pub fn transaction_type(name: &str, value: &str) -> Result<()> {
     bounded(name, Some(value), 64).map(|_| ())
 }
 
+/// Does a legacy transaction type name a purchase? Compared case-insensitively after trimming
+/// spaces, so `Purchase`, `PURCHASE` and `purchase ` reach the purchased pool (which never
+/// expires) instead of landing, silently, in the subscription pool (issue 10 item 5).
+pub fn is_purchase_type(value: &str) -> bool {
+    value.trim().eq_ignore_ascii_case("purchase")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,10 +101,21 @@ mod tests {
             assert_eq!(transaction_type("t", bad).unwrap_err().sqlstate(), "22023");
         }
     }
+
+    #[test]
+    fn purchase_types() {
+        for p in ["purchase", "Purchase", "PURCHASE", "purchase ", " Purchase\t"] {
+            assert!(is_purchase_type(p), "{p:?}");
+        }
+        for other in ["purchases", "purchased", "credit_purchase", "pur chase", "usage", "", "\u{212A}purchase"] {
+            assert!(!is_purchase_type(other), "{other:?}");
+        }
+    }
 }
 
 /// A PostgreSQL timestamptz (microseconds since 2000-01-01 00:00 UTC) as ISO 8601 in UTC, the
 /// same text whatever the session's TimeZone and DateStyle (for fingerprints and results).
+/// Years before 1 are astronomical (0 is 1 BC), as in ISO 8601.
 pub fn iso_utc(pg_micros: i64) -> String {
     if pg_micros == i64::MAX {
         return "infinity".into();
@@ -103,27 +123,82 @@ pub fn iso_utc(pg_micros: i64) -> String {
     if pg_micros == i64::MIN {
         return "-infinity".into();
     }
-    const UNIX_TO_PG_DAYS: i64 = 10_957;
+    /// Days in 400 Gregorian years: the calendar repeats after them.
+    const CYCLE_DAYS: i64 = 146_097;
     let secs = pg_micros.div_euclid(1_000_000);
     let micros = pg_micros.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400) + UNIX_TO_PG_DAYS;
+    let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+    // PostgreSQL reaches year 294,276 and chrono +-262,143: compute the date within its 400-year
+    // cycle from 2000-01-01 (a cycle start) and add the whole cycles to the year.
+    let cycles = days.div_euclid(CYCLE_DAYS);
+    let date = PG_EPOCH + chrono::Days::new(days.rem_euclid(CYCLE_DAYS) as u64);
+    let y = i64::from(date.year()) + 400 * cycles;
+    format!(
+        "{y:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        date.month(),
+        date.day(),
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
 }
+
+/// PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH: chrono::NaiveDate = match chrono::NaiveDate::from_ymd_opt(2000, 1, 1) {
+    Some(d) => d,
+    None => panic!("2000-01-01 is a date"),
+};
 
 #[cfg(test)]
 mod time_tests {
     use super::iso_utc;
+    use proptest::prelude::*;
+
+    /// 0.2.0's hand-written calendar (Howard Hinnant's civil_from_days), kept to check chrono's.
+    fn iso_utc_before(pg_micros: i64) -> String {
+        const UNIX_TO_PG_DAYS: i64 = 10_957;
+        let secs = pg_micros.div_euclid(1_000_000);
+        let micros = pg_micros.rem_euclid(1_000_000);
+        let days = secs.div_euclid(86_400) + UNIX_TO_PG_DAYS;
+        let sod = secs.rem_euclid(86_400);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+    }
+
+    /// PostgreSQL's timestamp range: 4714-11-24 BC 00:00 to 294276-12-31 23:59:59.999999 UTC.
+    const PG_MIN: i64 = -211_813_488_000_000_000;
+    const PG_MAX: i64 = 9_223_371_331_200_000_000 - 1;
+
+    proptest! {
+        /// Fingerprints stored by 0.2.0 hold this text: it must not change.
+        #[test]
+        fn iso_utc_as_before(t in PG_MIN..PG_MAX) {
+            prop_assert_eq!(iso_utc(t), iso_utc_before(t));
+        }
+
+        #[test]
+        fn iso_utc_as_before_near_2000(t in -4_000_000_000_000_000i64..4_000_000_000_000_000) {
+            prop_assert_eq!(iso_utc(t), iso_utc_before(t));
+        }
+    }
+
+    #[test]
+    fn iso_utc_extremes() {
+        for t in [PG_MIN, PG_MIN + 1, PG_MAX, PG_MAX - 1, 0, -1, 1, i64::MAX - 1, i64::MIN + 1] {
+            assert_eq!(iso_utc(t), iso_utc_before(t), "{t}");
+        }
+        assert_eq!(iso_utc(PG_MIN), "-4713-11-24T00:00:00.000000Z");
+        assert_eq!(iso_utc(PG_MAX), "294276-12-31T23:59:59.999999Z");
+    }
 
     #[test]
     fn iso_utc_matches_postgres() {

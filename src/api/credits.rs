@@ -7,6 +7,7 @@
 //! and SET expressions on the newest row version, so balances never go negative and no update
 //! is lost.
 
+use pg_billing_core::identity::Caller;
 use pg_billing_core::idempotency::{self, Replay};
 use pg_billing_core::{credits, BillingError};
 use pgrx::datum::DatumWithOid;
@@ -15,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 // ---------------------------------------------------------------------------------------------
@@ -24,8 +25,9 @@ use crate::validate;
 
 /// FIFO consumption, as two simple statements under the same row lock (the UPDATE takes it):
 /// executor start-up of two small plans costs less than that of one CTE plan (measured with
-/// callgrind; see benches/README.md). $1 user, $2 amount. No row: unknown account or not enough
-/// credits (nothing changed).
+/// callgrind; see benches/README.md). $1 user, $2 amount. No row: unknown account, not enough
+/// credits, or subscription credits past their expiry still to settle (nothing changed; the
+/// caller settles them, see [`SETTLE`], and tries again).
 const DEBIT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - LEAST(a.subscription_credits_balance, $2),
@@ -35,6 +37,8 @@ UPDATE billing.accounts AS a
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1
    AND a.subscription_credits_balance + a.purchased_credits_balance >= $2
+   AND (a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now()
+        OR a.subscription_credits_balance = 0)
 RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.last_subscription_delta, a.last_purchased_delta";
 
 /// One ledger row. $1 user, $2 operation, $3 type, $4 pool, $5 amount, $6 balance after,
@@ -73,15 +77,19 @@ WITH acct AS (
 )
 SELECT op.id, acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct CROSS JOIN op";
 
-/// Zero the subscription pool. $1 user, $2 description, $3 key.
+/// Zero the subscription pool. $1 user, $2 description, $3 key, $4 only when lapsed: true
+/// settles credits past `subscription_credits_expire_at` (no row, and no lock, when there are
+/// none), false expires whatever the pool holds. Either way the pool has no expiry afterwards.
 const EXPIRE: &str = "
 WITH acct AS (
     UPDATE billing.accounts AS a
-       SET subscription_credits_balance = 0,
-           last_subscription_delta      = -a.subscription_credits_balance,
-           last_purchased_delta         = 0,
-           updated_at                   = pg_catalog.now()
+       SET subscription_credits_balance   = 0,
+           subscription_credits_expire_at = NULL,
+           last_subscription_delta        = -a.subscription_credits_balance,
+           last_purchased_delta           = 0,
+           updated_at                     = pg_catalog.now()
      WHERE a.user_id = $1
+       AND (NOT $4 OR a.subscription_credits_expire_at <= pg_catalog.now())
  RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
            a.last_subscription_delta AS dsub
 ), op AS (
@@ -175,13 +183,15 @@ const LOAD_CLAWBACK: &str =
 const STORE_CLAWBACK: &str =
     "UPDATE billing.clawbacks SET response = $3 WHERE user_id = $1 AND purchase_transaction_id = $2";
 
+/// Idempotency keys live in two namespaces per user ($4 scope): `user` for end users' calls and
+/// `service` for service callers', so a key an end user can guess never blocks the backend's.
 const CLAIM_KEY: &str = "
-INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request) VALUES ($1, $2, $3)
-ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING 1";
+INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request, scope) VALUES ($1, $2, $3, $4)
+ON CONFLICT (user_id, scope, idempotency_key) DO NOTHING RETURNING 1";
 const LOAD_KEY: &str =
-    "SELECT request, response FROM billing.idempotency_keys WHERE user_id = $1 AND idempotency_key = $2";
+    "SELECT request, response FROM billing.idempotency_keys WHERE user_id = $1 AND scope = $3 AND idempotency_key = $2";
 const STORE_KEY: &str =
-    "UPDATE billing.idempotency_keys SET response = $3 WHERE user_id = $1 AND idempotency_key = $2";
+    "UPDATE billing.idempotency_keys SET response = $3 WHERE user_id = $1 AND scope = $4 AND idempotency_key = $2";
 
 // ---------------------------------------------------------------------------------------------
 // Shared pieces
@@ -195,26 +205,52 @@ fn opt(s: Option<&str>) -> Value {
     s.map(|s| Value::String(s.to_string())).unwrap_or(Value::Null)
 }
 
-/// Run `op` at most once per (user, key): the first call stores its result, a repeat with the
-/// same fingerprint replays it, anything else is `PT409`. A concurrent repeat waits on the key's
-/// unique index until the first commits (then replays) or aborts (then runs).
+/// Whose namespace an idempotency key belongs to: end users' and service callers' keys never
+/// collide (issue 11 item 6).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KeyScope {
+    User,
+    Service,
+}
+
+impl KeyScope {
+    pub fn of(caller: &Caller) -> KeyScope {
+        match caller {
+            Caller::EndUser { .. } => KeyScope::User,
+            Caller::Service => KeyScope::Service,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyScope::User => "user",
+            KeyScope::Service => "service",
+        }
+    }
+}
+
+/// Run `op` at most once per (user, scope, key): the first call stores its result, a repeat with
+/// the same fingerprint replays it, anything else is `PT409`. A concurrent repeat waits on the
+/// key's unique index until the first commits (then replays) or aborts (then runs).
 pub fn idempotent(
     client: &mut SpiClient<'_>,
     user: &[u8; 16],
+    scope: KeyScope,
     key: Option<&str>,
     fingerprint: Value,
     op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Value>,
 ) -> BResult<Value> {
     let Some(key) = key else { return op(client) };
-    let claimed = spi::write(client, CLAIM_KEY, &[UUID, TEXT, JSONB], &[uuid_arg(user), key.into(), json_arg(&fingerprint)])?;
+    let sc = scope.as_str();
+    let claimed =
+        spi::write(client, CLAIM_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&fingerprint), sc.into()])?;
     if !claimed.is_empty() {
         let response = op(client)?;
-        spi::write(client, STORE_KEY, &[UUID, TEXT, JSONB], &[uuid_arg(user), key.into(), json_arg(&response)])?;
+        spi::write(client, STORE_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&response), sc.into()])?;
         return Ok(response);
     }
     // The key exists and its transaction committed (we waited for it). Read it with a fresh
     // snapshot: a write-mode SPI statement takes one at READ COMMITTED.
-    let t = spi::write(client, LOAD_KEY, &[UUID, TEXT], &[uuid_arg(user), key.into()])?;
+    let t = spi::write(client, LOAD_KEY, &[UUID, TEXT, TEXT], &[uuid_arg(user), key.into(), sc.into()])?;
     let t = t.first();
     let stored = col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0).unwrap_or(Value::Null);
     match idempotency::compare(key, &stored, &fingerprint) {
@@ -327,8 +363,11 @@ pub fn debit(
         if !t.is_empty() {
             break t.first();
         }
-        let b = balances(client, user)?;
         attempts += 1;
+        if settle(client, user)? {
+            continue;
+        }
+        let b = balances(client, user)?;
         credits::fifo_split(b, amount)?;
         if attempts >= 3 {
             return Err(BillingError::InsufficientCredits { needed: amount, subscription: b.subscription, purchased: b.purchased });
@@ -404,6 +443,7 @@ pub fn grant(
         Pool::Subscription => (amount, 0i64),
         Pool::Purchased => (0i64, amount),
     };
+    settle(client, user)?;
     let t = spi::write(
         client,
         GRANT,
@@ -436,7 +476,7 @@ fn legacy_total(v: &Value) -> BResult<Ret> {
 /// consume_credits_v2(p_user_id, p_amount, p_description, p_reference_id, p_idempotency_key)
 fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
-    security::authorize_user(&user)?;
+    let caller = security::authorize_user(&user)?;
     let amount = validate::positive_amount("p_amount", a.int(1))?;
     let (d, r, k) = (a.text(2), a.text(3), a.text(4));
     let description = validate::text("p_description", d.as_deref())?;
@@ -451,7 +491,7 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
         &[("p_amount", json!(amount)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
     );
     Spi::connect_mut(|c| {
-        idempotent(c, &user, key, fp, |c| consume(c, &user, amount, "usage", description, reference, key))
+        idempotent(c, &user, KeyScope::of(&caller), key, fp, |c| consume(c, &user, amount, "usage", description, reference, key))
     })
     .map(Ret::Json)
 }
@@ -470,7 +510,7 @@ fn add_credits_to(a: &Args, function: &'static str, pool: Pool, ledger_type: &'s
         &[("p_amount", json!(amount)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
     );
     Spi::connect_mut(|c| {
-        idempotent(c, &user, key, fp, |c| grant(c, &user, pool, amount, ledger_type, description, reference, key))
+        idempotent(c, &user, KeyScope::Service, key, fp, |c| grant(c, &user, pool, amount, ledger_type, description, reference, key))
     })
     .map(Ret::Json)
 }
@@ -501,7 +541,7 @@ fn refund_credits(a: &Args) -> BResult<Ret> {
         &[("p_amount", json!(amount)), ("p_reason", opt(reason)), ("p_reference_id", opt(reference))],
     );
     Spi::connect_mut(|c| {
-        idempotent(c, &user, key, fp, |c| {
+        idempotent(c, &user, KeyScope::Service, key, fp, |c| {
             // A refund goes back to an existing account (accounts are never deleted).
             balances(c, &user)?;
             grant(c, &user, Pool::Purchased, amount, "refund", reason, reference, key)
@@ -511,6 +551,24 @@ fn refund_credits(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_refund_credits, pgb_refund_credits, refund_credits);
 
+/// Subscription credits past their expiry (`subscription_credits_expire_at`, the period end a
+/// renewal set) are gone even when no job expired them (SPEC 4): reads show 0, and the first
+/// write that touches the account afterwards calls this, which logs the expiration (ledger row
+/// and `billing.credit_expiration_events`) in the caller's transaction. Returns whether any
+/// credits expired. Takes no lock when nothing is due.
+pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<bool> {
+    let t = spi::write(
+        c,
+        EXPIRE,
+        &[UUID, TEXT, TEXT, BOOL],
+        &[uuid_arg(user), Some("expired at period end").into(), None::<&str>.into(), true.into()],
+    )?;
+    if t.is_empty() {
+        return Ok(false);
+    }
+    Ok(row(t)?.d1 != 0)
+}
+
 pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>, key: Option<&str>) -> BResult<Value> {
     // Read first, without a lock: an empty subscription pool (the common case for a scheduled
     // job) is a no-op that answers from this one snapshot and never waits behind a user's open
@@ -519,7 +577,7 @@ pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>,
     let (op, expired, sub, pur) = if b.subscription == 0 {
         (Value::Null, 0, b.subscription, b.purchased)
     } else {
-        let t = spi::write(c, EXPIRE, &[UUID, TEXT, TEXT], &[uuid_arg(user), description.into(), key.into()])?;
+        let t = spi::write(c, EXPIRE, &[UUID, TEXT, TEXT, BOOL], &[uuid_arg(user), description.into(), key.into(), false.into()])?;
         if t.is_empty() {
             return Err(unknown_account(user));
         }
@@ -544,7 +602,7 @@ fn expire_subscription_credits(a: &Args) -> BResult<Ret> {
     let description = validate::text("p_description", d.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     let fp = idempotency::fingerprint("expire_subscription_credits", &[("p_description", opt(description))]);
-    Spi::connect_mut(|c| idempotent(c, &user, key, fp, |c| expire(c, &user, description, key))).map(Ret::Json)
+    Spi::connect_mut(|c| idempotent(c, &user, KeyScope::Service, key, fp, |c| expire(c, &user, description, key))).map(Ret::Json)
 }
 crate::billing_fn!(pg_finfo_pgb_expire_subscription_credits, pgb_expire_subscription_credits, expire_subscription_credits);
 
@@ -584,7 +642,7 @@ fn renew_subscription_credits(a: &Args) -> BResult<Ret> {
         &[("p_amount", json!(amount)), ("p_period_end", opt(period_end_iso.as_deref()))],
     );
     Spi::connect_mut(|c| {
-        idempotent(c, &user, key, fp, |c| {
+        idempotent(c, &user, KeyScope::Service, key, fp, |c| {
             let mut v = renew(c, &user, amount, period_end, key)?;
             v["period_end"] = opt(period_end_iso.as_deref());
             Ok(v)
@@ -625,6 +683,7 @@ fn clawback_credits_from_transaction(a: &Args) -> BResult<Ret> {
             return Ok(v);
         }
         let reference = uuid_text(&purchase);
+        settle(c, &user)?;
         let t = spi::write(c, CLAWBACK, &[UUID, INT8, TEXT, TEXT], &[uuid_arg(&user), amount.into(), reason.into(), reference.as_str().into()])?;
         let r = row(t)?;
         let taken = -r.d1;
@@ -657,7 +716,8 @@ fn increment_credits_with_log(a: &Args) -> BResult<Ret> {
     let (d, r) = (a.text(3), a.text(4));
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
-    let pool = if ty == "purchase" { Pool::Purchased } else { Pool::Subscription };
+    // A purchase by any spelling goes to the purchased pool and is logged as 'purchase'.
+    let (pool, ty) = if validate::is_purchase_type(&ty) { (Pool::Purchased, "purchase".to_string()) } else { (Pool::Subscription, ty) };
     let v = Spi::connect_mut(|c| grant(c, &user, pool, amount, &ty, description, reference, None))?;
     legacy_total(&v)
 }

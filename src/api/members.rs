@@ -11,7 +11,8 @@
 //! highest plan granted this period (`members.period_granted`); a downgrade is scheduled
 //! (`members.next_plan_id`) and takes effect at the next renewal; usage is not reset.
 
-use pg_billing_core::members::{self as m, Ymd};
+use chrono::{Datelike, NaiveDate};
+use pg_billing_core::members as m;
 use pg_billing_core::BillingError;
 use pgrx::datum::{Date, DatumWithOid, TimestampWithTimeZone};
 use pgrx::pg_sys::{self, PgOid};
@@ -63,14 +64,16 @@ SELECT m.plan_id, COALESCE(p.monthly_credits, 0)::bigint, m.period_granted
 /// (NULL: keep, or one month from today for a new member), $5 the plan scheduled for the next
 /// renewal (a downgrade), $6 what plans granted this period. Returns whether it was inserted,
 /// the previous plan, the renewal date as ISO text, and the period end. A plan change keeps the
-/// period's usage (issue 11 item 4).
+/// period's usage (issue 11 item 4). "Today" is the UTC date of now() (not CURRENT_DATE, which
+/// follows the session's TimeZone): renewals fall at UTC midnight.
 const UPSERT_MEMBER: &str = "
 WITH r AS (
-    SELECT COALESCE($4, (CURRENT_DATE + '1 month'::interval)::date) AS d
+    SELECT COALESCE($4, (t.today + '1 month'::interval)::date) AS d, t.today
+      FROM (SELECT (pg_catalog.now() AT TIME ZONE 'UTC')::date AS today) AS t
 )
 INSERT INTO billing.members AS m (user_id, email, plan_id, renewal_date, anchor_day, period_start, period_granted, next_plan_id)
 SELECT $1, $2, $3, r.d, pg_catalog.date_part('day', r.d)::smallint,
-       LEAST(CURRENT_DATE, (r.d - '1 month'::interval)::date), $6, $5 FROM r
+       LEAST(r.today, (r.d - '1 month'::interval)::date), $6, $5 FROM r
 ON CONFLICT (user_id) DO UPDATE
    SET email            = EXCLUDED.email,
        plan_id          = EXCLUDED.plan_id,
@@ -104,9 +107,11 @@ SELECT m.plan_id, COALESCE(p.allow_overage, false), m.period_start
  WHERE m.user_id = $1
    FOR UPDATE OF m";
 
-/// Lock the member's account row and read its pools. $1 member.
+/// Lock the member's account row and read its pools (subscription credits past their expiry
+/// count as 0; the consumption then settles them). $1 member.
 const LOCK_ACCOUNT: &str = "
-SELECT a.subscription_credits_balance, a.purchased_credits_balance
+SELECT CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0 ELSE a.subscription_credits_balance END,
+       a.purchased_credits_balance
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// Count a consumption. $1 member, $2 credits used, $3 overage.
@@ -147,7 +152,7 @@ SELECT pg_catalog.jsonb_build_object(
            'period_start', m.period_start,
            'renewal_date', m.renewal_date)
   FROM billing.members AS m
-  LEFT JOIN billing.accounts AS a ON a.user_id = m.user_id
+  LEFT JOIN billing.user_credits AS a ON a.user_id = m.user_id
  WHERE m.user_id = $1";
 
 /// Members due on $1, in a fixed order.
@@ -186,18 +191,19 @@ fn date_arg(a: &Args, n: usize) -> Option<Date> {
     unsafe { pgrx::fcinfo::pg_getarg::<Date>(a.0, n) }
 }
 
-fn ymd(d: Date) -> BResult<Ymd> {
+fn ymd(d: Date) -> BResult<NaiveDate> {
     if !d.is_finite() {
         return Err(BillingError::invalid("dates must be finite (not infinity)"));
     }
     if !(1900..=9999).contains(&d.year()) {
         return Err(BillingError::invalid_with_hint("the date is out of range", "dates must fall in the years 1900 to 9999"));
     }
-    Ok(Ymd::new(d.year(), d.month(), d.day()))
+    NaiveDate::from_ymd_opt(d.year(), d.month().into(), d.day().into())
+        .ok_or_else(|| BillingError::internal(format!("date {}-{}-{} is not a calendar date", d.year(), d.month(), d.day())))
 }
 
-fn to_date(d: Ymd) -> BResult<Date> {
-    Date::new(d.year, d.month, d.day).map_err(|e| BillingError::internal(format!("date {d:?}: {e}")))
+fn to_date(d: NaiveDate) -> BResult<Date> {
+    Date::new(d.year(), d.month() as u8, d.day() as u8).map_err(|e| BillingError::internal(format!("date {d}: {e}")))
 }
 
 /// Lock and read a plan's (monthly_credits, allow_overage), or 22023 naming the known plans.

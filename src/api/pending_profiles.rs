@@ -136,11 +136,14 @@ SELECT COALESCE(pl.monthly_credits, 0)::bigint,
 
 /// The account's plan and billing cycle from a purchase; $7 keeps the subscription's plan
 /// (higher), $8 its billing cycle (later). $1 user, $2 plan, $3 provider, $4 provider
-/// membership, $5 cycle start, $6 cycle end.
+/// membership, $5 cycle start, $6 cycle end, $9 the purchase plan's monthly credits: what a new
+/// period taken from the purchase has granted (so a later upsert_subscription for the same
+/// period tops up only an upgrade; a kept period keeps its own count).
 const SUBSCRIBE: &str = "
 INSERT INTO billing.subscriptions AS s
-       (user_id, plan_id, status, provider, provider_subscription_id, current_period_start, current_period_end)
-VALUES ($1, $2, 'active', $3, $4, $5, $6)
+       (user_id, plan_id, status, provider, provider_subscription_id, current_period_start, current_period_end,
+        period_credits_granted)
+VALUES ($1, $2, 'active', $3, $4, $5, $6, $9)
 ON CONFLICT (user_id) DO UPDATE
    SET plan_id                  = CASE WHEN $7 THEN s.plan_id ELSE EXCLUDED.plan_id END,
        status                   = 'active',
@@ -148,6 +151,7 @@ ON CONFLICT (user_id) DO UPDATE
        provider_subscription_id = COALESCE(EXCLUDED.provider_subscription_id, s.provider_subscription_id),
        current_period_start     = CASE WHEN $8 THEN s.current_period_start ELSE EXCLUDED.current_period_start END,
        current_period_end       = CASE WHEN $8 THEN s.current_period_end ELSE EXCLUDED.current_period_end END,
+       period_credits_granted   = CASE WHEN $8 THEN s.period_credits_granted ELSE EXCLUDED.period_credits_granted END,
        trial_ends_at            = NULL,
        cancel_at_period_end     = false,
        expires_at               = NULL,
@@ -243,7 +247,7 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
         spi::write(
             c,
             SUBSCRIBE,
-            &[UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, BOOL],
+            &[UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, BOOL, INT8],
             &[
                 uuid_arg(user),
                 p.plan_id.as_str().into(),
@@ -253,6 +257,7 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
                 p.cycle_end.into(),
                 plan_kept.into(),
                 period_kept.into(),
+                p.plan_credits.into(),
             ],
         )?;
     }

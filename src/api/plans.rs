@@ -1,40 +1,47 @@
 //! Plans and subscriptions (SPEC 5): the webhook entry point and expiry processing.
 
-use pg_billing_core::plans::{self, SUBSCRIPTION_STATUSES};
+use pg_billing_core::plans::{self, PeriodGrant, SUBSCRIPTION_STATUSES};
 use pg_billing_core::BillingError;
 use pgrx::spi::{Spi, SpiClient};
 use serde_json::json;
 
-use crate::api::{credits, webhooks};
+use crate::api::credits::{self, Pool};
+use crate::api::webhooks;
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, TEXT, TIMESTAMPTZ, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, INT8, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 const PLAN: &str = "SELECT p.monthly_credits FROM billing.plans AS p WHERE p.plan_id = $1";
 const PLAN_IDS: &str = "SELECT pg_catalog.string_agg(p.plan_id, ', ' ORDER BY p.sort_order, p.plan_id) FROM billing.plans AS p";
 
-/// Lock the current subscription and say what the incoming event would change.
-/// $1 user, $2 event time, $3 new period start, $4 new plan.
+/// Lock the current subscription (after the account: see `crate::api::lock_account`) and say
+/// what the incoming event would change. $1 user, $2 event time, $3 new period start (NULL:
+/// keep the stored one), $4 new period end.
+/// The period advances when the start or the end is later than the stored one; an event whose
+/// period starts before the stored one is about an older period, so it is stale too.
 const LOCK: &str = "
-SELECT s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_event_created_at AS stale,
-       s.current_period_start IS DISTINCT FROM $3 AS new_period,
-       s.plan_id IS DISTINCT FROM $4 AS plan_changed
+SELECT (s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_event_created_at)
+       OR COALESCE($3 < s.current_period_start, false) AS stale,
+       COALESCE($3 > s.current_period_start, false) OR COALESCE($4 > s.current_period_end, false) AS new_period,
+       s.period_credits_granted
   FROM billing.subscriptions AS s
  WHERE s.user_id = $1
    FOR UPDATE";
 
-/// $1 user, $2 plan, $3 status, $4 period start, $5 period end, $6 trial end, $7 cancel at period
-/// end, $8 provider, $9 provider subscription id, $10 event id, $11 event time.
+/// $1 user, $2 plan, $3 status, $4 period start (NULL: the stored one, or now for a new
+/// subscription), $5 period end, $6 trial end, $7 cancel at period end, $8 provider, $9 provider
+/// subscription id, $10 event id, $11 event time, $12 credits the period has granted.
 const UPSERT: &str = "
 INSERT INTO billing.subscriptions AS s
        (user_id, plan_id, status, current_period_start, current_period_end, trial_ends_at, cancel_at_period_end,
-        provider, provider_subscription_id, last_event_id, last_event_created_at, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $3 = 'expired' THEN pg_catalog.now() END)
+        provider, provider_subscription_id, last_event_id, last_event_created_at, expires_at, period_credits_granted)
+VALUES ($1, $2, $3, COALESCE($4, pg_catalog.now()), $5, $6, $7, $8, $9, $10, $11, CASE WHEN $3 = 'expired' THEN pg_catalog.now() END, $12)
 ON CONFLICT (user_id) DO UPDATE
    SET plan_id                  = EXCLUDED.plan_id,
        status                   = EXCLUDED.status,
-       current_period_start     = EXCLUDED.current_period_start,
+       current_period_start     = COALESCE($4, s.current_period_start),
+       period_credits_granted   = EXCLUDED.period_credits_granted,
        current_period_end       = EXCLUDED.current_period_end,
        trial_ends_at            = EXCLUDED.trial_ends_at,
        cancel_at_period_end     = EXCLUDED.cancel_at_period_end,
@@ -52,21 +59,30 @@ const LOG_EVENT: &str = "
 INSERT INTO billing.subscription_events (user_id, event_id, event_created_at, applied, reason, plan_id, status)
 VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-/// Subscriptions whose entitlement has lapsed: set them expired on the free plan.
-const EXPIRE_DUE: &str = "
-WITH due AS (
-    SELECT s.user_id
-      FROM billing.subscriptions AS s
-     WHERE s.status IN ('active', 'trialing', 'canceled', 'past_due')
+/// The lapse condition: subscriptions whose entitlement has become the free plan.
+macro_rules! lapsed {
+    () => {
+        "s.status IN ('active', 'trialing', 'canceled', 'past_due')
        AND s.plan_id <> 'free'
-       AND billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at) = 'free'
-       FOR UPDATE SKIP LOCKED
-)
+       AND billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at) = 'free'"
+    };
+}
+
+/// Subscriptions whose entitlement has lapsed (read without locks).
+const DUE: &str = concat!("SELECT s.user_id FROM billing.subscriptions AS s WHERE ", lapsed!());
+
+/// Set one lapsed subscription expired on the free plan; $1 user. Its account is locked first
+/// (the lock order); a subscription row another transaction holds is skipped, never waited for.
+const EXPIRE_ONE: &str = concat!(
+    "WITH due AS (SELECT s.user_id FROM billing.subscriptions AS s WHERE s.user_id = $1 AND ",
+    lapsed!(),
+    " FOR UPDATE SKIP LOCKED)
 UPDATE billing.subscriptions AS s
    SET status = 'expired', plan_id = 'free', expires_at = COALESCE(s.expires_at, pg_catalog.now()), updated_at = pg_catalog.now()
   FROM due
  WHERE s.user_id = due.user_id
-RETURNING s.user_id";
+RETURNING s.user_id"
+);
 
 fn unknown_plan(c: &SpiClient<'_>, plan: &str) -> BResult<BillingError> {
     let t = spi::read(c, PLAN_IDS, &[], &[])?;
@@ -121,16 +137,15 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
                 return Ok(json!({"applied": false, "reason": "duplicate_event", "event_id": ev}));
             }
         }
-        let lock = spi::write(c, LOCK, &[UUID, TIMESTAMPTZ, TIMESTAMPTZ, TEXT], &[uuid_arg(&user), event_at.into(), start.into(), plan.as_str().into()])?;
-        let (stale, changes_period) = if lock.is_empty() {
-            (false, true)
+        crate::api::lock_account(c, &user)?;
+        let lock = spi::write(c, LOCK, &[UUID, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ], &[uuid_arg(&user), event_at.into(), start.into(), end.into()])?;
+        let (stale, new_period, granted_so_far) = if lock.is_empty() {
+            (false, true, 0)
         } else {
             let l = lock.first();
-            (
-                col::<bool>(&l, 1)?.unwrap_or(false),
-                col::<bool>(&l, 2)?.unwrap_or(false) || col::<bool>(&l, 3)?.unwrap_or(false),
-            )
+            (col::<bool>(&l, 1)?.unwrap_or(false), col::<bool>(&l, 2)?.unwrap_or(false), col::<i64>(&l, 3)?.unwrap_or(0))
         };
+        let (grant, granted_after) = plans::period_grant(new_period, &status, monthly, granted_so_far);
         let log = |c: &mut SpiClient<'_>, applied: bool, reason: &str| {
             spi::write(
                 c,
@@ -147,10 +162,10 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         let t = spi::write(
             c,
             UPSERT,
-            &[UUID, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, TEXT, TEXT, TEXT, TIMESTAMPTZ],
+            &[UUID, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, TEXT, TEXT, TEXT, TIMESTAMPTZ, INT8],
             &[
                 uuid_arg(&user), plan.as_str().into(), status.as_str().into(), start.into(), end.into(), trial.into(),
-                cancel.into(), provider.into(), provider_sub.into(), event_id.into(), event_at.into(),
+                cancel.into(), provider.into(), provider_sub.into(), event_id.into(), event_at.into(), granted_after.into(),
             ],
         )?;
         if t.is_empty() {
@@ -162,11 +177,18 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         let id = col::<pgrx::Uuid>(&t, 1)?.map(|u| uuid_text(u.as_bytes()));
         let effective = col::<String>(&t, 2)?;
         log(c, true, "applied")?;
-        let mut granted = 0i64;
-        if changes_period && plans::grants_credits(&status) && monthly > 0 {
-            credits::renew(c, &user, monthly, end, None)?;
-            granted = monthly;
-        }
+        let granted = match grant {
+            PeriodGrant::None => 0,
+            PeriodGrant::Renew(n) => {
+                credits::renew(c, &user, n, end, None)?;
+                n
+            }
+            PeriodGrant::TopUp(n) => {
+                let why = format!("plan changed to {plan} within the period");
+                credits::grant(c, &user, Pool::Subscription, n, "plan_upgrade", Some(&why), None, None)?;
+                n
+            }
+        };
         Ok(json!({
             "applied": true,
             "reason": "applied",
@@ -186,15 +208,24 @@ crate::billing_fn!(pg_finfo_pgb_upsert_subscription, pgb_upsert_subscription, up
 fn process_expired_subscriptions(_a: &Args) -> BResult<Ret> {
     security::require_service("process_expired_subscriptions")?;
     Spi::connect_mut(|c| {
-        let t = spi::write(c, EXPIRE_DUE, &[], &[])?;
-        let users = spi::uuid_column(t)?;
-        for user in &users {
+        let due = spi::uuid_column(spi::write(c, DUE, &[], &[])?)?;
+        let mut n = 0;
+        for user in &due {
+            // Lock order: the account, then the subscription. A row another transaction holds is
+            // skipped (the next run takes it), so the batch never waits and cannot deadlock.
+            if !crate::api::try_lock_account(c, user)? {
+                continue;
+            }
+            if spi::write(c, EXPIRE_ONE, &[UUID], &[uuid_arg(user)])?.is_empty() {
+                continue;
+            }
+            n += 1;
             match credits::expire(c, user, Some("subscription expired"), None) {
                 Ok(_) | Err(BillingError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(users.len() as i32)
+        Ok(n)
     })
     .map(Ret::Int)
 }

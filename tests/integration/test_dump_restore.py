@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 import uuid
 
-from helpers import connect, expect_sqlstate, q
+from pgb_testlib import connect, expect_sqlstate, q
 
 PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
 
@@ -169,7 +169,7 @@ def check_restored(src_snap, dst, users, purchases):
 def check_wrappers(dst, user, n_wrappers):
     """The public wrappers of expose_rpc are dumped as ordinary objects and work after restore,
     with their grants; expose_rpc is still idempotent there."""
-    from helpers import postgrest_call
+    from pgb_testlib import postgrest_call
     r = postgrest_call(dst, "authenticated", {"role": "authenticated", "sub": str(user)},
                        "SELECT public.consume_credits_v2(p_user_id := %s, p_amount := %s)", (user, 1))[0][0]
     assert r["total_balance"] == 2, r

@@ -5,7 +5,7 @@ import uuid
 
 import psycopg2
 
-from helpers import connect, expect_sqlstate, postgrest_call, q
+from pgb_testlib import connect, expect_sqlstate, postgrest_call, q
 
 # SQLSTATEs a credit function may raise (SPEC 3).
 DOCUMENTED = {"22023", "22003", "P0002", "42501", "PT402", "PT409", "PT429"}

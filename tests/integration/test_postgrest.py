@@ -7,7 +7,7 @@ import json
 
 import psycopg2
 
-from helpers import connect, expect_sqlstate, new_user, postgrest_call, q
+from pgb_testlib import claims, connect, expect_sqlstate, new_user, postgrest_call, q
 
 SERVICE_ONLY_CALLS = [
     # (function, named-argument SQL, params builder(user, purchase_tx))
@@ -22,13 +22,6 @@ SERVICE_ONLY_CALLS = [
     ("record_webhook_event", "p_event_id := %s, p_event_type := %s, p_user_id := %s",
      lambda u, tx: ("evt_" + str(u), "checkout.session.completed", u)),
 ]
-
-
-def claims(role, sub=None):
-    c = {"role": role}
-    if sub is not None:
-        c["sub"] = str(sub)
-    return c
 
 
 def expose(conn):
@@ -328,9 +321,7 @@ def test_authenticator_login_role_flow():
     expose(conn)
     me = funded_user(conn, sub=2, pur=8)
     other = funded_user(conn, pur=8)
-    import os
-    a = psycopg2.connect(dbname=os.environ.get("PGDATABASE", "integration"), user="authenticator")
-    a.autocommit = True
+    a = connect(user="authenticator")
     try:
         assert q(a, "SELECT current_user, session_user") == [("authenticator", "authenticator")]
         cl = claims("authenticated", me)

@@ -14,14 +14,7 @@ import uuid
 
 import psycopg2
 
-from helpers import connect, expect_sqlstate, new_user, postgrest_call, q
-
-
-def claims(role, sub=None):
-    c = {"role": role}
-    if sub is not None:
-        c["sub"] = str(sub)
-    return c
+from pgb_testlib import claims, connect, expect_sqlstate, new_user, postgrest_call, q
 
 
 def expose(conn):

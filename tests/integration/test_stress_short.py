@@ -2,6 +2,7 @@
 20 s and the privilege sweep against PGDATABASE, one SIGKILL of a durable throwaway cluster, the
 bad-input sweep over every function and the upgrade paths (both in databases of their own).
 The long variants run with `scripts/stress.sh` (make stress)."""
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def test_upgrade_paths():
     out = upgrade.run()
     print(out.line(), flush=True)
     assert not out.differences, f"{len(out.differences)} differences, first: {out.differences[:10]}"
+    if os.environ.get("PGB_REQUIRE_OLD_LIBRARY") == "1":
+        # make test: every older release's data is written by its own library, never the current one.
+        assert out.paths > 0 and out.old_libraries == out.paths, out.line()
 
 
 def test_upgrade_check_finds_mistakes():

@@ -5,19 +5,22 @@ Every call goes through `Call`: the op, its user, its arguments, its idempotency
 outcome the client saw: `ok` (the call, and its COMMIT, returned), `fail` (the server raised an
 error: nothing may have changed), or `unknown` (the connection was lost before the result came
 back: the call may or may not be applied, but only as a whole)."""
-import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg2
-import psycopg2.extras
 
-psycopg2.extras.register_uuid()
+# The helpers shared with the integration tests (connections, PostgREST-style calls, claims,
+# roles) live once in tests/pgb_testlib.py; the stress modules import them from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pgb_testlib import claims, connect, ensure_roles, expect_sqlstate, fmt, postgrest_call, q  # noqa: E402,F401
 
 # SQLSTATEs a call may legitimately raise in the mix: not enough credits. Everything else that
 # comes back with a SQLSTATE from a live connection is an invariant violation (XX000, deadlock,
@@ -25,67 +28,6 @@ psycopg2.extras.register_uuid()
 EXPECTED_ERRORS = {"consume": {"PT402"}, "consume_rpc": {"PT402"}}
 
 MUTATORS = ("consume", "consume_rpc", "add_sub", "add_pur", "refund", "expire", "renew")
-
-
-def connect(dsn=None, autocommit=True):
-    conn = psycopg2.connect(dsn or "", connect_timeout=10)
-    conn.autocommit = autocommit
-    return conn
-
-
-def q(conn, sql, params=()):
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall() if cur.description else []
-
-
-def claims(role, sub=None):
-    c = {"role": role}
-    if sub is not None:
-        c["sub"] = str(sub)
-    return c
-
-
-def postgrest_call(conn, role, cl, sql, params=()):
-    """Run `sql` as PostgREST does: one transaction at READ COMMITTED, role and JWT claims set
-    with set_config(..., true). Returns the rows; raises psycopg2 errors."""
-    conn.autocommit = False
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_catalog.set_config('role', %s, true), "
-                        "pg_catalog.set_config('request.jwt.claims', %s, true)",
-                        (role, json.dumps(cl)))
-            cur.execute(sql, params)
-            rows = cur.fetchall() if cur.description else []
-        conn.commit()
-        return rows
-    except Exception:
-        if not conn.closed:
-            try:
-                conn.rollback()
-            except psycopg2.Error:
-                pass
-        raise
-    finally:
-        if not conn.closed:
-            try:
-                conn.autocommit = True
-            except psycopg2.Error:
-                pass
-
-
-def ensure_roles(conn):
-    q(conn, """DO $$ BEGIN
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN CREATE ROLE authenticated NOLOGIN; END IF;
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
-    END $$""")
-    if q(conn, "SELECT 1 FROM pg_extension WHERE extname = 'pg_billing'"):
-        q(conn, "SELECT billing.apply_grants()")
-
-
-def fmt(n):
-    return f"{n:,}"
 
 
 # ---------------------------------------------------------------------------------------------

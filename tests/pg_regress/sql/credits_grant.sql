@@ -108,15 +108,24 @@ SELECT subscription_credits_balance, purchased_credits_balance, total_balance
   FROM billing.user_credits WHERE user_id = '00000000-0000-0000-0000-000000000015';
 SELECT type, pool, amount, balance_after, description, reference_id
   FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000015' ORDER BY id;
--- invalid type strings, NULLs and amounts: 22023, nothing changes
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, NULL)$$);
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, '')$$);
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'Purchase')$$);
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'PURCHASE')$$);
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'purchase ')$$);
+-- a purchase by any spelling (case-insensitive, spaces trimmed) reaches the purchased pool, which
+-- never expires, and is logged as 'purchase' (issue 10 item 5; 0.2.0 put these 3 credits in the
+-- subscription pool)
+SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'Purchase');
+SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'PURCHASE');
+SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'purchase ');
+SELECT pg_temp.bal('00000000-0000-0000-0000-000000000015');
+SELECT type, pool, amount FROM billing.credit_transactions
+ WHERE user_id = '00000000-0000-0000-0000-000000000015' AND amount = 1 ORDER BY id;
+-- other legacy types are free-form (apps used their own names) and go to the subscription pool
 SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, '1bonus')$$);
 SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, 'x''; DROP TABLE billing.accounts; --')$$);
 SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, repeat('a', 64))$$);
+-- empty or NULL types, bad amounts: 22023, nothing changes
+SELECT pg_temp.bal('00000000-0000-0000-0000-000000000015');
+SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, NULL)$$);
+SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, '')$$);
+SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 1, repeat('a', 65))$$);
 SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', 0, 'bonus')$$);
 SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', -3, 'purchase')$$);
 SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000015', NULL, 'purchase')$$);

@@ -23,17 +23,26 @@ $f$;
 -- st(email): a member's state: plan, dates, usage and both pools, ledger rows.
 CREATE FUNCTION pg_temp.st(p_email text) RETURNS text LANGUAGE sql AS $f$
     SELECT format('plan=%s renewal=%s anchor=%s start=%s usage=%s overage=%s sub=%s pur=%s ledger_rows=%s',
-                  m.plan_id, m.renewal_date, m.anchor_day, m.period_start, m.period_usage, m.period_overage,
+                  m.plan_id, m.renewal_date, m.anchor_day,
+                  CASE WHEN m.period_start = (now() AT TIME ZONE 'UTC')::date THEN 'today' ELSE m.period_start::text END,
+                  m.period_usage, m.period_overage,
                   a.subscription_credits_balance, a.purchased_credits_balance,
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = m.user_id))
       FROM billing.members AS m LEFT JOIN billing.accounts AS a ON a.user_id = m.user_id
      WHERE m.user_id = pg_temp.mid(p_email)
 $f$;
+-- status(member): get_usage_status without the member id; a period that starts today (the UTC
+-- date of now()) reads 'today'. The dates below lie in the 2120s so that no pool has lapsed.
+CREATE FUNCTION pg_temp.status(p_member uuid) RETURNS jsonb LANGUAGE sql AS $f$
+    SELECT s - 'member_id' || CASE WHEN (s ->> 'period_start')::date = (now() AT TIME ZONE 'UTC')::date
+                                   THEN '{"period_start": "today"}'::jsonb ELSE '{}'::jsonb END
+      FROM billing.get_usage_status(p_member) AS s
+$f$;
 -- Results that carry random ids, by label.
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
 
 -- ===== upsert_member: a new member =====
-INSERT INTO res SELECT 'alice_new', billing.upsert_member('  Alice@Example.COM ', 'pro', '2024-01-31', 'evt_m_1')
+INSERT INTO res SELECT 'alice_new', billing.upsert_member('  Alice@Example.COM ', 'pro', '2124-01-31', 'evt_m_1')
 RETURNING label, r - 'member_id' AS r;
 -- member_id is the account's user id; the account has the e-mail and the pro pool (500)
 SELECT (r ->> 'member_id')::uuid = pg_temp.mid('alice@example.com') AS member_id_matches,
@@ -51,7 +60,7 @@ SELECT billing.upsert_member('ALICE@example.com', 'pro') - 'member_id' AS r;
 SELECT pg_temp.st('alice@example.com');
 SELECT count(*) AS members_for_alice FROM billing.members WHERE email = 'alice@example.com';
 -- a new renewal date (same plan) moves the date and its anchor day, grants nothing
-SELECT billing.upsert_member('alice@example.com', 'pro', '2024-02-15') - 'member_id' AS r;
+SELECT billing.upsert_member('alice@example.com', 'pro', '2124-02-15') - 'member_id' AS r;
 SELECT pg_temp.st('alice@example.com');
 
 -- ===== consume_generation within the pool =====
@@ -88,7 +97,7 @@ SELECT w.event_type, w.user_id = pg_temp.mid('alice@example.com') AS user_record
 
 -- ===== get_usage_status: pool_limit = current_usage + remaining =====
 SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 100);
-SELECT billing.get_usage_status(pg_temp.mid('alice@example.com')) - 'member_id' AS status;
+SELECT pg_temp.status(pg_temp.mid('alice@example.com')) AS status;
 
 -- ===== the pool first, then extra credits; beyond them overage (premium allows it) =====
 -- (1890: the 10 used before the upgrade still count in this period's usage)
@@ -100,14 +109,14 @@ SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 10, 'past th
 -- no credits at all: all overage
 SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 3);
 SELECT pg_temp.st('alice@example.com');
-SELECT o.period_start, o.generations, o.description, o.billed_at
+SELECT CASE WHEN o.period_start = (now() AT TIME ZONE 'UTC')::date THEN 'today' ELSE o.period_start::text END AS period_start, o.generations, o.description, o.billed_at
   FROM billing.member_overage AS o WHERE o.user_id = pg_temp.mid('alice@example.com') ORDER BY o.id;
-SELECT billing.get_usage_status(pg_temp.mid('alice@example.com')) - 'member_id' AS status;
+SELECT pg_temp.status(pg_temp.mid('alice@example.com')) AS status;
 -- every generation (overage included) is counted in the monthly usage metering
 SELECT u.generations_count FROM billing.usage_metrics AS u WHERE u.user_id = pg_temp.mid('alice@example.com');
 
 -- ===== a plan without overage (free): PT402 and nothing changes =====
-SELECT billing.upsert_member('bob@example.com', 'free', '2024-03-10') - 'member_id' AS r;
+SELECT billing.upsert_member('bob@example.com', 'free', '2124-03-10') - 'member_id' AS r;
 SELECT billing.consume_generation(pg_temp.mid('bob@example.com'), 8);
 SELECT pg_temp.st('bob@example.com');
 SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, 3)', pg_temp.mid('bob@example.com')));
@@ -117,36 +126,37 @@ SELECT count(*) AS bob_overage_rows FROM billing.member_overage WHERE user_id = 
 SELECT billing.add_credits(pg_temp.mid('bob@example.com'), 1) ->> 'total_balance' AS total;
 SELECT billing.consume_generation(pg_temp.mid('bob@example.com'), 3);
 SELECT pg_temp.err(format('SELECT billing.consume_generation(%L)', pg_temp.mid('bob@example.com')));
-SELECT billing.get_usage_status(pg_temp.mid('bob@example.com')) - 'member_id' AS status;
+SELECT pg_temp.status(pg_temp.mid('bob@example.com')) AS status;
 
 -- ===== an existing account with the e-mail becomes the member =====
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000801', 7) ->> 'total_balance' AS total;
 UPDATE billing.accounts SET email = 'Carol@Example.com' WHERE user_id = '00000000-0000-0000-0000-000000000801';
-SELECT billing.upsert_member('carol@example.com', 'pro', '2024-03-31') ->> 'member_id' AS member_id;
+SELECT billing.upsert_member('carol@example.com', 'pro', '2124-03-31') ->> 'member_id' AS member_id;
 SELECT pg_temp.st('carol@example.com');
 -- a new member without a renewal date renews one month from today
 SELECT billing.upsert_member('dave@example.com', 'pro') ->> 'renewal_date'
      = to_char(current_date + interval '1 month', 'YYYY-MM-DD') AS renews_in_a_month;
 
 -- ===== reset_usage_for_due_members =====
--- before: alice renews 2024-02-15, bob 2024-03-10, carol 2024-03-31, dave next month
-SELECT billing.reset_usage_for_due_members('2024-02-14') AS reset_none_due;
+-- before: alice renews 2124-02-15, bob 2124-03-10, carol 2124-03-31, dave next month (in real
+-- time: earlier than all of these, so dave is due in the first run and again in the third)
+SELECT billing.reset_usage_for_due_members('2124-02-14') AS reset_only_dave;
 -- alice is due (on her renewal date); bob and carol are not yet
-SELECT billing.reset_usage_for_due_members('2024-02-15') AS reset_alice;
+SELECT billing.reset_usage_for_due_members('2124-02-15') AS reset_alice;
 SELECT pg_temp.st('alice@example.com');
 -- the same day again: nothing more
-SELECT billing.reset_usage_for_due_members('2024-02-15') AS reset_again;
--- several periods behind: alice, bob and carol land in the period containing the day in one
+SELECT billing.reset_usage_for_due_members('2124-02-15') AS reset_again;
+-- several periods behind: alice, bob, carol (and dave) land in the period containing the day in one
 -- step; carol (anchor day 31) renews on the last day of short months; extra credits are untouched
-SELECT billing.reset_usage_for_due_members('2024-06-12') AS reset_three;
+SELECT billing.reset_usage_for_due_members('2124-06-12') AS reset_four;
 SELECT pg_temp.st('alice@example.com');
 SELECT pg_temp.st('bob@example.com');
 SELECT pg_temp.st('carol@example.com');
 -- June 30: carol (June has 30 days) and alice (renews on the 15th) are due; carol's next
 -- renewal is July 31, not July 30
-SELECT billing.reset_usage_for_due_members('2024-06-30') AS reset_carol_and_alice;
+SELECT billing.reset_usage_for_due_members('2124-06-30') AS reset_carol_and_alice;
 SELECT pg_temp.st('carol@example.com');
-SELECT billing.get_usage_status(pg_temp.mid('bob@example.com')) - 'member_id' AS status;
+SELECT pg_temp.status(pg_temp.mid('bob@example.com')) AS status;
 -- the renewal is a credits-core renewal: expiration (logged) + renewal rows
 SELECT t.type, t.pool, t.amount, t.balance_after
   FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('bob@example.com') ORDER BY t.id;
