@@ -89,6 +89,13 @@ const SET_EMAIL: &str = "
 UPDATE billing.accounts AS a SET email = $2, updated_at = pg_catalog.now()
  WHERE a.user_id = $1 AND a.email IS DISTINCT FROM $2";
 
+/// Lock the account and read its live subscription pool (credits past their expiry count as 0).
+/// $1 user.
+const LOCK_POOL: &str = "
+SELECT CASE WHEN a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now()
+            THEN a.subscription_credits_balance ELSE 0 END
+  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
+
 /// When the subscription pool expires after credits were added to a non-empty pool: the later
 /// of its date and $2. $1 user.
 const EXTEND_EXPIRY: &str = "
@@ -315,7 +322,7 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
         let renewal_text = col::<String>(&t, 3)?;
         let period_end = col::<TimestampWithTimeZone>(&t, 4)?;
         let plan_changed = !inserted && previous.as_deref() != Some(plan_now.as_str());
-        let t = spi::write(c, LOCK_ACCOUNT, &[UUID], &[uuid_arg(&user)])?;
+        let t = spi::write(c, LOCK_POOL, &[UUID], &[uuid_arg(&user)])?;
         let pool = if t.is_empty() { 0 } else { col::<i64>(&t.first(), 1)?.unwrap_or(0) };
         let granted = if inserted && pool == 0 {
             // A new member: the plan's credits are the period's subscription credits.
