@@ -97,6 +97,8 @@ CREATE TABLE public.widget_links (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     is_active boolean NOT NULL DEFAULT true, title text, url text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
 CREATE TABLE public.widget_youtube (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
     is_active boolean NOT NULL DEFAULT true, video_id text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
+-- what Supabase's default privileges give the API roles: visitors read widgets with their own rights
+GRANT SELECT ON public.widget_links, public.widget_youtube TO anon, authenticated;
 \echo 'The app tells pg_billing where its agents live; widget_<type> tables are found on their own.'
 SELECT billing.register_resource('agents', 'public.agents');
 \echo 'Cleo is on Pro (5 agents). She has 5 already, so creating a 6th is refused by the limit check the app runs first:'

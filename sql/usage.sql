@@ -37,9 +37,12 @@ CREATE TABLE billing.resource_types (
     table_name    text NOT NULL,
     user_column   text NOT NULL,
     limit_key     text NOT NULL,
-    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    table_oid     pg_catalog.regclass NOT NULL,
+    table_kind    "char" NOT NULL,
+    table_owner   pg_catalog.regrole NOT NULL
 );
-COMMENT ON TABLE billing.resource_types IS 'Resource types registered with billing.register_resource: the table and user column to count, and the plan limits key.';
+COMMENT ON TABLE billing.resource_types IS 'Resource types registered with billing.register_resource: the table and user column to count, and the plan limits key. table_oid, table_kind and table_owner are the table as registered: a count that finds the oid gone or its kind or owner changed refuses (P0002) until the table is registered again; schema_name and table_name are its name at registration.';
 
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_metrics', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.api_usage', '');
@@ -187,7 +190,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            LEAST((r ->> 'max_allowed')::bigint, 2147483647)::integer, r ->> 'resource_type'
       FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r
 $$;
-COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. Unknown type: 22023 listing the known ones. End users: own only.';
+COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
 
 CREATE FUNCTION billing._resource_usage(p_user_id uuid) RETURNS jsonb
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_resource_usage';
@@ -199,6 +202,8 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     v_schema text;
     v_table text;
+    v_kind "char";
+    v_owner pg_catalog.oid;
 BEGIN
     PERFORM billing.require_service('billing.register_resource');
     IF p_resource_type IS NULL OR p_resource_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
@@ -207,7 +212,7 @@ BEGIN
     IF p_table IS NULL OR p_user_column IS NULL THEN
         RAISE EXCEPTION 'p_table and p_user_column must not be NULL' USING ERRCODE = '22023';
     END IF;
-    SELECT n.nspname, c.relname INTO v_schema, v_table
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_table, v_kind, v_owner
       FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
      WHERE c.oid = p_table AND c.relkind IN ('r', 'p');
     IF NOT FOUND THEN
@@ -225,14 +230,17 @@ BEGIN
             USING ERRCODE = '22023',
                   HINT = pg_catalog.format('without one every limit check scans the whole table; create it first: CREATE INDEX ON %s (%I);', p_table, p_user_column);
     END IF;
-    INSERT INTO billing.resource_types AS r (resource_type, schema_name, table_name, user_column, limit_key)
-    VALUES (p_resource_type, v_schema, v_table, p_user_column, COALESCE(p_limit_key, p_resource_type))
+    INSERT INTO billing.resource_types AS r (resource_type, schema_name, table_name, user_column, limit_key,
+                                             table_oid, table_kind, table_owner)
+    VALUES (p_resource_type, v_schema, v_table, p_user_column, COALESCE(p_limit_key, p_resource_type),
+            p_table, v_kind, v_owner::pg_catalog.regrole)
     ON CONFLICT (resource_type) DO UPDATE
        SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
-           user_column = EXCLUDED.user_column, limit_key = EXCLUDED.limit_key;
+           user_column = EXCLUDED.user_column, limit_key = EXCLUDED.limit_key,
+           table_oid = EXCLUDED.table_oid, table_kind = EXCLUDED.table_kind, table_owner = EXCLUDED.table_owner;
 END
 $$;
-COMMENT ON FUNCTION billing.register_resource(text, regclass, name, text) IS 'Service-only. Tell pg_billing where an app keeps a countable resource: check_resource_limit(p_resource_type) counts the user''s rows of p_table by p_user_column (uuid, indexed) against the plan limit p_limit_key (default: the type name). Re-registering replaces the entry.';
+COMMENT ON FUNCTION billing.register_resource(text, regclass, name, text) IS 'Service-only. Tell pg_billing where an app keeps a countable resource: check_resource_limit(p_resource_type) counts the user''s rows of p_table by p_user_column (uuid, indexed) against the plan limit p_limit_key (default: the type name). The table is kept by oid with its kind and owner and counted as its owner: dropped and re-created (or replaced by a view), or given another owner, it must be registered again. Re-registering replaces the entry.';
 
 CREATE FUNCTION billing._check_api_rate_limit(p_user_id uuid, p_endpoint text) RETURNS jsonb
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_api_rate_limit';

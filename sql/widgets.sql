@@ -4,9 +4,12 @@ CREATE TABLE billing.widget_tables (
     widget_type text PRIMARY KEY,
     schema_name text NOT NULL,
     table_name  text NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    table_oid   pg_catalog.regclass NOT NULL,
+    table_kind  "char" NOT NULL,
+    table_owner pg_catalog.regrole NOT NULL
 );
-COMMENT ON TABLE billing.widget_tables IS 'Widget tables registered with billing.register_widget_table (tables public.widget_<type> with the required columns are found without registration).';
+COMMENT ON TABLE billing.widget_tables IS 'Widget tables registered with billing.register_widget_table (plain tables public.widget_<type> with the required columns and a trusted owner are found without registration). table_oid, table_kind and table_owner are the relation as registered: a call that finds the oid gone or its kind or owner changed refuses (P0002) until the table is registered again; schema_name and table_name are its name at registration.';
 SELECT pg_catalog.pg_extension_config_dump('billing.widget_tables', '');
 ALTER TABLE billing.widget_tables ENABLE ROW LEVEL SECURITY;
 CREATE POLICY widget_tables_read ON billing.widget_tables FOR SELECT USING (true);
@@ -22,6 +25,8 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     v_schema text;
     v_table text;
+    v_kind "char";
+    v_owner pg_catalog.oid;
     v_missing text;
 BEGIN
     PERFORM billing.require_service('billing.register_widget_table');
@@ -31,7 +36,7 @@ BEGIN
     IF p_table IS NULL THEN
         RAISE EXCEPTION 'p_table must not be NULL' USING ERRCODE = '22023';
     END IF;
-    SELECT n.nspname, c.relname INTO v_schema, v_table
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_table, v_kind, v_owner
       FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
      WHERE c.oid = p_table AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
     IF NOT FOUND THEN
@@ -50,11 +55,14 @@ BEGIN
         RAISE EXCEPTION 'table % lacks the widget columns %', p_table, v_missing USING ERRCODE = '22023',
             HINT = 'a widget table needs id uuid, user_id uuid, position (smallint, integer or bigint), is_active boolean, created_at, updated_at';
     END IF;
-    INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name) VALUES (p_widget_type, v_schema, v_table)
-    ON CONFLICT (widget_type) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
+    INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name, table_oid, table_kind, table_owner)
+    VALUES (p_widget_type, v_schema, v_table, p_table, v_kind, v_owner::pg_catalog.regrole)
+    ON CONFLICT (widget_type) DO UPDATE
+       SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, table_oid = EXCLUDED.table_oid,
+           table_kind = EXCLUDED.table_kind, table_owner = EXCLUDED.table_owner;
 END
 $$;
-COMMENT ON FUNCTION billing.register_widget_table(text, regclass) IS 'Service-only. Register an app table of widgets of type p_widget_type (columns id uuid, user_id uuid, position, is_active boolean, created_at, updated_at). Tables public.widget_<type> with those columns need no registration.';
+COMMENT ON FUNCTION billing.register_widget_table(text, regclass) IS 'Service-only. Register an app table (or view) of widgets of type p_widget_type (columns id uuid, user_id uuid, position, is_active boolean, created_at, updated_at). The relation is kept by oid with its kind and owner: dropped and re-created, or given another owner, it must be registered again. Plain tables public.widget_<type> with those columns and a trusted owner (superuser, member of the database owner or of a role in pg_billing.trusted_table_owners) need no registration.';
 
 CREATE FUNCTION billing._user_widgets(p_user_id uuid, p_active_only boolean) RETURNS jsonb
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_user_widgets';
@@ -69,15 +77,15 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_catalog.jsonb_array_elements(billing._user_widgets(p_user_id, p_active_only)) WITH ORDINALITY AS w(e, n)
      ORDER BY w.n
 $$;
-COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the whole row as JSON. Anyone (anon too) may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
+COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the row as JSON, with the columns the reading role may SELECT. End users (anon too) read with their own role: the tables'' RLS and column grants decide which rows and columns they get (a table whose widget columns they cannot read is skipped). Service callers read each table as its owner (every row and column). Anyone may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
 
 CREATE FUNCTION billing.get_next_widget_position(p_user_id uuid) RETURNS integer
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_get_next_widget_position';
-COMMENT ON FUNCTION billing.get_next_widget_position(uuid) IS 'The position for a new widget: the highest position over all the user''s widget tables + 1, 0 when none. End users: own only.';
+COMMENT ON FUNCTION billing.get_next_widget_position(uuid) IS 'The position for a new widget: the highest position over all the user''s widget tables + 1, 0 when none. End users: own only, read with their own role (RLS and grants apply); service callers: as each table''s owner.';
 
 CREATE FUNCTION billing.count_user_widgets_by_type(p_user_id uuid, p_widget_type text) RETURNS integer
 LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_count_user_widgets_by_type';
-COMMENT ON FUNCTION billing.count_user_widgets_by_type(uuid, text) IS 'How many widgets of p_widget_type the user has, active or not (what the widgets_per_type limit counts). Unknown type: 22023.';
+COMMENT ON FUNCTION billing.count_user_widgets_by_type(uuid, text) IS 'How many widgets of p_widget_type the user has, active or not (what the widgets_per_type limit counts). End users count the rows their own role may see (RLS applies; 42501 when it may not read user_id); service callers count as the table''s owner. Unknown type: 22023.';
 
 CREATE FUNCTION billing.get_user_dashboard_stats(p_user_id uuid)
 RETURNS TABLE (plan text, plan_display_name text, status text,

@@ -8,6 +8,7 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod apptables;
 pub mod boundary;
 pub mod security;
 pub mod spi;

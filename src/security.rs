@@ -31,6 +31,18 @@ pub fn init_gucs() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    crate::apptables::init_gucs();
+}
+
+/// Whether `role` is listed in `pg_billing.end_user_roles`.
+pub fn is_end_user_role(role: &str) -> bool {
+    END_USER_ROLES
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .any(|r| !r.is_empty() && r == role)
 }
 
 fn guc(name: &CStr) -> Option<String> {

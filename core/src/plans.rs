@@ -82,16 +82,20 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// One widget table: its type and where it lives.
+/// One widget table as one reading role sees it: its type, where it lives, and the columns that
+/// role may SELECT (they, and only they, make up `data`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WidgetSource {
     pub widget_type: String,
     pub schema: String,
     pub table: String,
+    pub columns: Vec<String>,
 }
 
-/// The query over every widget source for one user ($1 uuid, $2 boolean: include inactive),
-/// ordered by position, then type, then id, aggregated into one jsonb array.
+/// The query over some widget sources for one user ($1 uuid, $2 boolean: include inactive),
+/// ordered by position, then type, then id, aggregated into one jsonb array. `data` is built from
+/// the source's listed columns only (never the whole row: a column the reading role may not
+/// SELECT must not appear).
 pub fn widgets_query(sources: &[WidgetSource]) -> String {
     if sources.is_empty() {
         return "SELECT '[]'::jsonb WHERE $1 IS NOT NULL OR $2 IS NOT NULL".to_string();
@@ -99,11 +103,13 @@ pub fn widgets_query(sources: &[WidgetSource]) -> String {
     let parts: Vec<String> = sources
         .iter()
         .map(|s| {
+            let cols: Vec<String> = s.columns.iter().map(|c| format!("w.{}", quote_ident(c))).collect();
             format!(
                 "SELECT w.id, {ty}::text AS widget_type, w.position::integer AS position, w.is_active, \
-                 pg_catalog.to_jsonb(w) AS data, w.created_at, w.updated_at \
+                 (SELECT pg_catalog.to_jsonb(r) FROM (SELECT {cols}) AS r) AS data, w.created_at, w.updated_at \
                  FROM {schema}.{table} AS w WHERE w.user_id = $1 AND (w.is_active OR $2)",
                 ty = quote_literal(&s.widget_type),
+                cols = cols.join(", "),
                 schema = quote_ident(&s.schema),
                 table = quote_ident(&s.table),
             )
@@ -117,6 +123,12 @@ pub fn widgets_query(sources: &[WidgetSource]) -> String {
         parts.join(" UNION ALL ")
     )
 }
+
+/// Merge the jsonb arrays of several [`widgets_query`] results ($1 text[]: each array as text,
+/// which keeps numbers exact) into one, in the same order. Only built-in functions run here.
+pub const MERGE_WIDGETS: &str = "SELECT COALESCE(pg_catalog.jsonb_agg(e.value ORDER BY (e.value ->> 'position')::integer, \
+     e.value ->> 'widget_type', (e.value ->> 'id')::uuid), '[]'::jsonb) \
+     FROM pg_catalog.unnest($1::pg_catalog.text[]) AS p(t), pg_catalog.jsonb_array_elements(p.t::jsonb) AS e";
 
 /// max(position) + 1 over every source for $1 (0 when none).
 pub fn next_position_query(sources: &[WidgetSource]) -> String {
@@ -219,12 +231,16 @@ mod tests {
     #[test]
     fn widget_queries() {
         let s = vec![
-            WidgetSource { widget_type: "links".into(), schema: "public".into(), table: "widget_links".into() },
-            WidgetSource { widget_type: "gallery".into(), schema: "app".into(), table: "Gallery".into() },
+            WidgetSource { widget_type: "links".into(), schema: "public".into(), table: "widget_links".into(), columns: vec!["id".into(), "label".into()] },
+            WidgetSource { widget_type: "gallery".into(), schema: "app".into(), table: "Gallery".into(), columns: vec!["id".into(), "Odd \"col\"".into()] },
         ];
         let q = widgets_query(&s);
         assert_eq!(q.matches("UNION ALL").count(), 1);
         assert!(q.contains("FROM \"app\".\"Gallery\" AS w"));
+        // data: the listed columns only, never the whole row
+        assert!(q.contains("(SELECT pg_catalog.to_jsonb(r) FROM (SELECT w.\"id\", w.\"label\") AS r) AS data"));
+        assert!(q.contains("w.\"Odd \"\"col\"\"\""));
+        assert!(!q.contains("to_jsonb(w)"));
         assert!(q.contains("ORDER BY x.position, x.widget_type, x.id"));
         assert!(widgets_query(&[]).contains("'[]'"));
         assert!(next_position_query(&s).contains("-1) + 1"));

@@ -603,10 +603,11 @@ crate::billing_fn!(pg_finfo_pgb_on_new_user, pgb_on_new_user, on_new_user);
 // Legacy single-pool import (SPEC 4): billing.migrate_single_pool
 // ---------------------------------------------------------------------------------------------
 
-/// A relation's name as SQL text (schema-qualified under the empty search_path, quoted as
-/// needed), or nothing. $1 oid.
+/// A relation: its name as SQL text (schema-qualified under the empty search_path, quoted as
+/// needed), kind, owner, schema and name; or nothing. $1 oid.
 const RELATION: &str = "
-SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_class AS c
+SELECT c.oid::pg_catalog.regclass::text, c.relkind::pg_catalog.text, c.relowner, n.nspname::pg_catalog.text, c.relname::pg_catalog.text
+  FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
  WHERE c.oid = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')";
 
 /// A column's type, or nothing. $1 relation oid, $2 column name.
@@ -614,27 +615,27 @@ const COLUMN_TYPE: &str = "
 SELECT pg_catalog.format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute AS a
  WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
 
-/// The import query. Identifiers are quoted by format(%I); relations are regclass text.
-/// $1 source table, $2 user column, $3 balance column, $4 purchases table (NULL: none),
-/// $5 purchases' user column.
-const BUILD_IMPORT: &str = "
-SELECT pg_catalog.format(
-'WITH src AS (
-    SELECT t.%2$I AS u, pg_catalog.floor(pg_catalog.sum(t.%3$I)::numeric)::bigint AS balance
-      FROM %1$s AS t WHERE t.%2$I IS NOT NULL GROUP BY 1
-), pur AS (%4$s)
-SELECT src.u, src.balance, COALESCE(pur.purchased, 0)::bigint
-  FROM src LEFT JOIN pur ON pur.u = src.u
- WHERE NOT EXISTS (SELECT 1 FROM billing.legacy_imports AS i WHERE i.user_id = src.u AND i.source_table = %5$L)
- ORDER BY src.u',
-    $1, $2, $3,
-    CASE WHEN $4::text IS NULL
-         THEN 'SELECT NULL::uuid AS u, 0::bigint AS purchased WHERE false'
-         ELSE pg_catalog.format('SELECT p.%1$I AS u, pg_catalog.floor(pg_catalog.sum(p.amount)::numeric)::bigint AS purchased
-                                   FROM %2$s AS p WHERE p.type = ''purchase'' AND p.amount > 0 AND p.%1$I IS NOT NULL
-                                  GROUP BY 1', $5, $4)
-    END,
-    $1)";
+/// The legacy balances per user: source table, user column, balance column. Run as the table's
+/// owner (issue 11 item 1), so a view's functions never run as the extension owner.
+fn balances_query(table: &str, user: &str, balance: &str) -> String {
+    use pg_billing_core::plans::quote_ident;
+    format!(
+        "SELECT t.{u}, pg_catalog.floor(pg_catalog.sum(t.{b})::pg_catalog.numeric)::pg_catalog.int8 \
+           FROM {table} AS t WHERE t.{u} IS NOT NULL GROUP BY 1",
+        u = quote_ident(user),
+        b = quote_ident(balance),
+    )
+}
+
+/// The legacy purchases per user: history table, its user column. Run as that table's owner.
+fn purchases_query(table: &str, user: &str) -> String {
+    use pg_billing_core::plans::quote_ident;
+    format!(
+        "SELECT p.{u}, pg_catalog.floor(pg_catalog.sum(p.amount)::pg_catalog.numeric)::pg_catalog.int8 \
+           FROM {table} AS p WHERE p.type = 'purchase' AND p.amount > 0 AND p.{u} IS NOT NULL GROUP BY 1",
+        u = quote_ident(user),
+    )
+}
 
 /// Record one user's import; nothing when it was imported before. $1 user, $2 source table,
 /// $3 legacy balance, $4 purchases, $5 subscription part, $6 purchased part.
@@ -650,12 +651,38 @@ fn oid_arg(a: &Args, n: usize) -> Option<pgrx::pg_sys::Oid> {
     unsafe { pgrx::fcinfo::pg_getarg::<pgrx::pg_sys::Oid>(a.0, n) }
 }
 
-fn relation(c: &SpiClient<'_>, oid: pgrx::pg_sys::Oid, param: &str) -> BResult<String> {
+/// The relation `oid` names (a table or view), locked for the rest of the transaction and
+/// checked after the lock, so the import reads exactly it.
+fn relation(c: &SpiClient<'_>, oid: pgrx::pg_sys::Oid, param: &str) -> BResult<(String, crate::apptables::AppRelation)> {
     let t = spi::read(c, RELATION, &[OID], &[oid.into()])?;
     if t.is_empty() {
         return Err(BillingError::invalid_with_hint(format!("{param} is not a table or view"), "pass a table such as 'public.profiles'"));
     }
-    col::<String>(&t.first(), 1)?.ok_or_else(|| BillingError::internal("relation without a name"))
+    let t = t.first();
+    let name = col::<String>(&t, 1)?.ok_or_else(|| BillingError::internal("relation without a name"))?;
+    let rel = crate::apptables::AppRelation {
+        oid,
+        kind: col::<String>(&t, 2)?.and_then(|k| k.bytes().next()).unwrap_or(b'?'),
+        owner: col::<pgrx::pg_sys::Oid>(&t, 3)?.ok_or_else(|| BillingError::internal("relation without an owner"))?,
+        schema: col::<String>(&t, 4)?.unwrap_or_default(),
+        table: col::<String>(&t, 5)?.unwrap_or_default(),
+    };
+    if !crate::apptables::lock_checked(&rel) {
+        return Err(BillingError::NotFound { message: format!("{param} ({name}) changed while it was being read"), hint: Some("retry the call".into()) });
+    }
+    Ok((name, rel))
+}
+
+/// Run a (user uuid, bigint) query as `role`; rows with a NULL user are skipped.
+fn per_user_sums(c: &SpiClient<'_>, role: pgrx::pg_sys::Oid, query: &str) -> BResult<Vec<([u8; 16], i64)>> {
+    crate::apptables::as_role(role, || -> BResult<_> {
+        c.select(query, None, &[])
+            .or_internal()?
+            .map(|r| -> Result<_, pgrx::spi::SpiError> { Ok((r.get::<pgrx::Uuid>(1)?.map(|u| *u.as_bytes()), r.get::<i64>(2)?.unwrap_or(0))) })
+            .collect::<Result<Vec<_>, _>>()
+            .or_internal()
+            .map(|v| v.into_iter().filter_map(|(u, n)| u.map(|u| (u, n))).collect())
+    })
 }
 
 fn column_type(c: &SpiClient<'_>, oid: pgrx::pg_sys::Oid, column: &str) -> BResult<Option<String>> {
@@ -691,13 +718,13 @@ fn migrate_single_pool(a: &Args) -> BResult<Ret> {
     let balance_column = validate::required("p_balance_column", a.text(2))?;
     let purchases_oid = oid_arg(a, 3);
     Spi::connect_mut(|c| {
-        let table = relation(c, table_oid, "p_table")?;
+        let (table, table_rel) = relation(c, table_oid, "p_table")?;
         require_column(c, table_oid, &table, &user_column, &["uuid"], "p_user_column")?;
         require_column(c, table_oid, &table, &balance_column, NUMBERS, "p_balance_column")?;
         let purchases = match purchases_oid {
             None => None,
             Some(oid) => {
-                let name = relation(c, oid, "p_purchases")?;
+                let (name, rel) = relation(c, oid, "p_purchases")?;
                 // The history's user column: a uuid column with the same name as in p_table,
                 // else user_id (S4: profiles.id, credit_transactions.user_id next to its own
                 // bigint id).
@@ -706,36 +733,19 @@ fn migrate_single_pool(a: &Args) -> BResult<Ret> {
                 require_column(c, oid, &name, &user, &["uuid"], "the purchases' user column (p_user_column or user_id)")?;
                 require_column(c, oid, &name, "amount", NUMBERS, "amount")?;
                 require_column(c, oid, &name, "type", &["text", "character varying"], "type")?;
-                Some((name, user))
+                Some((name, user, rel))
             }
         };
-        let query = spi::read(
-            c,
-            BUILD_IMPORT,
-            &[TEXT, TEXT, TEXT, TEXT, TEXT],
-            &[
-                table.as_str().into(),
-                user_column.as_str().into(),
-                balance_column.as_str().into(),
-                purchases.as_ref().map(|p| p.0.as_str()).into(),
-                purchases.as_ref().map(|p| p.1.as_str()).into(),
-            ],
-        )?
-        .first()
-        .get_one::<String>()
-        .or_internal()?
-        .ok_or_else(|| BillingError::internal("empty import query"))?;
-        let rows: Vec<([u8; 16], i64, i64)> = c
-            .select(&query, None, &[])
-            .or_internal()?
-            .map(|r| -> Result<_, pgrx::spi::SpiError> {
-                Ok((r.get::<pgrx::Uuid>(1)?.map(|u| *u.as_bytes()), r.get::<i64>(2)?.unwrap_or(0), r.get::<i64>(3)?.unwrap_or(0)))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .or_internal()?
-            .into_iter()
-            .filter_map(|(u, b, p)| u.map(|u| (u, b, p)))
-            .collect();
+        // The app's tables are read as their owners, each in its own statement; the rest
+        // (billing tables) as the extension owner.
+        let mut balances = per_user_sums(c, table_rel.owner, &balances_query(&table, &user_column, &balance_column))?;
+        let bought: std::collections::HashMap<[u8; 16], i64> = match &purchases {
+            None => Default::default(),
+            Some((name, user, rel)) => per_user_sums(c, rel.owner, &purchases_query(name, user))?.into_iter().collect(),
+        };
+        balances.sort_by(|a, b| a.0.cmp(&b.0));
+        let rows: Vec<([u8; 16], i64, i64)> =
+            balances.into_iter().map(|(u, b)| (u, b, bought.get(&u).copied().unwrap_or(0))).collect();
         let mut imported = 0;
         for (user, balance, purchased_sum) in rows {
             let split = pg_billing_core::credits::split_legacy_balance(balance, purchased_sum);

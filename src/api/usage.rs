@@ -2,12 +2,14 @@
 
 use pg_billing_core::plans::{self, count_query};
 use pg_billing_core::BillingError;
+use pgrx::pg_sys;
 use pgrx::spi::{Spi, SpiClient};
 use serde_json::{json, Map, Value};
 
+use crate::apptables::{self, AppRelation};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, INT8, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, OrInternal, INT8, TEXT, UUID};
 use crate::validate;
 
 /// Add to the current period's counters in one upsert, so concurrent recorders never lose an
@@ -56,14 +58,28 @@ SELECT lim.l, pg_catalog.to_json(lim.bucket + interval '1 hour') #>> '{}', (SELE
   FROM lim";
 
 /// The registry entry of a resource type and the user's limit for it. $1 user, $2 type.
+/// Columns: oid, kind, owner, schema, table (current names), intact (the registered oid still
+/// names a plain table of the registered kind and owner), user column, limit, registered name.
 const RESOURCE: &str = "
-SELECT r.schema_name, r.table_name, r.user_column, billing.limit_value(billing.user_plan_limits($1), r.limit_key)
+SELECT r.table_oid::pg_catalog.oid, r.table_kind::pg_catalog.text, r.table_owner::pg_catalog.oid,
+       n.nspname::pg_catalog.text, c.relname::pg_catalog.text,
+       COALESCE(c.relkind = r.table_kind AND c.relowner = r.table_owner::pg_catalog.oid AND c.relkind IN ('r', 'p'), false),
+       r.user_column, billing.limit_value(billing.user_plan_limits($1), r.limit_key),
+       pg_catalog.format('%I.%I', r.schema_name, r.table_name), r.resource_type
   FROM billing.resource_types AS r
+  LEFT JOIN pg_catalog.pg_class AS c ON c.oid = r.table_oid
+  LEFT JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
  WHERE r.resource_type = $2";
+/// Every registry entry, same columns as RESOURCE. $1 user.
 const RESOURCES: &str = "
-SELECT r.resource_type, r.schema_name, r.table_name, r.user_column,
-       billing.limit_value(billing.user_plan_limits($1), r.limit_key)
+SELECT r.table_oid::pg_catalog.oid, r.table_kind::pg_catalog.text, r.table_owner::pg_catalog.oid,
+       n.nspname::pg_catalog.text, c.relname::pg_catalog.text,
+       COALESCE(c.relkind = r.table_kind AND c.relowner = r.table_owner::pg_catalog.oid AND c.relkind IN ('r', 'p'), false),
+       r.user_column, billing.limit_value(billing.user_plan_limits($1), r.limit_key),
+       pg_catalog.format('%I.%I', r.schema_name, r.table_name), r.resource_type
   FROM billing.resource_types AS r
+  LEFT JOIN pg_catalog.pg_class AS c ON c.oid = r.table_oid
+  LEFT JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
  ORDER BY r.resource_type";
 const RESOURCE_TYPES: &str =
     "SELECT COALESCE(pg_catalog.string_agg(r.resource_type, ', ' ORDER BY r.resource_type), '(none registered)') FROM billing.resource_types AS r";
@@ -140,9 +156,67 @@ fn check_api_rate_limit(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_check_api_rate_limit, pgb_check_api_rate_limit, check_api_rate_limit);
 
-fn count_rows(c: &SpiClient<'_>, schema: &str, table: &str, column: &str, user: &[u8; 16]) -> BResult<i64> {
-    let t = spi::read_dyn(c, &count_query(schema, table, column), &[UUID], &[uuid_arg(user)])?;
-    Ok(col::<i32>(&t.first(), 1)?.unwrap_or(0) as i64)
+/// One registered resource table, as read from the registry.
+struct Resource {
+    resource_type: String,
+    rel: AppRelation,
+    intact: bool,
+    column: String,
+    max: i64,
+    registered_name: String,
+}
+
+fn resource_row(r: &pgrx::spi::SpiHeapTupleData<'_>) -> BResult<Resource> {
+    let row = (|| -> Result<Option<Resource>, pgrx::spi::SpiError> {
+        let (Some(oid), Some(kind), Some(owner), Some(intact), Some(column), Some(resource_type)) = (
+            r.get::<pg_sys::Oid>(1)?,
+            r.get::<String>(2)?,
+            r.get::<pg_sys::Oid>(3)?,
+            r.get::<bool>(6)?,
+            r.get::<String>(7)?,
+            r.get::<String>(10)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(Resource {
+            resource_type,
+            rel: AppRelation {
+                oid,
+                kind: kind.bytes().next().unwrap_or(b'?'),
+                owner,
+                schema: r.get::<String>(4)?.unwrap_or_default(),
+                table: r.get::<String>(5)?.unwrap_or_default(),
+            },
+            intact,
+            column,
+            max: r.get::<i64>(8)?.unwrap_or(-1),
+            registered_name: r.get::<String>(9)?.unwrap_or_default(),
+        }))
+    })()
+    .or_internal()?;
+    row.ok_or_else(|| BillingError::internal("could not read the resource registry"))
+}
+
+/// Count the user's rows in a registered resource table: exactly the registered relation (oid,
+/// kind and owner checked, locked), read as its owner (never as the extension owner), so no code
+/// of another role runs with more rights than that role has. The count covers every row of the
+/// user whatever the app's RLS shows the caller: it is what the plan limits (issue 11 item 1).
+fn count_rows(c: &SpiClient<'_>, r: &Resource, user: &[u8; 16]) -> BResult<i64> {
+    if !r.intact || !apptables::lock_checked(&r.rel) {
+        return Err(BillingError::NotFound {
+            message: format!(
+                "the table registered for resource type \"{}\" ({}) was dropped or replaced since it was registered (it is no longer the same table with the same owner)",
+                r.resource_type, r.registered_name
+            ),
+            hint: Some("check the table, then register it again with billing.register_resource".into()),
+        });
+    }
+    let sql = count_query(&r.rel.schema, &r.rel.table, &r.column);
+    let n = apptables::as_role(r.rel.owner, || -> BResult<_> {
+        let t = spi::read_dyn(c, &sql, &[UUID], &[uuid_arg(user)])?;
+        col::<i32>(&t.first(), 1)
+    })?;
+    Ok(n.unwrap_or(0) as i64)
 }
 
 /// billing._check_resource_limit(p_user_id, p_resource_type) -> jsonb; check_resource_limit unpacks it.
@@ -159,18 +233,16 @@ fn check_resource_limit(a: &Args) -> BResult<Ret> {
                 format!("known resource types: {known}; register one with billing.register_resource"),
             ));
         }
-        let t = t.first();
-        let (schema, table, column) = (
-            col::<String>(&t, 1)?.unwrap_or_default(),
-            col::<String>(&t, 2)?.unwrap_or_default(),
-            col::<String>(&t, 3)?.unwrap_or_default(),
-        );
-        let max = col::<i64>(&t, 4)?.unwrap_or(-1);
-        let count = count_rows(c, &schema, &table, &column, &user)?;
+        let mut resource = None;
+        for row in t {
+            resource = Some(resource_row(&row)?);
+        }
+        let r = resource.ok_or_else(|| BillingError::internal("could not read the resource registry"))?;
+        let count = count_rows(c, &r, &user)?;
         Ok(json!({
-            "allowed": plans::resource_allowed(count, max),
+            "allowed": plans::resource_allowed(count, r.max),
             "current_count": count,
-            "max_allowed": max,
+            "max_allowed": r.max,
             "resource_type": ty,
         }))
     })
@@ -186,17 +258,12 @@ fn resource_usage(a: &Args) -> BResult<Ret> {
         let t = spi::read(c, RESOURCES, &[UUID], &[uuid_arg(&user)])?;
         let mut rows = Vec::new();
         for r in t {
-            let get = |n| r.get::<String>(n).map(|v| v.unwrap_or_default());
-            let row = (get(1), get(2), get(3), get(4), r.get::<i64>(5));
-            match row {
-                (Ok(ty), Ok(s), Ok(tb), Ok(col_), Ok(max)) => rows.push((ty, s, tb, col_, max.unwrap_or(-1))),
-                _ => return Err(BillingError::internal("could not read the resource registry")),
-            }
+            rows.push(resource_row(&r)?);
         }
         let mut out = Map::new();
-        for (ty, schema, table, column, max) in rows {
-            let count = count_rows(c, &schema, &table, &column, &user)?;
-            out.insert(ty, json!({"count": count, "limit": max, "allowed": plans::resource_allowed(count, max)}));
+        for r in rows {
+            let count = count_rows(c, &r, &user)?;
+            out.insert(r.resource_type.clone(), json!({"count": count, "limit": r.max, "allowed": plans::resource_allowed(count, r.max)}));
         }
         Ok(Value::Object(out))
     })

@@ -42,6 +42,9 @@ def test_widgets_anon_owner_and_other_user():
     try:
         q(conn, widget_table_ddl(links, "label text, url text"))
         q(conn, widget_table_ddl(gallery, "label text, images jsonb"))
+        # end users read widget tables with their own rights (issue 10 item 4): grant what
+        # Supabase's default privileges grant on public tables
+        q(conn, f"GRANT SELECT ON public.{links}, public.{gallery} TO anon, authenticated")
         q(conn, f"""INSERT INTO public.{links} (user_id, position, is_active, label, url) VALUES
                      (%s, 2, true, 'l2', 'https://a'), (%s, 0, true, 'l0', 'https://b'), (%s, 5, false, 'l5-off', 'https://c')""",
           (owner, owner, owner))

@@ -22,7 +22,10 @@ data in every billing table, and then, as end users, tries everything they must 
     domains named uuid, jsonb, timestamptz, ... whose CHECK logs), created by an end user;
   - checkout attacks: a JWT e-mail with U+212A (Kelvin sign) claiming kate's purchase, a
     stranger's checkout typed with a paying customer's e-mail, a later buyer's purchase of an
-    e-mail someone claimed before, and an unconfirmed sign-up with a buyer's e-mail.
+    e-mail someone claimed before, and an unconfirmed sign-up with a buyer's e-mail;
+  - app tables (issue 11 item 1): a role with CREATE on public plants a view widget_<x>, an enum
+    cast to json in a widget table, and a registered resource table swapped for a view, each
+    calling its function that tries ALTER ROLE ... SUPERUSER: it must never run as a superuser.
 Prints `privilege: N attempts, M allowed`; exits 1 unless every attempt was refused correctly.
 
 Usage: privilege.py (connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
@@ -85,6 +88,9 @@ def setup(conn):
                   id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
                   is_active boolean NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
                   updated_at timestamptz NOT NULL DEFAULT now(), secret text)""")
+    # end users read widget tables with their own rights (0.3.0): grant what Supabase's default
+    # privileges grant on public tables
+    q(conn, f"GRANT SELECT ON public.widget_{WIDGET_TYPE} TO anon, authenticated")
     q(conn, f"INSERT INTO public.widget_{WIDGET_TYPE} (user_id, position, is_active, secret) VALUES "
             "(%s, 1, true, 'public'), (%s, 2, false, 'hidden'), (%s, 1, false, 'hidden-a')", (b, b, a))
     procs = {r[0] for r in q(conn, "SELECT proname FROM pg_proc WHERE pronamespace = 'billing'::regnamespace")}
@@ -550,6 +556,85 @@ def sweep_hijack(ctx, sw):
     su.close()
 
 
+def sweep_app_tables(ctx, sw):
+    """Issue 11 item 1: a role with CREATE on public plants code in app tables pg_billing reads
+    (a) a view public.widget_<x> calling its function, (b) a trusted-looking plain table with an
+    enum column whose cast to json is its function, (c) a registered resource table replaced by a
+    view calling its function. Its function tries ALTER ROLE ... SUPERUSER and logs who ran it;
+    after anon, authenticated and service calls the role must not be a superuser and the log must
+    show no superuser."""
+    su = connect()
+    a = ctx["a"]
+    att = "prv_attacker"
+    q(su, f"DROP ROLE IF EXISTS {att}")
+    q(su, f"CREATE ROLE {att} NOLOGIN")
+    q(su, f"GRANT CREATE ON SCHEMA public TO {att}")
+    q(su, "CREATE TABLE public.prv_attack_log (who text, was_superuser boolean)")
+    q(su, "GRANT INSERT ON public.prv_attack_log TO PUBLIC")
+    q(su, f"SET ROLE {att}")
+    q(su, f"""CREATE FUNCTION public.prv_evil() RETURNS boolean LANGUAGE plpgsql AS $f$
+              BEGIN
+                  BEGIN EXECUTE 'ALTER ROLE {att} SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+                  INSERT INTO public.prv_attack_log VALUES (current_user,
+                      (SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user));
+                  RETURN true;
+              END $f$""")
+    q(su, f"""CREATE VIEW public.widget_prvevil AS SELECT gen_random_uuid() AS id, '{a}'::uuid AS user_id, 1 AS position,
+              public.prv_evil() AS is_active, now() AS created_at, now() AS updated_at""")
+    q(su, "CREATE TYPE public.prv_mood AS ENUM ('x')")
+    q(su, """CREATE FUNCTION public.prv_mood_json(p public.prv_mood) RETURNS json LANGUAGE plpgsql AS
+              $f$ BEGIN PERFORM public.prv_evil(); RETURN to_json(p::text); END $f$""")
+    q(su, "CREATE CAST (public.prv_mood AS json) WITH FUNCTION public.prv_mood_json(public.prv_mood)")
+    q(su, """CREATE TABLE public.widget_prvmood (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL,
+              position integer NOT NULL DEFAULT 1, is_active boolean NOT NULL DEFAULT true,
+              created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), mood public.prv_mood)""")
+    q(su, "INSERT INTO public.widget_prvmood (user_id, mood) VALUES (%s, 'x')", (a,))
+    q(su, "CREATE TABLE public.prv_things (id bigint, user_id uuid NOT NULL)")
+    q(su, "CREATE INDEX ON public.prv_things (user_id)")
+    q(su, "GRANT SELECT ON public.widget_prvevil, public.widget_prvmood, public.prv_things TO PUBLIC")
+    q(su, "RESET ROLE")
+    q(su, "SELECT billing.register_resource('prv_things', 'public.prv_things', 'user_id', 'agents')")
+    q(su, f"SET ROLE {att}")
+    q(su, "DROP TABLE public.prv_things")
+    q(su, f"CREATE VIEW public.prv_things AS SELECT 1::bigint AS id, '{a}'::uuid AS user_id WHERE public.prv_evil()")
+    q(su, "GRANT SELECT ON public.prv_things TO PUBLIC")
+    q(su, "RESET ROLE")
+    calls = [
+        ("anon", claims("anon"), "SELECT count(*) FROM public.get_user_widgets_ordered(p_user_id := %s)"),
+        ("anon", claims("anon"), "SELECT public.count_user_widgets_by_type(p_user_id := %s, p_widget_type := 'prvmood')"),
+        ("authenticated", claims("authenticated", a), "SELECT count(*) FROM public.get_user_widgets_ordered(p_user_id := %s, p_active_only := false)"),
+        ("authenticated", claims("authenticated", a), "SELECT * FROM public.check_resource_limit(p_user_id := %s, p_resource_type := 'prv_things')"),
+        ("authenticated", claims("authenticated", a), "SELECT resources FROM public.get_user_dashboard_stats(p_user_id := %s)"),
+        ("service_role", claims("service_role"), "SELECT count(*) FROM public.get_user_widgets_ordered(p_user_id := %s, p_active_only := false)"),
+        ("service_role", claims("service_role"), "SELECT public.get_next_widget_position(p_user_id := %s)"),
+    ]
+    end = connect()
+    for role, cl, sql in calls:
+        sw.attempts += 1
+        try:
+            postgrest_call(end, role, cl, sql, (a,))
+        except psycopg2.Error as e:
+            if e.pgcode not in ("42501", "22023", "P0002"):
+                sw.wrong_code.append(f"app tables: {role}: {sql}: {e.pgcode} {e.pgerror}")
+        for (who, sup) in q(su, "SELECT who, was_superuser FROM public.prv_attack_log"):
+            if sup:
+                sw.allowed.append(f"app tables: {role}: {sql}: the attacker's function ran as superuser {who}")
+        q(su, "DELETE FROM public.prv_attack_log")
+        if q(su, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", (att,))[0][0]:
+            sw.allowed.append(f"app tables: {role}: {sql}: {att} became a superuser")
+            q(su, f"ALTER ROLE {att} NOSUPERUSER")
+    end.close()
+    q(su, "DELETE FROM billing.resource_types WHERE resource_type = 'prv_things'")
+    q(su, "DROP VIEW public.prv_things, public.widget_prvevil")
+    q(su, "DROP TABLE public.widget_prvmood, public.prv_attack_log")
+    q(su, "DROP CAST (public.prv_mood AS json)")
+    q(su, "DROP FUNCTION public.prv_mood_json(public.prv_mood), public.prv_evil()")
+    q(su, "DROP TYPE public.prv_mood")
+    q(su, f"REVOKE CREATE ON SCHEMA public FROM {att}")
+    q(su, f"DROP ROLE {att}")
+    su.close()
+
+
 def static_checks(conn, sw):
     """Every function in billing and every wrapper pins search_path."""
     for schema, name, conf in q(conn, """
@@ -656,6 +741,7 @@ def run(quiet=False):
     sweep_tables(end, su, ctx, sw)
     sweep_hijack(ctx, sw)
     sweep_checkout(end, su, sw)
+    sweep_app_tables(ctx, sw)
     for row in q(su, "SELECT * FROM billing.verify_ledger()"):
         sw.allowed.append(f"verify_ledger after the sweep: {row}")
     q(su, f"DROP TABLE IF EXISTS public.widget_{WIDGET_TYPE}")

@@ -385,6 +385,22 @@ def write_data(conn, tag):
         ("SELECT billing.record_webhook_event(%s, 'invoice.paid', %s)", (f"wh-up-{tag}", u1)),
         ("SELECT billing.upsert_member(%s, 'pro', NULL, %s)", (email, f"mem-up-{tag}")),
         ("SELECT billing.upsert_pending_profile(%s, 'tok-up')", (f"pend-{tag}@example.com",)),
+        # Registries (0.3.0 keeps the relation's oid, kind and owner: the update resolves the
+        # stored names; a registered table that was dropped must stay refused).
+        ("CREATE TABLE public.up_agents (id bigint, user_id uuid NOT NULL)", ()),
+        ("CREATE INDEX ON public.up_agents (user_id)", ()),
+        ("INSERT INTO public.up_agents VALUES (1, %s)", (u1,)),
+        ("SELECT billing.register_resource('up_agents', 'public.up_agents')", ()),
+        ("CREATE TABLE public.up_gone (id bigint, user_id uuid NOT NULL)", ()),
+        ("CREATE INDEX ON public.up_gone (user_id)", ()),
+        ("SELECT billing.register_resource('up_gone', 'public.up_gone')", ()),
+        ("DROP TABLE public.up_gone", ()),
+        ("CREATE SCHEMA up_app", ()),
+        ("""CREATE TABLE up_app.cards (id uuid PRIMARY KEY, user_id uuid NOT NULL, position integer NOT NULL,
+                is_active boolean NOT NULL DEFAULT true, created_at timestamptz NOT NULL DEFAULT now(),
+                updated_at timestamptz NOT NULL DEFAULT now(), label text)""", ()),
+        ("INSERT INTO up_app.cards (id, user_id, position, label) VALUES (gen_random_uuid(), %s, 1, 'up')", (u1,)),
+        ("SELECT billing.register_widget_table('upcards', 'up_app.cards')", ()),
     ]
     for sql, params in steps:
         try:
@@ -525,6 +541,20 @@ def check_path(admin, old, current, out, label=None, quiet=False, chain=None, ol
                 diffs.append(f"{label}: consume after the update returned {r}")
         except psycopg2.Error as e:
             diffs.append(f"{label}: consume after the update failed: {e.pgcode} {e.pgerror}")
+        # The registries written by the old version still work, by oid (0.3.0), and a registered
+        # table that was dropped before the update is refused.
+        for sql, expected in (("SELECT current_count FROM billing.check_resource_limit(%s, 'up_agents')", [(1,)]),
+                              ("SELECT data ->> 'label' FROM billing.get_user_widgets_ordered(%s)", [("up",)]),
+                              ("SELECT current_count FROM billing.check_resource_limit(%s, 'up_gone')", "P0002")):
+            try:
+                got = q(c_old, sql, (users[0],))
+            except psycopg2.Error as e:
+                got = e.pgcode
+            if got != expected:
+                diffs.append(f"{label}: after the update {sql.split('(')[0]}... gave {got}, not {expected}")
+        # The app's objects are not the extension's: out of the schema dump comparison.
+        q(c_old, "DROP SCHEMA IF EXISTS up_app CASCADE")
+        q(c_old, "DROP TABLE IF EXISTS public.up_agents")
         c_new = connect(make_db(admin, db_new))
         q(c_new, "CREATE EXTENSION pg_billing")
         # SPEC 1: expose_rpc is re-run after an upgrade and gives the wrappers of a fresh install.

@@ -1,6 +1,6 @@
 -- Widgets (SPEC 7): public.widget_<type> tables found without registration, a registered table
 -- in another schema (register_widget_table), get_user_widgets_ordered (order: position, type,
--- id; data = the whole row; active only by default), get_next_widget_position,
+-- id; data = the columns the reader may SELECT; active only by default), get_next_widget_position,
 -- count_user_widgets_by_type, anon and owner visibility, a new widget table picked up in the
 -- same session, errors and security.
 BEGIN;
@@ -46,6 +46,9 @@ CREATE TABLE public.widget_youtube (id uuid PRIMARY KEY, user_id uuid NOT NULL, 
 CREATE TABLE public.widget_broken (id uuid PRIMARY KEY, user_id uuid NOT NULL, label text);
 CREATE TABLE public.widgetless_notes (id uuid PRIMARY KEY, user_id uuid NOT NULL, position integer, is_active boolean,
     created_at timestamptz, updated_at timestamptz);
+-- what Supabase's default privileges give the API roles on public tables: end users read widget
+-- tables with their own rights (issue 10 item 4), so they need SELECT like any PostgREST read
+GRANT SELECT ON public.widget_links, public.widget_gallery, public.widget_youtube, public.widget_broken TO anon, authenticated;
 -- user 401: positions with ties (same position: by type; same position and type: by id)
 INSERT INTO public.widget_links (id, user_id, position, is_active, label, url) VALUES
     ('e0000000-0000-4000-8000-00000000a002', 'e0000000-0000-4000-8000-000000000401', 2, true,  'link b (pos 2)', 'https://b.example'),
@@ -65,7 +68,7 @@ INSERT INTO public.widget_broken VALUES ('e0000000-0000-4000-8000-00000000d001',
 SELECT * FROM pg_temp.w('e0000000-0000-4000-8000-000000000401');
 -- p_active_only false (service caller): the inactive ones too
 SELECT * FROM pg_temp.w('e0000000-0000-4000-8000-000000000401', false);
--- data is the whole row, every column of the app's table
+-- a service caller reads as the table's owner: data is the whole row, every column of the app's table
 SELECT w.widget_type, w.data = to_jsonb(t) AS whole_row, w.data ->> 'label' AS label
   FROM billing.get_user_widgets_ordered('e0000000-0000-4000-8000-000000000401', false) AS w
   JOIN public.widget_links AS t ON t.id = w.id ORDER BY t.id;
@@ -103,6 +106,8 @@ CREATE SCHEMA s5_app;
 CREATE TABLE s5_app.promo_cards (id uuid PRIMARY KEY, user_id uuid NOT NULL, position integer NOT NULL,
     is_active boolean NOT NULL DEFAULT true, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),
     label text, discount numeric);
+GRANT USAGE ON SCHEMA s5_app TO anon, authenticated;
+GRANT SELECT ON s5_app.promo_cards TO anon, authenticated;
 INSERT INTO s5_app.promo_cards (id, user_id, position, label, discount) VALUES
     ('e0000000-0000-4000-8000-00000000e001', 'e0000000-0000-4000-8000-000000000401', 1, 'promo (pos 1)', 12.5),
     ('e0000000-0000-4000-8000-00000000e002', 'e0000000-0000-4000-8000-000000000401', 9, 'promo (pos 9)', 50);
@@ -165,6 +170,7 @@ SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 CREATE TABLE public.widget_music (id uuid PRIMARY KEY, user_id uuid NOT NULL, position integer NOT NULL,
     is_active boolean NOT NULL DEFAULT true, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),
     label text, track text);
+GRANT SELECT ON public.widget_music TO anon, authenticated;
 INSERT INTO public.widget_music (id, user_id, position, label, track) VALUES
     ('e0000000-0000-4000-8000-00000000f001', 'e0000000-0000-4000-8000-000000000401', 12, 'music (pos 12)', 'song.mp3');
 SELECT * FROM pg_temp.w('e0000000-0000-4000-8000-000000000401');
