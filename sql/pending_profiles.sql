@@ -109,7 +109,7 @@ COMMENT ON FUNCTION billing.delete_pending_profile(uuid) IS
 -- trigger calls it.
 CREATE FUNCTION billing._on_new_user(p_user_id uuid, p_email text, p_claim boolean)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS 'MODULE_PATHNAME', 'pgb_on_new_user_v2';
+AS 'MODULE_PATHNAME', 'pgb_on_new_user';
 COMMENT ON FUNCTION billing._on_new_user(uuid, text, boolean) IS
 'Internal, for billing.handle_new_user: creates the account of a new user with the free plan''s monthly_credits (once) and, when p_claim, claims the unclaimed pending profiles with the same e-mail. Returns {account_created, claimed}.';
 

@@ -352,11 +352,11 @@ COMMENT ON FUNCTION billing.claim_pending_profile(uuid, text, text) IS
 'Claim the unclaimed purchases of p_email (compared after lower-casing ASCII letters only) for account p_user_id: every unclaimed profile of that e-mail whose token is p_token or that has no token. The account gets their credits (added to the subscription pool), plan and billing cycle, and the e-mail; the account is created when missing. Applying never lowers what an existing account has: the higher plan (by monthly_credits) of an active subscription and the later billing cycle are kept. Returns {success, error, profile_id, profile_ids, credits_granted, ...}: error is one sentence when no profile exists, the token does not match, or every profile of the e-mail was claimed by another account. Claiming again by the same user succeeds and changes nothing (already_claimed = true). End users: their own p_user_id and the email claim of their JWT only.';
 
 -- 10.3: the sign-up trigger claims only once the e-mail is confirmed. _on_new_user gains
--- p_claim (new C symbol pgb_on_new_user_v2; the 0.2.0 symbol stays and no longer claims).
+-- p_claim (same C symbol: called with 0.2.0's two arguments it claims nothing).
 DROP FUNCTION IF EXISTS billing._on_new_user(uuid, text);
 CREATE OR REPLACE FUNCTION billing._on_new_user(p_user_id uuid, p_email text, p_claim boolean)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS 'MODULE_PATHNAME', 'pgb_on_new_user_v2';
+AS 'MODULE_PATHNAME', 'pgb_on_new_user';
 COMMENT ON FUNCTION billing._on_new_user(uuid, text, boolean) IS
 'Internal, for billing.handle_new_user: creates the account of a new user with the free plan''s monthly_credits (once) and, when p_claim, claims the unclaimed pending profiles with the same e-mail. Returns {account_created, claimed}.';
 REVOKE ALL ON FUNCTION billing._on_new_user(uuid, text, boolean) FROM PUBLIC;

@@ -583,19 +583,17 @@ fn sign_up(user: [u8; 16], raw: Option<String>, claim_profiles: bool) -> BResult
 }
 
 /// _on_new_user(p_user_id, p_email, p_claim), called by the trigger function
-/// billing.handle_new_user once it knows whether the e-mail is confirmed.
-fn on_new_user_v2(a: &Args) -> BResult<Ret> {
-    let user = validate::required("id", a.uuid(0))?;
-    sign_up(user, a.text(1), a.boolean(2).unwrap_or(false))
-}
-crate::billing_fn!(pg_finfo_pgb_on_new_user_v2, pgb_on_new_user_v2, on_new_user_v2);
-
-/// The 0.2.0 `_on_new_user(p_user_id, p_email)` (its C symbol stays: released scripts name it).
-/// It no longer claims: only the confirmation-aware trigger of 0.3.0 decides that, so a 0.2.0
-/// trigger still running on this library cannot hand a buyer's purchase to an unconfirmed sign-up.
+/// billing.handle_new_user once it knows whether the e-mail is confirmed. The same C symbol
+/// served 0.2.0's two-argument `_on_new_user(p_user_id, p_email)` (released scripts name it, so
+/// it stays): called with two arguments (a 0.2.0 declaration still in place before `ALTER
+/// EXTENSION ... UPDATE`) it claims nothing, so a 0.2.0 trigger running on this library cannot
+/// hand a buyer's purchase to an unconfirmed sign-up.
 fn on_new_user(a: &Args) -> BResult<Ret> {
     let user = validate::required("id", a.uuid(0))?;
-    sign_up(user, a.text(1), false)
+    // SAFETY: fcinfo is the live call's; nargs is how many arguments the caller passed.
+    let nargs = unsafe { (*a.0).nargs };
+    let claim_profiles = nargs > 2 && a.boolean(2).unwrap_or(false);
+    sign_up(user, a.text(1), claim_profiles)
 }
 crate::billing_fn!(pg_finfo_pgb_on_new_user, pgb_on_new_user, on_new_user);
 
