@@ -165,6 +165,12 @@ SELECT billing.claim_pending_profile('f0000000-0000-4000-8000-00000000000f', 'ev
 SELECT plan_name, status FROM billing.get_user_subscription('e0000000-0000-4000-8000-00000000000e');
 SELECT subscription_credits_balance, total_balance FROM billing.get_user_credits('e0000000-0000-4000-8000-00000000000e');
 SELECT email, claimed, claimed_by_user_id = 'e0000000-0000-4000-8000-00000000000e' AS by_eve FROM billing.pending_profiles;
+\echo 'Someone else types Eve''s e-mail at checkout and buys the cheaper Pro plan with no credits. The purchase stays'
+\echo 'pending for its own buyer (who claims it with their token): Eve''s plan and credits do not change.'
+SELECT r->>'status' AS status FROM billing.upsert_pending_profile('Eve@example.com', p_token := 'tok-other', p_plan_id := 'pro',
+       p_provider := 'lemonsqueezy', p_provider_user_id := 'cus_other', p_credits := 0) AS r;
+SELECT plan_name, status FROM billing.get_user_subscription('e0000000-0000-4000-8000-00000000000e');
+SELECT subscription_credits_balance, total_balance FROM billing.get_user_credits('e0000000-0000-4000-8000-00000000000e');
 SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
 \echo
 \echo 'End of the S1 and S3 stories.'

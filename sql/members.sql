@@ -6,7 +6,9 @@
 -- One row per member; member_id is the account's user_id.
 CREATE TABLE billing.members (
     user_id          uuid PRIMARY KEY,
-    email            text NOT NULL CHECK (email = pg_catalog.lower(email)),
+    email            text NOT NULL
+                     CONSTRAINT members_email_check
+                     CHECK (email = pg_catalog.translate(email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')),
     plan_id          text NOT NULL,
     -- The plan before the most recent upsert_member: set by the same upsert that changes
     -- plan_id (SET expressions read the old row), so RETURNING tells a plan change in one
@@ -22,18 +24,27 @@ CREATE TABLE billing.members (
     -- Generations beyond the member's credits this period (plans with allow_overage).
     period_overage   bigint NOT NULL DEFAULT 0 CHECK (period_overage >= 0),
     created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- What plan grants gave this period: the highest plan's monthly_credits seen since
+    -- period_start. An upgrade tops the pool up to the new plan's credits only by the
+    -- difference, so flip-flopping plans within a period mints nothing (issue 11 item 4).
+    period_granted   bigint NOT NULL DEFAULT 0,
+    -- A downgrade waits for the next renewal (issue 11 item 2: a webhook never lowers what the
+    -- member has within the period); reset_usage_for_due_members applies it.
+    next_plan_id     text
 );
 CREATE INDEX members_renewal_idx ON billing.members (renewal_date);
 COMMENT ON TABLE billing.members IS 'S1 members: plan, renewal date and the current period''s usage. user_id is the member_id (the account''s user id). Changed only through pg_billing functions.';
 
 -- The global e-mail -> member lookup, keyed by itself (like billing.webhook_events).
 CREATE TABLE billing.member_emails (
-    email      text PRIMARY KEY CHECK (email = pg_catalog.lower(email)),
+    email      text PRIMARY KEY
+               CONSTRAINT member_emails_email_check
+               CHECK (email = pg_catalog.translate(email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')),
     user_id    uuid NOT NULL,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-COMMENT ON TABLE billing.member_emails IS 'Lower-cased e-mail of each member and its member_id; upsert_member is keyed by it.';
+COMMENT ON TABLE billing.member_emails IS 'E-mail of each member (ASCII letters lower-cased, nothing else folded) and its member_id; upsert_member is keyed by it.';
 
 -- Generations beyond a member's credits (allow_overage plans), to be billed later.
 CREATE TABLE billing.member_overage (
@@ -74,7 +85,7 @@ CREATE FUNCTION billing.upsert_member(p_email text, p_plan_id text, p_renewal_da
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_upsert_member';
 COMMENT ON FUNCTION billing.upsert_member(text, text, date, text) IS
-'Service-only; the membership webhook. Creates or updates the member with this e-mail (lower-cased; an existing account with that e-mail becomes the member): plan and, when given, renewal date (default: one month from today''s date in UTC, whatever the session''s TimeZone). A new member or a plan change gets the plan''s monthly_credits as the period''s subscription credits (replacing the previous pool; extra credits stay) and starts its usage at 0. Returns {member_id, email, plan, previous_plan, created, plan_changed, credits_granted, renewal_date, duplicate}. A repeated p_event_id changes nothing and returns the first result with duplicate = true. Unknown plan or malformed e-mail: 22023.';
+'Service-only; the membership webhook. Creates or updates the member with this e-mail (trimmed, ASCII letters lower-cased, nothing else folded; an existing account with that e-mail becomes the member): plan and, when given, renewal date (default: one month from today''s date in UTC, whatever the session''s TimeZone). A new member gets the plan''s monthly_credits as the period''s subscription credits (an existing account''s pool is topped up to them, never lowered; extra credits stay). Never lowers what a member has: a plan with more (or as many) monthly credits takes effect at once and tops the pool up by the difference to the highest plan granted this period, so plan changes within one period never grant more than the highest plan''s credits; a plan with fewer credits is scheduled (scheduled_plan) and takes effect at the next renewal; usage is not reset by a plan change; an existing member''s renewal date only moves later (an earlier p_renewal_date is ignored, so the current period never gets shorter). Returns {member_id, email, plan, scheduled_plan, previous_plan, created, plan_changed, credits_granted, renewal_date, duplicate}. A repeated p_event_id changes nothing and returns the first result with duplicate = true. Unknown plan or malformed e-mail: 22023.';
 
 CREATE FUNCTION billing.consume_generation(p_member_id uuid, p_count integer DEFAULT 1, p_description text DEFAULT NULL)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -98,4 +109,4 @@ CREATE FUNCTION billing.reset_usage_for_due_members(p_today date DEFAULT (pg_cat
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_reset_usage_for_due_members';
 COMMENT ON FUNCTION billing.reset_usage_for_due_members(date) IS
-'Service-only; run daily. p_today defaults to today''s date in UTC (whatever the session''s TimeZone; renewal dates are UTC dates). For every member whose renewal_date <= p_today: renews the subscription pool to the plan''s monthly_credits (expiring the rest; extra credits stay), sets usage to 0 and moves renewal_date monthly past p_today (members several periods behind catch up in one step). Returns the number of members reset; re-running the same day resets nothing.';
+'Service-only; run daily. p_today defaults to today''s date in UTC (whatever the session''s TimeZone; renewal dates are UTC dates). For every member whose renewal_date <= p_today: applies a scheduled downgrade, renews the subscription pool to the plan''s monthly_credits (expiring the rest; extra credits stay), sets usage to 0 and moves renewal_date monthly past p_today (members several periods behind catch up in one step). Returns the number of members reset; re-running the same day resets nothing.';

@@ -3,10 +3,16 @@
 -- Also the sign-up trigger function and the legacy single-pool import (SPEC 4).
 -- Rust: src/api/pending_profiles.rs.
 
--- A global table keyed by the lower-cased e-mail (like billing.webhook_events: the key is not a
--- user's, so user_id cannot lead it). Claimed rows are kept for audit.
+-- A global table keyed by the e-mail (like billing.webhook_events: the key is not a user's, so
+-- user_id cannot lead it). One row per purchase: a purchase is identified by the e-mail, the
+-- checkout token and the provider's customer (pending_profiles_purchase_key), so a later
+-- purchase by another buyer of the same e-mail is a row of its own that its buyer claims
+-- (issue 11 item 3). E-mails are normalised by lower-casing ASCII A-Z only (issue 11 item 8a).
+-- Claimed rows are kept for audit.
 CREATE TABLE billing.pending_profiles (
-    email                  text PRIMARY KEY CHECK (email = pg_catalog.lower(email)),
+    email                  text NOT NULL
+                           CONSTRAINT pending_profiles_email_check
+                           CHECK (email = pg_catalog.translate(email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')),
     id                     uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
     token                  text,
     plan_id                text NOT NULL,
@@ -25,13 +31,15 @@ CREATE TABLE billing.pending_profiles (
     created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
     CHECK (claimed = (claimed_by_user_id IS NOT NULL)),
-    CHECK (billing_cycle_end >= billing_cycle_start)
+    CHECK (billing_cycle_end >= billing_cycle_start),
+    CONSTRAINT pending_profiles_pkey PRIMARY KEY (email, id),
+    CONSTRAINT pending_profiles_purchase_key UNIQUE NULLS NOT DISTINCT (email, token, provider, provider_user_id)
 );
 -- id is random (gen_random_uuid); it is indexed for delete_pending_profile but not declared
--- unique, so the table can be distributed by e-mail when scaled out.
+-- unique on its own, so the table can be distributed by e-mail when scaled out.
 CREATE INDEX pending_profiles_id_idx ON billing.pending_profiles (id);
 CREATE INDEX pending_profiles_unclaimed_idx ON billing.pending_profiles (created_at) WHERE NOT claimed;
-COMMENT ON TABLE billing.pending_profiles IS 'Purchases made before the buyer had an account, keyed by lower-cased e-mail; claimed with claim_pending_profile (or at sign-up by billing.handle_new_user). Claimed rows are kept (claimed, claimed_by_user_id, claimed_at).';
+COMMENT ON TABLE billing.pending_profiles IS 'Purchases made before the buyer had an account: one row per purchase, identified by e-mail (ASCII letters lower-cased, nothing else folded), checkout token and provider customer; claimed with claim_pending_profile (or by billing.handle_new_user when the e-mail is confirmed). Claimed rows are kept (claimed, claimed_by_user_id, claimed_at).';
 
 -- Legacy single-pool imports (billing.migrate_single_pool): one row per user and source table.
 CREATE TABLE billing.legacy_imports (
@@ -73,13 +81,13 @@ CREATE FUNCTION billing.upsert_pending_profile(p_email text, p_token text DEFAUL
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_upsert_pending_profile';
 COMMENT ON FUNCTION billing.upsert_pending_profile(text, text, text, text, text, text, text, timestamptz, timestamptz, integer, text) IS
-'Service-only; the checkout webhook for a buyer who may have no account. Keyed by lower-cased e-mail. When an account has this e-mail (or the profile was claimed already), the purchase is applied to it at once (plan, credits as subscription credits, billing cycle) and the profile row is kept as claimed: {status: ''applied_to_account'', id, user_id}; otherwise {status: ''pending'', id}. Cycle end defaults to start + 30 days (monthly) or + 1 year (yearly), added in UTC whatever the session''s TimeZone (so is next_credit_renewal, at most start + 30 days); credits default to the plan''s monthly_credits. A repeated p_event_id returns the first result with duplicate = true.';
+'Service-only; the checkout webhook for a buyer who may have no account. A purchase is identified by the e-mail (ASCII letters lower-cased, nothing else folded), p_token and (p_provider, p_provider_user_id). A new purchase is kept pending, {status: ''pending'', id}, even when an account has this e-mail: it reaches an account only when its buyer claims it (claim_pending_profile with the token, or the sign-up trigger once the e-mail is confirmed), so a stranger who types someone''s e-mail at checkout changes nothing of theirs. A repeat of a purchase that was claimed (same e-mail, token and provider customer) is applied to the account that claimed it, {status: ''applied_to_account'', id, user_id, credits_granted}: a later billing cycle grants the purchase''s credits; within the same cycle only an increase tops up the difference. Applying never lowers what the account has: its credits are added to the subscription pool (expiring at the later of the two cycle ends), the higher plan (by monthly_credits) of an active subscription is kept, and the later billing cycle is kept. Cycle end defaults to start + 30 days (monthly) or + 1 year (yearly), added in UTC whatever the session''s TimeZone (so is next_credit_renewal, at most start + 30 days); credits default to the plan''s monthly_credits. A repeated p_event_id returns the first result with duplicate = true.';
 
 CREATE FUNCTION billing.claim_pending_profile(p_user_id uuid, p_email text, p_token text DEFAULT NULL)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_claim_pending_profile';
 COMMENT ON FUNCTION billing.claim_pending_profile(uuid, text, text) IS
-'Claim the pending profile of p_email for account p_user_id: the account gets its plan, credits (as subscription credits), billing cycle and the e-mail; the account is created when missing, else the profile is merged into it. Returns {success, error}: error is one sentence when no profile exists, it was claimed by another account, or the token does not match (a profile with a token needs it). Claiming again by the same user succeeds and changes nothing (already_claimed = true). End users: their own p_user_id and the email claim of their JWT only.';
+'Claim the unclaimed purchases of p_email (compared after lower-casing ASCII letters only) for account p_user_id: every unclaimed profile of that e-mail whose token is p_token or that has no token. The account gets their credits (added to the subscription pool), plan and billing cycle, and the e-mail; the account is created when missing. Applying never lowers what an existing account has: the higher plan (by monthly_credits) of an active subscription and the later billing cycle are kept. Returns {success, error, profile_id, profile_ids, credits_granted, ...}: error is one sentence when no profile exists, the token does not match, or every profile of the e-mail was claimed by another account. Claiming again by the same user succeeds and changes nothing (already_claimed = true). End users: their own p_user_id and the email claim of their JWT only.';
 
 CREATE FUNCTION billing.get_unclaimed_pending_profiles()
 RETURNS SETOF billing.pending_profiles
@@ -96,23 +104,63 @@ AS 'MODULE_PATHNAME', 'pgb_delete_pending_profile';
 COMMENT ON FUNCTION billing.delete_pending_profile(uuid) IS
 'Service-only. Delete the pending profile with id p_id (claimed or not); true when one was deleted, false when none has that id.';
 
--- Sign-up: account with the free plan's credits, and the pending profile of the same e-mail
--- claimed in the same transaction. Not in api_functions: only the trigger calls it.
-CREATE FUNCTION billing._on_new_user(p_user_id uuid, p_email text)
+-- Sign-up: account with the free plan's credits; the pending profiles of the same e-mail are
+-- claimed only once the e-mail is confirmed (issue 10 item 3). Not in api_functions: only the
+-- trigger calls it.
+CREATE FUNCTION billing._on_new_user(p_user_id uuid, p_email text, p_claim boolean)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_on_new_user';
-COMMENT ON FUNCTION billing._on_new_user(uuid, text) IS
-'Internal, for billing.handle_new_user: creates the account of a new user with the free plan''s monthly_credits (once) and claims the unclaimed pending profile with the same e-mail. Returns {account_created, claimed}.';
+COMMENT ON FUNCTION billing._on_new_user(uuid, text, boolean) IS
+'Internal, for billing.handle_new_user: creates the account of a new user with the free plan''s monthly_credits (once) and, when p_claim, claims the unclaimed pending profiles with the same e-mail. Returns {account_created, claimed}.';
 
 CREATE FUNCTION billing.handle_new_user() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_column text;
+    v_on_insert boolean := false;
+    v_arg text;
 BEGIN
-    PERFORM billing._on_new_user(NEW.id, NEW.email);
+    FOREACH v_arg IN ARRAY COALESCE(TG_ARGV, ARRAY[]::text[]) LOOP
+        IF v_arg = 'claim_on_insert' THEN
+            v_on_insert := true;
+        ELSE
+            RAISE EXCEPTION 'billing.handle_new_user: unknown trigger argument %', pg_catalog.quote_literal(v_arg)
+                USING ERRCODE = '22023', HINT = 'the only argument is ''claim_on_insert'', for a users table without email_confirmed_at or confirmed_at';
+        END IF;
+    END LOOP;
+    -- The column that says the e-mail is confirmed: email_confirmed_at, else confirmed_at
+    -- (Supabase has both; its confirmed_at is also set by a confirmed phone).
+    SELECT a.attname::text INTO v_column
+      FROM pg_catalog.pg_attribute AS a
+     WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname IN ('email_confirmed_at', 'confirmed_at')
+     ORDER BY a.attname = 'email_confirmed_at' DESC
+     LIMIT 1;
+    IF TG_OP = 'INSERT' THEN
+        IF v_column = 'email_confirmed_at' THEN
+            PERFORM billing._on_new_user(NEW.id, NEW.email, NEW.email_confirmed_at IS NOT NULL);
+        ELSIF v_column = 'confirmed_at' THEN
+            PERFORM billing._on_new_user(NEW.id, NEW.email, NEW.confirmed_at IS NOT NULL);
+        ELSE
+            PERFORM billing._on_new_user(NEW.id, NEW.email, v_on_insert);
+        END IF;
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- Claims when the e-mail becomes confirmed (NULL -> a value), once.
+        IF v_column = 'email_confirmed_at' THEN
+            IF OLD.email_confirmed_at IS NULL AND NEW.email_confirmed_at IS NOT NULL THEN
+                PERFORM billing._on_new_user(NEW.id, NEW.email, true);
+            END IF;
+        ELSIF v_column = 'confirmed_at' THEN
+            IF OLD.confirmed_at IS NULL AND NEW.confirmed_at IS NOT NULL THEN
+                PERFORM billing._on_new_user(NEW.id, NEW.email, true);
+            END IF;
+        END IF;
+    END IF;
     RETURN NEW;
 END
 $$;
 COMMENT ON FUNCTION billing.handle_new_user() IS
-'Trigger function for a users table with columns id uuid and email text (Supabase auth.users): CREATE TRIGGER on_auth_user_created AFTER INSERT ON auth.users FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user(); creates the account with the free plan''s credits and claims a pending profile with the same e-mail in the same transaction.';
+'Trigger function for a users table with columns id uuid and email text (Supabase auth.users). Supabase: CREATE TRIGGER on_auth_user_created AFTER INSERT OR UPDATE OF email_confirmed_at ON auth.users FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user(); Every new row gets its account with the free plan''s credits. Pending profiles with the same e-mail are claimed only once the e-mail is confirmed: on INSERT when email_confirmed_at (or, in a table without it, confirmed_at) is already set, on UPDATE when it goes from NULL to a value; a second confirmation claims nothing more. A table with neither column claims on INSERT only when the trigger is created with the argument ''claim_on_insert'' (...EXECUTE FUNCTION billing.handle_new_user(''claim_on_insert'')), for tables whose e-mails are verified before the row is inserted.';
 
 -- Legacy single-pool import (SPEC 4, S4). Not in api_functions: a DBA function (EXECUTE only
 -- for the owner), and service-only inside as well.

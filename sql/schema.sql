@@ -77,7 +77,9 @@ CREATE TABLE billing.accounts (
     CONSTRAINT accounts_balances_non_negative CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
                                                      AND subscription_credits_balance + purchased_credits_balance >= 0)
 );
-CREATE INDEX accounts_email_idx ON billing.accounts (pg_catalog.lower(email));
+-- E-mails are compared one way everywhere: ASCII letters lower-cased, nothing else folded
+-- (issue 11 item 8a; pg_billing_core::members::email_key).
+CREATE INDEX accounts_email_idx ON billing.accounts (pg_catalog.translate(email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'));
 COMMENT ON TABLE billing.accounts IS 'One row per user: subscription credits (expire at period end) and purchased credits (never expire). Changed only through pg_billing functions.';
 
 -- The two credit pools (an enum: the type enforces the values, with no CHECK to evaluate).

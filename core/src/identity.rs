@@ -90,6 +90,20 @@ impl Caller {
         }
     }
 
+    /// Whether an end user's JWT `email` claim is `email` (already normalised with
+    /// [`crate::members::normalize_email`]). The claim is normalised the same single way
+    /// (ASCII-only lower-casing, see [`crate::members::email_key`]), so U+212A KELVIN SIGN in a
+    /// claim never matches `k`. A caller without an `email` claim matches nothing; service
+    /// callers have no claim to compare and match nothing either.
+    pub fn email_claim_is(&self, email: &str) -> bool {
+        match self {
+            Caller::EndUser { email: Some(claim), .. } => {
+                crate::members::normalize_email("email claim", Some(claim)).map(|c| c == email).unwrap_or(false)
+            }
+            _ => false,
+        }
+    }
+
     /// Service-only functions refuse end users even if they were granted EXECUTE by mistake.
     pub fn require_service(&self, function: &str) -> Result<()> {
         match self {
@@ -129,6 +143,19 @@ mod tests {
         let other = parse_uuid("22222222-2222-2222-2222-222222222222").unwrap();
         assert_eq!(c.authorize_user(&other).unwrap_err().sqlstate(), "42501");
         assert_eq!(c.require_service("add_purchased_credits").unwrap_err().sqlstate(), "42501");
+    }
+
+    #[test]
+    fn email_claims_compare_without_unicode_folding() {
+        let claims = format!(r#"{{"sub":"{U1}","role":"authenticated","email":" Kate@Example.COM"}}"#);
+        let c = ctx(Some(&claims), Some("authenticated"), "authenticator").resolve().unwrap();
+        assert!(c.email_claim_is("kate@example.com"));
+        // U+212A KELVIN SIGN: lower-cases to 'k' under Unicode rules, but is another address
+        let claims = format!("{{\"sub\":\"{U1}\",\"role\":\"authenticated\",\"email\":\"\u{212A}ate@example.com\"}}");
+        let c = ctx(Some(&claims), Some("authenticated"), "authenticator").resolve().unwrap();
+        assert!(!c.email_claim_is("kate@example.com"));
+        assert!(c.email_claim_is("\u{212A}ate@example.com"));
+        assert!(!Caller::Service.email_claim_is("kate@example.com"));
     }
 
     #[test]

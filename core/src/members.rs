@@ -9,11 +9,27 @@ use crate::error::{BillingError, Result};
 /// Longest e-mail address accepted (RFC 5321's path limit).
 pub const MAX_EMAIL: usize = 254;
 
-/// Lower-case and validate an e-mail address: one `@`, a non-empty local part, a domain with a
-/// dot and no empty labels, no whitespace or control characters. `22023` otherwise.
+/// The one normalisation of e-mail addresses, used wherever pg_billing compares or keys them
+/// (members, pending profiles, claims against the JWT's `email` claim, the accounts' e-mail
+/// index): surrounding whitespace is trimmed and the ASCII letters `A`-`Z` are lower-cased;
+/// every other character is kept exactly as given. Unicode case folding is deliberately not
+/// used: it folds distinct characters into ASCII (U+212A KELVIN SIGN lower-cases to `k`, U+0130
+/// to `i` + a combining dot), so an address an attacker registers could match a buyer's. SQL
+/// spells the same rule `pg_catalog.translate(email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
+/// 'abcdefghijklmnopqrstuvwxyz')` ([`EMAIL_KEY_SQL`]).
+pub fn email_key(raw: &str) -> String {
+    raw.trim().to_ascii_lowercase()
+}
+
+/// [`email_key`] as the SQL expression over a column or parameter named `x`.
+pub const EMAIL_KEY_SQL: &str = "pg_catalog.translate(x, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')";
+
+/// Normalise ([`email_key`]) and validate an e-mail address: one `@`, a non-empty local part, a
+/// domain with a dot and no empty labels, no whitespace or control characters. `22023`
+/// otherwise.
 pub fn normalize_email(name: &str, value: Option<&str>) -> Result<String> {
     let raw = value.ok_or_else(|| BillingError::invalid(format!("{name} must not be NULL")))?;
-    let email = raw.trim().to_lowercase();
+    let email = email_key(raw);
     let malformed = || {
         BillingError::invalid_with_hint(
             format!("{name} is not a valid e-mail address"),
@@ -97,6 +113,22 @@ pub fn advance_renewal(renewal: NaiveDate, anchor_day: u8, today: NaiveDate) -> 
     Some((at(k)?.max(renewal), at(k + 1)?))
 }
 
+/// What a plan change within one renewal period grants (issue 11 item 4). `granted` is what plan
+/// grants have given this period so far (the highest plan's credits seen this period), `credits`
+/// the new plan's credits. An upgrade tops up the difference; a downgrade or a return to a plan
+/// already paid for this period grants nothing. So flip-flopping between plans within one period
+/// never grants more in total than the highest plan's credits. Returns (grant now, granted
+/// this period afterwards).
+pub fn plan_change_grant(granted: i64, credits: i64) -> (i64, i64) {
+    let granted = granted.max(0);
+    let credits = credits.max(0);
+    if credits > granted {
+        (credits - granted, credits)
+    } else {
+        (0, granted)
+    }
+}
+
 /// What one `consume_generation` call does: how many credits it takes and how many generations
 /// go beyond the member's credits as overage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +174,31 @@ mod tests {
         assert!(normalize_email("p_email", None).unwrap_err().message().contains("NULL"));
         let long = format!("{}@example.com", "a".repeat(250));
         assert!(normalize_email("p_email", Some(&long)).is_err());
+    }
+
+    #[test]
+    fn only_ascii_letters_are_folded() {
+        assert_eq!(normalize_email("p_email", Some("KATE@Example.com")).unwrap(), "kate@example.com");
+        // U+212A KELVIN SIGN is not folded to 'k' (Unicode lower-casing would do that)
+        let kelvin = normalize_email("p_email", Some("\u{212A}ate@example.com")).unwrap();
+        assert_eq!(kelvin, "\u{212A}ate@example.com");
+        assert_ne!(kelvin, "kate@example.com");
+        // other non-ASCII letters are kept as given, not case-folded
+        assert_eq!(normalize_email("p_email", Some("\u{00C4}nne@Example.com")).unwrap(), "\u{00C4}nne@example.com");
+        assert_eq!(email_key(" \u{0130}Z@x.io "), "\u{0130}z@x.io");
+        assert!(EMAIL_KEY_SQL.contains("translate"));
+    }
+
+    #[test]
+    fn plan_flip_flops_grant_the_highest_plan_once() {
+        // pro (500) -> premium (2000) -> pro -> premium within one period: 2000 in total
+        let (g1, granted) = plan_change_grant(500, 2000);
+        let (g2, granted) = plan_change_grant(granted, 500);
+        let (g3, granted) = plan_change_grant(granted, 2000);
+        assert_eq!((g1, g2, g3, granted), (1500, 0, 0, 2000));
+        assert_eq!(500 + g1 + g2 + g3, 2000);
+        assert_eq!(plan_change_grant(0, 10), (10, 10));
+        assert_eq!(plan_change_grant(-5, -1), (0, 0));
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! credits core, extra credits are its purchased pool, and every change of credits goes through
 //! `crate::api::credits` so the ledger holds. Rows are locked in one order everywhere:
 //! `billing.member_emails`, then `billing.members`, then `billing.accounts`.
+//!
+//! Plan changes never lower what a member has (issue 11 item 2) and never mint credits
+//! (item 4): an upgrade takes effect at once and tops the pool up by the difference to the
+//! highest plan granted this period (`members.period_granted`); a downgrade is scheduled
+//! (`members.next_plan_id`) and takes effect at the next renewal; usage is not reset.
 
 use chrono::{Datelike, NaiveDate};
 use pg_billing_core::members as m;
@@ -18,7 +23,7 @@ use crate::api::credits::{self, Pool};
 use crate::api::{usage, webhooks};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 pub const DATE: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::DATEOID);
@@ -34,38 +39,50 @@ const PLAN: &str = "SELECT p.monthly_credits::bigint, p.allow_overage FROM billi
 const KNOWN_PLANS: &str =
     "SELECT pg_catalog.string_agg(p.plan_id, ', ' ORDER BY p.sort_order, p.plan_id) FROM billing.plans AS p";
 
-/// The member id of an e-mail: the existing member, else an existing account with that e-mail,
-/// else a new id. The upsert locks the e-mail row, so concurrent upserts of one e-mail agree.
+/// The member id of an e-mail: the existing member, else an existing account with that e-mail
+/// (compared the one way e-mails are: ASCII letters lower-cased, nothing else folded), else a new
+/// id. The upsert locks the e-mail row, so concurrent upserts of one e-mail agree.
 const MEMBER_ID: &str = "
 INSERT INTO billing.member_emails AS e (email, user_id)
 VALUES ($1, COALESCE((SELECT a.user_id FROM billing.accounts AS a
-                       WHERE pg_catalog.lower(a.email) = $1
+                       WHERE pg_catalog.translate(a.email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') = $1
                        ORDER BY a.created_at, a.user_id LIMIT 1),
                      pg_catalog.gen_random_uuid()))
 ON CONFLICT (email) DO UPDATE SET email = EXCLUDED.email
 RETURNING e.user_id";
 
-/// Create or update the member. $1 member, $2 e-mail, $3 plan, $4 renewal date (NULL: keep, or
-/// one month from today for a new member). Returns whether it was inserted, the previous plan,
-/// the renewal date as ISO text, and whether the plan changed. "Today" is the UTC date of now()
-/// (not CURRENT_DATE, which follows the session's TimeZone): renewals fall at UTC midnight.
+/// Lock an existing member (after its e-mail row, before its account) and read what a plan
+/// change needs: its plan, that plan's credits, what plans granted this period. $1 member.
+const LOCK_MEMBER_PLAN: &str = "
+SELECT m.plan_id, COALESCE(p.monthly_credits, 0)::bigint, m.period_granted
+  FROM billing.members AS m
+  LEFT JOIN billing.plans AS p ON p.plan_id = m.plan_id
+ WHERE m.user_id = $1
+   FOR UPDATE OF m";
+
+/// Create or update the member. $1 member, $2 e-mail, $3 plan in effect now, $4 renewal date
+/// (NULL: keep, or one month from today for a new member), $5 the plan scheduled for the next
+/// renewal (a downgrade), $6 what plans granted this period. Returns whether it was inserted,
+/// the previous plan, the renewal date as ISO text, and the period end. A plan change keeps the
+/// period's usage (issue 11 item 4). "Today" is the UTC date of now() (not CURRENT_DATE, which
+/// follows the session's TimeZone): renewals fall at UTC midnight.
 const UPSERT_MEMBER: &str = "
 WITH r AS (
     SELECT COALESCE($4, (t.today + '1 month'::interval)::date) AS d, t.today
       FROM (SELECT (pg_catalog.now() AT TIME ZONE 'UTC')::date AS today) AS t
 )
-INSERT INTO billing.members AS m (user_id, email, plan_id, renewal_date, anchor_day, period_start)
+INSERT INTO billing.members AS m (user_id, email, plan_id, renewal_date, anchor_day, period_start, period_granted, next_plan_id)
 SELECT $1, $2, $3, r.d, pg_catalog.date_part('day', r.d)::smallint,
-       LEAST(r.today, (r.d - '1 month'::interval)::date) FROM r
+       LEAST(r.today, (r.d - '1 month'::interval)::date), $6, $5 FROM r
 ON CONFLICT (user_id) DO UPDATE
    SET email            = EXCLUDED.email,
        plan_id          = EXCLUDED.plan_id,
        previous_plan_id = m.plan_id,
-       renewal_date     = CASE WHEN $4 IS NULL THEN m.renewal_date ELSE EXCLUDED.renewal_date END,
-       anchor_day       = CASE WHEN $4 IS NULL THEN m.anchor_day ELSE EXCLUDED.anchor_day END,
-       -- A plan change starts a fresh pool: usage counts from the change.
-       period_usage     = CASE WHEN m.plan_id = EXCLUDED.plan_id THEN m.period_usage ELSE 0 END,
-       period_overage   = CASE WHEN m.plan_id = EXCLUDED.plan_id THEN m.period_overage ELSE 0 END,
+       next_plan_id     = EXCLUDED.next_plan_id,
+       period_granted   = EXCLUDED.period_granted,
+       -- The current period never gets shorter (issue 11 item 2): an earlier date is ignored.
+       renewal_date     = CASE WHEN $4 IS NULL OR $4 < m.renewal_date THEN m.renewal_date ELSE EXCLUDED.renewal_date END,
+       anchor_day       = CASE WHEN $4 IS NULL OR $4 < m.renewal_date THEN m.anchor_day ELSE EXCLUDED.anchor_day END,
        updated_at       = pg_catalog.now()
 RETURNING (m.xmax = 0) AS inserted, m.previous_plan_id, pg_catalog.to_char(m.renewal_date, 'YYYY-MM-DD'),
           (m.renewal_date::timestamp AT TIME ZONE 'UTC')";
@@ -74,6 +91,20 @@ RETURNING (m.xmax = 0) AS inserted, m.previous_plan_id, pg_catalog.to_char(m.ren
 const SET_EMAIL: &str = "
 UPDATE billing.accounts AS a SET email = $2, updated_at = pg_catalog.now()
  WHERE a.user_id = $1 AND a.email IS DISTINCT FROM $2";
+
+/// Lock the account and read its live subscription pool (credits past their expiry count as 0).
+/// $1 user.
+const LOCK_POOL: &str = "
+SELECT CASE WHEN a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now()
+            THEN a.subscription_credits_balance ELSE 0 END
+  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
+
+/// When the subscription pool expires after credits were added to a non-empty pool: the later
+/// of its date and $2. $1 user.
+const EXTEND_EXPIRY: &str = "
+UPDATE billing.accounts AS a
+   SET subscription_credits_expire_at = GREATEST(COALESCE(a.subscription_credits_expire_at, $2), $2)
+ WHERE a.user_id = $1";
 
 /// Lock a member and read what consume_generation needs. $1 member.
 const LOCK_MEMBER: &str = "
@@ -138,14 +169,18 @@ const DUE: &str = "SELECT m.user_id FROM billing.members AS m WHERE m.renewal_da
 const LOCK_DUE: &str = "
 SELECT m.renewal_date, m.anchor_day::integer, COALESCE(p.monthly_credits, 0)::bigint
   FROM billing.members AS m
-  LEFT JOIN billing.plans AS p ON p.plan_id = m.plan_id
+  LEFT JOIN billing.plans AS p ON p.plan_id = COALESCE(m.next_plan_id, m.plan_id)
  WHERE m.user_id = $1 AND m.renewal_date <= $2
    FOR UPDATE OF m";
 
-/// Start the member's new period. $1 member, $2 period start, $3 next renewal date.
+/// Start the member's new period (on the plan scheduled for it, if any). $1 member, $2 period
+/// start, $3 next renewal date, $4 the period's plan credits.
 const START_PERIOD: &str = "
 UPDATE billing.members AS m
-   SET period_start = $2, renewal_date = $3, period_usage = 0, period_overage = 0, updated_at = pg_catalog.now()
+   SET period_start = $2, renewal_date = $3, period_usage = 0, period_overage = 0, updated_at = pg_catalog.now(),
+       plan_id = COALESCE(m.next_plan_id, m.plan_id),
+       previous_plan_id = CASE WHEN m.next_plan_id IS NULL THEN m.previous_plan_id ELSE m.plan_id END,
+       next_plan_id = NULL, period_granted = $4
  WHERE m.user_id = $1
 RETURNING ($3::timestamp AT TIME ZONE 'UTC')";
 
@@ -253,23 +288,64 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
         let user = col::<pgrx::Uuid>(&t.first(), 1)?
             .map(|u| *u.as_bytes())
             .ok_or_else(|| BillingError::internal("member e-mail row without id"))?;
+        // What the member has now, locked (e-mail row, member row, then account row).
+        let t = spi::write(c, LOCK_MEMBER_PLAN, &[UUID], &[uuid_arg(&user)])?;
+        let current = if t.is_empty() {
+            None
+        } else {
+            let t = t.first();
+            Some((col::<String>(&t, 1)?.unwrap_or_default(), col::<i64>(&t, 2)?.unwrap_or(0), col::<i64>(&t, 3)?.unwrap_or(0)))
+        };
+        // Never lower what the member has (issue 11 item 2): a plan with fewer credits is
+        // scheduled for the next renewal; an upgrade takes effect now and tops up the difference
+        // (issue 11 item 4: within one period, plan changes never grant more in total than the
+        // highest plan's credits).
+        let (plan_now, scheduled, top_up, granted_after) = match &current {
+            None => (plan_id.clone(), None, 0, monthly),
+            Some((cur, _, granted)) if *cur == plan_id => (cur.clone(), None, 0, *granted),
+            Some((_, cur_credits, granted)) if monthly >= *cur_credits => {
+                let (grant, after) = m::plan_change_grant(*granted, monthly);
+                (plan_id.clone(), None, grant, after)
+            }
+            Some((cur, _, granted)) => (cur.clone(), Some(plan_id.clone()), 0, *granted),
+        };
         let t = spi::write(
             c,
             UPSERT_MEMBER,
-            &[UUID, TEXT, TEXT, DATE],
-            &[uuid_arg(&user), email.as_str().into(), plan_id.as_str().into(), renewal.into()],
+            &[UUID, TEXT, TEXT, DATE, TEXT, INT8],
+            &[
+                uuid_arg(&user),
+                email.as_str().into(),
+                plan_now.as_str().into(),
+                renewal.into(),
+                scheduled.as_deref().into(),
+                granted_after.into(),
+            ],
         )?;
         let t = t.first();
         let inserted = col::<bool>(&t, 1)?.unwrap_or(false);
         let previous = col::<String>(&t, 2)?;
         let renewal_text = col::<String>(&t, 3)?;
         let period_end = col::<TimestampWithTimeZone>(&t, 4)?;
-        let plan_changed = !inserted && previous.as_deref() != Some(plan_id.as_str());
-        let granted = if inserted || plan_changed {
-            // The period's pool: the plan's credits replace whatever subscription credits the
-            // account had (expired and logged); extra (purchased) credits stay.
+        let plan_changed = !inserted && previous.as_deref() != Some(plan_now.as_str());
+        let t = spi::write(c, LOCK_POOL, &[UUID], &[uuid_arg(&user)])?;
+        let pool = if t.is_empty() { 0 } else { col::<i64>(&t.first(), 1)?.unwrap_or(0) };
+        let granted = if inserted && pool == 0 {
+            // A new member: the plan's credits are the period's subscription credits.
             credits::renew(c, &user, monthly, period_end, None)?;
             monthly
+        } else if inserted {
+            // An existing account became the member: its pool is topped up to the plan's
+            // credits, never lowered, and expires at the later date.
+            let grant = (monthly - pool).max(0);
+            if grant > 0 {
+                credits::grant(c, &user, Pool::Subscription, grant, "renewal", Some("subscription renewal"), None, None)?;
+                spi::write(c, EXTEND_EXPIRY, &[UUID, TIMESTAMPTZ], &[uuid_arg(&user), period_end.into()])?;
+            }
+            grant
+        } else if top_up > 0 {
+            credits::grant(c, &user, Pool::Subscription, top_up, "plan_upgrade", Some("plan upgrade within the period"), None, None)?;
+            top_up
         } else {
             // Make sure the account exists (a member row without an account cannot happen
             // through pg_billing, but restores and manual edits can).
@@ -280,7 +356,8 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
         let result = json!({
             "member_id": uuid_text(&user),
             "email": email,
-            "plan": plan_id,
+            "plan": plan_now,
+            "scheduled_plan": scheduled,
             "previous_plan": if inserted { Value::Null } else { json!(previous) },
             "created": inserted,
             "plan_changed": plan_changed,
@@ -404,8 +481,8 @@ fn reset_usage_for_due_members(a: &Args) -> BResult<Ret> {
             let t = spi::write(
                 c,
                 START_PERIOD,
-                &[UUID, DATE, DATE],
-                &[uuid_arg(&user), to_date(start)?.into(), to_date(next)?.into()],
+                &[UUID, DATE, DATE, INT8],
+                &[uuid_arg(&user), to_date(start)?.into(), to_date(next)?.into(), monthly.into()],
             )?;
             let period_end = col::<TimestampWithTimeZone>(&t.first(), 1)?;
             credits::renew(c, &user, monthly, period_end, None)?;

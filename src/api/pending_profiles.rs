@@ -1,11 +1,17 @@
-//! Pending profiles (SPEC 9, S3): purchases made before the buyer had an account, keyed by
-//! e-mail, claimed after sign-up; the sign-up trigger's account creation; and the legacy
-//! single-pool import (SPEC 4, `billing.migrate_single_pool`).
+//! Pending profiles (SPEC 9, S3): purchases made before the buyer had an account, claimed after
+//! sign-up; the sign-up trigger's account creation; and the legacy single-pool import (SPEC 4,
+//! `billing.migrate_single_pool`).
 //!
-//! Applying a profile to an account goes through the credits core (`credits::renew`: the
-//! profile's credits become the period's subscription credits, the ledger holds) and writes the
-//! account's plan and billing cycle to `billing.subscriptions`. Lock order: the profile row,
-//! then the account row, then the subscription row.
+//! One row per purchase: a purchase is identified by the e-mail, the checkout token and the
+//! provider's customer (`pending_profiles_purchase_key`), so a later purchase by another buyer
+//! of the same e-mail is a row of its own that its buyer claims (issue 11 item 3). A purchase
+//! reaches an account only by a claim (or, for a repeat of a purchase that was claimed, the
+//! claimer's account), never because an account has the e-mail (issue 11 item 2).
+//!
+//! Applying a purchase to an account never lowers what the account has: its credits are added
+//! to the subscription pool through the credits core (the ledger holds), the higher plan of an
+//! active subscription and the later billing cycle are kept. Lock order: the profile rows, then
+//! the account row, then the subscription row (accounts before subscriptions, as everywhere).
 
 use pg_billing_core::identity::Caller;
 use pg_billing_core::members as m;
@@ -27,87 +33,138 @@ use crate::validate;
 // Statements
 // ---------------------------------------------------------------------------------------------
 
-/// The account that has this e-mail (the oldest when several do). $1 lower-cased e-mail.
-const ACCOUNT_BY_EMAIL: &str = "
-SELECT a.user_id FROM billing.accounts AS a
- WHERE pg_catalog.lower(a.email) = $1
- ORDER BY a.created_at, a.user_id LIMIT 1";
-
-/// Record a purchase for an e-mail. $1 e-mail, $2 token, $3 plan, $4 provider, $5 provider user,
-/// $6 provider membership, $7 duration, $8 cycle start, $9 cycle end, $10 credits, $11 the
-/// account it is applied to now (NULL: pending), $12 the duration as an interval. Durations are
+/// A purchase's billing cycle: start defaults to now, end to start + the duration. Durations are
 /// added in UTC (a year from Feb 29 is Feb 28, 30 days are 720 hours) whatever the session's
-/// TimeZone: `timestamptz + interval` would step days and months in the session's zone.
-const UPSERT_PROFILE: &str = "
+/// TimeZone. $1 start, $2 end, $3 the duration as an interval.
+const CYCLE: &str = "
+SELECT s.cycle_start, COALESCE($2, ((s.cycle_start AT TIME ZONE 'UTC') + $3::interval) AT TIME ZONE 'UTC')
+  FROM (SELECT COALESCE($1, pg_catalog.now()) AS cycle_start) AS s";
+
+/// The purchase with this identity, locked. $1 e-mail, $2 token, $3 provider, $4 provider user.
+const PURCHASE: &str = "
+SELECT p.id, p.claimed_by_user_id, p.billing_cycle_start, p.billing_cycle_end, p.credits::bigint,
+       p.plan_id, COALESCE(pl.monthly_credits, 0)::bigint
+  FROM billing.pending_profiles AS p
+  LEFT JOIN billing.plans AS pl ON pl.plan_id = p.plan_id
+ WHERE p.email = $1 AND p.token IS NOT DISTINCT FROM $2 AND p.provider IS NOT DISTINCT FROM $3
+   AND p.provider_user_id IS NOT DISTINCT FROM $4
+   FOR UPDATE OF p";
+
+/// Record a new purchase. $1 e-mail, $2 token, $3 plan, $4 provider, $5 provider user,
+/// $6 provider membership, $7 duration, $8 cycle start, $9 cycle end, $10 credits.
+/// Nothing when a concurrent call recorded the same purchase first.
+const INSERT_PROFILE: &str = "
 INSERT INTO billing.pending_profiles AS p
        (email, token, plan_id, provider, provider_user_id, provider_membership_id, plan_duration,
-        billing_cycle_start, billing_cycle_end, next_credit_renewal, credits, used_credits,
-        claimed, claimed_by_user_id, claimed_at)
-SELECT $1, $2, $3, $4, $5, $6, $7, s.cycle_start, s.cycle_end,
-       LEAST(s.cycle_end, ((s.cycle_start AT TIME ZONE 'UTC') + '30 days'::interval) AT TIME ZONE 'UTC'), $10, 0,
-       $11::uuid IS NOT NULL, $11, CASE WHEN $11::uuid IS NOT NULL THEN pg_catalog.now() END
-  FROM (SELECT COALESCE($8, pg_catalog.now()) AS cycle_start,
-               COALESCE($9, ((COALESCE($8, pg_catalog.now()) AT TIME ZONE 'UTC') + $12::interval) AT TIME ZONE 'UTC')
-                   AS cycle_end) AS s
-ON CONFLICT (email) DO UPDATE
-   SET token                  = EXCLUDED.token,
-       plan_id                = EXCLUDED.plan_id,
-       provider               = EXCLUDED.provider,
-       provider_user_id       = EXCLUDED.provider_user_id,
-       provider_membership_id = EXCLUDED.provider_membership_id,
-       plan_duration          = EXCLUDED.plan_duration,
-       billing_cycle_start    = EXCLUDED.billing_cycle_start,
-       billing_cycle_end      = EXCLUDED.billing_cycle_end,
-       next_credit_renewal    = EXCLUDED.next_credit_renewal,
-       credits                = EXCLUDED.credits,
-       used_credits           = 0,
-       claimed                = p.claimed OR EXCLUDED.claimed,
-       claimed_by_user_id     = COALESCE(p.claimed_by_user_id, EXCLUDED.claimed_by_user_id),
-       claimed_at             = COALESCE(p.claimed_at, EXCLUDED.claimed_at),
-       updated_at             = pg_catalog.now()
-RETURNING p.id, p.claimed_by_user_id";
+        billing_cycle_start, billing_cycle_end, next_credit_renewal, credits)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, LEAST($9, (($8 AT TIME ZONE 'UTC') + '30 days'::interval) AT TIME ZONE 'UTC'), $10)
+ON CONFLICT (email, token, provider, provider_user_id) DO NOTHING
+RETURNING p.id";
 
-/// Claim an unclaimed profile. $1 e-mail, $2 user, $3 token, $4 check the token.
+/// A repeat of a recorded purchase. $1 e-mail, $2 id, $3 plan, $4 provider membership,
+/// $5 duration, $6 cycle start, $7 cycle end, $8 credits, $9 a new cycle (used credits restart).
+const UPDATE_PROFILE: &str = "
+UPDATE billing.pending_profiles AS p
+   SET plan_id                = $3,
+       provider_membership_id = COALESCE($4, p.provider_membership_id),
+       plan_duration          = $5,
+       billing_cycle_start    = $6,
+       billing_cycle_end      = $7,
+       next_credit_renewal    = LEAST($7, (($6 AT TIME ZONE 'UTC') + '30 days'::interval) AT TIME ZONE 'UTC'),
+       credits                = $8,
+       used_credits           = CASE WHEN $9 THEN 0 ELSE p.used_credits END,
+       updated_at             = pg_catalog.now()
+ WHERE p.email = $1 AND p.id = $2
+RETURNING p.id";
+
+/// Claim the unclaimed profiles of an e-mail, locked in one order. $1 e-mail, $2 user,
+/// $3 token, $4 check the token.
 const CLAIM: &str = "
+WITH c AS (
+    SELECT p.email, p.id FROM billing.pending_profiles AS p
+     WHERE p.email = $1 AND NOT p.claimed
+       AND (NOT $4 OR p.token IS NULL OR p.token = $3)
+     ORDER BY p.id
+       FOR UPDATE OF p
+)
 UPDATE billing.pending_profiles AS p
    SET claimed = true, claimed_by_user_id = $2, claimed_at = pg_catalog.now(), updated_at = pg_catalog.now()
- WHERE p.email = $1 AND NOT p.claimed
-   AND (NOT $4 OR p.token IS NULL OR p.token = $3)
-RETURNING p.id, p.plan_id, GREATEST(p.credits - p.used_credits, 0)::bigint,
-          p.billing_cycle_start, p.billing_cycle_end, p.next_credit_renewal,
-          p.provider, p.provider_membership_id";
+  FROM c
+ WHERE p.email = c.email AND p.id = c.id AND NOT p.claimed
+RETURNING p.id, p.created_at";
 
-/// The profile of an e-mail as it is now, to say why a claim did not happen. $1 e-mail, $2 token.
+/// Why a claim did not happen: (profiles of the e-mail, one is claimable now, one is
+/// unclaimed, the newest one this user claimed). $1 e-mail, $2 token, $3 user, $4 check the token.
 const INSPECT: &str = "
-SELECT p.claimed, p.claimed_by_user_id, (p.token IS NULL OR p.token = $2), p.id
+SELECT pg_catalog.count(*)::bigint,
+       COALESCE(pg_catalog.bool_or(NOT p.claimed AND (NOT $4 OR p.token IS NULL OR p.token = $2)), false),
+       COALESCE(pg_catalog.bool_or(NOT p.claimed), false),
+       (pg_catalog.array_agg(p.id ORDER BY p.claimed_at DESC, p.id) FILTER (WHERE p.claimed_by_user_id = $3))[1]
   FROM billing.pending_profiles AS p WHERE p.email = $1";
 
-/// Read a (just upserted, claimed) profile for applying it. $1 e-mail.
+/// A profile, for applying it. $1 e-mail, $2 id.
 const PROFILE: &str = "
 SELECT p.id, p.plan_id, GREATEST(p.credits - p.used_credits, 0)::bigint,
        p.billing_cycle_start, p.billing_cycle_end, p.next_credit_renewal,
-       p.provider, p.provider_membership_id
-  FROM billing.pending_profiles AS p WHERE p.email = $1";
+       p.provider, p.provider_membership_id, COALESCE(pl.monthly_credits, 0)::bigint
+  FROM billing.pending_profiles AS p
+  LEFT JOIN billing.plans AS pl ON pl.plan_id = p.plan_id
+ WHERE p.email = $1 AND p.id = $2";
 
-const ACCOUNT_EXISTS: &str = "SELECT 1 FROM billing.accounts AS a WHERE a.user_id = $1";
+/// Create the account when missing (nothing is granted). $1 user.
+const CREATE_ACCOUNT: &str = "INSERT INTO billing.accounts (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING RETURNING 1";
 
-/// The account's plan and billing cycle. $1 user, $2 plan, $3 provider, $4 provider membership,
-/// $5 cycle start, $6 cycle end.
+/// Lock the account (first: accounts before subscriptions) and read whether its subscription
+/// pool holds credits that have not expired. $1 user.
+const LOCK_ACCOUNT: &str = "
+SELECT a.subscription_credits_balance > 0
+       AND (a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now())
+  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
+
+/// Lock the subscription and read what applying must not lower: its plan's credits, whether it
+/// is in force, its period end. $1 user.
+const LOCK_SUBSCRIPTION: &str = "
+SELECT COALESCE(pl.monthly_credits, 0)::bigint,
+       s.status IN ('active', 'trialing')
+         AND (s.current_period_end IS NULL OR s.current_period_end > pg_catalog.now())
+         AND (s.expires_at IS NULL OR s.expires_at > pg_catalog.now()),
+       s.current_period_end, s.plan_id
+  FROM billing.subscriptions AS s
+  LEFT JOIN billing.plans AS pl ON pl.plan_id = s.plan_id
+ WHERE s.user_id = $1
+   FOR UPDATE OF s";
+
+/// The account's plan and billing cycle from a purchase; $7 keeps the subscription's plan
+/// (higher), $8 its billing cycle (later). $1 user, $2 plan, $3 provider, $4 provider
+/// membership, $5 cycle start, $6 cycle end, $9 the purchase plan's monthly credits: what a new
+/// period taken from the purchase has granted (so a later upsert_subscription for the same
+/// period tops up only an upgrade; a kept period keeps its own count).
 const SUBSCRIBE: &str = "
 INSERT INTO billing.subscriptions AS s
-       (user_id, plan_id, status, provider, provider_subscription_id, current_period_start, current_period_end)
-VALUES ($1, $2, 'active', $3, $4, $5, $6)
+       (user_id, plan_id, status, provider, provider_subscription_id, current_period_start, current_period_end,
+        period_credits_granted)
+VALUES ($1, $2, 'active', $3, $4, $5, $6, $9)
 ON CONFLICT (user_id) DO UPDATE
-   SET plan_id                  = EXCLUDED.plan_id,
+   SET plan_id                  = CASE WHEN $7 THEN s.plan_id ELSE EXCLUDED.plan_id END,
        status                   = 'active',
        provider                 = COALESCE(EXCLUDED.provider, s.provider),
        provider_subscription_id = COALESCE(EXCLUDED.provider_subscription_id, s.provider_subscription_id),
-       current_period_start     = EXCLUDED.current_period_start,
-       current_period_end       = EXCLUDED.current_period_end,
+       current_period_start     = CASE WHEN $8 THEN s.current_period_start ELSE EXCLUDED.current_period_start END,
+       current_period_end       = CASE WHEN $8 THEN s.current_period_end ELSE EXCLUDED.current_period_end END,
+       period_credits_granted   = CASE WHEN $8 THEN s.period_credits_granted ELSE EXCLUDED.period_credits_granted END,
        trial_ends_at            = NULL,
        cancel_at_period_end     = false,
        expires_at               = NULL,
        updated_at               = pg_catalog.now()";
+
+/// When the subscription pool expires after a purchase was added: the purchase's date when the
+/// pool held no live credits, else the later of the two (never earlier). $1 user, $2 date,
+/// $3 the pool held live credits.
+const SET_EXPIRY: &str = "
+UPDATE billing.accounts AS a
+   SET subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at IS NULL THEN $2
+                                             ELSE GREATEST(a.subscription_credits_expire_at, $2) END
+ WHERE a.user_id = $1";
 
 const DELETE_PROFILE: &str = "DELETE FROM billing.pending_profiles AS p WHERE p.id = $1 RETURNING 1";
 
@@ -132,77 +189,152 @@ struct Profile {
     next_renewal: Option<TimestampWithTimeZone>,
     provider: Option<String>,
     membership: Option<String>,
+    plan_credits: i64,
 }
 
-fn profile_row(t: &pgrx::spi::SpiTupleTable<'_>) -> BResult<Profile> {
+fn micros(t: Option<TimestampWithTimeZone>) -> Option<i64> {
+    t.map(|t| t.into_inner())
+}
+
+fn load_profile(c: &mut SpiClient<'_>, email: &str, id: &[u8; 16]) -> BResult<Profile> {
+    let t = spi::write(c, PROFILE, &[TEXT, UUID], &[email.into(), uuid_arg(id)])?;
+    if t.is_empty() {
+        return Err(BillingError::internal("the pending profile vanished while it was applied"));
+    }
+    let t = t.first();
     Ok(Profile {
-        id: col::<pgrx::Uuid>(t, 1)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("profile without id"))?,
-        plan_id: col::<String>(t, 2)?.unwrap_or_else(|| "free".into()),
-        credits: col::<i64>(t, 3)?.unwrap_or(0),
-        cycle_start: col::<TimestampWithTimeZone>(t, 4)?,
-        cycle_end: col::<TimestampWithTimeZone>(t, 5)?,
-        next_renewal: col::<TimestampWithTimeZone>(t, 6)?,
-        provider: col::<String>(t, 7)?,
-        membership: col::<String>(t, 8)?,
+        id: col::<pgrx::Uuid>(&t, 1)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("profile without id"))?,
+        plan_id: col::<String>(&t, 2)?.unwrap_or_else(|| "free".into()),
+        credits: col::<i64>(&t, 3)?.unwrap_or(0),
+        cycle_start: col::<TimestampWithTimeZone>(&t, 4)?,
+        cycle_end: col::<TimestampWithTimeZone>(&t, 5)?,
+        next_renewal: col::<TimestampWithTimeZone>(&t, 6)?,
+        provider: col::<String>(&t, 7)?,
+        membership: col::<String>(&t, 8)?,
+        plan_credits: col::<i64>(&t, 9)?.unwrap_or(0),
     })
 }
 
-/// Give `user` the profile's plan, credits (as this period's subscription credits, replacing the
-/// subscription pool; purchased credits stay) and billing cycle, and `email` when given. Creates
-/// the account when missing. Returns whether the account existed (a merge) before.
-fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profile) -> BResult<bool> {
-    let existed = !spi::write(c, ACCOUNT_EXISTS, &[UUID], &[uuid_arg(user)])?.is_empty();
-    credits::renew(c, user, p.credits, p.next_renewal.or(p.cycle_end), None)?;
+/// What applying did.
+struct Applied {
+    existed: bool,
+    plan_kept: bool,
+}
+
+/// Give `user` the profile's `credits` (added to the subscription pool) and, unless the account
+/// has better, its plan and billing cycle; and `email` when given. Creates the account when
+/// missing. Never lowers what the account has (issue 11 item 2): an active subscription on a plan
+/// with more monthly credits keeps its plan, one whose period ends later keeps its period, and
+/// the pool only grows (expiring at the later date).
+fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profile, credits: i64) -> BResult<Applied> {
+    let created = !spi::write(c, CREATE_ACCOUNT, &[UUID], &[uuid_arg(user)])?.is_empty();
+    let t = spi::write(c, LOCK_ACCOUNT, &[UUID], &[uuid_arg(user)])?;
+    let live_pool = !t.is_empty() && col::<bool>(&t.first(), 1)?.unwrap_or(false);
+    let t = spi::write(c, LOCK_SUBSCRIPTION, &[UUID], &[uuid_arg(user)])?;
+    let (plan_kept, period_kept, subscribed) = if t.is_empty() {
+        (false, false, false)
+    } else {
+        let t = t.first();
+        let sub_credits = col::<i64>(&t, 1)?.unwrap_or(0);
+        let in_force = col::<bool>(&t, 2)?.unwrap_or(false);
+        let sub_end = micros(col::<TimestampWithTimeZone>(&t, 3)?);
+        let sub_plan = col::<String>(&t, 4)?;
+        let plan_kept = in_force && sub_plan.as_deref() != Some(p.plan_id.as_str()) && sub_credits > p.plan_credits;
+        let period_kept = in_force && matches!((sub_end, micros(p.cycle_end)), (Some(s), Some(e)) if s >= e);
+        (plan_kept, period_kept, true)
+    };
+    if !(subscribed && plan_kept && period_kept) {
+        spi::write(
+            c,
+            SUBSCRIBE,
+            &[UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, BOOL, INT8],
+            &[
+                uuid_arg(user),
+                p.plan_id.as_str().into(),
+                p.provider.as_deref().into(),
+                p.membership.as_deref().into(),
+                p.cycle_start.into(),
+                p.cycle_end.into(),
+                plan_kept.into(),
+                period_kept.into(),
+                p.plan_credits.into(),
+            ],
+        )?;
+    }
+    if credits > 0 {
+        credits::grant(c, user, Pool::Subscription, credits, "renewal", Some("subscription renewal"), None, None)?;
+    }
+    let expiry = p.next_renewal.or(p.cycle_end);
+    if credits > 0 || !live_pool {
+        spi::write(c, SET_EXPIRY, &[UUID, TIMESTAMPTZ, BOOL], &[uuid_arg(user), expiry.into(), live_pool.into()])?;
+    }
     if let Some(email) = email {
         set_account_email(c, user, email)?;
     }
-    spi::write(
-        c,
-        SUBSCRIBE,
-        &[UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ],
-        &[
-            uuid_arg(user),
-            p.plan_id.as_str().into(),
-            p.provider.as_deref().into(),
-            p.membership.as_deref().into(),
-            p.cycle_start.into(),
-            p.cycle_end.into(),
-        ],
-    )?;
-    Ok(existed)
+    Ok(Applied { existed: !created, plan_kept })
 }
 
-/// Claim the profile of `email` for `user`: every outcome of SPEC 9 as `{success, error, ...}`.
-/// Two concurrent claims: the second waits on the row lock of the first's UPDATE, re-checks
-/// `NOT claimed` on the committed row and reports it claimed (by another account or by itself).
+/// Claim the unclaimed profiles of `email` (with `token`, or without a token when
+/// `check_token` is false) for `user`: every outcome of SPEC 9 as `{success, error, ...}`.
+/// Two concurrent claims: the second waits on the row locks of the first's UPDATE, re-checks
+/// `NOT claimed` on the committed rows and reports them claimed (by another account or by itself).
 fn claim(c: &mut SpiClient<'_>, user: &[u8; 16], email: &str, token: Option<&str>, check_token: bool) -> BResult<Value> {
     for _ in 0..3 {
         let t = spi::write(c, CLAIM, &[TEXT, UUID, TEXT, BOOL], &[email.into(), uuid_arg(user), token.into(), check_token.into()])?;
-        if !t.is_empty() {
-            let p = profile_row(&t.first())?;
-            let existed = apply(c, user, Some(email), &p)?;
+        let mut ids: Vec<(i64, [u8; 16])> = Vec::new();
+        for row in t {
+            let id = row.get::<pgrx::Uuid>(1).or_internal()?.map(|u| *u.as_bytes());
+            let at = row.get::<TimestampWithTimeZone>(2).or_internal()?.map(|t| t.into_inner()).unwrap_or(0);
+            if let Some(id) = id {
+                ids.push((at, id));
+            }
+        }
+        if !ids.is_empty() {
+            // Oldest purchase first, so the newest one's plan and cycle are applied last.
+            ids.sort();
+            let (mut granted, mut merged, mut plan_now, mut last) = (0i64, None, String::new(), None);
+            for (_, id) in &ids {
+                let p = load_profile(c, email, id)?;
+                let a = apply(c, user, Some(email), &p, p.credits)?;
+                granted = granted.saturating_add(p.credits);
+                merged.get_or_insert(a.existed);
+                if !a.plan_kept {
+                    plan_now = p.plan_id.clone();
+                }
+                last = Some(p);
+            }
+            let merged = merged.unwrap_or(false);
+            let last = last.ok_or_else(|| BillingError::internal("claimed without a profile"))?;
+            if plan_now.is_empty() {
+                plan_now = current_plan(c, user)?.unwrap_or(last.plan_id.clone());
+            }
             return Ok(json!({
                 "success": true,
                 "error": null,
-                "profile_id": uuid_text(&p.id),
+                "profile_id": uuid_text(&last.id),
+                "profile_ids": ids.iter().map(|(_, id)| uuid_text(id)).collect::<Vec<_>>(),
                 "user_id": uuid_text(user),
-                "plan": p.plan_id,
-                "credits_granted": p.credits,
-                "merged": existed,
-                "account_created": !existed,
+                "plan": plan_now,
+                "credits_granted": granted,
+                "merged": merged,
+                "account_created": !merged,
                 "already_claimed": false,
             }));
         }
-        let t = spi::write(c, INSPECT, &[TEXT, TEXT], &[email.into(), token.into()])?;
-        if t.is_empty() {
+        let t = spi::write(c, INSPECT, &[TEXT, TEXT, UUID, BOOL], &[email.into(), token.into(), uuid_arg(user), check_token.into()])?;
+        let t = t.first();
+        let n = col::<i64>(&t, 1)?.unwrap_or(0);
+        let claimable = col::<bool>(&t, 2)?.unwrap_or(false);
+        let unclaimed = col::<bool>(&t, 3)?.unwrap_or(false);
+        let mine = col::<pgrx::Uuid>(&t, 4)?.map(|u| uuid_text(u.as_bytes()));
+        if n == 0 {
             return Ok(failure("no pending profile exists for this e-mail address"));
         }
-        let t = t.first();
-        let claimed = col::<bool>(&t, 1)?.unwrap_or(false);
-        let by = col::<pgrx::Uuid>(&t, 2)?.map(|u| *u.as_bytes());
-        let token_ok = col::<bool>(&t, 3)?.unwrap_or(false);
-        if claimed && by.as_ref() == Some(user) {
-            let id = col::<pgrx::Uuid>(&t, 4)?.map(|u| uuid_text(u.as_bytes()));
+        if claimable {
+            // A concurrent claim rolled back in between; try again.
+            continue;
+        }
+        if let Some(id) = mine {
             return Ok(json!({
                 "success": true,
                 "error": null,
@@ -211,15 +343,22 @@ fn claim(c: &mut SpiClient<'_>, user: &[u8; 16], email: &str, token: Option<&str
                 "already_claimed": true,
             }));
         }
-        if claimed {
-            return Ok(failure("this pending profile was already claimed by another account"));
-        }
-        if check_token && !token_ok {
+        if unclaimed {
             return Ok(failure("the token does not match this pending profile"));
         }
-        // Unclaimed and the token fits: a concurrent claim rolled back in between; try again.
+        return Ok(failure("this pending profile was already claimed by another account"));
     }
     Err(BillingError::internal("the pending profile kept changing while it was claimed"))
+}
+
+const CURRENT_PLAN: &str = "SELECT s.plan_id FROM billing.subscriptions AS s WHERE s.user_id = $1";
+
+fn current_plan(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Option<String>> {
+    let t = spi::write(c, CURRENT_PLAN, &[UUID], &[uuid_arg(user)])?;
+    if t.is_empty() {
+        return Ok(None);
+    }
+    col::<String>(&t.first(), 1)
 }
 
 fn failure(error: &str) -> Value {
@@ -268,53 +407,117 @@ fn upsert_pending_profile(a: &Args) -> BResult<Ret> {
             return Ok(replay);
         }
         let credits_n = credits_arg.map(i64::from).unwrap_or(monthly);
-        let t = spi::write(c, ACCOUNT_BY_EMAIL, &[TEXT], &[email.as_str().into()])?;
-        let account = if t.is_empty() { None } else { col::<pgrx::Uuid>(&t.first(), 1)?.map(|u| *u.as_bytes()) };
-        let account_arg = match &account {
-            Some(u) => uuid_arg(u),
-            None => pgrx::datum::DatumWithOid::null::<pgrx::Uuid>(),
-        };
-        let t = spi::write(
-            c,
-            UPSERT_PROFILE,
-            &[TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, INT8, UUID, TEXT],
-            &[
-                email.as_str().into(),
-                token.into(),
-                plan_id.as_str().into(),
-                provider.into(),
-                provider_user.into(),
-                membership.into(),
-                duration.into(),
-                start.into(),
-                end.into(),
-                credits_n.into(),
-                account_arg,
-                interval.into(),
-            ],
-        )?;
+        let t = spi::read(c, CYCLE, &[TIMESTAMPTZ, TIMESTAMPTZ, TEXT], &[start.into(), end.into(), interval.into()])?;
         let t = t.first();
-        let id = col::<pgrx::Uuid>(&t, 1)?.map(|u| uuid_text(u.as_bytes()));
-        let claimed_by = col::<pgrx::Uuid>(&t, 2)?.map(|u| *u.as_bytes());
-        // An account with this e-mail takes the purchase now; else the account that claimed the
-        // profile earlier (its e-mail changed since).
-        let target = account.or(claimed_by);
-        let result = match target {
-            None => json!({ "status": "pending", "id": id, "duplicate": false }),
-            Some(user) => {
-                let t = spi::write(c, PROFILE, &[TEXT], &[email.as_str().into()])?;
-                let p = profile_row(&t.first())?;
-                // The account that claimed the profile earlier keeps its (changed) e-mail.
-                apply(c, &user, account.map(|_| email.as_str()), &p)?;
+        let cycle_start = col::<TimestampWithTimeZone>(&t, 1)?;
+        let cycle_end = col::<TimestampWithTimeZone>(&t, 2)?;
+        let identity = [email.as_str().into(), token.into(), provider.into(), provider_user.into()];
+        let mut outcome = None;
+        for _ in 0..3 {
+            let t = spi::write(c, PURCHASE, &[TEXT, TEXT, TEXT, TEXT], &identity)?;
+            if t.is_empty() {
+                // A new purchase: pending until its buyer claims it, whoever has the e-mail.
+                let t = spi::write(
+                    c,
+                    INSERT_PROFILE,
+                    &[TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, INT8],
+                    &[
+                        email.as_str().into(),
+                        token.into(),
+                        plan_id.as_str().into(),
+                        provider.into(),
+                        provider_user.into(),
+                        membership.into(),
+                        duration.into(),
+                        cycle_start.into(),
+                        cycle_end.into(),
+                        credits_n.into(),
+                    ],
+                )?;
+                if t.is_empty() {
+                    continue; // recorded concurrently: read it again, locked
+                }
+                let id = col::<pgrx::Uuid>(&t.first(), 1)?.map(|u| uuid_text(u.as_bytes()));
+                outcome = Some((json!({ "status": "pending", "id": id, "duplicate": false }), None));
+                break;
+            }
+            let t = t.first();
+            let id = col::<pgrx::Uuid>(&t, 1)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("profile without id"))?;
+            let claimed_by = col::<pgrx::Uuid>(&t, 2)?.map(|u| *u.as_bytes());
+            let (old_start_ts, old_end_ts) = (col::<TimestampWithTimeZone>(&t, 3)?, col::<TimestampWithTimeZone>(&t, 4)?);
+            let (old_start, old_end) = (micros(old_start_ts), micros(old_end_ts));
+            let old_credits = col::<i64>(&t, 5)?.unwrap_or(0);
+            let old_plan = col::<String>(&t, 6)?.unwrap_or_else(|| plan_id.clone());
+            let old_plan_credits = col::<i64>(&t, 7)?.unwrap_or(0);
+            let Some(user) = claimed_by else {
+                // Not claimed yet: the buyer's purchase changed; nothing reaches an account.
+                spi::write(
+                    c,
+                    UPDATE_PROFILE,
+                    &[TEXT, UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, INT8, BOOL],
+                    &[
+                        email.as_str().into(),
+                        uuid_arg(&id),
+                        plan_id.as_str().into(),
+                        membership.into(),
+                        duration.into(),
+                        cycle_start.into(),
+                        cycle_end.into(),
+                        credits_n.into(),
+                        true.into(),
+                    ],
+                )?;
+                outcome = Some((json!({ "status": "pending", "id": uuid_text(&id), "duplicate": false }), None));
+                break;
+            };
+            // A repeat of a purchase its buyer claimed: it goes to that account. A later cycle
+            // grants the purchase's credits; within the same cycle only an increase tops up the
+            // difference (a repeated or flip-flopping webhook mints nothing).
+            let advanced = matches!((micros(cycle_end), old_end), (Some(n), Some(o)) if n > o)
+                || matches!((micros(cycle_start), old_start), (Some(n), Some(o)) if n > o);
+            let upgraded = monthly > old_plan_credits;
+            let (grant, stored_credits, stored_plan, s_start, s_end) = if advanced {
+                (credits_n, credits_n, plan_id.clone(), cycle_start, cycle_end)
+            } else {
+                // the stored cycle stays; the higher plan and credits are kept
+                let (grant, stored) = m::plan_change_grant(old_credits, credits_n);
+                let higher = if upgraded { plan_id.clone() } else { old_plan };
+                (grant, stored, higher, old_start_ts, old_end_ts)
+            };
+            spi::write(
+                c,
+                UPDATE_PROFILE,
+                &[TEXT, UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, INT8, BOOL],
+                &[
+                    email.as_str().into(),
+                    uuid_arg(&id),
+                    stored_plan.as_str().into(),
+                    membership.into(),
+                    duration.into(),
+                    s_start.into(),
+                    s_end.into(),
+                    stored_credits.into(),
+                    advanced.into(),
+                ],
+            )?;
+            if advanced || upgraded || grant > 0 {
+                let p = load_profile(c, &email, &id)?;
+                // The account that claimed it keeps its own (possibly changed) e-mail.
+                apply(c, &user, None, &p, grant)?;
+            }
+            outcome = Some((
                 json!({
                     "status": "applied_to_account",
-                    "id": id,
+                    "id": uuid_text(&id),
                     "user_id": uuid_text(&user),
-                    "credits_granted": p.credits,
+                    "credits_granted": grant,
                     "duplicate": false,
-                })
-            }
-        };
+                }),
+                Some(user),
+            ));
+            break;
+        }
+        let (result, target) = outcome.ok_or_else(|| BillingError::internal("the pending profile kept changing while it was recorded"))?;
         store_event(c, event_id, &result, target.as_ref())?;
         Ok(result)
     })
@@ -328,14 +531,11 @@ fn claim_pending_profile(a: &Args) -> BResult<Ret> {
     let caller = security::authorize_user(&user)?;
     let e = a.text(1);
     let email = m::normalize_email("p_email", e.as_deref())?;
-    if let Caller::EndUser { email: jwt_email, .. } = &caller {
-        let mine = jwt_email.as_deref().and_then(|j| m::normalize_email("email claim", Some(j)).ok());
-        if mine.as_deref() != Some(email.as_str()) {
-            return Err(BillingError::Forbidden {
-                message: "an end user may claim only the pending profile of their own e-mail address".into(),
-                hint: Some("p_email must be the email claim of the JWT".into()),
-            });
-        }
+    if matches!(caller, Caller::EndUser { .. }) && !caller.email_claim_is(&email) {
+        return Err(BillingError::Forbidden {
+            message: "an end user may claim only the pending profile of their own e-mail address".into(),
+            hint: Some("p_email must be the email claim of the JWT".into()),
+        });
     }
     let tok = a.text(2);
     let token = validate::key("p_token", tok.as_deref())?;
@@ -351,19 +551,17 @@ fn delete_pending_profile(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_delete_pending_profile, pgb_delete_pending_profile, delete_pending_profile);
 
-/// _on_new_user(p_user_id, p_email), called by the trigger function billing.handle_new_user.
-/// Not granted to anyone (only the SECURITY DEFINER trigger function calls it), and it does not
-/// check the caller: a sign-up may run in any session.
-fn on_new_user(a: &Args) -> BResult<Ret> {
-    let user = validate::required("id", a.uuid(0))?;
-    let raw = a.text(1);
+/// The sign-up: the account with the free plan's credits, and, when `claim_profiles`, the
+/// unclaimed pending profiles of the e-mail. Not granted to anyone (only the SECURITY DEFINER
+/// trigger function calls it), and it does not check the caller: a sign-up may run in any session.
+fn sign_up(user: [u8; 16], raw: Option<String>, claim_profiles: bool) -> BResult<Ret> {
     // A sign-up never fails because of its e-mail: a malformed one is stored as given
-    // (lower-cased) and claims nothing.
+    // (normalised) and claims nothing.
     let email = raw.as_deref().map(|e| m::normalize_email("email", Some(e)));
     let stored = match &email {
         Some(Ok(e)) => Some(e.clone()),
         // (kept only while it fits the e-mail index; a longer one is dropped)
-        Some(Err(_)) => raw.as_deref().map(|e| e.trim().to_lowercase()).filter(|e| e.chars().count() <= m::MAX_EMAIL),
+        Some(Err(_)) => raw.as_deref().map(m::email_key).filter(|e| e.chars().count() <= m::MAX_EMAIL),
         None => None,
     };
     Spi::connect_mut(|c| {
@@ -376,12 +574,26 @@ fn on_new_user(a: &Args) -> BResult<Ret> {
             }
         }
         let claimed = match &email {
-            Some(Ok(e)) => claim(c, &user, e, None, false)?["success"].as_bool().unwrap_or(false),
+            Some(Ok(e)) if claim_profiles => claim(c, &user, e, None, false)?["success"].as_bool().unwrap_or(false),
             _ => false,
         };
         Ok(json!({ "account_created": created, "claimed": claimed }))
     })
     .map(Ret::Json)
+}
+
+/// _on_new_user(p_user_id, p_email, p_claim), called by the trigger function
+/// billing.handle_new_user once it knows whether the e-mail is confirmed. The same C symbol
+/// served 0.2.0's two-argument `_on_new_user(p_user_id, p_email)` (released scripts name it, so
+/// it stays): called with two arguments (a 0.2.0 declaration still in place before `ALTER
+/// EXTENSION ... UPDATE`) it claims nothing, so a 0.2.0 trigger running on this library cannot
+/// hand a buyer's purchase to an unconfirmed sign-up.
+fn on_new_user(a: &Args) -> BResult<Ret> {
+    let user = validate::required("id", a.uuid(0))?;
+    // SAFETY: fcinfo is the live call's; nargs is how many arguments the caller passed.
+    let nargs = unsafe { (*a.0).nargs };
+    let claim_profiles = nargs > 2 && a.boolean(2).unwrap_or(false);
+    sign_up(user, a.text(1), claim_profiles)
 }
 crate::billing_fn!(pg_finfo_pgb_on_new_user, pgb_on_new_user, on_new_user);
 

@@ -20,6 +20,9 @@ data in every billing table, and then, as end users, tries everything they must 
     then every credit function called as a service caller and as an end user: nothing planted
     may run and the results must be right; and the same with types shadowed in pg_temp (temp
     domains named uuid, jsonb, timestamptz, ... whose CHECK logs), created by an end user;
+  - checkout attacks: a JWT e-mail with U+212A (Kelvin sign) claiming kate's purchase, a
+    stranger's checkout typed with a paying customer's e-mail, a later buyer's purchase of an
+    e-mail someone claimed before, and an unconfirmed sign-up with a buyer's e-mail;
   - app tables (issue 11 item 1): a role with CREATE on public plants a view widget_<x>, an enum
     cast to json in a widget table, and a registered resource table swapped for a view, each
     calling its function that tries ALTER ROLE ... SUPERUSER: it must never run as a superuser;
@@ -826,6 +829,65 @@ def static_checks(conn, sw):
         sw.attempts += 2
 
 
+def sweep_checkout(end, su, sw):
+    """Issue 10 item 3 and issue 11 items 2, 3, 8a: attacks on purchases made at checkout.
+    Each is one attempt; it counts as allowed when the attacker got what they wanted."""
+    procs = {r[0] for r in q(su, "SELECT proname FROM pg_proc WHERE pronamespace = 'billing'::regnamespace")}
+    if "upsert_pending_profile" not in procs:
+        return
+    tag = uuid.uuid4().hex[:10]
+    victim, a_user, b_user = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def state(u):
+        return q(su, """SELECT a.subscription_credits_balance, s.plan_id, s.current_period_end
+                          FROM billing.accounts AS a LEFT JOIN billing.subscriptions AS s USING (user_id)
+                         WHERE a.user_id = %s""", (u,))
+
+    # 11.8a: a JWT e-mail with U+212A KELVIN SIGN must not claim kate's purchase.
+    kate = f"kate-{tag}@example.com"
+    q(su, "SELECT billing.upsert_pending_profile(%s, %s, 'pro')", (kate, f"tok-{tag}"))
+    cl = dict(claims("authenticated", a_user), email="\u212A" + kate[1:])
+    sw.refused("claim_pending_profile with a U+212A (Kelvin sign) JWT e-mail for kate's purchase",
+               lambda: postgrest_call(end, "authenticated", cl, "SELECT billing.claim_pending_profile(%s, %s, %s)",
+                                      (a_user, kate, f"tok-{tag}")))
+    # 11.2: a stranger's checkout typed with a paying customer's e-mail.
+    v_email = f"victim-{tag}@example.com"
+    q(su, """SELECT billing.upsert_pending_profile(%s, %s, 'ultra', 'stripe', %s,
+             p_billing_cycle_start => now() + interval '1 day')""", (v_email, f"tok-v-{tag}", f"cus_v_{tag}"))
+    q(su, "SELECT billing.claim_pending_profile(%s, %s, %s)", (victim, v_email, f"tok-v-{tag}"))
+    before = state(victim)
+    sw.attempts += 1
+    r = q(su, """SELECT billing.upsert_pending_profile(p_email := %s, p_plan_id := 'pro', p_provider := 'stripe',
+                 p_provider_user_id := %s, p_credits := 0)""", (v_email.upper(), f"cus_other_{tag}"))[0][0]
+    if state(victim) != before:
+        sw.allowed.append(f"a stranger's checkout with a customer's e-mail changed the account: {before} -> {state(victim)} ({r})")
+    # 11.3: B's later purchase of an e-mail A claimed must not reach A, and B can claim it.
+    shared = f"shared-{tag}@corp.com"
+    q(su, "SELECT billing.upsert_pending_profile(%s, %s, 'pro', 'stripe', %s)", (shared, f"tok-a-{tag}", f"cus_a_{tag}"))
+    q(su, "SELECT billing.claim_pending_profile(%s, %s, %s)", (a_user, shared, f"tok-a-{tag}"))
+    before = state(a_user)
+    sw.attempts += 1
+    q(su, "SELECT billing.upsert_pending_profile(%s, %s, 'premium', 'stripe', %s)", (shared, f"tok-b-{tag}", f"cus_b_{tag}"))
+    cl = dict(claims("authenticated", b_user), email=shared)
+    got = postgrest_call(end, "authenticated", cl, "SELECT billing.claim_pending_profile(%s, %s, %s)",
+                         (b_user, shared, f"tok-b-{tag}"))[0][0]
+    if state(a_user) != before or got.get("success") is not True:
+        sw.allowed.append(f"a later purchase of a claimed e-mail went to the first claimer: {before} -> {state(a_user)}; "
+                          f"its buyer's claim: {got}")
+    # 10.3: an unconfirmed sign-up with a buyer's e-mail claims nothing.
+    buyer = f"buyer-{tag}@example.com"
+    q(su, "SELECT billing.upsert_pending_profile(%s, %s, 'premium')", (buyer, f"tok-buyer-{tag}"))
+    q(su, """CREATE TABLE IF NOT EXISTS public.prvsweep_users (id uuid PRIMARY KEY, email text, email_confirmed_at timestamptz);
+             DROP TRIGGER IF EXISTS prvsweep_on_user ON public.prvsweep_users;
+             CREATE TRIGGER prvsweep_on_user AFTER INSERT OR UPDATE OF email_confirmed_at ON public.prvsweep_users
+                 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user()""")
+    sw.attempts += 1
+    q(su, "INSERT INTO public.prvsweep_users (id, email) VALUES (%s, %s)", (uuid.uuid4(), buyer))
+    if q(su, "SELECT bool_or(claimed) FROM billing.pending_profiles WHERE email = %s", (buyer,))[0][0]:
+        sw.allowed.append("an unconfirmed sign-up with a buyer's e-mail claimed the buyer's purchase")
+    q(su, "DROP TABLE public.prvsweep_users")
+
+
 def run(quiet=False):
     su = connect()
     ctx = setup(su)
@@ -844,6 +906,7 @@ def run(quiet=False):
     sweep_tables(end, su, ctx, sw)
     sweep_grants(ctx, sw)
     sweep_hijack(ctx, sw)
+    sweep_checkout(end, su, sw)
     sweep_app_tables(ctx, sw)
     for row in q(su, "SELECT * FROM billing.verify_ledger()"):
         sw.allowed.append(f"verify_ledger after the sweep: {row}")

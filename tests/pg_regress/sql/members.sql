@@ -71,7 +71,7 @@ SELECT t.type, t.pool, t.amount, t.balance_after, t.description
   FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('alice@example.com') AND t.type = 'generation'
  ORDER BY t.id;
 
--- ===== plan change: the new plan's pool replaces the old one, usage starts again =====
+-- ===== plan upgrade: the pool is topped up by the difference, usage is kept (issue 11 item 4) =====
 SELECT billing.upsert_member('alice@example.com', 'premium', NULL, 'evt_m_2') - 'member_id' AS r;
 SELECT pg_temp.st('alice@example.com');
 SELECT t.type, t.pool, t.amount, t.balance_after
@@ -100,7 +100,8 @@ SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 100);
 SELECT pg_temp.status(pg_temp.mid('alice@example.com')) AS status;
 
 -- ===== the pool first, then extra credits; beyond them overage (premium allows it) =====
-SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 1900);
+-- (1890: the 10 used before the upgrade still count in this period's usage)
+SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 1890);
 SELECT billing.consume_generation(pg_temp.mid('alice@example.com'), 50, 'into extra credits');
 SELECT pg_temp.st('alice@example.com');
 -- 10 more with 5 credits left: 5 from credits, 5 overage (type overage, still allowed)
@@ -213,6 +214,55 @@ RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- bob's state: only his own generation changed it
 SELECT pg_temp.st('bob@example.com');
+
+-- ===== issue 11 item 4: plan flip-flops within one period mint nothing =====
+-- plan_pool(email): plan, scheduled plan, renewal date, usage and pools (no dates of today).
+CREATE FUNCTION pg_temp.plan_pool(p_email text) RETURNS text LANGUAGE sql AS $f$
+    SELECT format('plan=%s next=%s renewal=%s usage=%s sub=%s pur=%s',
+                  m.plan_id, m.next_plan_id, m.renewal_date, m.period_usage,
+                  a.subscription_credits_balance, a.purchased_credits_balance)
+      FROM billing.members AS m LEFT JOIN billing.accounts AS a ON a.user_id = m.user_id
+     WHERE m.user_id = pg_temp.mid(p_email)
+$f$;
+-- pro -> premium -> pro -> premium with unchanged dates: 500 + 1500 = premium's 2000 in total
+SELECT billing.upsert_member('flip@example.com', 'pro', '2124-09-10') ->> 'credits_granted' AS granted;
+SELECT billing.consume_generation(pg_temp.mid('flip@example.com'), 100) ->> 'current_usage' AS usage;
+SELECT r ->> 'plan' AS plan, r ->> 'scheduled_plan' AS scheduled, r ->> 'credits_granted' AS granted
+  FROM (VALUES (1, 'premium'), (2, 'pro'), (3, 'premium'), (4, 'pro'), (5, 'premium')) AS v(n, plan),
+       LATERAL billing.upsert_member('flip@example.com', v.plan, '2124-09-10') AS r ORDER BY v.n;
+-- usage was not reset by the plan changes; the pool is 2000 - 100
+SELECT pg_temp.plan_pool('flip@example.com');
+SELECT sum(t.amount) FILTER (WHERE t.amount > 0) AS granted_in_period
+  FROM billing.credit_transactions AS t WHERE t.user_id = pg_temp.mid('flip@example.com');
+
+-- ===== issue 11 item 2: a membership webhook never lowers what a member has =====
+-- a downgrade (a stranger's checkout with the member's e-mail, or the member's own) waits for
+-- the next renewal: plan, pool and usage stay for this period
+SELECT billing.upsert_member('flip@example.com', 'free', '2124-09-10') - 'member_id' AS r;
+SELECT pg_temp.plan_pool('flip@example.com');
+-- an earlier renewal date would shorten the period (and expire the pool early): ignored
+SELECT billing.upsert_member('flip@example.com', 'free', '2124-08-20') ->> 'renewal_date' AS renewal_kept;
+-- going back to the current plan cancels the scheduled downgrade
+SELECT billing.upsert_member('flip@example.com', 'premium') ->> 'scheduled_plan' AS scheduled;
+SELECT billing.upsert_member('flip@example.com', 'pro') ->> 'scheduled_plan' AS scheduled;
+-- at the renewal the scheduled plan takes effect with its own pool
+SELECT billing.reset_usage_for_due_members('2124-09-10') >= 1 AS reset;
+SELECT pg_temp.plan_pool('flip@example.com');
+SELECT billing.upsert_member('flip@example.com', 'premium') ->> 'credits_granted' AS upgrade_granted;
+-- an existing account with a bigger pool that becomes a member keeps it (0.2.0: replaced by 500)
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000802', 5000) ->> 'total_balance' AS total;
+UPDATE billing.accounts SET email = 'rich@example.com' WHERE user_id = '00000000-0000-0000-0000-000000000802';
+SELECT billing.upsert_member('rich@example.com', 'pro', '2124-10-01') ->> 'credits_granted' AS granted;
+SELECT pg_temp.plan_pool('rich@example.com');
+
+-- ===== issue 11 item 8a: e-mails are not Unicode-folded into ASCII =====
+-- an account kate@example.com; a member with U+212A KELVIN SIGN instead of 'K' is someone else
+INSERT INTO billing.accounts (user_id, email) VALUES ('00000000-0000-0000-0000-000000000803', 'Kate@Example.com');
+SELECT (billing.upsert_member(U&'\212Aate@example.com', 'pro') ->> 'member_id')::uuid
+       <> '00000000-0000-0000-0000-000000000803' AS kelvin_is_not_kate;
+SELECT (billing.upsert_member('KATE@example.com', 'pro') ->> 'member_id')::uuid
+       = '00000000-0000-0000-0000-000000000803' AS ascii_case_still_matches;
+SELECT count(*) AS kate_rows FROM billing.member_emails WHERE email IN ('kate@example.com', U&'\212Aate@example.com');
 
 -- ===== catalog: access and comments =====
 SELECT f.function_name, f.access FROM billing.api_catalog() AS f

@@ -47,7 +47,8 @@ SELECT pg_temp.pp('bob@example.com');
 -- the same event again: the first result, nothing changes
 SELECT billing.upsert_pending_profile('bob@example.com', 'other', 'ultra', p_event_id => 'evt_pp_1') - 'id' AS r;
 SELECT pg_temp.pp('bob@example.com');
--- a new purchase for the same e-mail updates the pending profile (one row per e-mail)
+-- the same purchase again (same e-mail, token and provider customer) updates its pending
+-- profile: one row per purchase
 SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'premium', 'whop', 'wu_1', 'mem_2', 'yearly',
                                       '2024-02-01 00:00+00', NULL, 1500) - 'id' AS r;
 SELECT pg_temp.pp('bob@example.com');
@@ -74,7 +75,8 @@ SELECT pg_temp.pp('bob@example.com');
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
 -- success, creating the account: plan, credits (subscription), billing cycle, e-mail
 INSERT INTO res SELECT 'bob_claim', billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'BOB@example.com', 'tok-bob')
-RETURNING label, r - 'profile_id' AS r;
+RETURNING label, r - 'profile_id' - 'profile_ids' AS r;
+SELECT r -> 'profile_ids' = jsonb_build_array(r -> 'profile_id') AS one_profile_claimed FROM res WHERE label = 'bob_claim';
 SELECT (r ->> 'profile_id')::uuid = (SELECT p.id FROM billing.pending_profiles AS p WHERE p.email = 'bob@example.com') AS profile_id_matches
   FROM res WHERE label = 'bob_claim';
 SELECT pg_temp.pp('bob@example.com');
@@ -91,50 +93,95 @@ SELECT pg_temp.acct('00000000-0000-0000-0000-000000000902');
 -- claimed rows are kept, and no longer listed as unclaimed
 SELECT email FROM billing.get_unclaimed_pending_profiles() ORDER BY email;
 
--- merge into an existing account: its subscription pool is replaced, purchased credits stay,
--- its e-mail becomes the claimed one
+-- merge into an existing account: the purchase's credits are added to its subscription pool
+-- (nothing expires, issue 11 item 2), purchased credits stay, its e-mail becomes the claimed one
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000903', 10) ->> 'total_balance' AS total;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000903', 25) ->> 'total_balance' AS total;
-SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000903', 'erin@example.com') - 'profile_id' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000903') LIKE 'email=erin@example.com sub=500 pur=25 %' AS merged;
-SELECT e.expired_amount FROM billing.credit_expiration_events AS e WHERE e.user_id = '00000000-0000-0000-0000-000000000903';
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000903', 'erin@example.com') - 'profile_id' - 'profile_ids' AS r;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000903') LIKE 'email=erin@example.com sub=510 pur=25 %' AS merged;
+SELECT count(*) AS expirations FROM billing.credit_expiration_events AS e WHERE e.user_id = '00000000-0000-0000-0000-000000000903';
 
--- ===== upsert_pending_profile for an e-mail that has an account: applied directly =====
+-- ===== upsert_pending_profile for an e-mail that has an account: a new purchase stays pending =====
+-- (issue 11 item 2: the typed e-mail is not proof of who bought; the buyer claims it)
 SELECT billing.upsert_pending_profile('Erin@example.com', NULL, 'ultra', 'stripe', NULL, 'sub_9', 'monthly',
                                       '2024-05-01 00:00+00', NULL, NULL, 'evt_pp_2') - 'id' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000903');
--- the profile row is kept as claimed by that account
-SELECT pg_temp.pp('erin@example.com');
--- a purchase for a claimed profile whose account changed its e-mail goes to that account, which
--- keeps its new e-mail
+-- 903 keeps its pool and plan (0.2.0: ultra with 10000 applied at once)
+SELECT a.subscription_credits_balance, s.plan_id FROM billing.accounts AS a JOIN billing.subscriptions AS s USING (user_id)
+ WHERE a.user_id = '00000000-0000-0000-0000-000000000903';
+-- two rows for erin now: the purchase 903 claimed and the new one, pending
+SELECT p.plan_id, p.provider, p.claimed, p.claimed_by_user_id FROM billing.pending_profiles AS p
+ WHERE p.email = 'erin@example.com' ORDER BY p.claimed DESC;
+-- a repeat of a claimed purchase (same token and provider customer) goes to the account that
+-- claimed it, which keeps its new e-mail; a later cycle grants its credits (added)
 UPDATE billing.accounts SET email = 'bob.new@example.com' WHERE user_id = '00000000-0000-0000-0000-000000000901';
-SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'pro', p_billing_cycle_start => '2024-06-01 00:00+00') - 'id' AS r;
+SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'pro', 'whop', 'wu_1', p_billing_cycle_start => '2024-06-01 00:00+00') - 'id' AS r;
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
 SELECT pg_temp.pp('bob@example.com');
+-- the same cycle again (a repeated webhook): nothing more
+SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'pro', 'whop', 'wu_1', p_billing_cycle_start => '2024-06-01 00:00+00') - 'id' AS r;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
 
--- ===== handle_new_user: a Supabase-style users table =====
-CREATE TABLE pg_temp.users (id uuid PRIMARY KEY, email text);
-CREATE TRIGGER on_user_created AFTER INSERT ON pg_temp.users FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user();
+-- ===== handle_new_user: a Supabase-style users table (issue 10 item 3) =====
+CREATE TABLE pg_temp.users (id uuid PRIMARY KEY, email text, email_confirmed_at timestamptz, confirmed_at timestamptz);
+CREATE TRIGGER on_user_created AFTER INSERT OR UPDATE OF email_confirmed_at ON pg_temp.users
+    FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user();
 SELECT billing.upsert_pending_profile('grace@example.com', 'tok-g', 'premium', p_billing_cycle_start => '2024-07-01 00:00+00') - 'id' AS r;
 -- a plain sign-up: the free plan's credits
 INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000911', 'Heidi@Example.com');
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000911');
--- a sign-up with a pending profile's e-mail: claimed in the same transaction (no token needed:
--- the e-mail is the sign-up's)
-INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000912', 'grace@example.com');
+-- a sign-up with a pending profile's e-mail, not confirmed yet (Supabase inserts the row with
+-- email_confirmed_at NULL; confirmed_at set by a confirmed phone does not count): the account
+-- is created, the buyer's purchase is NOT claimed
+INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000912', 'grace@example.com', NULL, '2024-07-01 10:00+00');
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000912');
+SELECT pg_temp.pp('grace@example.com');
+-- the e-mail is confirmed: claimed in the same transaction (no token needed: the e-mail is the
+-- sign-up's, and confirmed)
+UPDATE pg_temp.users SET email_confirmed_at = '2024-07-02 00:00+00' WHERE id = '00000000-0000-0000-0000-000000000912';
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000912');
 SELECT pg_temp.pp('grace@example.com');
 SELECT t.type, t.pool, t.amount, t.balance_after FROM billing.credit_transactions AS t
  WHERE t.user_id = '00000000-0000-0000-0000-000000000912' ORDER BY t.id;
+-- a second confirmation (and any other update) does nothing
+UPDATE pg_temp.users SET email_confirmed_at = '2024-07-03 00:00+00' WHERE id = '00000000-0000-0000-0000-000000000912';
+UPDATE pg_temp.users SET email = 'grace@example.com' WHERE id = '00000000-0000-0000-0000-000000000912';
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000912');
+-- a sign-up that is confirmed already claims at once
+SELECT billing.upsert_pending_profile('judy@example.com', 'tok-j', 'pro', p_billing_cycle_start => '2024-07-01 00:00+00') ->> 'status' AS status;
+INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000916', 'Judy@example.com', '2024-07-05 00:00+00');
+SELECT pg_temp.pp('judy@example.com');
+-- a table with confirmed_at only: the same rule on that column
+CREATE TABLE pg_temp.users2 (id uuid PRIMARY KEY, email text, confirmed_at timestamptz);
+CREATE TRIGGER on_user2 AFTER INSERT OR UPDATE ON pg_temp.users2 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user();
+SELECT billing.upsert_pending_profile('kim@example.com', 'tok-k', 'pro', p_billing_cycle_start => '2024-07-01 00:00+00') ->> 'status' AS status;
+INSERT INTO pg_temp.users2 VALUES ('00000000-0000-0000-0000-000000000917', 'kim@example.com', NULL);
+SELECT pg_temp.pp('kim@example.com');
+UPDATE pg_temp.users2 SET confirmed_at = '2024-07-06 00:00+00' WHERE id = '00000000-0000-0000-0000-000000000917';
+SELECT pg_temp.pp('kim@example.com');
+-- a table without a confirmation column claims only when the DBA says its e-mails are verified
+CREATE TABLE pg_temp.users3 (id uuid PRIMARY KEY, email text);
+CREATE TRIGGER on_user3 AFTER INSERT ON pg_temp.users3 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user();
+SELECT billing.upsert_pending_profile('leo@example.com', 'tok-l', 'pro', p_billing_cycle_start => '2024-07-01 00:00+00') ->> 'status' AS status;
+INSERT INTO pg_temp.users3 VALUES ('00000000-0000-0000-0000-000000000918', 'leo@example.com');
+SELECT pg_temp.pp('leo@example.com');
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000918');
+CREATE TABLE pg_temp.users4 (id uuid PRIMARY KEY, email text);
+CREATE TRIGGER on_user4 AFTER INSERT ON pg_temp.users4 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user('claim_on_insert');
+INSERT INTO pg_temp.users4 VALUES ('00000000-0000-0000-0000-000000000919', 'leo@example.com');
+SELECT pg_temp.pp('leo@example.com');
+-- an unknown trigger argument: 22023
+CREATE TABLE pg_temp.users5 (id uuid PRIMARY KEY, email text);
+CREATE TRIGGER on_user5 AFTER INSERT ON pg_temp.users5 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user('claim-on-insert');
+SELECT pg_temp.err($$INSERT INTO pg_temp.users5 VALUES ('00000000-0000-0000-0000-000000000920', 'x@example.com')$$);
 -- no e-mail, or a malformed one: the account is created, nothing is claimed
-INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000913', NULL), ('00000000-0000-0000-0000-000000000914', 'Not An Email');
+INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000913', NULL, now()), ('00000000-0000-0000-0000-000000000914', 'Not An Email', now());
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000913');
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000914');
 -- an account that already exists keeps its credits (no second free grant)
-SELECT billing._on_new_user('00000000-0000-0000-0000-000000000911', 'heidi@example.com');
+SELECT billing._on_new_user('00000000-0000-0000-0000-000000000911', 'heidi@example.com', true);
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000911');
 -- an e-mail whose profile another account claimed: nothing claimed
-SELECT billing._on_new_user('00000000-0000-0000-0000-000000000915', 'bob@example.com');
+SELECT billing._on_new_user('00000000-0000-0000-0000-000000000915', 'bob@example.com', true);
 SELECT pg_temp.pp('bob@example.com');
 
 -- ===== delete_pending_profile =====
@@ -155,7 +202,7 @@ SELECT pg_temp.err($$SELECT billing.claim_pending_profile(NULL, 'bob@example.com
 SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', NULL)$$);
 SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'bob')$$);
 SELECT pg_temp.err($$SELECT billing.delete_pending_profile(NULL)$$);
-SELECT pg_temp.err($$SELECT billing._on_new_user(NULL, 'a@example.com')$$);
+SELECT pg_temp.err($$SELECT billing._on_new_user(NULL, 'a@example.com', true)$$);
 
 -- ===== end users =====
 SELECT billing.upsert_pending_profile('ivan@example.com', 'tok-i', 'pro', p_billing_cycle_start => '2024-08-01 00:00+00') - 'id' AS r;
@@ -170,7 +217,7 @@ SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('ivan@example.com')$$
 SELECT pg_temp.err($$SELECT * FROM billing.get_unclaimed_pending_profiles()$$);
 SELECT pg_temp.err($$SELECT billing.delete_pending_profile('00000000-0000-0000-0000-000000000999')$$);
 -- own id and own e-mail (any case): claimed
-SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'ivan@example.com', 'tok-i') - 'profile_id' AS r;
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'ivan@example.com', 'tok-i') - 'profile_id' - 'profile_ids' AS r;
 -- row security: the user sees the profile they claimed, and only that one
 SELECT email, claimed FROM billing.pending_profiles;
 -- a JWT without an email claim cannot claim
@@ -179,6 +226,70 @@ SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-00
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SELECT pg_temp.acct('00000000-0000-0000-0000-000000000921');
+
+-- ===== issue 11 item 2: a stranger's checkout never lowers a paying customer's account =====
+-- (future cycles, so the subscription is in force whatever the day the test runs)
+SELECT billing.upsert_pending_profile('victim@example.com', 'tok-v', 'ultra', 'stripe', 'cus_victim', NULL, 'monthly',
+                                      '2030-01-01 00:00+00') ->> 'status' AS status;
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000931', 'victim@example.com', 'tok-v') ->> 'credits_granted' AS granted;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+-- the attack: another customer's 'pro' checkout with 0 credits typed with the victim's e-mail
+SELECT billing.upsert_pending_profile(p_email := 'Victim@example.com', p_plan_id := 'pro',
+                                      p_provider_user_id := 'cus_other', p_credits := 0) ->> 'status' AS status;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+-- even claimed by the victim (it has no token), it lowers nothing: ultra, 10000, the later cycle stay
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000931', 'victim@example.com', 'tok-v') - 'profile_id' - 'profile_ids' AS r;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+-- the victim's own later purchase of a lower plan in the same cycle: credits added, ultra kept
+SELECT billing.upsert_pending_profile('victim@example.com', 'tok-v2', 'pro', 'stripe', 'cus_victim', NULL, 'monthly',
+                                      '2030-01-10 00:00+00') ->> 'status' AS status;
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000931', 'victim@example.com', 'tok-v2') ->> 'plan' AS plan_after;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+
+-- ===== issue 11 item 3: a later purchase of a claimed e-mail reaches its own buyer =====
+SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-A', 'pro', 'stripe', 'cus_A', NULL, 'monthly',
+                                      '2030-01-01 00:00+00') ->> 'status' AS status;
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000941', 'shared@corp.com', 'tok-A') ->> 'success' AS a_claimed;
+-- B now holds the address and buys with another token and customer: pending, not A's
+SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-B', 'premium', 'stripe', 'cus_B', NULL, 'monthly',
+                                      '2030-01-05 00:00+00') ->> 'status' AS status;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000941');
+-- A claiming again with A's token: already claimed, nothing more (B's purchase needs B's token)
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000941', 'shared@corp.com', 'tok-A') - 'profile_id' AS r;
+-- B claims the purchase with its token and gets it
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000942', 'shared@corp.com', 'tok-B') - 'profile_id' - 'profile_ids' AS r;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000942');
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000941');
+SELECT p.token, p.plan_id, p.claimed_by_user_id FROM billing.pending_profiles AS p WHERE p.email = 'shared@corp.com' ORDER BY p.token;
+-- A's own purchase renewing (same token and customer, next cycle) still goes to A
+SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-A', 'pro', 'stripe', 'cus_A', NULL, 'monthly',
+                                      '2030-01-31 00:00+00') - 'id' AS r;
+
+-- ===== a claimed purchase's repeats within one cycle never mint (issue 11 item 4, issue 10 item 1) =====
+-- pro -> premium -> pro -> premium in the same cycle: 500 + 1500 in total, the premium amount
+SELECT billing.upsert_pending_profile('flip@example.com', 'tok-f', 'pro', 'stripe', 'cus_f', NULL, 'monthly',
+                                      '2030-03-01 00:00+00') ->> 'status' AS status;
+SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000951', 'flip@example.com', 'tok-f') ->> 'credits_granted' AS granted;
+SELECT r ->> 'credits_granted' AS granted FROM (VALUES ('premium'), ('pro'), ('premium'), ('premium')) AS v(plan),
+       LATERAL billing.upsert_pending_profile('flip@example.com', 'tok-f', v.plan, 'stripe', 'cus_f', NULL, 'monthly',
+                                              '2030-03-01 00:00+00') AS r;
+SELECT pg_temp.acct('00000000-0000-0000-0000-000000000951');
+
+-- ===== issue 11 item 8a: e-mails are not Unicode-folded into ASCII =====
+-- U+212A KELVIN SIGN lower-cases to 'k' under Unicode rules; here it stays another address
+SELECT billing.upsert_pending_profile('kate@example.com', 'tok-kate', 'pro', p_billing_cycle_start => '2030-01-01 00:00+00') ->> 'status' AS status;
+SELECT billing.upsert_pending_profile(U&'\212Aate@Example.com', 'tok-kelvin', 'free', p_billing_cycle_start => '2030-01-01 00:00+00') ->> 'status' AS status;
+SELECT p.email = U&'\212Aate@example.com' AS kelvin_kept, p.token FROM billing.pending_profiles AS p
+ WHERE p.token IN ('tok-kate', 'tok-kelvin') ORDER BY p.token;
+SET LOCAL ROLE authenticated;
+SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000961","role":"authenticated","email":"\u212Aate@example.com"}', true) IS NOT NULL AS claims_set;
+-- the JWT's e-mail is not kate's: 42501
+SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000961', 'kate@example.com', 'tok-kate')$$);
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
+SELECT pg_temp.pp('kate@example.com');
+-- the accounts' e-mail index uses the same normalisation
+SELECT pg_catalog.pg_get_indexdef('billing.accounts_email_idx'::regclass) LIKE '%translate(email%' AS index_ascii_only;
 
 -- ===== catalog =====
 SELECT f.function_name, f.access FROM billing.api_catalog() AS f
