@@ -95,3 +95,44 @@ COMMENT ON FUNCTION billing.process_expired_subscriptions() IS
 COMMENT ON FUNCTION billing.increment_credits_with_log(uuid, integer, text, text, text) IS
 'Service-only legacy alias. Type ''purchase'' (matched case-insensitively, spaces trimmed, and logged as purchase) adds to the purchased pool, any other type to the subscription pool. Returns the new total balance.';
 
+-- ===== Widgets: the missing-column list in a fixed order (PostgreSQL 16-18 support, issue 12) =====
+-- register_widget_table listed a table's missing widget columns in whatever order the plan gave
+-- (string_agg without ORDER BY; PostgreSQL 17 plans it differently): now always in the order of
+-- the required columns.
+CREATE OR REPLACE FUNCTION billing.register_widget_table(p_widget_type text, p_table regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_schema text;
+    v_table text;
+    v_missing text;
+BEGIN
+    PERFORM billing.require_service('billing.register_widget_table');
+    IF p_widget_type IS NULL OR p_widget_type !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'p_widget_type must be a lower-case name such as links' USING ERRCODE = '22023';
+    END IF;
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'p_table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT n.nspname, c.relname INTO v_schema, v_table
+      FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table or view', p_table USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.string_agg(req.col, ', ' ORDER BY req.n) INTO v_missing
+      FROM (VALUES (1, 'id', 'pg_catalog.uuid'::pg_catalog.regtype), (2, 'user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
+                   (3, 'position', 'pg_catalog.int4'::pg_catalog.regtype), (4, 'is_active', 'pg_catalog.bool'::pg_catalog.regtype),
+                   (5, 'created_at', NULL), (6, 'updated_at', NULL)) AS req(n, col, typ)
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                        WHERE a.attrelid = p_table AND a.attname = req.col AND a.attnum > 0 AND NOT a.attisdropped
+                          AND (req.typ IS NULL OR a.atttypid = req.typ
+                               OR (req.col = 'position' AND a.atttypid IN ('pg_catalog.int2'::pg_catalog.regtype,
+                                                                          'pg_catalog.int8'::pg_catalog.regtype))));
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'table % lacks the widget columns %', p_table, v_missing USING ERRCODE = '22023',
+            HINT = 'a widget table needs id uuid, user_id uuid, position (smallint, integer or bigint), is_active boolean, created_at, updated_at';
+    END IF;
+    INSERT INTO billing.widget_tables AS w (widget_type, schema_name, table_name) VALUES (p_widget_type, v_schema, v_table)
+    ON CONFLICT (widget_type) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
+END
+$$;
