@@ -216,9 +216,11 @@ def old_library(version, quiet=False):
     major = pg_major()
     # PostgreSQL 15 is the old releases' default feature; another version gets its own build.
     base = REPO / ".tmp" / "releases" / (f"{version}-{commit[:12]}" + ("" if major == 15 else f"-pg{major}"))
-    so = base / "target" / "debug" / f"lib{EXT}.so"
-    if so.exists():
-        return so, None
+    so = base / f"lib{EXT}.so"
+    legacy = base / "target" / "debug" / f"lib{EXT}.so"    # where builds before issue 12 left it
+    for built in (so, legacy):
+        if built.exists():
+            return built, None
     if not quiet:
         print(f"  building the {version} library from commit {commit[:12]} (once; cached in {base.relative_to(REPO)})",
               flush=True)
@@ -227,7 +229,10 @@ def old_library(version, quiet=False):
     src.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    env = dict(os.environ, PGRX_HOME=str(REPO / "pgrx-config"), CARGO_TARGET_DIR=str(base / "target"))
+    # One target directory per PostgreSQL version for every old release: their dependencies are
+    # compiled once, not once per release; each release's library is copied out of it.
+    target = REPO / ".tmp" / "releases" / f"target-pg{major}"
+    env = dict(os.environ, PGRX_HOME=str(REPO / "pgrx-config"), CARGO_TARGET_DIR=str(target))
     args = ["cargo", "build", "--lib", "--locked"]
     if major != 15:
         # Releases before 0.3.0 have only the pg15 feature; their code builds unchanged for 16-18,
@@ -237,8 +242,11 @@ def old_library(version, quiet=False):
         env["PGRX_PG_CONFIG_PATH"] = pg_config()
         args += ["--no-default-features", "--features", f"pg{major}"]
     r = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not so.exists():
+    out = target / "debug" / f"lib{EXT}.so"
+    if r.returncode != 0 or not out.exists():
         raise RuntimeError(f"building the {version} library failed: {r.stderr[-3000:]}")
+    shutil.copy2(out, so.with_suffix(".so.tmp"))
+    os.replace(so.with_suffix(".so.tmp"), so)
     return so, None
 
 
