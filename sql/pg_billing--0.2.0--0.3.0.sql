@@ -200,10 +200,10 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION '% is not a table or view', p_table USING ERRCODE = '22023';
     END IF;
-    SELECT pg_catalog.string_agg(req.col, ', ') INTO v_missing
-      FROM (VALUES ('id', 'pg_catalog.uuid'::pg_catalog.regtype), ('user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
-                   ('position', 'pg_catalog.int4'::pg_catalog.regtype), ('is_active', 'pg_catalog.bool'::pg_catalog.regtype),
-                   ('created_at', NULL), ('updated_at', NULL)) AS req(col, typ)
+    SELECT pg_catalog.string_agg(req.col, ', ' ORDER BY req.n) INTO v_missing
+      FROM (VALUES (1, 'id', 'pg_catalog.uuid'::pg_catalog.regtype), (2, 'user_id', 'pg_catalog.uuid'::pg_catalog.regtype),
+                   (3, 'position', 'pg_catalog.int4'::pg_catalog.regtype), (4, 'is_active', 'pg_catalog.bool'::pg_catalog.regtype),
+                   (5, 'created_at', NULL), (6, 'updated_at', NULL)) AS req(n, col, typ)
      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
                         WHERE a.attrelid = p_table AND a.attname = req.col AND a.attnum > 0 AND NOT a.attisdropped
                           AND (req.typ IS NULL OR a.atttypid = req.typ

@@ -176,6 +176,33 @@ def release_commit(version, releases_dir=None):
     return None
 
 
+def pg_config():
+    return os.environ.get("PG_CONFIG", "/usr/bin/pg_config")
+
+
+def pg_major():
+    """The major version of the PostgreSQL the check runs against (PG_CONFIG; 15 by default)."""
+    try:
+        out = subprocess.run([pg_config(), "--version"], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 15
+    m = re.match(r"PostgreSQL (\d+)", out.strip())
+    return int(m.group(1)) if m else 15
+
+
+def add_pg_feature(cargo_toml, major):
+    """Adds `pg<major> = ["pgrx/pg<major>"]` to an old release's [features] (in a temporary
+    copy), unless it is there already."""
+    text = cargo_toml.read_text()
+    line = f'pg{major} = ["pgrx/pg{major}"]'
+    if re.search(rf"^pg{major}\s*=", text, re.M):
+        return
+    new, n = re.subn(r"^\[features\]\n", lambda m: m.group(0) + line + "\n", text, count=1, flags=re.M)
+    if n != 1:
+        raise RuntimeError(f"{cargo_toml} has no [features] table to add {line} to")
+    cargo_toml.write_text(new)
+
+
 def old_library(version, quiet=False):
     """Builds the shared library of a released version from its commit (cached in .tmp/releases/).
     Returns (path, None), or (None, reason) when the commit is not in this clone (a shallow one),
@@ -186,10 +213,14 @@ def old_library(version, quiet=False):
     if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
                       capture_output=True).returncode != 0:
         return None, f"the {version} commit {commit[:12]} is not in this clone"
-    base = REPO / ".tmp" / "releases" / f"{version}-{commit[:12]}"
-    so = base / "target" / "debug" / f"lib{EXT}.so"
-    if so.exists():
-        return so, None
+    major = pg_major()
+    # PostgreSQL 15 is the old releases' default feature; another version gets its own build.
+    base = REPO / ".tmp" / "releases" / (f"{version}-{commit[:12]}" + ("" if major == 15 else f"-pg{major}"))
+    so = base / f"lib{EXT}.so"
+    legacy = base / "target" / "debug" / f"lib{EXT}.so"    # where builds before issue 12 left it
+    for built in (so, legacy):
+        if built.exists():
+            return built, None
     if not quiet:
         print(f"  building the {version} library from commit {commit[:12]} (once; cached in {base.relative_to(REPO)})",
               flush=True)
@@ -198,10 +229,24 @@ def old_library(version, quiet=False):
     src.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    env = dict(os.environ, PGRX_HOME=str(REPO / "pgrx-config"), CARGO_TARGET_DIR=str(base / "target"))
-    r = subprocess.run(["cargo", "build", "--lib", "--locked"], cwd=src, env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not so.exists():
+    # One target directory per PostgreSQL version for every old release: their dependencies are
+    # compiled once, not once per release; each release's library is copied out of it.
+    target = REPO / ".tmp" / "releases" / f"target-pg{major}"
+    env = dict(os.environ, PGRX_HOME=str(REPO / "pgrx-config"), CARGO_TARGET_DIR=str(target))
+    args = ["cargo", "build", "--lib", "--locked"]
+    if major != 15:
+        # Releases before 0.3.0 have only the pg15 feature; their code builds unchanged for 16-18,
+        # so this temporary copy gets the feature line of the running version (the line 0.3.0
+        # has), and is built against the running server's own pg_config.
+        add_pg_feature(src / "Cargo.toml", major)
+        env["PGRX_PG_CONFIG_PATH"] = pg_config()
+        args += ["--no-default-features", "--features", f"pg{major}"]
+    r = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True)
+    out = target / "debug" / f"lib{EXT}.so"
+    if r.returncode != 0 or not out.exists():
         raise RuntimeError(f"building the {version} library failed: {r.stderr[-3000:]}")
+    shutil.copy2(out, so.with_suffix(".so.tmp"))
+    os.replace(so.with_suffix(".so.tmp"), so)
     return so, None
 
 
