@@ -91,8 +91,9 @@ log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 ensure_deps() {
     [ "${SKIP_DEPS:-0}" = 1 ] && return 0
     local pkgs=(libclang-dev clang sudo binutils python3-psycopg2 python3-pytest)
-    # Debian's PostgreSQL 15 only when it is the one used; 16-18 come from PyPI (see above).
-    [ "$PG_CONFIG" != /usr/bin/pg_config ] || pkgs=(postgresql-15 postgresql-server-dev-15 "${pkgs[@]}")
+    # Debian's PostgreSQL 15 for 15 (pg15 builds read its headers through pgrx-config/); 16-18
+    # come from PyPI (see above).
+    [ "$PG_MAJOR" != 15 ] || pkgs=(postgresql-15 postgresql-server-dev-15 "${pkgs[@]}")
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
