@@ -15,6 +15,7 @@ PROFILE="${PROFILE:-release}" install_extension
 command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
 D="$(mktemp -d /tmp/pgb_callgrind.XXXXXX)"; chown postgres "$D"; chmod 755 "$D"
 trap 'rm -rf "$D"' EXIT
+ensure_postgres_can_run
 runuser -u postgres -- "$PGBIN/initdb" -D "$D/data" -A trust -U postgres --no-sync >/dev/null
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$D/data" -o "-k $D -p 54999 -c listen_addresses=''" -w start >/dev/null
 "$PGBIN/createdb" -h "$D" -p 54999 -U postgres cg

@@ -127,8 +127,26 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
+# The server runs as postgres, so it must be able to reach a tree inside the checkout
+# (.cache/pg/<version>): a checkout under a private directory (mktemp -d makes them 0700) is
+# opened for traversal only (o+x: no listing, no reading of other files), one directory at a time,
+# and each one is named.
+ensure_postgres_can_run() {
+    $SUDO runuser -u postgres -- test -x "$PGBIN/initdb" && return 0
+    local d="$PGBIN" dirs=()
+    while [ "$d" != "/" ]; do dirs=("$d" "${dirs[@]}"); d="$(dirname "$d")"; done
+    for d in "${dirs[@]}"; do
+        if ! $SUDO runuser -u postgres -- test -x "$d"; then
+            $SUDO chmod o+x "$d"
+            log "the postgres user could not reach $d: opened it for traversal (o+x)"
+        fi
+    done
+    $SUDO runuser -u postgres -- test -x "$PGBIN/initdb" || { echo "the postgres user cannot run $PGBIN/initdb" >&2; return 1; }
+}
+
 # Start a throwaway cluster owned by postgres. Sets PGDATA_DIR, PGPORT, PGHOST, PGUSER.
 start_cluster() {
+    ensure_postgres_can_run
     PGDATA_DIR="$(mktemp -d /tmp/pg_billing.XXXXXX)"
     chown postgres:postgres "$PGDATA_DIR" 2>/dev/null || $SUDO chown postgres:postgres "$PGDATA_DIR"
     chmod 755 "$PGDATA_DIR"
