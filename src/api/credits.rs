@@ -29,20 +29,36 @@ pub const TEXTARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTARRAYO
 // Statements
 // ---------------------------------------------------------------------------------------------
 
-/// Step 2 of the lock order: lock the account and read what a debit needs. $1 user. Returns the
+// Time: a write compares grants' start and expiry with the clock once it holds the account lock
+// (clock_timestamp(), read once per statement), not with now(): now() is when the caller's
+// transaction began, so a transaction that began before a grant was made (or waited on the lock
+// while a grant expired) would otherwise not see the grant start (or would spend it expired).
+
+/// Step 2 of the lock order: lock the account and read what a write needs. $1 user. Returns the
 /// overdraft headroom (limit less debt, never below 0), the debt, and whether a grant may have
 /// expired since the last write (then the caller settles first: [`SETTLE`]).
 const LOCK: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-       COALESCE(a.next_expiry_at <= pg_catalog.now() OR a.subscription_credits_expire_at <= pg_catalog.now(), false)
+       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
+
+/// The same for a debit of $2: no row, and no lock taken (so no wait behind another writer),
+/// when what the committed account stores and may overdraw cannot pay $2 (stored pools hold at
+/// least what is spendable); the debit then fails as if it ran before the other writer.
+const LOCK_FOR_DEBIT: &str = "
+SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
+       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)
+  FROM billing.accounts AS a
+ WHERE a.user_id = $1
+   AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0) >= $2
+   FOR UPDATE";
 
 /// The same, creating the account when there is none. $1 user.
 const LOCK_OR_CREATE: &str = "
 INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-          COALESCE(a.next_expiry_at <= pg_catalog.now() OR a.subscription_credits_expire_at <= pg_catalog.now(), false)";
+          COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)";
 
 /// The debit, in one statement under the account lock. $1 user, $2 amount, $3 feature (NULL:
 /// only unscoped grants pay), $4 overdraft headroom, $5 operation, $6 ledger type,
@@ -56,15 +72,17 @@ RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
 /// pools after the debit (as every two-pool result does) and, with $10, what the same feature
 /// could still spend and which grants paid.
 const DEBIT: &str = "
-WITH live AS (
+WITH clock AS MATERIALIZED (
+    SELECT pg_catalog.clock_timestamp() AS at
+), live AS (
     SELECT g.id, g.category, g.pool, g.remaining,
            (g.scope IS NULL OR g.scope @> ARRAY[$3]) AS admits,
            pg_catalog.row_number() OVER w AS ord,
            pg_catalog.sum(g.remaining) FILTER (WHERE g.scope IS NULL OR g.scope @> ARRAY[$3]) OVER w AS upto
-      FROM billing.credit_grants AS g
+      FROM billing.credit_grants AS g CROSS JOIN clock
      WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
-       AND g.effective_at <= pg_catalog.now()
-       AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.now())
+       AND g.effective_at <= clock.at
+       AND (g.expires_at IS NULL OR g.expires_at > clock.at)
     WINDOW w AS (ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id)
 ), take AS (
     SELECT l.id, l.category, l.pool, l.ord, LEAST(l.remaining, $2 - (l.upto - l.remaining)) AS n
@@ -162,12 +180,14 @@ SELECT acct.sub, acct.pur, acct.debt FROM acct";
 /// credit_expiration_events row. Afterwards the subscription period end is cleared when it has
 /// passed (or always, with $3 false), and next_expiry_at is the earliest expiry left.
 const SETTLE: &str = "
-WITH gone AS (
+WITH clock AS MATERIALIZED (
+    SELECT pg_catalog.clock_timestamp() AS at
+), gone AS (
     SELECT g.id, g.pool, g.remaining,
            pg_catalog.row_number() OVER (ORDER BY g.priority, g.expires_at, g.effective_at, g.created_at, g.id) AS ord
-      FROM billing.credit_grants AS g
+      FROM billing.credit_grants AS g CROSS JOIN clock
      WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
-       AND (g.expires_at <= pg_catalog.now() OR (NOT $3 AND g.pool = 'subscription'))
+       AND (g.expires_at <= clock.at OR (NOT $3 AND g.pool = 'subscription'))
 ), upd AS (
     UPDATE billing.credit_grants AS g SET remaining = 0
       FROM gone
@@ -180,11 +200,11 @@ WITH gone AS (
     UPDATE billing.accounts AS a
        SET subscription_credits_balance   = a.subscription_credits_balance - sums.sub,
            purchased_credits_balance      = a.purchased_credits_balance - sums.pur,
-           subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at <= pg_catalog.now() THEN NULL
+           subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at <= (SELECT clock.at FROM clock) THEN NULL
                                                  ELSE a.subscription_credits_expire_at END,
            next_expiry_at                 = (SELECT pg_catalog.min(l.expires_at) FROM billing.credit_grants AS l
                                               WHERE l.user_id = $1 AND NOT l.depleted AND l.voided_at IS NULL
-                                                AND l.expires_at > pg_catalog.now() AND ($3 OR l.pool <> 'subscription')),
+                                                AND l.expires_at > (SELECT clock.at FROM clock) AND ($3 OR l.pool <> 'subscription')),
            last_subscription_delta        = -sums.sub,
            last_purchased_delta           = -sums.pur,
            updated_at                     = pg_catalog.now()
@@ -248,8 +268,8 @@ SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription
        COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'purchased'), 0)::bigint
   FROM billing.credit_grants AS g
  WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
-   AND g.effective_at <= pg_catalog.now()
-   AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.now())
+   AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
+   AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))
    AND (g.scope IS NULL OR g.scope @> ARRAY[$2])";
 
 /// What a renewal may roll over: the subscription-pool credits that have not expired, and the
@@ -257,8 +277,8 @@ SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription
 const ROLLOVER: &str = "
 SELECT COALESCE((SELECT pg_catalog.sum(g.remaining) FROM billing.credit_grants AS g
                   WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL AND g.pool = 'subscription'
-                    AND g.effective_at <= pg_catalog.now()
-                    AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.now())), 0)::bigint,
+                    AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
+                    AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))), 0)::bigint,
        COALESCE((SELECT p.rollover_max FROM billing.subscriptions AS s JOIN billing.plans AS p ON p.plan_id = s.plan_id
                   WHERE s.user_id = $1),
                 (SELECT p.rollover_max FROM billing.members AS m JOIN billing.plans AS p ON p.plan_id = m.plan_id
@@ -632,7 +652,19 @@ pub fn debit(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Debit> {
-    let l = lock(client, user, false)?;
+    let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
+    let l = match locked(t)? {
+        Some(l) => l,
+        None => {
+            // Unknown account (P0002), or too little stored and overdraft left: PT402 without
+            // taking the lock.
+            balances(client, user)?;
+            return Err(insufficient(client, user, amount, feature)?);
+        }
+    };
+    if l.due {
+        settle_locked(client, user)?;
+    }
     let op = new_operation_id()?;
     let t = spi::write(
         client,
@@ -643,10 +675,7 @@ pub fn debit(
     )?;
     if t.is_empty() {
         // Nothing changed: the spendable grants and the overdraft headroom fall short.
-        let t = spi::write(client, SPENDABLE, &[UUID, TEXT], &[uuid_arg(user), feature.into()])?;
-        let t = t.first();
-        let (sub, pur) = (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
-        return Err(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur });
+        return Err(insufficient(client, user, amount, feature)?);
     }
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
@@ -662,6 +691,14 @@ pub fn debit(
         admitted: n(7)?,
         grants: if with_grants { col::<pgrx::JsonB>(&t, 8)?.map(|j| j.0).or(Some(json!([]))) } else { None },
     })
+}
+
+/// PT402 with what `feature` could spend now, by pool.
+fn insufficient(c: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, feature: Option<&str>) -> BResult<BillingError> {
+    let t = spi::write(c, SPENDABLE, &[UUID, TEXT], &[uuid_arg(user), feature.into()])?;
+    let t = t.first();
+    let (sub, pur) = (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
+    Ok(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur })
 }
 
 impl Debit {
