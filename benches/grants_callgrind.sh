@@ -20,9 +20,9 @@ tree() { # name: a private copy of the PostgreSQL tree
     [ -x "$WORK/$1/bin/pg_config" ] || { rm -rf "$WORK/$1"; cp -a "$BASE" "$WORK/$1"; }
     echo "$WORK/$1/bin/pg_config"
 }
-install_into() { # source dir, pg_config
+install_into() { # source dir, pg_config, target dir (one per source: a shared one mixes their path crates)
     log "building and installing $(basename "$1") (release) into $2"
-    (cd "$1" && env "PGRX_HOME=$REPO/pgrx-config" "PGRX_PG_CONFIG_PATH=$2" CARGO_TARGET_DIR="$REPO/target" \
+    (cd "$1" && env "PGRX_HOME=$REPO/pgrx-config" "PGRX_PG_CONFIG_PATH=$2" CARGO_TARGET_DIR="$3" \
         cargo pgrx install --release --pg-config "$2" >/dev/null)
 }
 if [ ! -d "$WORK/prev-src" ] || [ "$(cat "$WORK/prev-src/.commit" 2>/dev/null)" != "$PREV_COMMIT" ]; then
@@ -31,8 +31,8 @@ if [ ! -d "$WORK/prev-src" ] || [ "$(cat "$WORK/prev-src/.commit" 2>/dev/null)" 
     echo "$PREV_COMMIT" > "$WORK/prev-src/.commit"
 fi
 PREV_PG="$(tree "pg-prev")"; CUR_PG="$(tree "pg-cur")"
-install_into "$WORK/prev-src" "$PREV_PG"
-install_into "$REPO" "$CUR_PG"
+install_into "$WORK/prev-src" "$PREV_PG" "$WORK/target-prev"
+install_into "$REPO" "$CUR_PG" "$REPO/target"
 PG_CONFIG="$CUR_PG" ensure_postgres_can_run 2>/dev/null || true
 chmod -R o+rX "$WORK/pg-prev" "$WORK/pg-cur"; chmod o+x "$REPO" "$REPO/.tmp" "$WORK" 2>/dev/null || true
 

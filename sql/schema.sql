@@ -122,7 +122,8 @@ CREATE TABLE billing.credit_grants (
     idempotency_key       text,
     description           text,
     reference_id          text,
-    created_at            timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Clock time, so grants made in one transaction keep the order they were made in.
+    created_at            timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     -- Which of the two pools the grant's credits count in.
     pool                  billing.credit_pool NOT NULL GENERATED ALWAYS AS
                               (CASE WHEN category IN ('subscription', 'rollover') THEN 'subscription'::billing.credit_pool

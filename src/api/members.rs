@@ -131,8 +131,8 @@ SELECT pg_catalog.jsonb_build_object(
            'email', m.email,
            'plan', m.plan_id,
            'current_usage', m.period_usage,
-           'remaining', COALESCE(a.subscription_credits_balance + a.purchased_credits_balance, 0),
-           'pool_limit', m.period_usage + COALESCE(a.subscription_credits_balance + a.purchased_credits_balance, 0),
+           'remaining', GREATEST(COALESCE(a.available, 0), 0),
+           'pool_limit', m.period_usage + GREATEST(COALESCE(a.available, 0), 0),
            'extra_credits', COALESCE(a.purchased_credits_balance, 0),
            'overage', m.period_overage,
            'period_start', m.period_start,
@@ -365,7 +365,8 @@ fn consume_generation(a: &Args) -> BResult<Ret> {
         }
         let allow_overage = col::<bool>(&t.first(), 2)?.unwrap_or(false);
         // The member's account and its live pools (expired grants settled).
-        let (sub, pur) = credits::lock_live(c, &user)?.map(|b| (b.sub, b.pur)).unwrap_or((0, 0));
+        // (Generations spend only unscoped grants: scoped credits do not count here.)
+        let (sub, pur) = credits::lock_live(c, &user)?.map(|b| (b.unscoped_sub, b.unscoped_pur)).unwrap_or((0, 0));
         let g = m::plan_generation(sub, pur, count, allow_overage)?;
         let (remaining, kind) = if g.from_credits > 0 {
             let v = credits::consume(c, &user, g.from_credits, "generation", description, None, None)?;
