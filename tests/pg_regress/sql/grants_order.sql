@@ -26,12 +26,13 @@ CREATE FUNCTION pg_temp.keep(p_label text, r jsonb) RETURNS jsonb LANGUAGE sql A
     INSERT INTO pg_temp.g VALUES (p_label, (r ->> 'grant_id')::uuid)
     RETURNING r - 'grant_id' - 'transaction_id' - 'effective_at' - 'expires_at'
 $f$;
--- name_new(user, label): labels the user's one grant that has no label yet (made by a two-pool
--- function, which returns no grant_id); returns how many grants it labeled
-CREATE FUNCTION pg_temp.name_new(p_user uuid, p_label text) RETURNS bigint LANGUAGE sql AS $f$
+-- name_new(user, label[, category]): labels the user's one grant (of that category) that has no
+-- label yet (made by a two-pool function, which returns no grant_id); returns how many it labeled
+CREATE FUNCTION pg_temp.name_new(p_user uuid, p_label text, p_category text DEFAULT NULL) RETURNS bigint LANGUAGE sql AS $f$
     WITH n AS (INSERT INTO pg_temp.g
                SELECT p_label, c.id FROM billing.credit_grants AS c
                 WHERE c.user_id = p_user AND c.id NOT IN (SELECT id FROM pg_temp.g)
+                  AND (p_category IS NULL OR c.category::text = p_category)
                RETURNING 1)
     SELECT count(*) FROM n
 $f$;

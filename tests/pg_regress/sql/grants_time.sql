@@ -26,12 +26,13 @@ CREATE FUNCTION pg_temp.keep(p_label text, r jsonb) RETURNS jsonb LANGUAGE sql A
     INSERT INTO pg_temp.g VALUES (p_label, (r ->> 'grant_id')::uuid)
     RETURNING r - 'grant_id' - 'transaction_id' - 'effective_at' - 'expires_at'
 $f$;
--- name_new(user, label): labels the user's one grant that has no label yet (made by a two-pool
--- function, which returns no grant_id); returns how many grants it labeled
-CREATE FUNCTION pg_temp.name_new(p_user uuid, p_label text) RETURNS bigint LANGUAGE sql AS $f$
+-- name_new(user, label[, category]): labels the user's one grant (of that category) that has no
+-- label yet (made by a two-pool function, which returns no grant_id); returns how many it labeled
+CREATE FUNCTION pg_temp.name_new(p_user uuid, p_label text, p_category text DEFAULT NULL) RETURNS bigint LANGUAGE sql AS $f$
     WITH n AS (INSERT INTO pg_temp.g
                SELECT p_label, c.id FROM billing.credit_grants AS c
                 WHERE c.user_id = p_user AND c.id NOT IN (SELECT id FROM pg_temp.g)
+                  AND (p_category IS NULL OR c.category::text = p_category)
                RETURNING 1)
     SELECT count(*) FROM n
 $f$;
@@ -75,7 +76,7 @@ $f$;
 CREATE FUNCTION pg_temp.stored(p_user uuid) RETURNS text LANGUAGE sql AS $f$
     SELECT format('%s expiration_events=%s stored_remaining=%s', pg_temp.bal(p_user),
                   (SELECT count(*) FROM billing.credit_expiration_events AS e WHERE e.user_id = p_user),
-                  (SELECT string_agg(pg_temp.l(c.id) || ':' || c.remaining, ' ' ORDER BY 1)
+                  (SELECT string_agg(pg_temp.l(c.id) || ':' || c.remaining, ' ' ORDER BY pg_temp.l(c.id))
                      FROM billing.credit_grants AS c WHERE c.user_id = p_user))
 $f$;
 
@@ -93,7 +94,7 @@ SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000
 SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130030', 1, 'image')$$);
 SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130030', 1)$$);
 SELECT pg_temp.stored('00000000-0000-0000-0000-000000130030');
--- a grant starting later that is spent before an older one of the same priority, once it has started
+-- t_now (priority 31) pays while t_later has not started; once started, t_later (priority 30) pays first
 SELECT pg_temp.keep('t_now', billing.grant_credits('00000000-0000-0000-0000-000000130030', 3, 'promotional', 31)) AS r;
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130030', 2)) AS paid_before_start;
 SELECT pg_temp.sleep_past(:'start_at') AS started;
@@ -125,7 +126,7 @@ SELECT pg_temp.l(grant_id) AS grant_label, remaining, status
 SELECT pg_temp.l(grant_id) AS grant_label, remaining, status
   FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130031');
 SELECT b - 'at' - 'user_id' - 'grants' AS balance_now,
-       (SELECT string_agg(pg_temp.l((e ->> 'grant_id')::uuid) || ' remaining=' || (e ->> 'remaining') || ' spendable=' || (e ->> 'spendable'), ', ' ORDER BY 1)
+       (SELECT string_agg(pg_temp.l((e ->> 'grant_id')::uuid) || ' remaining=' || (e ->> 'remaining') || ' spendable=' || (e ->> 'spendable'), ', ' ORDER BY pg_temp.l((e ->> 'grant_id')::uuid))
           FROM jsonb_array_elements(b -> 'grants') AS e) AS grants_now
   FROM billing.balance_at('00000000-0000-0000-0000-000000130031', clock_timestamp()) AS b;
 SELECT pg_temp.stored('00000000-0000-0000-0000-000000130031');
