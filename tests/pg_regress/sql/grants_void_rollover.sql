@@ -94,12 +94,11 @@ INSERT INTO res SELECT 'void_a_again', billing.void_grant((SELECT id FROM g WHER
 RETURNING label, r - 'grant_id' - 'transaction_id' - 'user_id' AS r;
 SELECT billing.void_grant((SELECT id FROM g WHERE label = 'v_a'), 'other') ->> 'voided_amount' AS voided_amount_again;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130040');
--- the voided grant is never spent: v_b then v_c pay, and then PT402
+-- the voided grant is never spent: v_c pays (v_b is spent), and then PT402 with v_a's 6 voided
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130040', 2)) AS paid;
 SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130040', 3)$$);
 SELECT pg_temp.l(grant_id) AS grant_label, remaining, status FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130040', true);
--- a spent grant: nothing left to void
-SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130040', 2)) AS paid;
+-- a spent grant (v_b): nothing left to void
 SELECT billing.void_grant((SELECT id FROM g WHERE label = 'v_b'), 'late') - 'grant_id' - 'transaction_id' - 'user_id' AS r;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130040');
 -- a grant that starts tomorrow: voided whole, never spendable
@@ -178,7 +177,7 @@ SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050'
 SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_roll_p2', 'rollover') AS labeled,
        pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_sub_p2', 'subscription') AS labeled;
 SELECT pg_temp.l(c.id) AS grant_label, c.category, c.amount, c.remaining, c.priority, c.expires_at = :'p2' AS expires_at_new_period_end
-  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130050' ORDER BY c.created_at, c.priority;
+  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130050' ORDER BY 1;
 SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130050');
 SELECT count(*) AS expiration_events FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000130050';
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130050');
@@ -189,14 +188,14 @@ SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000130050', 'pro'
 SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_roll_p3', 'rollover') AS labeled,
        pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_sub_p3', 'subscription') AS labeled;
 SELECT pg_temp.l(c.id) AS grant_label, c.category, c.amount, c.remaining, c.expires_at = :'p3' AS expires_at_new_period_end
-  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130050' ORDER BY c.created_at, c.priority;
+  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130050' ORDER BY 1;
 SELECT expired_amount FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000130050' ORDER BY id;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130050');
 SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available
   FROM billing.get_user_credits('00000000-0000-0000-0000-000000130050');
 -- a rollover exactly at the cap: 200 left -> 200 roll over, nothing lost
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130050', 500) ->> 'subscription_credits_balance' AS sub_left;
-SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050', 500, :'p3' + interval '1 month') - 'transaction_id' AS r;
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050', 500, :'p3'::timestamptz + interval '1 month') - 'transaction_id' AS r;
 SELECT category, remaining FROM billing.credit_grants
  WHERE user_id = '00000000-0000-0000-0000-000000130050' AND remaining > 0 ORDER BY priority;
 
@@ -204,7 +203,7 @@ SELECT category, remaining FROM billing.credit_grants
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000130051', 'premium', 'active', :'p0', :'p1') ->> 'credits_granted' AS granted;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130051', 100) ->> 'subscription_credits_balance' AS sub_left;
 SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130051', 2000, :'p2') - 'transaction_id' AS r;
-SELECT category, amount, remaining FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130051' ORDER BY created_at, amount;
+SELECT category, amount, remaining FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130051' ORDER BY created_at, amount, remaining;
 SELECT count(*) AS rollover_grants FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130051' AND category = 'rollover';
 
 -- user 52 without a plan: no rollover
