@@ -113,6 +113,7 @@ SELECT pg_temp.keep('e_promo', billing.grant_credits('00000000-0000-0000-0000-00
 SELECT (r ->> 'grant_id') IS NOT NULL AS has_grant_id, (r ->> 'transaction_id') IS NOT NULL AS has_transaction_id,
        (r ->> 'effective_at')::timestamptz = now() AS effective_now, r -> 'expires_at' AS expires_at
   FROM billing.grant_credits('00000000-0000-0000-0000-000000130080', 1, 'purchased') AS r;
+SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130080', 'e_plain') AS labeled;
 
 -- ===== grant_credits with an idempotency key =====
 INSERT INTO res SELECT 'grant_key', billing.grant_credits('00000000-0000-0000-0000-000000130080', 3, 'promotional', p_description => 'promo', p_idempotency_key => 'promo-1')
