@@ -157,7 +157,7 @@ SELECT now() + interval '1 day' AS tomorrow \gset
 SELECT pg_temp.keep('o7_purchased_tomorrow', billing.grant_credits('00000000-0000-0000-0000-000000130007', 5, 'purchased', p_expires_at => :'tomorrow')) AS r;
 SELECT pg_temp.keep('o7_promo_never', billing.grant_credits('00000000-0000-0000-0000-000000130007', 5, 'promotional')) AS r;
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130007', 6)) AS paid;
--- the two-pool functions keep their results: add_subscription_credits + add_purchased_credits, then v2 and the legacy alias
+-- the two-pool functions keep their results: add_subscription_credits, then consume_credits_v2 and the legacy alias
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000130007', 3) - 'transaction_id' AS r;
 SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130007', 'o7_add_subscription') AS labeled;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130007', 5) - 'transaction_id' AS r;

@@ -102,7 +102,7 @@ RETURNING label, r - 'transaction_id' AS r;
 SELECT * FROM pg_temp.op('v2_1');
 SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130060', 1)$$);
 SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000130060');
-SELECT total_balance, available, debt FROM billing.user_credits WHERE user_id = '00000000-0000-0000-0000-000000130060';
+SELECT total_balance, available FROM billing.user_credits WHERE user_id = '00000000-0000-0000-0000-000000130060';
 -- lowering the limit below the debt is allowed; the debt stays, no new overdraft
 SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130060', 2) - 'user_id' AS r;
 SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130060', 1)$$);
@@ -127,18 +127,20 @@ RETURNING label, pg_temp.keep('d_repay', r) AS r;
 SELECT * FROM pg_temp.op('repay');
 SELECT * FROM pg_temp.grants('00000000-0000-0000-0000-000000130060');
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130060');
-SELECT total_balance, available, debt FROM billing.get_user_credits('00000000-0000-0000-0000-000000130060');
+SELECT total_balance, available FROM billing.get_user_credits('00000000-0000-0000-0000-000000130060');
 -- the repaid grant's rest pays as usual; no debt left to repay by the next grant
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130060', 3)) AS paid;
-SELECT billing.grant_credits('00000000-0000-0000-0000-000000130060', 1, 'promotional') ->> 'debt_repaid' AS debt_repaid;
+SELECT pg_temp.keep('d_after', billing.grant_credits('00000000-0000-0000-0000-000000130060', 1, 'promotional')) ->> 'debt_repaid' AS debt_repaid;
 SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130060');
 
 -- ===== the two-pool grants repay too, partly when smaller than the debt =====
 SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130061', 10) - 'user_id' AS r;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130061', 6) - 'transaction_id' AS r;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000130061', 4) - 'transaction_id' AS r;
+SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130061', 'd61_purchase') AS labeled;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130061');
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000130061', 5) - 'transaction_id' AS r;
+SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130061', 'd61_subscription') AS labeled;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130061');
 SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130061');
 
@@ -158,7 +160,8 @@ INSERT INTO res SELECT 'debt_key', billing.consume_credits('00000000-0000-0000-0
 RETURNING label, r - 'transaction_id' - 'grants' AS r;
 SELECT billing.consume_credits('00000000-0000-0000-0000-000000130062', 2, NULL, NULL, NULL, 'debt-key') = (SELECT r FROM res WHERE label = 'debt_key') AS identical_json;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130062');
--- no account: set_overdraft_limit's answer for an unknown user
-SELECT pg_temp.err($$SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130069', 1)$$);
+-- a user without an account: set_overdraft_limit creates it
+SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130069', 1) - 'user_id' AS r;
+SELECT pg_temp.bal('00000000-0000-0000-0000-000000130069');
 
 SELECT * FROM billing.verify_ledger();

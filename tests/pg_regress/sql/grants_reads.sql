@@ -2,7 +2,8 @@
 -- they were at an earlier time, from the ledger; get_credit_grants lists grants in spending order
 -- with their status (active, scheduled, expired, voided, spent; without p_include_spent only
 -- active and scheduled); get_user_credits and billing.user_credits gain available (unscoped
--- credits spendable now, minus debt) and debt. Every statement is its own transaction.
+-- credits spendable now, minus debt; the debt itself is billing.accounts.debt). Every statement
+-- is its own transaction.
 SET TimeZone = 'UTC';
 SET DateStyle = 'ISO, YMD';
 -- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing. Random uuids
@@ -114,7 +115,7 @@ SELECT b - 'grants' - 'at' - 'user_id' AS r, (b ->> 'at')::timestamptz = :'t2' A
   FROM billing.balance_at('00000000-0000-0000-0000-000000130070', :'t2') AS b;
 -- now agrees with get_user_credits
 SELECT pg_temp.at('00000000-0000-0000-0000-000000130070', clock_timestamp()) AS now;
-SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available, debt
+SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available
   FROM billing.get_user_credits('00000000-0000-0000-0000-000000130070');
 -- unknown user: zeros, no grants; NULL arguments: 22023
 SELECT pg_temp.at('00000000-0000-0000-0000-000000130079', clock_timestamp()) AS unknown_user;
@@ -143,7 +144,7 @@ SELECT pg_temp.l(grant_id) AS grant_label, category, amount, remaining, priority
   FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130071', true);
 SELECT pg_temp.l(grant_id) AS grant_label, status FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130071', false);
 -- available: unscoped and spendable now (c_active 5); not the scoped, scheduled or expired credits
-SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available, debt
+SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available
   FROM billing.get_user_credits('00000000-0000-0000-0000-000000130071');
 -- the grants of a purchase name its transaction
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000130072', 9, 'pack 9', 'order-9') ->> 'total_balance' AS total;
@@ -154,11 +155,11 @@ SELECT category, amount, remaining, status, description, reference_id,
 SELECT count(*) AS unknown_user_grants FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130079', true);
 SELECT pg_temp.err($$SELECT * FROM billing.get_credit_grants(NULL)$$);
 
--- ===== get_user_credits and billing.user_credits: available and debt at the end =====
+-- ===== get_user_credits and billing.user_credits: available at the end (the debt is billing.accounts.debt) =====
 SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
  WHERE attrelid = 'billing.user_credits'::regclass AND attnum > 0 ORDER BY attnum;
 SELECT pg_get_function_result('billing.get_user_credits(uuid)'::regprocedure);
--- user 73 in debt: available = spendable unscoped - debt
+-- user 73 in debt: available = spendable unscoped - debt, total_balance = the pools - debt
 SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130073', 10) ->> 'debt' AS debt;
 SELECT billing.consume_credits('00000000-0000-0000-0000-000000130073', 6) ->> 'debt' AS debt;
 SELECT pg_temp.keep('a_scoped', billing.grant_credits('00000000-0000-0000-0000-000000130073', 20, 'promotional', p_scope => ARRAY['chat'])) AS r;

@@ -114,7 +114,7 @@ SELECT now() + interval '5 days' AS d5, now() + interval '9 days' AS d9 \gset
 SELECT pg_temp.keep('s21_img_d9', billing.grant_credits('00000000-0000-0000-0000-000000130021', 4, 'promotional', p_expires_at => :'d9', p_scope => ARRAY['image'])) AS r;
 SELECT pg_temp.keep('s21_any_d5', billing.grant_credits('00000000-0000-0000-0000-000000130021', 4, 'promotional', p_expires_at => :'d5')) AS r;
 SELECT pg_temp.keep('s21_img_d5', billing.grant_credits('00000000-0000-0000-0000-000000130021', 4, 'promotional', p_expires_at => :'d5', p_scope => ARRAY['image', 'upscale'])) AS r;
-SELECT available, debt FROM billing.get_user_credits('00000000-0000-0000-0000-000000130021');
+SELECT available FROM billing.get_user_credits('00000000-0000-0000-0000-000000130021');
 -- scoped (d5 before d9), then the unscoped one
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130021', 10, 'image')) AS paid;
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130021', 1, 'upscale')) AS paid;

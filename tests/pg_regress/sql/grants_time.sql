@@ -89,7 +89,7 @@ SELECT effective_at = :'start_at' AS starts_as_given, expires_at IS NULL AS neve
 -- before the start: scheduled, nothing available, PT402 (for a feature too), nothing written
 SELECT pg_temp.l(grant_id) AS grant_label, category, amount, remaining, status
   FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130030');
-SELECT available, debt FROM billing.get_user_credits('00000000-0000-0000-0000-000000130030');
+SELECT available FROM billing.get_user_credits('00000000-0000-0000-0000-000000130030');
 SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130030', 1)$$);
 SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130030', 1, 'image')$$);
 SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130030', 1)$$);

@@ -173,7 +173,7 @@ SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000130050', 'pro'
 SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_sub_p1') AS labeled;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130050', 350) ->> 'subscription_credits_balance' AS sub_left;
 -- renewal: all 150 roll over (under the cap), nothing lost; the new period's 500 on top
-SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050', 500, :'p2') - 'transaction_id' AS r;
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050', 500, :'p2') - 'transaction_id' - 'period_end' AS r;
 SELECT pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_roll_p2', 'rollover') AS labeled,
        pg_temp.name_new('00000000-0000-0000-0000-000000130050', 'r_sub_p2', 'subscription') AS labeled;
 SELECT pg_temp.l(c.id) AS grant_label, c.category, c.amount, c.remaining, c.priority, c.expires_at = :'p2' AS expires_at_new_period_end
@@ -195,30 +195,30 @@ SELECT subscription_credits_balance, purchased_credits_balance, total_balance, a
   FROM billing.get_user_credits('00000000-0000-0000-0000-000000130050');
 -- a rollover exactly at the cap: 200 left -> 200 roll over, nothing lost
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130050', 500) ->> 'subscription_credits_balance' AS sub_left;
-SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050', 500, :'p3'::timestamptz + interval '1 month') - 'transaction_id' AS r;
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050', 500, :'p3'::timestamptz + interval '1 month') - 'transaction_id' - 'period_end' AS r;
 SELECT category, remaining FROM billing.credit_grants
  WHERE user_id = '00000000-0000-0000-0000-000000130050' AND remaining > 0 ORDER BY priority;
 
 -- user 51 on premium (rollover_max 0, the default): no rollover grant, all of it expires
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000130051', 'premium', 'active', :'p0', :'p1') ->> 'credits_granted' AS granted;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130051', 100) ->> 'subscription_credits_balance' AS sub_left;
-SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130051', 2000, :'p2') - 'transaction_id' AS r;
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130051', 2000, :'p2') - 'transaction_id' - 'period_end' AS r;
 SELECT category, amount, remaining FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130051' ORDER BY created_at, amount, remaining;
 SELECT count(*) AS rollover_grants FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130051' AND category = 'rollover';
 
 -- user 52 without a plan: no rollover
 SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130052', 50, :'p1') ->> 'subscription_credits_balance' AS granted;
-SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130052', 60, :'p2') - 'transaction_id' AS r;
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130052', 60, :'p2') - 'transaction_id' - 'period_end' AS r;
 SELECT count(*) AS rollover_grants FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130052' AND category = 'rollover';
 
 -- user 53 on pro: purchased credits neither roll over nor expire at renewal
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000130053', 'pro', 'active', :'p0', :'p1') ->> 'credits_granted' AS granted;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000130053', 30) ->> 'total_balance' AS total;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130053', 450) ->> 'subscription_credits_balance' AS sub_left;
-SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130053', 500, :'p2') - 'transaction_id' AS r;
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130053', 500, :'p2') - 'transaction_id' - 'period_end' AS r;
 SELECT category, amount, remaining FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130053' AND remaining > 0 ORDER BY priority;
 -- rollover_max must not be negative
-SELECT pg_temp.err($$UPDATE billing.plans SET rollover_max = -1 WHERE plan_id = 'pro'$$);
+SELECT split_part(pg_temp.err($$UPDATE billing.plans SET rollover_max = -1 WHERE plan_id = 'pro'$$), ' [', 1) AS err;
 SELECT * FROM billing.verify_ledger();
 ROLLBACK;
 
