@@ -119,7 +119,7 @@ SELECT pg_temp.keep('d_tomorrow', billing.grant_credits('00000000-0000-0000-0000
 -- scoped: no repayment, but it pays for its feature without adding debt
 SELECT pg_temp.keep('d_image', billing.grant_credits('00000000-0000-0000-0000-000000130060', 3, 'promotional', p_scope => ARRAY['image'])) AS r;
 INSERT INTO res SELECT 'image_2', billing.consume_credits('00000000-0000-0000-0000-000000130060', 2, 'image')
-RETURNING label, pg_temp.paid(r) AS paid, r - 'transaction_id' - 'grants' AS r;
+RETURNING label, pg_temp.paid(r) AS paid, r ->> 'debt_added' AS debt_added, r ->> 'debt' AS debt, r ->> 'available' AS available;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130060');
 -- unscoped, effective now: the debt (5) is repaid first, 3 of the 8 remain
 INSERT INTO res SELECT 'repay', billing.grant_credits('00000000-0000-0000-0000-000000130060', 8, 'purchased')
@@ -160,6 +160,24 @@ INSERT INTO res SELECT 'debt_key', billing.consume_credits('00000000-0000-0000-0
 RETURNING label, r - 'transaction_id' - 'grants' AS r;
 SELECT billing.consume_credits('00000000-0000-0000-0000-000000130062', 2, NULL, NULL, NULL, 'debt-key') = (SELECT r FROM res WHERE label = 'debt_key') AS identical_json;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130062');
+-- ===== credits the debit cannot use (scoped, starting later) do not widen the overdraft =====
+-- user 63: limit 5, 10 image-only credits and 10 that start tomorrow; the stored pool holds 20
+SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130063', 5) - 'user_id' AS r;
+SELECT pg_temp.keep('d63_image', billing.grant_credits('00000000-0000-0000-0000-000000130063', 10, 'promotional', p_scope => ARRAY['image'])) ->> 'available' AS available;
+SELECT pg_temp.keep('d63_tomorrow', billing.grant_credits('00000000-0000-0000-0000-000000130063', 10, 'purchased', p_effective_at => :'tomorrow')) ->> 'available' AS available;
+-- 6 without a feature: all of it would be debt, 6 > 5: PT402, nothing changes
+SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130063', 6)$$);
+SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000130063', 6)$$);
+SELECT pg_temp.bal('00000000-0000-0000-0000-000000130063');
+-- 5: exactly the limit, the other grants untouched
+SELECT pg_temp.paid(r) AS paid, r ->> 'debt_added' AS debt_added, r ->> 'debt' AS debt, r ->> 'available' AS available
+  FROM billing.consume_credits('00000000-0000-0000-0000-000000130063', 5) AS r;
+-- for the image feature the scoped grant pays, but no further debt: 11 is PT402, 10 is paid
+SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130063', 11, 'image')$$);
+SELECT pg_temp.paid(r) AS paid, r ->> 'debt_added' AS debt_added, r ->> 'debt' AS debt
+  FROM billing.consume_credits('00000000-0000-0000-0000-000000130063', 10, 'image') AS r;
+SELECT * FROM pg_temp.grants('00000000-0000-0000-0000-000000130063');
+
 -- a user without an account: set_overdraft_limit creates it
 SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000130069', 1) - 'user_id' AS r;
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130069');

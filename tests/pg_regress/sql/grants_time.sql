@@ -104,6 +104,41 @@ SELECT available FROM billing.get_user_credits('00000000-0000-0000-0000-00000013
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130030', 4)) AS paid_after_start;
 SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130030');
 
+-- ===== results report what the reads show: a grant that starts later is in neither =====
+-- Every write's result (the two-pool ones too) gives the balances get_user_credits gives right
+-- after it, also while a grant has not started. user 34: 10 purchased now, 100 from tomorrow.
+SELECT now() + interval '1 day' AS tomorrow \gset
+CREATE TEMP TABLE res34 (label text PRIMARY KEY, r jsonb);
+-- same_as_reads(label): the stored result's balances equal get_user_credits now
+CREATE FUNCTION pg_temp.same_as_reads(p_label text) RETURNS TABLE (label text, result_total bigint, reads_total bigint, result_matches_reads boolean)
+LANGUAGE sql AS $f$
+    SELECT s.label, COALESCE((s.r ->> 'total_balance')::bigint, (s.r #>> '{}')::bigint), c.total_balance,
+           COALESCE((s.r ->> 'total_balance')::bigint, (s.r #>> '{}')::bigint) = c.total_balance
+           AND COALESCE((s.r ->> 'subscription_credits_balance')::bigint, c.subscription_credits_balance) = c.subscription_credits_balance
+           AND COALESCE((s.r ->> 'purchased_credits_balance')::bigint, c.purchased_credits_balance) = c.purchased_credits_balance
+      FROM pg_temp.res34 AS s, billing.get_user_credits('00000000-0000-0000-0000-000000130034') AS c
+     WHERE s.label = p_label
+$f$;
+INSERT INTO res34 SELECT 'add_purchased', billing.add_purchased_credits('00000000-0000-0000-0000-000000130034', 10);
+INSERT INTO res34 SELECT 'grant_tomorrow', billing.grant_credits('00000000-0000-0000-0000-000000130034', 100, 'promotional', p_effective_at => :'tomorrow');
+SELECT * FROM pg_temp.same_as_reads('grant_tomorrow');
+INSERT INTO res34 SELECT 'consume_credits_v2', billing.consume_credits_v2('00000000-0000-0000-0000-000000130034', 2);
+SELECT * FROM pg_temp.same_as_reads('consume_credits_v2');
+INSERT INTO res34 SELECT 'consume_credits', billing.consume_credits('00000000-0000-0000-0000-000000130034', 1);
+SELECT * FROM pg_temp.same_as_reads('consume_credits');
+INSERT INTO res34 SELECT 'decrement_credits_with_log', to_jsonb(billing.decrement_credits_with_log('00000000-0000-0000-0000-000000130034', 1));
+SELECT * FROM pg_temp.same_as_reads('decrement_credits_with_log');
+INSERT INTO res34 SELECT 'refund_credits', billing.refund_credits('00000000-0000-0000-0000-000000130034', 1);
+SELECT * FROM pg_temp.same_as_reads('refund_credits');
+INSERT INTO res34 SELECT 'add_subscription_credits', billing.add_subscription_credits('00000000-0000-0000-0000-000000130034', 4);
+SELECT * FROM pg_temp.same_as_reads('add_subscription_credits');
+INSERT INTO res34 SELECT 'renew_subscription_credits', billing.renew_subscription_credits('00000000-0000-0000-0000-000000130034', 5);
+SELECT * FROM pg_temp.same_as_reads('renew_subscription_credits');
+INSERT INTO res34 SELECT 'clawback', billing.clawback_credits_from_transaction((SELECT (r ->> 'transaction_id')::uuid FROM res34 WHERE label = 'add_purchased'));
+SELECT * FROM pg_temp.same_as_reads('clawback');
+SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available
+  FROM billing.get_user_credits('00000000-0000-0000-0000-000000130034');
+
 -- ===== expiry between two calls: never spent once expired, reads show 0, the next write settles it =====
 -- user 31: promotional 10 expiring in 2 seconds (spent first: priority 5), purchased 10 that never expires
 SELECT clock_timestamp() + interval '2 seconds' AS end_at \gset
