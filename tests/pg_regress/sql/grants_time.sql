@@ -199,6 +199,16 @@ SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130032');
 SELECT expired_amount FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000130032';
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130032', 3, 'image')) AS paid;
 
+-- ===== void_grant after the expiry: the write settles the expiry first, nothing is left to void =====
+SELECT clock_timestamp() + interval '1 second' AS end_at \gset
+SELECT pg_temp.keep('t_void_late', billing.grant_credits('00000000-0000-0000-0000-000000130035', 7, 'promotional',
+       p_expires_at => :'end_at')) ->> 'available' AS available;
+SELECT pg_temp.keep('t_void_keep', billing.grant_credits('00000000-0000-0000-0000-000000130035', 3, 'purchased')) ->> 'available' AS available;
+SELECT pg_temp.sleep_past(:'end_at') AS ended;
+SELECT billing.void_grant((SELECT id FROM g WHERE label = 't_void_late'), 'too late') - 'grant_id' - 'transaction_id' - 'user_id' AS r;
+SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130035');
+SELECT expired_amount FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000130035';
+
 -- ===== a subscription grant from add_subscription_credits expires at the period end renewal set =====
 SELECT clock_timestamp() + interval '2 seconds' AS end_at \gset
 SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130033', 8, :'end_at') ->> 'subscription_credits_balance' AS renewed;
