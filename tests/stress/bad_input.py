@@ -116,9 +116,13 @@ def setup(conn, tag):
     # A balance near bigint's maximum, written directly with its ledger row, so verify_ledger
     # still holds and grants overflow the balance.
     big = 9223372036854775000
+    # (Since 0.4.0 every credit belongs to a grant: the balance is one purchased grant.)
     q(conn, "INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES (%s, %s)", (c["rich"], big))
-    q(conn, """INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description)
-               VALUES (%s, gen_random_uuid(), 'migration', 'purchased', %s, %s, 'bad-input sweep')""", (c["rich"], big, big))
+    rich_grant = uuid.uuid4()
+    q(conn, """INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at)
+               VALUES (%s, %s, 'purchased', %s, %s, 50, now())""", (c["rich"], rich_grant, big, big))
+    q(conn, """INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
+               VALUES (%s, gen_random_uuid(), 'migration', 'purchased', %s, %s, 'bad-input sweep', %s)""", (c["rich"], big, big, rich_grant))
     c["member"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_member(%s, 'pro')", (c["email"],))[0][0]["member_id"]))
     c["profile"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_pending_profile(%s, 'tok')", (c["email2"],))[0][0]["id"]))
     # Tables an app would register.
