@@ -104,12 +104,13 @@ SELECT available FROM billing.get_user_credits('00000000-0000-0000-0000-00000013
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130030', 4)) AS paid_after_start;
 SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130030');
 
--- ===== results report what the reads show: a grant that starts later is in neither =====
--- Every write's result (the two-pool ones too) gives the balances get_user_credits gives right
--- after it, also while a grant has not started. user 34: 10 purchased now, 100 from tomorrow.
+-- ===== a grant that starts later, in the results of writes =====
+-- README: the two-pool functions' results report the account's stored pools (which hold a grant
+-- that has not started yet), the reads and grant_credits the live ones (without it). This shows
+-- where they differ (result_matches_reads = f). user 34: 10 purchased now, 100 from tomorrow.
 SELECT now() + interval '1 day' AS tomorrow \gset
 CREATE TEMP TABLE res34 (label text PRIMARY KEY, r jsonb);
--- same_as_reads(label): the stored result's balances equal get_user_credits now
+-- same_as_reads(label): whether the stored result's balances equal get_user_credits now
 CREATE FUNCTION pg_temp.same_as_reads(p_label text) RETURNS TABLE (label text, result_total bigint, reads_total bigint, result_matches_reads boolean)
 LANGUAGE sql AS $f$
     SELECT s.label, COALESCE((s.r ->> 'total_balance')::bigint, (s.r #>> '{}')::bigint), c.total_balance,
