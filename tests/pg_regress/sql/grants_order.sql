@@ -165,4 +165,18 @@ SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000130007'
 SELECT * FROM pg_temp.ledger('00000000-0000-0000-0000-000000130007');
 SELECT pg_temp.bal('00000000-0000-0000-0000-000000130007');
 
+-- ===== the two-pool functions make grants of their category (and its default priority) =====
+SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000130008', 1, 'add_subscription_credits') ->> 'added' AS added;
+SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000130008', 2, 'add_purchased_credits') ->> 'added' AS added;
+SELECT billing.refund_credits('00000000-0000-0000-0000-000000130008', 3, 'refund_credits') ->> 'added' AS added;
+SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000130008', 4, 'Purchase', 'increment purchase') AS total;
+SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000130008', 5, 'bonus', 'increment bonus') AS total;
+SELECT description, category, amount, priority, scope, expires_at IS NULL AS never_expires, effective_at <= now() AS started
+  FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130008' ORDER BY created_at;
+-- and they are spent in spending order: subscription (10, oldest first), refund (40), purchased (50, oldest first)
+SELECT string_agg(c.description || ' ' || (x.e ->> 'amount'), ', ' ORDER BY x.n) AS paid
+  FROM billing.consume_credits('00000000-0000-0000-0000-000000130008', 15) AS r
+ CROSS JOIN LATERAL jsonb_array_elements(r -> 'grants') WITH ORDINALITY AS x(e, n)
+  JOIN billing.credit_grants AS c ON c.id = (x.e ->> 'grant_id')::uuid;
+
 SELECT * FROM billing.verify_ledger();
