@@ -120,4 +120,16 @@ SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-00000013002
 SELECT pg_temp.paid(billing.consume_credits('00000000-0000-0000-0000-000000130021', 1, 'upscale')) AS paid;
 SELECT * FROM pg_temp.grants('00000000-0000-0000-0000-000000130021');
 
+-- ===== consume_generation (members) has no feature: only unscoped grants pay beyond the pool =====
+-- (in a transaction, rolled back: the member must not stay for members.sql)
+BEGIN;
+SELECT billing.upsert_member('grants-scope@example.com', 'free', '2124-02-15') ->> 'member_id' AS mid \gset
+SELECT r ->> 'allowed' AS allowed, r ->> 'current_usage' AS usage FROM billing.consume_generation(:'mid', 10) AS r;
+SELECT billing.grant_credits(:'mid', 5, 'promotional', p_scope => ARRAY['image']) ->> 'available' AS available;
+SELECT pg_temp.err(format('SELECT billing.consume_generation(%L, 1)', :'mid'));
+SELECT billing.grant_credits(:'mid', 2, 'promotional') ->> 'available' AS available;
+SELECT r ->> 'allowed' AS allowed, r ->> 'overage' AS overage, r ->> 'current_usage' AS usage FROM billing.consume_generation(:'mid', 1) AS r;
+SELECT category, scope, amount, remaining FROM billing.credit_grants WHERE user_id = :'mid' ORDER BY category, scope NULLS FIRST;
+ROLLBACK;
+
 SELECT * FROM billing.verify_ledger();
