@@ -250,8 +250,12 @@ WITH clock AS MATERIALIZED (
      WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
        AND (g.expires_at <= clock.at OR (NOT $3 AND g.pool = 'subscription'))
 ), upd AS (
-    UPDATE billing.credit_grants AS g SET remaining = 0
-      FROM gone
+    -- A grant ended before its expiry (by a renewal or expire_subscription_credits) now expires
+    -- at this instant, so its status reads expired and balance_at sees when it ended.
+    UPDATE billing.credit_grants AS g
+       SET remaining = 0,
+           expires_at = CASE WHEN g.expires_at <= clock.at THEN g.expires_at ELSE clock.at END
+      FROM gone CROSS JOIN clock
      WHERE g.user_id = $1 AND g.id = gone.id
 ), sums AS (
     SELECT COALESCE(pg_catalog.sum(gone.remaining) FILTER (WHERE gone.pool = 'subscription'), 0)::bigint AS sub,

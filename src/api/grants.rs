@@ -52,14 +52,15 @@ fn grant_credits(a: &Args) -> BResult<Ret> {
     // SAFETY: GetCurrentTransactionStartTimestamp only reads the transaction's start time (now()).
     let now = unsafe { pgrx::pg_sys::GetCurrentTransactionStartTimestamp() };
     let effective = effective_micros.unwrap_or(now);
-    if let Some(e) = expires_micros {
-        if e <= effective || e <= now {
-            return Err(BillingError::invalid_with_hint(
-                "p_expires_at must be later than p_effective_at and than now",
-                "pass NULL for credits that never expire",
-            ));
-        }
+    if expires_micros.is_some_and(|e| e <= effective) {
+        return Err(BillingError::invalid_with_hint(
+            "p_expires_at must be later than p_effective_at",
+            "pass NULL for credits that never expire",
+        ));
     }
+    // The request as a retry sees it: p_effective_at defaults to now(), which is another instant
+    // in a retry's transaction, so "starts when made" is recorded as such, not as the instant.
+    let effective_fp = if effective_micros.is_none_or(|e| e == now) { Value::Null } else { iso(effective_micros) };
     let scope = g::scope("p_scope", a.text_array(6))?;
     let (d, r, k) = (a.text(7), a.text(8), a.text(9));
     let description = validate::text("p_description", d.as_deref())?;
@@ -71,7 +72,7 @@ fn grant_credits(a: &Args) -> BResult<Ret> {
             ("p_amount", json!(amount)),
             ("p_category", json!(category.as_str())),
             ("p_priority", json!(priority)),
-            ("p_effective_at", iso(effective_micros)),
+            ("p_effective_at", effective_fp),
             ("p_expires_at", iso(expires_micros)),
             ("p_scope", json!(scope)),
             ("p_description", json!(description)),
@@ -80,6 +81,13 @@ fn grant_credits(a: &Args) -> BResult<Ret> {
     );
     Spi::connect_mut(|c| {
         credits::idempotent(c, &user, KeyScope::Service, key, fp, |c| {
+            // Checked once the key is known to be new: a retry after the expiry replays.
+            if expires_micros.is_some_and(|e| e <= now) {
+                return Err(BillingError::invalid_with_hint(
+                    "p_expires_at must be later than now",
+                    "pass NULL for credits that never expire",
+                ));
+            }
             let n = NewGrant {
                 category,
                 amount,

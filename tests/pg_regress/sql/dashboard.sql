@@ -76,7 +76,7 @@ SELECT (SELECT to_jsonb(u) FROM billing.get_user_current_usage('e0000000-0000-40
                                   'documents_processed_count', d.documents_processed_count,
                                   'chunks_stored_count', d.chunks_stored_count, 'generations_count', d.generations_count)
           FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501') AS d) AS usage_match;
-SELECT (SELECT to_jsonb(c) - 'user_id' FROM billing.get_user_credits('e0000000-0000-4000-8000-000000000501') AS c)
+SELECT (SELECT to_jsonb(c) - 'user_id' - 'available' FROM billing.get_user_credits('e0000000-0000-4000-8000-000000000501') AS c)
      = (SELECT jsonb_build_object('subscription_credits_balance', d.subscription_credits_balance,
                                   'purchased_credits_balance', d.purchased_credits_balance, 'total_balance', d.total_credits)
           FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501') AS d) AS credits_match;
