@@ -519,6 +519,58 @@ def setup_users(conn, n, tag, grants=True):
     return users, calls
 
 
+GRANT_SQL_CHECKS = [
+    ("a grant's remaining is outside 0..amount",
+     "SELECT user_id, id, amount, remaining FROM billing.credit_grants WHERE remaining < 0 OR remaining > amount"),
+    ("a grant's ledger rows do not sum to its remaining",
+     """SELECT g.user_id, g.id, g.remaining, COALESCE(sum(t.amount), 0) FROM billing.credit_grants AS g
+          LEFT JOIN billing.credit_transactions AS t ON t.user_id = g.user_id AND t.grant_id = g.id
+         GROUP BY g.user_id, g.id, g.remaining HAVING COALESCE(sum(t.amount), 0) <> g.remaining"""),
+    ("an account's pools are not the sums of its grants",
+     """SELECT a.user_id, a.subscription_credits_balance, a.purchased_credits_balance, s.sub, s.pur
+          FROM billing.accounts AS a
+          CROSS JOIN LATERAL (
+                SELECT COALESCE(sum(x.v) FILTER (WHERE x.pool = 'subscription'), 0) AS sub,
+                       COALESCE(sum(x.v) FILTER (WHERE x.pool = 'purchased'), 0) AS pur
+                  FROM (SELECT g.pool, g.remaining AS v FROM billing.credit_grants AS g WHERE g.user_id = a.user_id
+                        UNION ALL
+                        SELECT t.pool, t.amount FROM billing.credit_transactions AS t
+                         WHERE t.user_id = a.user_id AND t.grant_id IS NULL AND t.pool <> 'debt') AS x) AS s
+         WHERE (a.subscription_credits_balance, a.purchased_credits_balance) <> (s.sub, s.pur)"""),
+    ("an account's debt is negative or not minus its debt rows",
+     """SELECT a.user_id, a.debt, (SELECT sum(t.amount) FROM billing.credit_transactions AS t
+                                   WHERE t.user_id = a.user_id AND t.pool = 'debt')
+          FROM billing.accounts AS a
+         WHERE a.debt < 0 OR a.debt <> -COALESCE((SELECT sum(t.amount) FROM billing.credit_transactions AS t
+                                                  WHERE t.user_id = a.user_id AND t.pool = 'debt'), 0)"""),
+    ("a grant is not voided exactly once",
+     """SELECT g.user_id, g.id, g.voided_at, g.voided_amount, count(t.*), sum(t.amount)
+          FROM billing.credit_grants AS g
+          LEFT JOIN billing.credit_transactions AS t ON t.user_id = g.user_id AND t.grant_id = g.id AND t.type = 'void'
+         GROUP BY g.user_id, g.id, g.voided_at, g.voided_amount
+        HAVING (g.voided_at IS NULL AND count(t.*) > 0)
+            OR (g.voided_at IS NOT NULL AND (count(t.*) <> CASE WHEN g.voided_amount > 0 THEN 1 ELSE 0 END
+                                             OR COALESCE(sum(t.amount), 0) <> -COALESCE(g.voided_amount, 0)))"""),
+    ("an expired grant was spent",
+     """SELECT g.user_id, g.id, g.expires_at, t.type, t.amount, t.created_at FROM billing.credit_grants AS g
+          JOIN billing.credit_transactions AS t ON t.user_id = g.user_id AND t.grant_id = g.id
+         WHERE t.amount < 0 AND t.type <> 'expiration' AND t.created_at >= g.expires_at"""),
+]
+
+
+def grant_sql_checks(conn):
+    """The grant invariants that need no client knowledge, over the whole database (0.4.0; none
+    before): each a violation message with up to 3 example rows."""
+    if not has_grants(conn):
+        return []
+    out = []
+    for what, sql in GRANT_SQL_CHECKS:
+        rows = q(conn, sql)
+        if rows:
+            out.append(f"{what}: {len(rows)} rows, e.g. {rows[:3]}")
+    return out
+
+
 def has_grants(conn):
     """pg_billing 0.4.0 or later (credit grants)."""
     return bool(q(conn, "SELECT 1 FROM pg_proc WHERE proname = 'grant_credits' AND pronamespace = 'billing'::regnamespace"))
