@@ -22,7 +22,7 @@ CREATE FUNCTION billing.consume_credits_v2(p_user_id uuid, p_amount integer, p_d
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_consume_credits_v2';
 COMMENT ON FUNCTION billing.consume_credits_v2(uuid, integer, text, text, text) IS
-'Consume p_amount credits, subscription pool first, then purchased (FIFO). Returns {success, transaction_id, consumed, subscription_used, purchased_used, subscription_credits_balance, purchased_credits_balance, total_balance}. Not enough credits: PT402 and nothing changes. End users: own account only. p_idempotency_key replays the first result.';
+'Consume p_amount credits from the unscoped grants in spending order (subscription credits first, then purchased: FIFO; see consume_credits). Returns {success, transaction_id, consumed, subscription_used, purchased_used, subscription_credits_balance, purchased_credits_balance, total_balance}. Not enough credits: PT402 and nothing changes. End users: own account only. p_idempotency_key replays the first result.';
 
 CREATE FUNCTION billing.add_subscription_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                                  p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
@@ -106,18 +106,20 @@ COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 'Service-only maintenance: forgets webhook event ids processed more than p_older_than ago (default 90 days, at least 1 day); returns ids deleted. A redelivery of a forgotten event is applied again (upsert_subscription given p_event_created_at still ignores an event older than the last one it applied).';
 
 CREATE FUNCTION billing.get_user_credits(p_user_id uuid)
-RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint)
+RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint,
+               available bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.authorize_user(p_user_id);
     SELECT p_user_id,
            COALESCE(c.subscription_credits_balance, 0),
            COALESCE(c.purchased_credits_balance, 0),
-           COALESCE(c.total_balance, 0)
+           COALESCE(c.total_balance, 0),
+           COALESCE(c.available, 0)
       FROM (SELECT 1) AS one
       LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id
 $$;
 COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
-'The user''s two pools and their total (zeros when the user has no account yet); subscription credits past their expiry (the period end) count as 0. End users: own only.';
+'The user''s two pools, their total less the debt, and available: the credits any spending may use now, less the debt (zeros when the user has no account yet); expired, voided and not yet started grants count as 0. End users: own only.';
 
 CREATE FUNCTION billing.get_credit_history(p_user_id uuid, p_limit integer DEFAULT 50, p_before timestamptz DEFAULT NULL)
 RETURNS SETOF billing.credit_transactions
@@ -143,24 +145,52 @@ RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_l
                purchased_credits_balance bigint, purchased_ledger_sum bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.require_service('billing.verify_ledger');
+    -- (pool::text: the upgrade to 0.4.0 adds the value 'debt' and creates this function in one
+    -- transaction, where the new value cannot be named as a constant.)
     WITH ledger AS (
         SELECT t.user_id,
-               pg_catalog.sum(t.amount) FILTER (WHERE t.pool = 'subscription')::bigint AS sub,
-               pg_catalog.sum(t.amount) FILTER (WHERE t.pool = 'purchased')::bigint AS pur
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'subscription')::bigint AS sub,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'purchased')::bigint AS pur,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'debt')::bigint AS debt
           FROM billing.credit_transactions AS t
          WHERE p_user_id IS NULL OR t.user_id = p_user_id
          GROUP BY t.user_id
     ), acct AS (
-        SELECT a.user_id, a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur
+        SELECT a.user_id, a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt
           FROM billing.accounts AS a
          WHERE p_user_id IS NULL OR a.user_id = p_user_id
+    ), grant_sums AS (
+        -- Per user: the stored pools must be the sums of the grants' remaining.
+        SELECT g.user_id,
+               pg_catalog.sum(g.remaining) FILTER (WHERE g.pool::text = 'subscription')::bigint AS sub,
+               pg_catalog.sum(g.remaining) FILTER (WHERE g.pool::text = 'purchased')::bigint AS pur
+          FROM billing.credit_grants AS g
+         WHERE p_user_id IS NULL OR g.user_id = p_user_id
+         GROUP BY g.user_id
+    ), bad_grants AS (
+        -- Per grant: its ledger rows must sum to its remaining.
+        SELECT DISTINCT g.user_id
+          FROM billing.credit_grants AS g
+          LEFT JOIN (SELECT t.user_id, t.grant_id, pg_catalog.sum(t.amount)::bigint AS s
+                       FROM billing.credit_transactions AS t
+                      WHERE t.grant_id IS NOT NULL AND (p_user_id IS NULL OR t.user_id = p_user_id)
+                      GROUP BY t.user_id, t.grant_id) AS l
+            ON l.user_id = g.user_id AND l.grant_id = g.id
+         WHERE (p_user_id IS NULL OR g.user_id = p_user_id)
+           AND g.remaining <> COALESCE(l.s, 0)
     )
     SELECT COALESCE(acct.user_id, ledger.user_id),
            COALESCE(acct.sub, 0), COALESCE(ledger.sub, 0),
            COALESCE(acct.pur, 0), COALESCE(ledger.pur, 0)
-      FROM acct FULL JOIN ledger ON ledger.user_id = acct.user_id
+      FROM acct
+      FULL JOIN ledger ON ledger.user_id = acct.user_id
+      LEFT JOIN grant_sums AS gs ON gs.user_id = COALESCE(acct.user_id, ledger.user_id)
      WHERE COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(ledger.pur, 0)
+        OR COALESCE(acct.debt, 0) <> -COALESCE(ledger.debt, 0)
+        OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
+        OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
-'Service-only, for DBAs and tests: the users (all, or p_user_id) whose balances differ from the sums of their ledger rows. Empty means consistent.';
+'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining, or a debt that differs from its ledger rows. Empty means consistent.';

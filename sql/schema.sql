@@ -19,7 +19,10 @@ CREATE TABLE billing.plans (
     sort_order            integer NOT NULL DEFAULT 0,
     is_active             boolean NOT NULL DEFAULT true,
     created_at            timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_at            timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at            timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- At renewal, what remains of the expiring subscription credits, up to this many, rolls over
+    -- into the new period as a `rollover` grant (0.4.0; 0 = nothing rolls over).
+    rollover_max          integer NOT NULL DEFAULT 0 CONSTRAINT plans_rollover_max_check CHECK (rollover_max >= 0)
 );
 COMMENT ON TABLE billing.plans IS 'The plan catalog. limits keys: agents, documents, products, widgets_per_type, conversations_per_month, messages_per_month, tokens_input_per_month, tokens_output_per_month, api_calls_per_day, documents_per_month, generations_per_month; -1 = unlimited.';
 
@@ -70,6 +73,15 @@ CREATE TABLE billing.accounts (
     last_purchased_delta           bigint NOT NULL DEFAULT 0,
     created_at                     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at                     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Overdraft (0.4.0): a debit may take the account down to -overdraft_limit; what it could not
+    -- pay from grants is the debt, which the next grant pays first.
+    overdraft_limit                bigint NOT NULL DEFAULT 0,
+    debt                           bigint NOT NULL DEFAULT 0,
+    -- No grant of this account expires before this instant (0.4.0): a write that finds it past
+    -- settles the expired grants first. Kept at or before the earliest expiry (never after), so
+    -- the hot path needs no look at the grants to know whether any expired.
+    next_expiry_at                 timestamptz,
+    CONSTRAINT accounts_overdraft_check CHECK (overdraft_limit >= 0 AND debt >= 0),
     -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
     -- statement that writes the table, so the hot tables keep as few as they can.
     -- The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so every stored
@@ -80,10 +92,57 @@ CREATE TABLE billing.accounts (
 -- E-mails are compared one way everywhere: ASCII letters lower-cased, nothing else folded
 -- (issue 11 item 8a; pg_billing_core::members::email_key).
 CREATE INDEX accounts_email_idx ON billing.accounts (pg_catalog.translate(email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'));
-COMMENT ON TABLE billing.accounts IS 'One row per user: subscription credits (expire at period end) and purchased credits (never expire). Changed only through pg_billing functions.';
+COMMENT ON TABLE billing.accounts IS 'One row per user: the two pools (sums of the remaining credits of its grants: subscription + rollover grants, and purchased + refund + promotional grants), its overdraft limit and debt. Changed only through pg_billing functions.';
 
--- The two credit pools (an enum: the type enforces the values, with no CHECK to evaluate).
-CREATE TYPE billing.credit_pool AS ENUM ('subscription', 'purchased');
+-- The two credit pools, and the debt an overdraft leaves (0.4.0) (an enum: the type enforces the
+-- values, with no CHECK to evaluate).
+CREATE TYPE billing.credit_pool AS ENUM ('subscription', 'purchased', 'debt');
+
+-- Credit grants (0.4.0): every credit an account holds belongs to one grant.
+CREATE TYPE billing.grant_category AS ENUM ('subscription', 'purchased', 'promotional', 'rollover', 'refund');
+
+CREATE TABLE billing.credit_grants (
+    user_id               uuid NOT NULL,
+    id                    uuid NOT NULL,
+    category              billing.grant_category NOT NULL,
+    amount                bigint NOT NULL,
+    remaining             bigint NOT NULL,
+    -- Lower is spent first (0..100); see billing.grant_credits for the defaults.
+    priority              integer NOT NULL,
+    effective_at          timestamptz NOT NULL,
+    expires_at            timestamptz,
+    -- NULL: any spending; else only spending for one of these features.
+    scope                 text[],
+    voided_at             timestamptz,
+    voided_amount         bigint,
+    void_reason           text,
+    -- The operation (ledger operation_id) that created the grant: for a purchase, the
+    -- transaction_id clawback_credits_from_transaction takes.
+    source_transaction_id uuid,
+    idempotency_key       text,
+    description           text,
+    reference_id          text,
+    created_at            timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Which of the two pools the grant's credits count in.
+    pool                  billing.credit_pool NOT NULL GENERATED ALWAYS AS
+                              (CASE WHEN category IN ('subscription', 'rollover') THEN 'subscription'::billing.credit_pool
+                                    ELSE 'purchased'::billing.credit_pool END) STORED,
+    -- Spent, voided or expired to the last credit. A stored flag rather than `remaining > 0` in
+    -- the spending index's predicate: a debit changes remaining, and a column the index reads
+    -- would make every debit a non-HOT update that writes new index entries.
+    depleted              boolean NOT NULL GENERATED ALWAYS AS (remaining = 0) STORED,
+    PRIMARY KEY (user_id, id),
+    CONSTRAINT credit_grants_amounts_check CHECK (amount > 0 AND remaining >= 0 AND remaining <= amount
+                                                  AND priority BETWEEN 0 AND 100)
+);
+-- The spending order (billing.consume_credits): priority, scoped before unscoped, earliest expiry
+-- first (never-expiring last), then earliest start, oldest, id. Only grants with credits left.
+CREATE INDEX credit_grants_spending_idx ON billing.credit_grants
+    (user_id, priority, (scope IS NULL), expires_at, effective_at, created_at, id)
+    WHERE NOT depleted AND voided_at IS NULL;
+-- void_grant finds a grant by its id alone.
+CREATE INDEX credit_grants_id_idx ON billing.credit_grants (id);
+COMMENT ON TABLE billing.credit_grants IS 'Credit grants: amount granted, remaining, priority (lower spent first), effective_at, expires_at (NULL = never), scope (NULL = any feature), void. Spendable = effective_at <= now() < expires_at AND not voided AND remaining > 0 AND scope admits the feature, evaluated by the spending statement itself. Per grant, its ledger rows (credit_transactions.grant_id) sum to remaining.';
 
 -- The ledger: one row per pool touched; the rows of one call share operation_id.
 CREATE TABLE billing.credit_transactions (
@@ -100,12 +159,14 @@ CREATE TABLE billing.credit_transactions (
     -- The moment the row was written (clock time, so rows of one transaction stay ordered and
     -- get_credit_history can page by time without splitting or skipping rows).
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    -- The grant the row changed (0.4.0); NULL on rows of the debt and on rows written before 0.4.0.
+    grant_id        uuid,
     PRIMARY KEY (user_id, id),
     CONSTRAINT credit_transactions_amount_check CHECK (amount <> 0 AND balance_after >= 0)
 );
 CREATE INDEX credit_transactions_user_time_idx ON billing.credit_transactions (user_id, created_at DESC, id DESC);
 CREATE INDEX credit_transactions_operation_idx ON billing.credit_transactions (operation_id);
-COMMENT ON TABLE billing.credit_transactions IS 'Append-only credit ledger. amount is signed (grants > 0, consumption < 0); per user and pool the amounts sum to the balance (billing.verify_ledger checks it).';
+COMMENT ON TABLE billing.credit_transactions IS 'Append-only credit ledger, one row per grant touched. amount is signed (grants > 0, consumption < 0); per user and pool the amounts sum to the balance, per grant to its remaining, and the debt rows to minus the debt (billing.verify_ledger checks it). balance_after: the pool''s balance after the row (for pool debt: the debt after it).';
 
 CREATE TABLE billing.credit_expiration_events (
     user_id        uuid NOT NULL,
@@ -156,17 +217,24 @@ COMMENT ON TABLE billing.webhook_events IS 'Provider webhook event ids already p
 -- For cleanup_webhook_events (0.2.0).
 CREATE INDEX webhook_events_processed_at_idx ON billing.webhook_events (processed_at);
 
--- Subscription credits past their expiry (the period end) read as 0 (0.3.0), also before the
--- first write settles them.
+-- Balances as they are now (0.4.0): the sums of the live grants' remaining (started, not
+-- expired, not voided), also before a write settles the expired ones.
 CREATE VIEW billing.user_credits WITH (security_invoker = true) AS
 SELECT a.user_id,
-       CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
-            ELSE a.subscription_credits_balance END AS subscription_credits_balance,
-       a.purchased_credits_balance,
-       CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
-            ELSE a.subscription_credits_balance END + a.purchased_credits_balance AS total_balance
-  FROM billing.accounts AS a;
-COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools and their total; subscription credits past their expiry count as 0. Row security applies: end users see their own row.';
+       COALESCE(g.sub, 0) AS subscription_credits_balance,
+       COALESCE(g.pur, 0) AS purchased_credits_balance,
+       COALESCE(g.sub, 0) + COALESCE(g.pur, 0) - a.debt AS total_balance,
+       COALESCE(g.unscoped, 0) - a.debt AS available
+  FROM billing.accounts AS a
+  LEFT JOIN LATERAL (
+        SELECT pg_catalog.sum(l.remaining) FILTER (WHERE l.pool = 'subscription')::bigint AS sub,
+               pg_catalog.sum(l.remaining) FILTER (WHERE l.pool = 'purchased')::bigint AS pur,
+               pg_catalog.sum(l.remaining) FILTER (WHERE l.scope IS NULL)::bigint AS unscoped
+          FROM billing.credit_grants AS l
+         WHERE l.user_id = a.user_id AND NOT l.depleted AND l.voided_at IS NULL
+           AND l.effective_at <= pg_catalog.now()
+           AND (l.expires_at IS NULL OR l.expires_at > pg_catalog.now())) AS g ON true;
+COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools, their total less the debt (billing.accounts.debt), and available: the credits any spending may use now, less the debt; expired, voided and not yet started grants count as 0. Row security applies: end users see their own row.';
 
 -- pg_dump keeps the rows of every table.
 SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
@@ -178,3 +246,4 @@ SELECT pg_catalog.pg_extension_config_dump('billing.credit_expiration_events_id_
 SELECT pg_catalog.pg_extension_config_dump('billing.idempotency_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.clawbacks', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_grants', '');

@@ -25,7 +25,8 @@ pub extern "C-unwind" fn _PG_init() {
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/security.sql", name = "security", requires = ["schema"]);
 extension_sql_file!("../sql/credits.sql", name = "credits", requires = ["security"]);
-extension_sql_file!("../sql/plans.sql", name = "plans", requires = ["credits"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", requires = ["credits"]);
+extension_sql_file!("../sql/plans.sql", name = "plans", requires = ["grants"]);
 extension_sql_file!("../sql/usage.sql", name = "usage", requires = ["plans"]);
 extension_sql_file!("../sql/widgets.sql", name = "widgets", requires = ["usage"]);
 extension_sql_file!("../sql/members.sql", name = "members", requires = ["widgets"]);

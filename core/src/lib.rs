@@ -7,6 +7,7 @@
 
 pub mod credits;
 pub mod error;
+pub mod grants;
 pub mod idempotency;
 pub mod identity;
 pub mod ids;

@@ -1,171 +1,316 @@
-//! Two-pool credits (SPEC 4): consume, grant, expire, renew, refund, claw back, legacy aliases.
+//! Credits (SPEC 4) on credit grants (0.4.0): consume, grant, expire, renew, refund, claw back,
+//! void, legacy aliases.
 //!
-//! Each mutation is one statement: a row-locked `UPDATE`/upsert of `billing.accounts` whose SET
-//! list applies the arithmetic of `pg_billing_core::credits` and records the per-pool deltas, and
-//! data-modifying CTEs that append the ledger rows (one per pool touched) in the same statement.
-//! At READ COMMITTED a concurrent writer waits for the row lock and then re-evaluates the WHERE
-//! and SET expressions on the newest row version, so balances never go negative and no update
-//! is lost.
+//! Every credit belongs to a grant (`billing.credit_grants`); the two pools of the two-pool API
+//! are sums of grants by category. Every mutation first locks the user's account row (the lock
+//! order in `api/mod.rs`), then runs one statement that reads the grants with a fresh snapshot
+//! (taken after the lock, so it sees every committed change), changes them, keeps the account's
+//! stored pool sums and debt, and appends the ledger rows (one per grant touched) in data-modifying
+//! CTEs. At READ COMMITTED a concurrent writer waits for the account lock, so no grant is ever
+//! spent twice and no update is lost. The rules themselves are `pg_billing_core::grants`.
 
+use pg_billing_core::grants::{self as g, Category};
 use pg_billing_core::identity::Caller;
 use pg_billing_core::idempotency::{self, Replay};
-use pg_billing_core::{credits, BillingError};
-use pgrx::datum::DatumWithOid;
+use pg_billing_core::BillingError;
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
+use pgrx::pg_sys::PgOid;
 use pgrx::spi::{Spi, SpiClient, SpiTupleTable};
 use serde_json::{json, Value};
 
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, INT4, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
+
+pub const TEXTARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTARRAYOID);
 
 // ---------------------------------------------------------------------------------------------
 // Statements
 // ---------------------------------------------------------------------------------------------
 
-/// FIFO consumption, as two simple statements under the same row lock (the UPDATE takes it):
-/// executor start-up of two small plans costs less than that of one CTE plan (measured with
-/// callgrind; see benches/README.md). $1 user, $2 amount. No row: unknown account, not enough
-/// credits, or subscription credits past their expiry still to settle (nothing changed; the
-/// caller settles them, see [`SETTLE`], and tries again).
-const DEBIT: &str = "
-UPDATE billing.accounts AS a
-   SET subscription_credits_balance = a.subscription_credits_balance - LEAST(a.subscription_credits_balance, $2),
-       purchased_credits_balance    = a.purchased_credits_balance - ($2 - LEAST(a.subscription_credits_balance, $2)),
-       last_subscription_delta      = -LEAST(a.subscription_credits_balance, $2),
-       last_purchased_delta         = -($2 - LEAST(a.subscription_credits_balance, $2)),
-       updated_at                   = pg_catalog.now()
+// Time: a write compares grants' start and expiry with the clock once it holds the account lock
+// (clock_timestamp(), read once per statement), not with now(): now() is when the caller's
+// transaction began, so a transaction that began before a grant was made (or waited on the lock
+// while a grant expired) would otherwise not see the grant start (or would spend it expired).
+
+/// Step 2 of the lock order: lock the account and read what a write needs. $1 user. Returns the
+/// overdraft headroom (limit less debt, never below 0), the debt, and whether a grant may have
+/// expired since the last write (then the caller settles first: [`SETTLE`]).
+const LOCK: &str = "
+SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
+       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)
+  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
+
+/// The same for a debit of $2: no row, and no lock taken (so no wait behind another writer),
+/// when what the committed account stores and may overdraw cannot pay $2 (stored pools hold at
+/// least what is spendable); the debit then fails as if it ran before the other writer.
+const LOCK_FOR_DEBIT: &str = "
+SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
+       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)
+  FROM billing.accounts AS a
  WHERE a.user_id = $1
-   AND a.subscription_credits_balance + a.purchased_credits_balance >= $2
-   AND (a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now()
-        OR a.subscription_credits_balance = 0)
-RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.last_subscription_delta, a.last_purchased_delta";
+   AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0) >= $2
+   FOR UPDATE";
 
-/// One ledger row. $1 user, $2 operation, $3 type, $4 pool, $5 amount, $6 balance after,
-/// $7 description, $8 reference, $9 idempotency key.
-const LEDGER_ROW: &str = "
-INSERT INTO billing.credit_transactions
-       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key)
-VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9)";
+/// The same, creating the account when there is none. $1 user.
+const LOCK_OR_CREATE: &str = "
+INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
+ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
+RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
+          COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)";
 
-/// Grant to one pool, creating the account if missing. $1 user, $2 to subscription, $3 to
-/// purchased, $4 description, $5 reference, $6 key, $7 ledger type.
-const GRANT: &str = "
-WITH acct AS (
-    INSERT INTO billing.accounts AS a
-           (user_id, subscription_credits_balance, purchased_credits_balance, last_subscription_delta, last_purchased_delta)
-    VALUES ($1, $2, $3, $2, $3)
-    ON CONFLICT (user_id) DO UPDATE
-       SET subscription_credits_balance = a.subscription_credits_balance + EXCLUDED.subscription_credits_balance,
-           purchased_credits_balance    = a.purchased_credits_balance + EXCLUDED.purchased_credits_balance,
-           last_subscription_delta      = EXCLUDED.subscription_credits_balance,
-           last_purchased_delta         = EXCLUDED.purchased_credits_balance,
+/// The debit, in one statement under the account lock. $1 user, $2 amount, $3 feature (NULL:
+/// only unscoped grants pay), $4 overdraft headroom, $5 operation, $6 ledger type,
+/// $7 description, $8 reference, $9 key, $10 also return which grants paid (jsonb).
+///
+/// `live` is every grant that counts now; `take` walks the spendable ones in spending order (the
+/// order of `credit_grants_spending_idx`) and takes from each what the amount still needs. When
+/// the grants and the headroom cannot pay, `ok` is empty and nothing changes (no row returned).
+/// The ledger gets one row per grant in spending order (balance_after: the pool's stored balance
+/// after the row) and a `debt` row for what went into overdraft. The result reports the stored
+/// pools after the debit (as every two-pool result does) and, with $10, what the same feature
+/// could still spend and which grants paid.
+const DEBIT: &str = "
+WITH clock AS MATERIALIZED (
+    SELECT pg_catalog.clock_timestamp() AS at
+), live AS (
+    SELECT g.id, g.category, g.pool, g.remaining,
+           (g.scope IS NULL OR g.scope @> ARRAY[$3]) AS admits,
+           pg_catalog.row_number() OVER w AS ord,
+           pg_catalog.sum(g.remaining) FILTER (WHERE g.scope IS NULL OR g.scope @> ARRAY[$3]) OVER w AS upto
+      FROM billing.credit_grants AS g CROSS JOIN clock
+     WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
+       AND g.effective_at <= clock.at
+       AND (g.expires_at IS NULL OR g.expires_at > clock.at)
+    WINDOW w AS (ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id)
+), take AS (
+    SELECT l.id, l.category, l.pool, l.ord, LEAST(l.remaining, $2 - (l.upto - l.remaining)) AS n
+      FROM live AS l
+     WHERE l.admits AND l.upto - l.remaining < $2
+), tot AS (
+    SELECT COALESCE(pg_catalog.sum(t.n) FILTER (WHERE t.pool = 'subscription'), 0)::bigint AS sub,
+           COALESCE(pg_catalog.sum(t.n) FILTER (WHERE t.pool = 'purchased'), 0)::bigint AS pur
+      FROM take AS t
+), ok AS (
+    SELECT tot.sub, tot.pur, $2 - tot.sub - tot.pur AS short FROM tot WHERE $2 - tot.sub - tot.pur <= $4
+), spent AS (
+    UPDATE billing.credit_grants AS g SET remaining = g.remaining - t.n
+      FROM take AS t, ok
+     WHERE g.user_id = $1 AND g.id = t.id
+), acct AS (
+    UPDATE billing.accounts AS a
+       SET subscription_credits_balance = a.subscription_credits_balance - ok.sub,
+           purchased_credits_balance    = a.purchased_credits_balance - ok.pur,
+           debt                         = a.debt + ok.short,
+           last_subscription_delta      = -ok.sub,
+           last_purchased_delta         = -ok.pur,
            updated_at                   = pg_catalog.now()
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
-           a.last_subscription_delta AS dsub, a.last_purchased_delta AS dpur
-), op AS (
-    SELECT pg_catalog.gen_random_uuid() AS id
+      FROM ok
+     WHERE a.user_id = $1
+ RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, ok.sub AS dsub, ok.pur AS dpur, ok.short
 ), ledger AS (
     INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key)
-    SELECT $1, op.id, $7, e.pool, e.amount, e.balance_after, $4, $5, $6
-      FROM acct CROSS JOIN op
-     CROSS JOIN LATERAL (VALUES (1, 'subscription'::billing.credit_pool, acct.dsub, acct.sub),
-                                (2, 'purchased'::billing.credit_pool, acct.dpur, acct.pur)) AS e(ord, pool, amount, balance_after)
+           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
+    SELECT $1, $5, $6, x.pool, x.amount, x.balance_after, $7, $8, $9, x.grant_id
+      FROM (SELECT t.ord, t.pool, -t.n AS amount, t.id AS grant_id,
+                   CASE t.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END
+                     + COALESCE(pg_catalog.sum(t.n) OVER (PARTITION BY t.pool ORDER BY t.ord DESC
+                                                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS balance_after
+              FROM take AS t CROSS JOIN acct
+            UNION ALL
+            SELECT 9223372036854775807, 'debt'::billing.credit_pool, -acct.short, NULL::uuid, acct.debt
+              FROM acct WHERE acct.short > 0) AS x
+     ORDER BY x.ord
+)
+SELECT acct.dsub, acct.dpur, acct.short, acct.debt, acct.sub, acct.pur,
+       CASE WHEN $10 THEN (SELECT COALESCE(pg_catalog.sum(l.remaining) FILTER (WHERE l.admits), 0)::bigint FROM live AS l)
+                          - acct.dsub - acct.dpur END,
+       CASE WHEN $10 THEN (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('grant_id', t.id, 'category', t.category, 'amount', t.n)
+                                                       ORDER BY t.ord)
+                             FROM take AS t) END
+  FROM acct";
+
+/// One new grant and its ledger rows, under the account lock. $1 user, $2 operation, $3 grant id,
+/// $4 category, $5 amount, $6 priority, $7 effective_at (NULL: now), $8 expires_at, $9 scope,
+/// $10 ledger type, $11 description, $12 reference, $13 key, $14 debt it repays, $15 expire at
+/// the subscription period end (accounts.subscription_credits_expire_at) instead of $8.
+/// The ledger: the grant's +amount, then (when it repays debt) -repaid on the grant and +repaid
+/// on the debt.
+const CREATE_GRANT: &str = "
+WITH gr AS (
+    INSERT INTO billing.credit_grants AS g
+           (user_id, id, category, amount, remaining, priority, effective_at, expires_at, scope,
+            source_transaction_id, idempotency_key, description, reference_id)
+    SELECT $1, $3, $4::billing.grant_category, $5, $5 - $14, $6, COALESCE($7, pg_catalog.now()),
+           CASE WHEN $15 THEN a.subscription_credits_expire_at ELSE $8 END, $9, $2, $13, $11, $12
+      FROM billing.accounts AS a WHERE a.user_id = $1
+ RETURNING g.pool, g.expires_at
+), acct AS (
+    UPDATE billing.accounts AS a
+       SET subscription_credits_balance = a.subscription_credits_balance + CASE WHEN gr.pool = 'subscription' THEN $5 - $14 ELSE 0 END,
+           purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
+           debt                         = a.debt - $14,
+           next_expiry_at               = LEAST(a.next_expiry_at, gr.expires_at),
+           last_subscription_delta      = CASE WHEN gr.pool = 'subscription' THEN $5 - $14 ELSE 0 END,
+           last_purchased_delta         = CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
+           updated_at                   = pg_catalog.now()
+      FROM gr
+     WHERE a.user_id = $1
+ RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, gr.pool
+), ledger AS (
+    INSERT INTO billing.credit_transactions
+           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
+    SELECT $1, $2, e.type, e.pool, e.amount, e.balance_after, $11, $12, $13, e.grant_id
+      FROM acct
+     CROSS JOIN LATERAL (VALUES
+            (1, $10, acct.pool, $5, CASE acct.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END + $14, $3),
+            (2, 'debt_repayment', acct.pool, -$14, CASE acct.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END, $3),
+            (3, 'debt_repayment', 'debt'::billing.credit_pool, $14, acct.debt, NULL::uuid))
+            AS e(ord, type, pool, amount, balance_after, grant_id)
      WHERE e.amount <> 0
      ORDER BY e.ord
 )
-SELECT op.id, acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct CROSS JOIN op";
+SELECT acct.sub, acct.pur, acct.debt FROM acct";
 
-/// Zero the subscription pool. $1 user, $2 description, $3 key, $4 only when lapsed: true
-/// settles credits past `subscription_credits_expire_at` (no row, and no lock, when there are
-/// none), false expires whatever the pool holds. Either way the pool has no expiry afterwards.
-const EXPIRE: &str = "
-WITH acct AS (
+/// Expire grants, under the account lock: those past their expiry, and with $3 false every
+/// grant of the subscription pool too. $1 user, $2 operation, $3 only the expired ones,
+/// $4 description, $5 key, $6 credits of the expired ones that a renewal rolls over (the
+/// expiration event records only what was lost). One 'expiration' ledger row per grant, one
+/// credit_expiration_events row. Afterwards the subscription period end is cleared when it has
+/// passed (or always, with $3 false), and next_expiry_at is the earliest expiry left.
+const SETTLE: &str = "
+WITH clock AS MATERIALIZED (
+    SELECT pg_catalog.clock_timestamp() AS at
+), gone AS (
+    SELECT g.id, g.pool, g.remaining,
+           pg_catalog.row_number() OVER (ORDER BY g.priority, g.expires_at, g.effective_at, g.created_at, g.id) AS ord
+      FROM billing.credit_grants AS g CROSS JOIN clock
+     WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
+       AND (g.expires_at <= clock.at OR (NOT $3 AND g.pool = 'subscription'))
+), upd AS (
+    UPDATE billing.credit_grants AS g SET remaining = 0
+      FROM gone
+     WHERE g.user_id = $1 AND g.id = gone.id
+), sums AS (
+    SELECT COALESCE(pg_catalog.sum(gone.remaining) FILTER (WHERE gone.pool = 'subscription'), 0)::bigint AS sub,
+           COALESCE(pg_catalog.sum(gone.remaining) FILTER (WHERE gone.pool = 'purchased'), 0)::bigint AS pur
+      FROM gone
+), acct AS (
     UPDATE billing.accounts AS a
-       SET subscription_credits_balance   = 0,
-           subscription_credits_expire_at = NULL,
-           last_subscription_delta        = -a.subscription_credits_balance,
-           last_purchased_delta           = 0,
+       SET subscription_credits_balance   = a.subscription_credits_balance - sums.sub,
+           purchased_credits_balance      = a.purchased_credits_balance - sums.pur,
+           subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at <= (SELECT clock.at FROM clock) THEN NULL
+                                                 ELSE a.subscription_credits_expire_at END,
+           next_expiry_at                 = (SELECT pg_catalog.min(l.expires_at) FROM billing.credit_grants AS l
+                                              WHERE l.user_id = $1 AND NOT l.depleted AND l.voided_at IS NULL
+                                                AND l.expires_at > (SELECT clock.at FROM clock) AND ($3 OR l.pool <> 'subscription')),
+           last_subscription_delta        = -sums.sub,
+           last_purchased_delta           = -sums.pur,
            updated_at                     = pg_catalog.now()
+      FROM sums
      WHERE a.user_id = $1
-       AND (NOT $4 OR a.subscription_credits_expire_at <= pg_catalog.now())
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
-           a.last_subscription_delta AS dsub
-), op AS (
-    SELECT pg_catalog.gen_random_uuid() AS id
+ RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, sums.sub AS dsub, sums.pur AS dpur
 ), ledger AS (
     INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, idempotency_key)
-    SELECT $1, op.id, 'expiration', 'subscription', acct.dsub, 0, $2, $3
-      FROM acct CROSS JOIN op
-     WHERE acct.dsub <> 0
+           (user_id, operation_id, type, pool, amount, balance_after, description, idempotency_key, grant_id)
+    SELECT $1, $2, 'expiration', gone.pool, -gone.remaining,
+           CASE gone.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END
+             + COALESCE(pg_catalog.sum(gone.remaining) OVER (PARTITION BY gone.pool ORDER BY gone.ord DESC
+                                                             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0),
+           CASE WHEN gone.pool = 'subscription' THEN $4 ELSE 'grant expired' END, $5, gone.id
+      FROM gone CROSS JOIN acct
+     ORDER BY gone.ord
 ), event AS (
     INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount, description)
-    SELECT $1, op.id, -acct.dsub, $2
-      FROM acct CROSS JOIN op
-     WHERE acct.dsub <> 0
+    SELECT $1, $2, acct.dsub + acct.dpur - $6, $4 FROM acct WHERE acct.dsub + acct.dpur - $6 > 0
 )
-SELECT op.id, acct.sub, acct.pur, acct.dsub FROM acct CROSS JOIN op";
+SELECT acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct";
 
-/// Expire then grant, atomically; creates the account if missing. $1 user, $2 amount,
-/// $3 period end, $4 key.
-const RENEW: &str = "
-WITH acct AS (
-    INSERT INTO billing.accounts AS a
-           (user_id, subscription_credits_balance, subscription_credits_expire_at, last_subscription_delta, last_purchased_delta)
-    VALUES ($1, $2, $3, 0, 0)
-    ON CONFLICT (user_id) DO UPDATE
-       SET subscription_credits_balance   = EXCLUDED.subscription_credits_balance,
-           subscription_credits_expire_at = EXCLUDED.subscription_credits_expire_at,
-           last_subscription_delta        = -a.subscription_credits_balance,
-           last_purchased_delta           = 0,
-           updated_at                     = pg_catalog.now()
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
-           a.last_subscription_delta AS expired_delta
-), op AS (
-    SELECT pg_catalog.gen_random_uuid() AS id
-), ledger AS (
-    INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, idempotency_key)
-    SELECT $1, op.id, e.type, 'subscription', e.amount, e.balance_after, e.description, $4
-      FROM acct CROSS JOIN op
-     CROSS JOIN LATERAL (VALUES (1, 'expiration', acct.expired_delta, 0::bigint, 'expired at renewal'),
-                                (2, 'renewal', $2, acct.sub, 'subscription renewal')) AS e(ord, type, amount, balance_after, description)
-     WHERE e.amount <> 0
-     ORDER BY e.ord
-), event AS (
-    INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount, description)
-    SELECT $1, op.id, -acct.expired_delta, 'expired at renewal'
-      FROM acct CROSS JOIN op
-     WHERE acct.expired_delta <> 0
-)
-SELECT op.id, acct.sub, acct.pur, acct.expired_delta FROM acct CROSS JOIN op";
-
-/// Take back up to $2 from the purchased pool. $1 user, $2 amount, $3 reason, $4 reference.
-const CLAWBACK: &str = "
-WITH acct AS (
+/// Void what remains of one grant, under the account lock. $1 user, $2 grant, $3 operation,
+/// $4 reason, $5 ledger type, $6 key, $7 reference. No row: the grant is void already.
+const VOID: &str = "
+WITH v AS (
+    SELECT g.id, g.pool, g.remaining FROM billing.credit_grants AS g
+     WHERE g.user_id = $1 AND g.id = $2 AND g.voided_at IS NULL
+), upd AS (
+    UPDATE billing.credit_grants AS g
+       SET remaining = 0, voided_at = pg_catalog.now(), voided_amount = v.remaining, void_reason = $4
+      FROM v
+     WHERE g.user_id = $1 AND g.id = v.id
+), acct AS (
     UPDATE billing.accounts AS a
-       SET purchased_credits_balance = a.purchased_credits_balance - LEAST(a.purchased_credits_balance, $2),
-           last_purchased_delta      = -LEAST(a.purchased_credits_balance, $2),
-           last_subscription_delta   = 0,
-           updated_at                = pg_catalog.now()
+       SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN v.pool = 'subscription' THEN v.remaining ELSE 0 END,
+           purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN v.pool = 'purchased' THEN v.remaining ELSE 0 END,
+           last_subscription_delta      = CASE WHEN v.pool = 'subscription' THEN -v.remaining ELSE 0 END,
+           last_purchased_delta         = CASE WHEN v.pool = 'purchased' THEN -v.remaining ELSE 0 END,
+           updated_at                   = pg_catalog.now()
+      FROM v
      WHERE a.user_id = $1
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur,
-           a.last_purchased_delta AS dpur
-), op AS (
-    SELECT pg_catalog.gen_random_uuid() AS id
+ RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, v.remaining, v.pool
 ), ledger AS (
     INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id)
-    SELECT $1, op.id, 'clawback', 'purchased', acct.dpur, acct.pur, $3, $4
-      FROM acct CROSS JOIN op
-     WHERE acct.dpur <> 0
+           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
+    SELECT $1, $3, $5, acct.pool, -acct.remaining, CASE acct.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END,
+           $4, $7, $6, $2
+      FROM acct WHERE acct.remaining > 0
 )
-SELECT op.id, acct.sub, acct.pur, acct.dpur FROM acct CROSS JOIN op";
+SELECT acct.remaining, acct.sub, acct.pur, acct.debt FROM acct";
+
+/// The live pools as billing.user_credits shows them. $1 user.
+const LIVE: &str = "
+SELECT c.subscription_credits_balance, c.purchased_credits_balance, a.debt, c.available
+  FROM billing.user_credits AS c JOIN billing.accounts AS a ON a.user_id = c.user_id WHERE c.user_id = $1";
+
+/// What a feature (or, NULL, spending without one) could spend now, by pool. $1 user, $2 feature.
+const SPENDABLE: &str = "
+SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription'), 0)::bigint,
+       COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'purchased'), 0)::bigint
+  FROM billing.credit_grants AS g
+ WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
+   AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
+   AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))
+   AND (g.scope IS NULL OR g.scope @> ARRAY[$2])";
+
+/// What a renewal may roll over: the subscription-pool credits that have not expired, and the
+/// plan's cap (the user's subscription's plan, else the member's plan; none: 0). $1 user.
+const ROLLOVER: &str = "
+SELECT COALESCE((SELECT pg_catalog.sum(g.remaining) FROM billing.credit_grants AS g
+                  WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL AND g.pool = 'subscription'
+                    AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
+                    AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))), 0)::bigint,
+       COALESCE((SELECT p.rollover_max FROM billing.subscriptions AS s JOIN billing.plans AS p ON p.plan_id = s.plan_id
+                  WHERE s.user_id = $1),
+                (SELECT p.rollover_max FROM billing.members AS m JOIN billing.plans AS p ON p.plan_id = m.plan_id
+                  WHERE m.user_id = $1), 0)::bigint";
+
+/// The subscription period end, for the pool and its live subscription grants. $1 user, $2 the
+/// date, $3 keep a later date already set (else set $2).
+const SET_PERIOD_END: &str = "
+WITH a AS (
+    UPDATE billing.accounts AS a
+       SET subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at IS NULL THEN $2
+                                                 ELSE GREATEST(a.subscription_credits_expire_at, $2) END,
+           next_expiry_at = LEAST(a.next_expiry_at,
+                                  CASE WHEN NOT $3 OR a.subscription_credits_expire_at IS NULL THEN $2
+                                       ELSE GREATEST(a.subscription_credits_expire_at, $2) END)
+     WHERE a.user_id = $1
+ RETURNING a.subscription_credits_expire_at AS e
+)
+UPDATE billing.credit_grants AS g SET expires_at = a.e
+  FROM a
+ WHERE g.user_id = $1 AND g.category = 'subscription' AND NOT g.depleted AND g.voided_at IS NULL
+   AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.now())
+   AND g.expires_at IS DISTINCT FROM a.e";
+
+/// The purchase grant a clawback voids. $1 user, $2 the purchase's operation.
+const PURCHASE_GRANT: &str = "
+SELECT g.id FROM billing.credit_grants AS g
+ WHERE g.user_id = $1 AND g.source_transaction_id = $2 AND g.category = 'purchased'
+ ORDER BY g.created_at, g.id LIMIT 1";
 
 const BALANCES: &str =
-    "SELECT subscription_credits_balance, purchased_credits_balance FROM billing.accounts WHERE user_id = $1";
+    "SELECT subscription_credits_balance, purchased_credits_balance, debt FROM billing.accounts WHERE user_id = $1";
 
 /// The purchase a clawback reverses: its user and how much it added to the purchased pool.
 const FIND_PURCHASE: &str = "
@@ -261,16 +406,25 @@ pub fn idempotent(
     }
 }
 
-/// The balances of an account, or `P0002`.
-pub fn balances(client: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<credits::Balances> {
+/// An account's stored pools (the sums of its grants' remaining, expired ones included until a
+/// write settles them) and debt.
+pub struct Stored {
+    pub subscription: i64,
+    pub purchased: i64,
+    pub debt: i64,
+}
+
+/// The stored balances of an account, or `P0002`.
+pub fn balances(client: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Stored> {
     let t = spi::write(client, BALANCES, &[UUID], &[uuid_arg(user)])?;
     if t.is_empty() {
         return Err(unknown_account(user));
     }
     let t = t.first();
-    Ok(credits::Balances {
+    Ok(Stored {
         subscription: col::<i64>(&t, 1)?.unwrap_or(0),
         purchased: col::<i64>(&t, 2)?.unwrap_or(0),
+        debt: col::<i64>(&t, 3)?.unwrap_or(0),
     })
 }
 
@@ -281,30 +435,13 @@ fn unknown_account(user: &[u8; 16]) -> BillingError {
     }
 }
 
-struct Row {
-    op: String,
-    sub: i64,
-    pur: i64,
-    d1: i64,
-}
-
-fn row(t: SpiTupleTable<'_>) -> BResult<Row> {
-    let t = t.first();
-    let op = col::<pgrx::Uuid>(&t, 1)?.ok_or_else(|| BillingError::internal("statement returned no operation id"))?;
-    Ok(Row {
-        op: uuid_text(op.as_bytes()),
-        sub: col::<i64>(&t, 2)?.unwrap_or(0),
-        pur: col::<i64>(&t, 3)?.unwrap_or(0),
-        d1: col::<i64>(&t, 4)?.unwrap_or(0),
-    })
-}
-
 thread_local! {
     /// Seeded from the strong random source on first use in each backend (after fork).
     static OP_IDS: std::cell::RefCell<Option<pg_billing_core::ids::OpIds>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A fresh operation id (a time-ordered version-7 uuid; see `pg_billing_core::ids`).
+/// A fresh operation id (a time-ordered version-7 uuid; see `pg_billing_core::ids`). Grant ids
+/// come from the same generator.
 pub fn new_operation_id() -> BResult<[u8; 16]> {
     OP_IDS.with(|cell| {
         let mut cell = cell.borrow_mut();
@@ -323,6 +460,154 @@ pub fn new_operation_id() -> BResult<[u8; 16]> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// The account lock and lazy expiry
+// ---------------------------------------------------------------------------------------------
+
+/// What the account lock returned.
+#[derive(Clone, Copy)]
+pub struct Locked {
+    /// How far below zero a debit may still go (overdraft limit less debt, >= 0).
+    pub headroom: i64,
+    pub debt: i64,
+    /// A grant may have expired since the last write.
+    pub due: bool,
+}
+
+fn locked(t: SpiTupleTable<'_>) -> BResult<Option<Locked>> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let t = t.first();
+    Ok(Some(Locked {
+        headroom: col::<i64>(&t, 1)?.unwrap_or(0),
+        debt: col::<i64>(&t, 2)?.unwrap_or(0),
+        due: col::<bool>(&t, 3)?.unwrap_or(false),
+    }))
+}
+
+/// Lock the user's account (step 2 of the lock order) and settle expired grants. `create`: make
+/// the account when there is none; otherwise a missing account is `P0002`.
+pub fn lock(c: &mut SpiClient<'_>, user: &[u8; 16], create: bool) -> BResult<Locked> {
+    let t = if create {
+        spi::write(c, LOCK_OR_CREATE, &[UUID], &[uuid_arg(user)])?
+    } else {
+        spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?
+    };
+    let l = locked(t)?.ok_or_else(|| unknown_account(user))?;
+    if l.due {
+        settle_locked(c, user)?;
+    }
+    Ok(l)
+}
+
+/// Grants past their expiry are never spent (the spending statement checks each grant's expiry)
+/// and read as 0; the first write to the account afterwards calls this, which logs their
+/// expiration (one ledger row per grant, one `billing.credit_expiration_events` row) in the
+/// caller's transaction. The caller holds the account lock. Returns the credits that expired.
+fn settle_locked(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
+    let op = new_operation_id()?;
+    let s = expire_grants(c, user, &op, true, Some("expired at period end"), None, 0)?;
+    Ok(s.dsub + s.dpur)
+}
+
+/// Lock the account and settle its expired grants (for callers outside this module).
+pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
+    let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
+    if let Some(l) = locked(t)? {
+        if l.due {
+            settle_locked(c, user)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lock the account (when there is one), settle its expired grants, and read its live pools.
+/// None: no account.
+pub fn lock_live(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Option<Live>> {
+    let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
+    let Some(l) = locked(t)? else { return Ok(None) };
+    if l.due {
+        settle_locked(c, user)?;
+    }
+    live(c, user).map(Some)
+}
+
+/// Set the subscription period end of the pool and of its live subscription grants: `date`, or
+/// with `keep_later` the later of it and the one set.
+pub fn set_period_end(c: &mut SpiClient<'_>, user: &[u8; 16], date: Option<TimestampWithTimeZone>, keep_later: bool) -> BResult<()> {
+    spi::write(c, SET_PERIOD_END, &[UUID, TIMESTAMPTZ, BOOL], &[uuid_arg(user), date.into(), keep_later.into()]).map(|_| ())
+}
+
+/// What [`SETTLE`] did: the stored pools after, and what expired from each.
+struct Settled {
+    sub: i64,
+    pur: i64,
+    dsub: i64,
+    dpur: i64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expire_grants(
+    c: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    op: &[u8; 16],
+    only_expired: bool,
+    description: Option<&str>,
+    key: Option<&str>,
+    rolled_over: i64,
+) -> BResult<Settled> {
+    let t = spi::write(
+        c,
+        SETTLE,
+        &[UUID, UUID, BOOL, TEXT, TEXT, INT8],
+        &[uuid_arg(user), uuid_arg(op), only_expired.into(), description.into(), key.into(), rolled_over.into()],
+    )?;
+    if t.is_empty() {
+        return Err(unknown_account(user));
+    }
+    let t = t.first();
+    Ok(Settled {
+        sub: col::<i64>(&t, 1)?.unwrap_or(0),
+        pur: col::<i64>(&t, 2)?.unwrap_or(0),
+        dsub: col::<i64>(&t, 3)?.unwrap_or(0),
+        dpur: col::<i64>(&t, 4)?.unwrap_or(0),
+    })
+}
+
+/// The live pools (what billing.user_credits shows) after a write.
+#[derive(Clone, Copy, Default)]
+pub struct Live {
+    pub sub: i64,
+    pub pur: i64,
+    pub debt: i64,
+    pub available: i64,
+}
+
+impl Live {
+    pub fn total(&self) -> i64 {
+        self.sub.saturating_add(self.pur).saturating_sub(self.debt)
+    }
+}
+
+pub fn live(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Live> {
+    let t = spi::write(c, LIVE, &[UUID], &[uuid_arg(user)])?;
+    if t.is_empty() {
+        return Ok(Live::default());
+    }
+    let t = t.first();
+    Ok(Live {
+        sub: col::<i64>(&t, 1)?.unwrap_or(0),
+        pur: col::<i64>(&t, 2)?.unwrap_or(0),
+        debt: col::<i64>(&t, 3)?.unwrap_or(0),
+        available: col::<i64>(&t, 4)?.unwrap_or(0),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spending
+// ---------------------------------------------------------------------------------------------
+
 /// FIFO consumption with its result as JSON (for idempotency records and Rust callers).
 pub fn consume(
     client: &mut SpiClient<'_>,
@@ -333,75 +618,105 @@ pub fn consume(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Value> {
-    Ok(debit(client, user, amount, ledger_type, description, reference, key)?.to_json())
+    Ok(debit(client, user, amount, None, false, ledger_type, description, reference, key)?.to_json())
 }
 
 /// What a consumption did: enough to build its JSON result (outside SPI for the hot path).
 pub struct Debit {
     op: [u8; 16],
     amount: i64,
-    sub: i64,
-    pur: i64,
+    /// Taken from each pool, and into debt.
     dsub: i64,
     dpur: i64,
+    short: i64,
+    debt: i64,
+    /// The stored pools after the debit, and what the same kind of spending could still use.
+    sub: i64,
+    pur: i64,
+    admitted: i64,
+    grants: Option<Value>,
 }
 
-/// FIFO consumption: debit, then the ledger rows (one per pool touched), under the account's
-/// row lock. Shared by consume_credits_v2, decrement_credits_with_log and the members domain.
+/// A debit: lock, settle expired grants when due, then the spending statement ([`DEBIT`]).
+/// `feature`: the feature spending (None: only unscoped grants pay). Shared by consume_credits,
+/// consume_credits_v2, decrement_credits_with_log and the members domain.
+#[allow(clippy::too_many_arguments)]
 pub fn debit(
     client: &mut SpiClient<'_>,
     user: &[u8; 16],
     amount: i64,
+    feature: Option<&str>,
+    with_grants: bool,
     ledger_type: &str,
     description: Option<&str>,
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Debit> {
-    let mut attempts = 0;
-    let t = loop {
-        let t = spi::write(client, DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
-        if !t.is_empty() {
-            break t.first();
-        }
-        attempts += 1;
-        if settle(client, user)? {
-            continue;
-        }
-        let b = balances(client, user)?;
-        credits::fifo_split(b, amount)?;
-        if attempts >= 3 {
-            return Err(BillingError::InsufficientCredits { needed: amount, subscription: b.subscription, purchased: b.purchased });
+    let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
+    let l = match locked(t)? {
+        Some(l) => l,
+        None => {
+            // Unknown account (P0002), or too little stored and overdraft left: PT402 without
+            // taking the lock.
+            balances(client, user)?;
+            return Err(insufficient(client, user, amount, feature)?);
         }
     };
-    let (sub, pur) = (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
-    let (dsub, dpur) = (col::<i64>(&t, 3)?.unwrap_or(0), col::<i64>(&t, 4)?.unwrap_or(0));
-    let op = new_operation_id()?;
-    for (pool, delta, after) in [("subscription", dsub, sub), ("purchased", dpur, pur)] {
-        if delta != 0 {
-            spi::write(
-                client,
-                LEDGER_ROW,
-                &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT],
-                &[uuid_arg(user), uuid_arg(&op), ledger_type.into(), pool.into(), delta.into(), after.into(),
-                  description.into(), reference.into(), key.into()],
-            )?;
-        }
+    if l.due {
+        settle_locked(client, user)?;
     }
-    Ok(Debit { op, amount, sub, pur, dsub, dpur })
+    let op = new_operation_id()?;
+    let t = spi::write(
+        client,
+        DEBIT,
+        &[UUID, INT8, TEXT, INT8, UUID, TEXT, TEXT, TEXT, TEXT, BOOL],
+        &[uuid_arg(user), amount.into(), feature.into(), l.headroom.into(), uuid_arg(&op), ledger_type.into(),
+          description.into(), reference.into(), key.into(), with_grants.into()],
+    )?;
+    if t.is_empty() {
+        // Nothing changed: the spendable grants and the overdraft headroom fall short.
+        return Err(insufficient(client, user, amount, feature)?);
+    }
+    let t = t.first();
+    let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
+    Ok(Debit {
+        op,
+        amount,
+        dsub: n(1)?,
+        dpur: n(2)?,
+        short: n(3)?,
+        debt: n(4)?,
+        sub: n(5)?,
+        pur: n(6)?,
+        admitted: n(7)?,
+        grants: if with_grants { col::<pgrx::JsonB>(&t, 8)?.map(|j| j.0).or(Some(json!([]))) } else { None },
+    })
+}
+
+/// PT402 with what `feature` could spend now, by pool.
+fn insufficient(c: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, feature: Option<&str>) -> BResult<BillingError> {
+    let t = spi::write(c, SPENDABLE, &[UUID, TEXT], &[uuid_arg(user), feature.into()])?;
+    let t = t.first();
+    let (sub, pur) = (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
+    Ok(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur })
 }
 
 impl Debit {
+    fn total(&self) -> i64 {
+        self.sub.saturating_add(self.pur).saturating_sub(self.debt)
+    }
+
     /// consume_credits_v2's result as a JSON value.
     fn to_json(&self) -> Value {
         json!({
             "success": true,
             "transaction_id": uuid_text(&self.op),
             "consumed": self.amount,
-            "subscription_used": -self.dsub,
-            "purchased_used": -self.dpur,
+            "subscription_used": self.dsub,
+            "purchased_used": self.dpur,
             "subscription_credits_balance": self.sub,
             "purchased_credits_balance": self.pur,
-            "total_balance": self.sub.saturating_add(self.pur),
+            "total_balance": self.total(),
         })
     }
 
@@ -413,21 +728,137 @@ impl Debit {
             ("success", JVal::Bool(true)),
             ("transaction_id", JVal::Str(&op)),
             ("consumed", JVal::Int(self.amount)),
-            ("subscription_used", JVal::Int(-self.dsub)),
-            ("purchased_used", JVal::Int(-self.dpur)),
+            ("subscription_used", JVal::Int(self.dsub)),
+            ("purchased_used", JVal::Int(self.dpur)),
             ("subscription_credits_balance", JVal::Int(self.sub)),
             ("purchased_credits_balance", JVal::Int(self.pur)),
-            ("total_balance", JVal::Int(self.sub.saturating_add(self.pur))),
+            ("total_balance", JVal::Int(self.total())),
         ])
+    }
+
+    /// consume_credits' result: which grants paid what, and the debt.
+    fn to_grants_json(&self, feature: Option<&str>) -> Value {
+        json!({
+            "success": true,
+            "transaction_id": uuid_text(&self.op),
+            "consumed": self.amount,
+            "feature": feature,
+            "grants": self.grants.clone().unwrap_or_else(|| json!([])),
+            "debt_added": self.short,
+            "subscription_credits_balance": self.sub,
+            "purchased_credits_balance": self.pur,
+            "debt": self.debt,
+            "total_balance": self.total(),
+            "available": self.admitted.saturating_sub(self.debt),
+        })
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Granting
+// ---------------------------------------------------------------------------------------------
+
+/// The pool a two-pool caller grants to.
 #[derive(Clone, Copy)]
 pub enum Pool {
     Subscription,
     Purchased,
 }
 
+/// When a new grant expires.
+#[derive(Clone, Copy)]
+pub enum Expiry {
+    /// At the subscription period end (accounts.subscription_credits_expire_at; none: never).
+    PeriodEnd,
+    At(Option<TimestampWithTimeZone>),
+}
+
+/// A grant to create.
+pub struct NewGrant<'a> {
+    pub category: Category,
+    pub amount: i64,
+    pub priority: i32,
+    /// None: now.
+    pub effective_at: Option<TimestampWithTimeZone>,
+    /// Whether it starts now (or earlier), i.e. may repay debt.
+    pub effective_now: bool,
+    pub expiry: Expiry,
+    pub scope: Option<Vec<String>>,
+    pub ledger_type: &'a str,
+    pub description: Option<&'a str>,
+    pub reference: Option<&'a str>,
+    pub key: Option<&'a str>,
+}
+
+/// What creating a grant did, and the account's stored pools and debt afterwards.
+pub struct Created {
+    pub grant_id: [u8; 16],
+    pub op: [u8; 16],
+    pub repaid: i64,
+    pub sub: i64,
+    pub pur: i64,
+    pub debt: i64,
+}
+
+impl Created {
+    pub fn total(&self) -> i64 {
+        self.sub.saturating_add(self.pur).saturating_sub(self.debt)
+    }
+}
+
+/// Create a grant under the account lock the caller holds (`locked`), with operation `op`.
+fn create_locked(c: &mut SpiClient<'_>, user: &[u8; 16], op: &[u8; 16], l: &Locked, n: &NewGrant<'_>) -> BResult<Created> {
+    let id = new_operation_id()?;
+    let repaid = g::debt_repayment(n.amount, l.debt, n.effective_now, n.scope.is_some());
+    let (period, at) = match n.expiry {
+        Expiry::PeriodEnd => (true, None),
+        Expiry::At(t) => (false, t),
+    };
+    let t = spi::write(
+        c,
+        CREATE_GRANT,
+        &[UUID, UUID, UUID, TEXT, INT8, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TEXTARRAY, TEXT, TEXT, TEXT, TEXT, INT8, BOOL],
+        &[
+            uuid_arg(user),
+            uuid_arg(op),
+            uuid_arg(&id),
+            n.category.as_str().into(),
+            n.amount.into(),
+            n.priority.into(),
+            n.effective_at.into(),
+            at.into(),
+            n.scope.clone().into(),
+            n.ledger_type.into(),
+            n.description.into(),
+            n.reference.into(),
+            n.key.into(),
+            repaid.into(),
+            period.into(),
+        ],
+    )?;
+    if t.is_empty() {
+        return Err(unknown_account(user));
+    }
+    let t = t.first();
+    Ok(Created {
+        grant_id: id,
+        op: *op,
+        repaid,
+        sub: col::<i64>(&t, 1)?.unwrap_or(0),
+        pur: col::<i64>(&t, 2)?.unwrap_or(0),
+        debt: col::<i64>(&t, 3)?.unwrap_or(0),
+    })
+}
+
+/// Lock (creating the account when missing), settle, and create one grant in its own operation.
+pub fn create(c: &mut SpiClient<'_>, user: &[u8; 16], n: &NewGrant<'_>) -> BResult<Created> {
+    let l = lock(c, user, true)?;
+    let op = new_operation_id()?;
+    create_locked(c, user, &op, &l, n)
+}
+
+/// The two-pool grant: a subscription grant that expires at the period end, a purchased grant
+/// (a refund grant for ledger type `refund`) that never does. Creates the account if missing.
 #[allow(clippy::too_many_arguments)]
 pub fn grant(
     client: &mut SpiClient<'_>,
@@ -439,25 +870,32 @@ pub fn grant(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Value> {
-    let (to_sub, to_pur) = match pool {
-        Pool::Subscription => (amount, 0i64),
-        Pool::Purchased => (0i64, amount),
+    let (category, expiry) = match pool {
+        Pool::Subscription => (Category::Subscription, Expiry::PeriodEnd),
+        Pool::Purchased if ledger_type == "refund" => (Category::Refund, Expiry::At(None)),
+        Pool::Purchased => (Category::Purchased, Expiry::At(None)),
     };
-    settle(client, user)?;
-    let t = spi::write(
-        client,
-        GRANT,
-        &[UUID, INT8, INT8, TEXT, TEXT, TEXT, TEXT],
-        &[uuid_arg(user), to_sub.into(), to_pur.into(), description.into(), reference.into(), key.into(), ledger_type.into()],
-    )?;
-    let r = row(t)?;
+    let n = NewGrant {
+        category,
+        amount,
+        priority: category.default_priority(),
+        effective_at: None,
+        effective_now: true,
+        expiry,
+        scope: None,
+        ledger_type,
+        description,
+        reference,
+        key,
+    };
+    let created = create(client, user, &n)?;
     Ok(json!({
         "success": true,
-        "transaction_id": r.op,
+        "transaction_id": uuid_text(&created.op),
         "added": amount,
-        "subscription_credits_balance": r.sub,
-        "purchased_credits_balance": r.pur,
-        "total_balance": r.sub.saturating_add(r.pur),
+        "subscription_credits_balance": created.sub,
+        "purchased_credits_balance": created.pur,
+        "total_balance": created.total(),
     }))
 }
 
@@ -483,7 +921,7 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     if key.is_none() {
-        let d = Spi::connect_mut(|c| debit(c, &user, amount, "usage", description, reference, None))?;
+        let d = Spi::connect_mut(|c| debit(c, &user, amount, None, false, "usage", description, reference, None))?;
         return Ok(Ret::Datum(d.to_jsonb()));
     }
     let fp = idempotency::fingerprint(
@@ -496,6 +934,32 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     .map(Ret::Json)
 }
 crate::billing_fn!(pg_finfo_pgb_consume_credits_v2, pgb_consume_credits_v2, consume_credits_v2);
+
+/// consume_credits(p_user_id, p_amount, p_feature, p_description, p_reference_id, p_idempotency_key)
+fn consume_credits(a: &Args) -> BResult<Ret> {
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    let caller = security::authorize_user(&user)?;
+    let amount = validate::positive_amount("p_amount", a.int(1))?;
+    let (f, d, r, k) = (a.text(2), a.text(3), a.text(4), a.text(5));
+    if let Some(f) = f.as_deref() {
+        g::feature("p_feature", f)?;
+    }
+    let feature = f.as_deref();
+    let description = validate::text("p_description", d.as_deref())?;
+    let reference = validate::key("p_reference_id", r.as_deref())?;
+    let key = validate::key("p_idempotency_key", k.as_deref())?;
+    let fp = idempotency::fingerprint(
+        "consume_credits",
+        &[("p_amount", json!(amount)), ("p_feature", opt(feature)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
+    );
+    Spi::connect_mut(|c| {
+        idempotent(c, &user, KeyScope::of(&caller), key, fp, |c| {
+            Ok(debit(c, &user, amount, feature, true, "usage", description, reference, key)?.to_grants_json(feature))
+        })
+    })
+    .map(Ret::Json)
+}
+crate::billing_fn!(pg_finfo_pgb_consume_credits, pgb_consume_credits, consume_credits);
 
 fn add_credits_to(a: &Args, function: &'static str, pool: Pool, ledger_type: &'static str) -> BResult<Ret> {
     security::require_service(function)?;
@@ -551,38 +1015,19 @@ fn refund_credits(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_refund_credits, pgb_refund_credits, refund_credits);
 
-/// Subscription credits past their expiry (`subscription_credits_expire_at`, the period end a
-/// renewal set) are gone even when no job expired them (SPEC 4): reads show 0, and the first
-/// write that touches the account afterwards calls this, which logs the expiration (ledger row
-/// and `billing.credit_expiration_events`) in the caller's transaction. Returns whether any
-/// credits expired. Takes no lock when nothing is due.
-pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<bool> {
-    let t = spi::write(
-        c,
-        EXPIRE,
-        &[UUID, TEXT, TEXT, BOOL],
-        &[uuid_arg(user), Some("expired at period end").into(), None::<&str>.into(), true.into()],
-    )?;
-    if t.is_empty() {
-        return Ok(false);
-    }
-    Ok(row(t)?.d1 != 0)
-}
-
 pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>, key: Option<&str>) -> BResult<Value> {
     // Read first, without a lock: an empty subscription pool (the common case for a scheduled
     // job) is a no-op that answers from this one snapshot and never waits behind a user's open
-    // transaction. Otherwise the UPDATE locks the row and expires what the newest version holds.
+    // transaction. Otherwise lock, and expire what the newest version holds.
     let b = balances(c, user)?;
-    let (op, expired, sub, pur) = if b.subscription == 0 {
-        (Value::Null, 0, b.subscription, b.purchased)
+    let (op, expired, sub, pur, debt) = if b.subscription == 0 {
+        (Value::Null, 0, b.subscription, b.purchased, b.debt)
     } else {
-        let t = spi::write(c, EXPIRE, &[UUID, TEXT, TEXT, BOOL], &[uuid_arg(user), description.into(), key.into(), false.into()])?;
-        if t.is_empty() {
-            return Err(unknown_account(user));
-        }
-        let r = row(t)?;
-        (if r.d1 != 0 { Value::String(r.op) } else { Value::Null }, -r.d1, r.sub, r.pur)
+        let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
+        let l = locked(t)?.ok_or_else(|| unknown_account(user))?;
+        let op = new_operation_id()?;
+        let s = expire_grants(c, user, &op, false, description, key, 0)?;
+        (if s.dsub + s.dpur != 0 { Value::String(uuid_text(&op)) } else { Value::Null }, s.dsub, s.sub, s.pur, l.debt)
     };
     Ok(json!({
         "success": true,
@@ -590,7 +1035,7 @@ pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>,
         "expired_amount": expired,
         "subscription_credits_balance": sub,
         "purchased_credits_balance": pur,
-        "total_balance": sub.saturating_add(pur),
+        "total_balance": sub.saturating_add(pur).saturating_sub(debt),
     }))
 }
 
@@ -606,24 +1051,63 @@ fn expire_subscription_credits(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_expire_subscription_credits, pgb_expire_subscription_credits, expire_subscription_credits);
 
-/// Expire, then grant `amount` as the new period's subscription credits, in one statement.
+/// The renewal, in one operation under the account lock: the subscription pool's grants expire;
+/// what they held that had not expired, up to the plan's rollover_max, becomes a `rollover`
+/// grant; then `amount` is granted for the period ending `period_end` (both expire then).
 pub fn renew(
     c: &mut SpiClient<'_>,
     user: &[u8; 16],
     amount: i64,
-    period_end: Option<pgrx::datum::TimestampWithTimeZone>,
+    period_end: Option<TimestampWithTimeZone>,
     key: Option<&str>,
 ) -> BResult<Value> {
-    let t = spi::write(c, RENEW, &[UUID, INT8, TIMESTAMPTZ, TEXT], &[uuid_arg(user), amount.into(), period_end.into(), key.into()])?;
-    let r = row(t)?;
+    let l = lock(c, user, true)?;
+    let t = spi::write(c, ROLLOVER, &[UUID], &[uuid_arg(user)])?;
+    let t = t.first();
+    let rolled = g::rollover(col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
+    let op = new_operation_id()?;
+    let s = expire_grants(c, user, &op, false, Some("expired at renewal"), key, rolled)?;
+    set_period_end(c, user, period_end, false)?;
+    let mut l = l;
+    if rolled > 0 {
+        let n = NewGrant {
+            category: Category::Rollover,
+            amount: rolled,
+            priority: Category::Rollover.default_priority(),
+            effective_at: None,
+            effective_now: true,
+            expiry: Expiry::PeriodEnd,
+            scope: None,
+            ledger_type: "rollover",
+            description: Some("rolled over at renewal"),
+            reference: None,
+            key,
+        };
+        let r = create_locked(c, user, &op, &l, &n)?;
+        l.debt = r.debt;
+    }
+    let n = NewGrant {
+        category: Category::Subscription,
+        amount,
+        priority: Category::Subscription.default_priority(),
+        effective_at: None,
+        effective_now: true,
+        expiry: Expiry::PeriodEnd,
+        scope: None,
+        ledger_type: "renewal",
+        description: Some("subscription renewal"),
+        reference: None,
+        key,
+    };
+    let b = create_locked(c, user, &op, &l, &n)?;
     Ok(json!({
         "success": true,
-        "transaction_id": r.op,
-        "expired_amount": -r.d1,
+        "transaction_id": uuid_text(&op),
+        "expired_amount": s.dsub - rolled,
         "added": amount,
-        "subscription_credits_balance": r.sub,
-        "purchased_credits_balance": r.pur,
-        "total_balance": r.sub.saturating_add(r.pur),
+        "subscription_credits_balance": b.sub,
+        "purchased_credits_balance": b.pur,
+        "total_balance": b.total(),
     }))
 }
 
@@ -652,6 +1136,33 @@ fn renew_subscription_credits(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_renew_subscription_credits, pgb_renew_subscription_credits, renew_subscription_credits);
 
+/// Void what remains of `grant` (the account is locked and settled by the caller). Returns the
+/// credits voided and the stored pools after, or None when the grant was void already.
+#[allow(clippy::too_many_arguments)]
+pub fn void_locked(
+    c: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    grant: &[u8; 16],
+    op: &[u8; 16],
+    reason: Option<&str>,
+    ledger_type: &str,
+    key: Option<&str>,
+    reference: Option<&str>,
+) -> BResult<Option<(i64, Stored)>> {
+    let t = spi::write(
+        c,
+        VOID,
+        &[UUID, UUID, UUID, TEXT, TEXT, TEXT, TEXT],
+        &[uuid_arg(user), uuid_arg(grant), uuid_arg(op), reason.into(), ledger_type.into(), key.into(), reference.into()],
+    )?;
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let t = t.first();
+    let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
+    Ok(Some((n(1)?, Stored { subscription: n(2)?, purchased: n(3)?, debt: n(4)? })))
+}
+
 /// clawback_credits_from_transaction(p_transaction_id, p_reason)
 fn clawback_credits_from_transaction(a: &Args) -> BResult<Ret> {
     security::require_service("clawback_credits_from_transaction")?;
@@ -674,6 +1185,8 @@ fn clawback_credits_from_transaction(a: &Args) -> BResult<Ret> {
                 "only credits added by add_purchased_credits (type 'purchase') can be clawed back",
             ));
         };
+        // Step 2 of the lock order before the clawback row (step 4).
+        lock(c, &user, false)?;
         let claimed = spi::write(c, CLAIM_CLAWBACK, &[UUID, UUID], &[uuid_arg(&user), uuid_arg(&purchase)])?;
         if claimed.is_empty() {
             // Never twice for one purchase: replay the first clawback's result.
@@ -683,20 +1196,28 @@ fn clawback_credits_from_transaction(a: &Args) -> BResult<Ret> {
             return Ok(v);
         }
         let reference = uuid_text(&purchase);
-        settle(c, &user)?;
-        let t = spi::write(c, CLAWBACK, &[UUID, INT8, TEXT, TEXT], &[uuid_arg(&user), amount.into(), reason.into(), reference.as_str().into()])?;
-        let r = row(t)?;
-        let taken = -r.d1;
+        // What remains of the purchase's grant is voided.
+        let grant = spi::write(c, PURCHASE_GRANT, &[UUID, UUID], &[uuid_arg(&user), uuid_arg(&purchase)])?;
+        let grant = if grant.is_empty() { None } else { col::<pgrx::Uuid>(&grant.first(), 1)?.map(|u| *u.as_bytes()) };
+        let op = new_operation_id()?;
+        let voided = match grant {
+            Some(id) => void_locked(c, &user, &id, &op, reason, "clawback", None, Some(&reference))?,
+            None => None,
+        };
+        let (taken, b) = match voided {
+            Some(v) => v,
+            None => (0, balances(c, &user)?),
+        };
         let v = json!({
             "success": true,
-            "transaction_id": if taken != 0 { Value::String(r.op) } else { Value::Null },
+            "transaction_id": if taken != 0 { Value::String(uuid_text(&op)) } else { Value::Null },
             "original_transaction_id": reference,
             "user_id": uuid_text(&user),
             "clawed_back": taken,
             "shortfall": amount - taken,
-            "subscription_credits_balance": r.sub,
-            "purchased_credits_balance": r.pur,
-            "total_balance": r.sub.saturating_add(r.pur),
+            "subscription_credits_balance": b.subscription,
+            "purchased_credits_balance": b.purchased,
+            "total_balance": b.subscription.saturating_add(b.purchased).saturating_sub(b.debt),
             "already_clawed_back": false,
         });
         spi::write(c, STORE_CLAWBACK, &[UUID, UUID, JSONB], &[uuid_arg(&user), uuid_arg(&purchase), json_arg(&v)])?;

@@ -23,7 +23,7 @@ use crate::api::credits::{self, Pool};
 use crate::api::{usage, webhooks};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, UUID};
 use crate::validate;
 
 pub const DATE: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::DATEOID);
@@ -92,20 +92,6 @@ const SET_EMAIL: &str = "
 UPDATE billing.accounts AS a SET email = $2, updated_at = pg_catalog.now()
  WHERE a.user_id = $1 AND a.email IS DISTINCT FROM $2";
 
-/// Lock the account and read its live subscription pool (credits past their expiry count as 0).
-/// $1 user.
-const LOCK_POOL: &str = "
-SELECT CASE WHEN a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now()
-            THEN a.subscription_credits_balance ELSE 0 END
-  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
-
-/// When the subscription pool expires after credits were added to a non-empty pool: the later
-/// of its date and $2. $1 user.
-const EXTEND_EXPIRY: &str = "
-UPDATE billing.accounts AS a
-   SET subscription_credits_expire_at = GREATEST(COALESCE(a.subscription_credits_expire_at, $2), $2)
- WHERE a.user_id = $1";
-
 /// Lock a member and read what consume_generation needs. $1 member.
 const LOCK_MEMBER: &str = "
 SELECT m.plan_id, COALESCE(p.allow_overage, false), m.period_start
@@ -113,13 +99,6 @@ SELECT m.plan_id, COALESCE(p.allow_overage, false), m.period_start
   LEFT JOIN billing.plans AS p ON p.plan_id = m.plan_id
  WHERE m.user_id = $1
    FOR UPDATE OF m";
-
-/// Lock the member's account row and read its pools (subscription credits past their expiry
-/// count as 0; the consumption then settles them). $1 member.
-const LOCK_ACCOUNT: &str = "
-SELECT CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0 ELSE a.subscription_credits_balance END,
-       a.purchased_credits_balance
-  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// Count a consumption. $1 member, $2 credits used, $3 overage.
 const COUNT_USAGE: &str = "
@@ -328,8 +307,8 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
         let renewal_text = col::<String>(&t, 3)?;
         let period_end = col::<TimestampWithTimeZone>(&t, 4)?;
         let plan_changed = !inserted && previous.as_deref() != Some(plan_now.as_str());
-        let t = spi::write(c, LOCK_POOL, &[UUID], &[uuid_arg(&user)])?;
-        let pool = if t.is_empty() { 0 } else { col::<i64>(&t.first(), 1)?.unwrap_or(0) };
+        // The account (step 2 of the lock order) and its live subscription pool.
+        let pool = credits::lock_live(c, &user)?.map(|b| b.sub).unwrap_or(0);
         let granted = if inserted && pool == 0 {
             // A new member: the plan's credits are the period's subscription credits.
             credits::renew(c, &user, monthly, period_end, None)?;
@@ -340,7 +319,7 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
             let grant = (monthly - pool).max(0);
             if grant > 0 {
                 credits::grant(c, &user, Pool::Subscription, grant, "renewal", Some("subscription renewal"), None, None)?;
-                spi::write(c, EXTEND_EXPIRY, &[UUID, TIMESTAMPTZ], &[uuid_arg(&user), period_end.into()])?;
+                credits::set_period_end(c, &user, period_end, true)?;
             }
             grant
         } else if top_up > 0 {
@@ -385,13 +364,8 @@ fn consume_generation(a: &Args) -> BResult<Ret> {
             return Err(unknown_member(&user));
         }
         let allow_overage = col::<bool>(&t.first(), 2)?.unwrap_or(false);
-        let t = spi::write(c, LOCK_ACCOUNT, &[UUID], &[uuid_arg(&user)])?;
-        let (sub, pur) = if t.is_empty() {
-            (0, 0)
-        } else {
-            let t = t.first();
-            (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0))
-        };
+        // The member's account and its live pools (expired grants settled).
+        let (sub, pur) = credits::lock_live(c, &user)?.map(|b| (b.sub, b.pur)).unwrap_or((0, 0));
         let g = m::plan_generation(sub, pur, count, allow_overage)?;
         let (remaining, kind) = if g.from_credits > 0 {
             let v = credits::consume(c, &user, g.from_credits, "generation", description, None, None)?;

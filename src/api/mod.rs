@@ -3,6 +3,7 @@
 //! point that `sql/` declares.
 
 pub mod credits;
+pub mod grants;
 pub mod members;
 pub mod pending_profiles;
 pub mod plans;

@@ -114,13 +114,6 @@ SELECT p.id, p.plan_id, GREATEST(p.credits - p.used_credits, 0)::bigint,
 /// Create the account when missing (nothing is granted). $1 user.
 const CREATE_ACCOUNT: &str = "INSERT INTO billing.accounts (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING RETURNING 1";
 
-/// Lock the account (first: accounts before subscriptions) and read whether its subscription
-/// pool holds credits that have not expired. $1 user.
-const LOCK_ACCOUNT: &str = "
-SELECT a.subscription_credits_balance > 0
-       AND (a.subscription_credits_expire_at IS NULL OR a.subscription_credits_expire_at > pg_catalog.now())
-  FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
-
 /// Lock the subscription and read what applying must not lower: its plan's credits, whether it
 /// is in force, its period end. $1 user.
 const LOCK_SUBSCRIPTION: &str = "
@@ -156,15 +149,6 @@ ON CONFLICT (user_id) DO UPDATE
        cancel_at_period_end     = false,
        expires_at               = NULL,
        updated_at               = pg_catalog.now()";
-
-/// When the subscription pool expires after a purchase was added: the purchase's date when the
-/// pool held no live credits, else the later of the two (never earlier). $1 user, $2 date,
-/// $3 the pool held live credits.
-const SET_EXPIRY: &str = "
-UPDATE billing.accounts AS a
-   SET subscription_credits_expire_at = CASE WHEN NOT $3 OR a.subscription_credits_expire_at IS NULL THEN $2
-                                             ELSE GREATEST(a.subscription_credits_expire_at, $2) END
- WHERE a.user_id = $1";
 
 const DELETE_PROFILE: &str = "DELETE FROM billing.pending_profiles AS p WHERE p.id = $1 RETURNING 1";
 
@@ -228,8 +212,9 @@ struct Applied {
 /// the pool only grows (expiring at the later date).
 fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profile, credits: i64) -> BResult<Applied> {
     let created = !spi::write(c, CREATE_ACCOUNT, &[UUID], &[uuid_arg(user)])?.is_empty();
-    let t = spi::write(c, LOCK_ACCOUNT, &[UUID], &[uuid_arg(user)])?;
-    let live_pool = !t.is_empty() && col::<bool>(&t.first(), 1)?.unwrap_or(false);
+    // The account first (accounts before subscriptions): does its subscription pool hold live
+    // credits?
+    let live_pool = credits::lock_live(c, user)?.is_some_and(|b| b.sub > 0);
     let t = spi::write(c, LOCK_SUBSCRIPTION, &[UUID], &[uuid_arg(user)])?;
     let (plan_kept, period_kept, subscribed) = if t.is_empty() {
         (false, false, false)
@@ -266,7 +251,9 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
     }
     let expiry = p.next_renewal.or(p.cycle_end);
     if credits > 0 || !live_pool {
-        spi::write(c, SET_EXPIRY, &[UUID, TIMESTAMPTZ, BOOL], &[uuid_arg(user), expiry.into(), live_pool.into()])?;
+        // When the pool expires: the purchase's date when it held no live credits, else the later
+        // of the two (never earlier).
+        credits::set_period_end(c, user, expiry, live_pool)?;
     }
     if let Some(email) = email {
         set_account_email(c, user, email)?;
