@@ -143,10 +143,14 @@ class Call:
             for k in ("subscription_credits_balance", "purchased_credits_balance", "debt"):
                 if k in r and int(r[k]) < 0:
                     bad.append(f"{op}: negative {k} in result {r}")
-            if "total_balance" in r and "subscription_credits_balance" in r:
+            # (the two-pool results name no debt: their total is less by the debt, if any)
+            if "total_balance" in r and "subscription_credits_balance" in r and ("debt" in r or self.classic):
                 want = int(r["subscription_credits_balance"]) + int(r["purchased_credits_balance"]) - int(r.get("debt", 0))
                 if int(r["total_balance"]) != want:
                     bad.append(f"{op}: total_balance {r['total_balance']} is not subscription + purchased - debt: {r}")
+            elif "total_balance" in r and "subscription_credits_balance" in r and \
+                    int(r["total_balance"]) > int(r["subscription_credits_balance"]) + int(r["purchased_credits_balance"]):
+                bad.append(f"{op}: total_balance {r['total_balance']} above subscription + purchased: {r}")
             if self.classic and int(r.get("debt", 0)) != 0:
                 bad.append(f"{op}: a user with no overdraft is in debt: {r}")
         if op in ("consume", "consume_rpc"):

@@ -4,15 +4,26 @@
 N client threads (one connection each) run a random mix of consume (service and PostgREST-style
 end-user calls), add (both pools), refund, expire, renew, idempotent retries of earlier calls,
 concurrent repeats of the same keyed call, rate-limit checks and usage recording over 100 users,
-for a bounded time. The client keeps its own account: per user, the sum of the pool deltas that
+for a bounded time. Credit grants (0.4.0): 70 of the users also get grant_credits (every
+category, custom priorities, feature scopes, expiries 3-8 s ahead, starts up to 4 s ahead),
+void_grant (also repeated), consume_credits with and without a feature (service and end user),
+set_overdraft_limit (a third may overdraw by 30, a third by 150) and reads of their grants
+(get_credit_grants, balance_at). The client keeps its own account: per user, the sum of what
 every successful call returned. Afterwards it checks:
   - billing.verify_ledger() is empty and no balance is negative;
-  - each balance equals the client's account, per pool;
-  - each call's ledger rows (by transaction_id = operation_id) sum to the deltas it returned, and
-    the ledger holds no operation the client does not know;
+  - each call's ledger rows (by transaction_id = operation_id) match what it returned, in total,
+    per pool and per grant; every other operation in the ledger is a settlement of grants whose
+    expiry had passed; each balance (subscription + purchased - debt) equals the client's account
+    plus those settlements, per pool for the two-pool-only users;
+  - per grant: ledger rows sum to remaining, 0 <= remaining <= amount, one 'void' row per voided
+    grant, nothing after a void or an expiry, no expired grant ever spent, none before its start;
+    pools equal the sums of their grants, debt >= 0 and within the overdraft limit in force;
+  - spending order and scope: no consumption skipped a spendable grant earlier in the order or
+    took debt while one was left, nor spent a grant whose scope excludes its feature
+    (tests/stress/ledger_check.py has the full list);
   - each idempotency key was applied once: retries returned the identical JSON (same
     transaction_id), and the ledger has one operation per key;
-  - expiration events add up to the expired amounts returned;
+  - expiration events add up to the expiration rows, per operation;
   - record_message_usage: messages/tokens per user equal the successful calls;
   - check_api_rate_limit: per user and hour, allowed = min(attempts, limit) and the stored
     request count equals it;
@@ -34,7 +45,7 @@ import ledger_check  # noqa: E402
 from common import (MUTATORS, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
 
 
-def check(conn, users, setup_calls, rec, violations):
+def check(conn, users, setup_calls, rec, violations, stats=None):
     def bad(msg):
         violations.append(msg)
 
@@ -85,7 +96,7 @@ def check(conn, users, setup_calls, rec, violations):
                            WHERE subscription_credits_balance < 0 OR purchased_credits_balance < 0"""):
         bad(f"negative balance: {row}")
     for m in ledger_check.verify(conn, users, [(c, c.result) for c in applied], calls,
-                                 classic=getattr(users, "classic", set(users))):
+                                 classic=getattr(users, "classic", set(users)), stats=stats):
         bad(m)
     for row in q(conn, """SELECT user_id, idempotency_key, count(DISTINCT operation_id) FROM billing.credit_transactions
                            WHERE user_id = ANY(%s) AND idempotency_key IS NOT NULL AND type <> 'expiration'
@@ -149,7 +160,8 @@ def run(seconds, threads=32, nusers=100, quiet=False):
         raise RuntimeError("a worker thread did not finish within 60 s of the deadline")
     elapsed = time.time() - t0
     violations = []
-    n = check(conn, users, setup_calls, rec, violations)
+    stats = {}
+    n = check(conn, users, setup_calls, rec, violations, stats)
     conn.close()
     if not quiet:
         by = defaultdict(int)
@@ -157,6 +169,8 @@ def run(seconds, threads=32, nusers=100, quiet=False):
             by[(c.op, c.status, c.sqlstate)] += 1
         print(f"  {fmt(n)} calls in {elapsed:.1f} s ({n / elapsed:,.0f}/s), "
               + ", ".join(f"{k[0]}:{k[1]}{'/' + k[2] if k[2] else ''}={v}" for k, v in sorted(by.items())), flush=True)
+        if stats.get("grants"):
+            print("  grants: " + ", ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
         for v in violations[:30]:
             print("  VIOLATION:", v, flush=True)
     return n, violations

@@ -8,13 +8,16 @@ process (its pid is the first line of postmaster.pid; never by name), lets every
 connection die, restarts the server (pg_ctl start; crash recovery), and checks every call the
 client made:
   - committed (the call and its COMMIT returned): its idempotency row exists with the very
-    response the client got, and its ledger rows (by idempotency key) add up to that response;
+    response the client got, and its ledger rows (its transaction_id) add up to that response,
+    in total, per pool and per grant (the mix includes the credit grants, voids, consume_credits
+    with features and overdraft, as in the contention part);
   - failed (the server raised an error): no idempotency row, no ledger rows;
   - in flight (the connection died before the result came back): all or nothing: either the
     idempotency row and ledger rows matching it, or neither;
-  - the ledger holds no row the client did not cause; verify_ledger() is empty; no balance is
-    negative; usage counters and rate-limit buckets lie between the committed calls and the
-    committed plus in-flight ones.
+  - the ledger holds no row the client did not cause (but settlements of expired grants);
+    verify_ledger() is empty; no balance is negative; the grant invariants of
+    tests/stress/ledger_check.py hold; usage counters and rate-limit buckets lie between the
+    committed calls and the committed plus in-flight ones; the overdraft limit is the last set.
 Prints `crash: N committed calls, M lost`; exits 1 on any loss or violation.
 
 Usage: crash.py [--short (one kill) | --long (several kill cycles)] [--cycles N] [--threads 16]"""

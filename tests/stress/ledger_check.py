@@ -140,10 +140,17 @@ class Limits:
         return max(x[2] for x in self.log[u])
 
 
-def verify(conn, users, applied, calls, classic=()):
-    """`applied`: [(call, result)] of distinct applied operations; `calls`: every call made."""
+def verify(conn, users, applied, calls, classic=(), stats=None):
+    """`applied`: [(call, result)] of distinct applied operations; `calls`: every call made.
+    `stats` (a dict), when given, receives counts of what the run exercised."""
     bad = []
     grants, rows, accounts, events = load(conn, users)
+    if stats is not None:
+        stats.update(grants=len(grants), voided=sum(g.voided_at is not None for g in grants.values()),
+                     scoped=sum(g.scope is not None for g in grants.values()),
+                     expired=len({x.grant for x in rows if x.type == "expiration" and x.grant}),
+                     debt_taken=sum(1 for x in rows if x.pool == "debt" and x.amount < 0),
+                     debt_repaid=sum(1 for x in rows if x.pool == "debt" and x.amount > 0))
     ulist = list(users)
     by_op = defaultdict(list)
     by_grant = defaultdict(list)
@@ -196,15 +203,20 @@ def verify(conn, users, applied, calls, classic=()):
             model_pool[c.user][key[0]] += v
         if c.op in CONSUMERS:
             consumptions.append((c, r, [x for x in chosen if x.grant is not None or x.pool == "debt"]))
+    lazy_ops = 0
     for op, op_rows in by_op.items():
         if op in claimed:
             continue
         if all(lazy(x) for x in op_rows):
+            lazy_ops += 1
             for x in op_rows:
                 settled[x.user] += x.amount
                 settled_pool[x.user][x.pool] += x.amount
         else:
             bad.append(f"ledger operation {op} ({summary(op_rows)}) was never returned to the client")
+
+    if stats is not None:
+        stats.update(settlements=lazy_ops, consumptions=len(consumptions))
 
     # 2. The client's own account per user.
     for u in users:
