@@ -547,10 +547,12 @@ GRANT_SQL_CHECKS = [
           FROM billing.accounts AS a
          WHERE a.debt < 0 OR a.debt <> -COALESCE((SELECT sum(t.amount) FROM billing.credit_transactions AS t
                                                   WHERE t.user_id = a.user_id AND t.pool = 'debt'), 0)"""),
+    # (clawback_credits_from_transaction voids a purchase's grant with a 'clawback' row)
     ("a grant is not voided exactly once",
      """SELECT g.user_id, g.id, g.voided_at, g.voided_amount, count(t.*), sum(t.amount)
           FROM billing.credit_grants AS g
-          LEFT JOIN billing.credit_transactions AS t ON t.user_id = g.user_id AND t.grant_id = g.id AND t.type = 'void'
+          LEFT JOIN billing.credit_transactions AS t ON t.user_id = g.user_id AND t.grant_id = g.id
+                                                AND t.type IN ('void', 'clawback')
          GROUP BY g.user_id, g.id, g.voided_at, g.voided_amount
         HAVING (g.voided_at IS NULL AND count(t.*) > 0)
             OR (g.voided_at IS NOT NULL AND (count(t.*) <> CASE WHEN g.voided_amount > 0 THEN 1 ELSE 0 END

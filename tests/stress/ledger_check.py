@@ -248,14 +248,14 @@ def verify(conn, users, applied, calls, classic=(), stats=None):
             bad.append(f"grant {g.id} ({g.category}): ledger rows sum to {s}, remaining {g.remaining}")
         if not 0 <= g.remaining <= g.amount:
             bad.append(f"grant {g.id}: remaining {g.remaining} of {g.amount}")
-        voids = [x for x in gr if x.type == "void"]
+        voids = [x for x in gr if x.type in ("void", "clawback")]     # a clawback voids a purchase's grant
         if g.voided_at is not None:
             want_n = 1 if (g.voided_amount or 0) > 0 else 0
             if len(voids) != want_n or sum(x.amount for x in voids) != -(g.voided_amount or 0):
                 bad.append(f"grant {g.id} voided ({g.voided_amount}): {len(voids)} void rows summing to {sum(x.amount for x in voids)}")
         elif voids:
             bad.append(f"grant {g.id} is not voided but has {len(voids)} void rows")
-        ends = [x for x in gr if x.type in ("void", "expiration")]
+        ends = [x for x in gr if x.type in ("void", "clawback", "expiration")]
         if len([x for x in ends if x.type == "expiration"]) > 1:
             bad.append(f"grant {g.id} expired {len([x for x in ends if x.type == 'expiration'])} times")
         if ends:
