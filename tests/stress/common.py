@@ -500,6 +500,10 @@ def setup_users(conn, n, tag, grants=True):
     calls = []
     for i, u in enumerate(users):
         classic = u in users.classic or not users.granted
+        if not classic and i % 2:
+            # first (its period starts now): a subscription on a plan that rolls over up to 40
+            # credits at each renewal
+            calls.append(subscribe(conn, u, f"{tag}-sub-{i}"))
         todo = [("add_sub", {"amount": 200}), ("add_pur", {"amount": 200})]
         if not classic:
             todo += [("grant", {"amount": 100, "category": "promotional", "scope": None, "priority": None}),
@@ -575,6 +579,29 @@ def grant_sql_checks(conn):
         if rows:
             out.append(f"{what}: {len(rows)} rows, e.g. {rows[:3]}")
     return out
+
+
+ROLLOVER_PLAN = "stress_rollover"
+
+
+def subscribe(conn, u, event_id):
+    """Subscribe u to ROLLOVER_PLAN (created when absent: 100 credits a month, up to 40 roll over).
+    upsert_subscription returns no transaction_id; its grant is the user's latest ledger operation,
+    returned here as the add_sub call it amounts to, so the ledger check knows it."""
+    q(conn, """INSERT INTO billing.plans (plan_id, display_name, monthly_credits, rollover_max, sort_order)
+               VALUES (%s, 'Stress rollover', 100, 40, 99) ON CONFLICT (plan_id) DO NOTHING""", (ROLLOVER_PLAN,))
+    r = q(conn, """SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active',
+                                                      p_current_period_start := now() - interval '1 day',
+                                                      p_current_period_end := now() + interval '29 days', p_event_id := %s)""",
+          (u, ROLLOVER_PLAN, event_id))[0][0]
+    op = q(conn, """SELECT operation_id::text FROM billing.credit_transactions WHERE user_id = %s
+                     ORDER BY created_at DESC, id DESC LIMIT 1""", (u,))[0][0]
+    c = Call("add_sub", u, {"amount": int(r["credits_granted"]), "classic": False})
+    c.status, c.t1 = "ok", time.time()
+    c.result = {"success": True, "added": int(r["credits_granted"]), "transaction_id": op}
+    if not r.get("applied") or int(r["credits_granted"]) != 100:
+        raise RuntimeError(f"setup: upsert_subscription did not grant the plan's credits: {r}")
+    return c
 
 
 def has_grants(conn):

@@ -28,7 +28,8 @@ billing.accounts and billing.credit_expiration_events of the test users, and che
     out, nor any at all when it took debt; every grant it took but the last was emptied;
   - the debt a consumption returned is within the overdraft limit in force (the last limit set
     before the call, or one being set during it); the stored limit is the last one set;
-  - expiration events: per operation, the events sum to minus its 'expiration' rows.
+  - expiration events: per operation, the events sum to minus its 'expiration' and 'rollover'
+    rows (what was lost).
 Returns a list of violations (strings)."""
 import bisect
 import datetime
@@ -150,7 +151,8 @@ def verify(conn, users, applied, calls, classic=(), stats=None):
                      scoped=sum(g.scope is not None for g in grants.values()),
                      expired=len({x.grant for x in rows if x.type == "expiration" and x.grant}),
                      debt_taken=sum(1 for x in rows if x.pool == "debt" and x.amount < 0),
-                     debt_repaid=sum(1 for x in rows if x.pool == "debt" and x.amount > 0))
+                     debt_repaid=sum(1 for x in rows if x.pool == "debt" and x.amount > 0),
+                     rollovers=sum(1 for x in rows if x.type == "rollover"))
     ulist = list(users)
     by_op = defaultdict(list)
     by_grant = defaultdict(list)
@@ -348,10 +350,11 @@ def verify(conn, users, applied, calls, classic=(), stats=None):
         if lim not in limits.candidates(u, float("inf"), float("inf")):
             bad.append(f"user {u}: overdraft_limit {lim}, but the last limits set were {limits.candidates(u, float('inf'), float('inf'))}")
 
-    # 6. Expiration events per operation.
+    # 6. Expiration events per operation: what was lost (at a renewal, what expired less what rolled
+    # over).
     exp_rows = defaultdict(int)
     for x in rows:
-        if x.type == "expiration":
+        if x.type in ("expiration", "rollover"):
             exp_rows[x.op] += x.amount
     for op in set(exp_rows) | set(events):
         if events.get(op, 0) != -exp_rows.get(op, 0):
