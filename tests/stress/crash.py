@@ -46,10 +46,12 @@ def check(conn, users, calls):
         keyed_rows[(u, k)] = n
     committed = sum(c.status == "ok" for c in calls)
     by_key = defaultdict(list)
-    for c in calls:
-        if c.op in MUTATORS:
-            by_key[(c.user, c.key)].append(c)
     applied = []          # (call, result): the operations that must be in the ledger
+    for c in calls:
+        if c.op in MUTATORS and c.key is None and c.status == "ok":
+            applied.append((c, c.result))     # setup's subscriptions (upsert_subscription has no key)
+        elif c.op in MUTATORS:
+            by_key[(c.user, c.key)].append(c)
     for k, cs in by_key.items():
         stored = keys.get(k)
         oks = [c for c in cs if c.status == "ok"]
