@@ -50,6 +50,13 @@ UPDATE billing.subscriptions AS s
 ALTER TABLE billing.subscriptions ALTER COLUMN period_credits_granted SET NOT NULL;
 
 -- Subscription credits past their expiry read as 0 (issue 10 item 2).
+-- (Guarded since 0.4.0, which gives the view more columns: a second run of this script on a
+-- later release keeps that release's view.)
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = 'billing.user_credits'::pg_catalog.regclass AND a.attname = 'available') THEN
+        EXECUTE $v$
 CREATE OR REPLACE VIEW billing.user_credits WITH (security_invoker = true) AS
 SELECT a.user_id,
        CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
@@ -57,12 +64,22 @@ SELECT a.user_id,
        a.purchased_credits_balance,
        CASE WHEN a.subscription_credits_expire_at <= pg_catalog.now() THEN 0
             ELSE a.subscription_credits_balance END + a.purchased_credits_balance AS total_balance
-  FROM billing.accounts AS a;
+  FROM billing.accounts AS a
+$v$;
+    END IF;
+END
+$do$;
 COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools and their total; subscription credits past their expiry count as 0. Row security applies: end users see their own row.';
 
+-- (Guarded since 0.4.0, which gives the function another column: a second run of this script
+-- on a later release keeps that release's function.)
+DO $do$
+BEGIN
+    IF pg_catalog.pg_get_function_result('billing.get_user_credits(uuid)'::pg_catalog.regprocedure) NOT LIKE '%available%' THEN
+        EXECUTE $v$
 CREATE OR REPLACE FUNCTION billing.get_user_credits(p_user_id uuid)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
     SELECT billing.authorize_user(p_user_id);
     SELECT p_user_id,
            COALESCE(c.subscription_credits_balance, 0),
@@ -70,7 +87,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            COALESCE(c.total_balance, 0)
       FROM (SELECT 1) AS one
       LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id
-$$;
+$f$;
+$v$;
+    END IF;
+END
+$do$;
 COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
 'The user''s two pools and their total (zeros when the user has no account yet); subscription credits past their expiry (the period end) count as 0. End users: own only.';
 

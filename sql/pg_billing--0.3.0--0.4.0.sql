@@ -92,7 +92,15 @@ ALTER TABLE billing.credit_grants ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS credit_grants_read_own ON billing.credit_grants;
 CREATE POLICY credit_grants_read_own ON billing.credit_grants FOR SELECT
     USING (user_id = (SELECT billing.current_user_id()));
-SELECT pg_catalog.pg_extension_config_dump('billing.credit_grants', '');
+-- (pg_extension_config_dump works only inside ALTER EXTENSION; a second run finds it done.)
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension AS e
+                    WHERE e.extname = 'pg_billing' AND 'billing.credit_grants'::pg_catalog.regclass = ANY (e.extconfig)) THEN
+        PERFORM pg_catalog.pg_extension_config_dump('billing.credit_grants', '');
+    END IF;
+END
+$$;
 
 -- Each account's pools become grants, with balances unchanged; accounts that have grants were
 -- converted already (a second run changes nothing). The subscription pool becomes one

@@ -40,6 +40,10 @@ impl Args {
     pub fn boolean(&self, n: usize) -> Option<bool> {
         self.get::<bool>(n)
     }
+    /// A text[] argument; NULL elements stay None.
+    pub fn text_array(&self, n: usize) -> Option<Vec<Option<String>>> {
+        self.get::<Vec<Option<String>>>(n)
+    }
     /// A timestamptz argument as PostgreSQL's raw microseconds since 2000-01-01 UTC.
     pub fn timestamptz_micros(&self, n: usize) -> Option<i64> {
         // SAFETY: timestamptz is a by-value int64 datum.

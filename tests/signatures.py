@@ -108,7 +108,7 @@ def exported_symbols(so):
 # Rust bodies: which argument each reads, by position and type
 
 # Args getters (src/boundary.rs) and the helpers that read one argument by position.
-GETTERS = {"uuid": "uuid", "int": "integer", "text": "text", "boolean": "boolean",
+GETTERS = {"uuid": "uuid", "int": "integer", "text": "text", "boolean": "boolean", "text_array": "text[]",
            "timestamptz": "timestamp with time zone", "timestamptz_micros": "timestamp with time zone"}
 HELPER_GETTERS = {"date_arg": "date", "oid_arg": "oid"}
 COMPATIBLE = {"oid": {"oid", "regclass"}}   # a regclass argument is an oid datum

@@ -60,9 +60,7 @@ fn grant_credits(a: &Args) -> BResult<Ret> {
             ));
         }
     }
-    // SAFETY: the declaration makes argument 6 text[].
-    let scope_arg = unsafe { pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(a.0, 6) };
-    let scope = g::scope("p_scope", scope_arg)?;
+    let scope = g::scope("p_scope", a.text_array(6))?;
     let (d, r, k) = (a.text(7), a.text(8), a.text(9));
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;

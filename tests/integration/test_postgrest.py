@@ -220,7 +220,7 @@ def test_service_role_acts_on_any_user():
     r = rpc(c, "service_role", cl, "consume_credits_v2", "p_user_id := %s, p_amount := %s", (u, 7))[0][0]
     assert (r["subscription_used"], r["purchased_used"], r["total_balance"]) == (5, 2, 23), r
     rows = postgrest_call(c, "service_role", cl, "SELECT * FROM public.get_user_credits(p_user_id := %s)", (u,))
-    assert rows == [(u, 0, 23, 23)], rows
+    assert rows == [(u, 0, 23, 23, 23)], rows  # ..., total_balance, available (0.4.0)
     hist = postgrest_call(c, "service_role", cl,
                           "SELECT amount FROM public.get_credit_history(p_user_id := %s)", (u,))
     assert [h[0] for h in hist] == [-2, -5, 5, 25], hist
@@ -241,7 +241,7 @@ def test_reads_return_only_own_data():
     c = connect()
     cl = claims("authenticated", me)
     rows = postgrest_call(c, "authenticated", cl, "SELECT * FROM public.get_user_credits(p_user_id := %s)", (me,))
-    assert rows == [(me, 2, 7, 9)], rows
+    assert rows == [(me, 2, 7, 9, 9)], rows  # ..., total_balance, available (0.4.0)
     hist = postgrest_call(c, "authenticated", cl,
                           "SELECT user_id, pool, amount, balance_after, description FROM public.get_credit_history(p_user_id := %s, p_limit := %s)",
                           (me, 10))
@@ -254,7 +254,7 @@ def test_reads_return_only_own_data():
     fresh = new_user()
     rows = postgrest_call(c, "authenticated", claims("authenticated", fresh),
                           "SELECT * FROM public.get_user_credits(p_user_id := %s)", (fresh,))
-    assert rows == [(fresh, 0, 0, 0)], rows
+    assert rows == [(fresh, 0, 0, 0, 0)], rows  # ..., total_balance, available (0.4.0)
     assert postgrest_call(c, "authenticated", claims("authenticated", fresh),
                           "SELECT count(*) FROM public.get_credit_history(p_user_id := %s)", (fresh,)) == [(0,)]
 
@@ -338,7 +338,7 @@ def test_authenticator_login_role_flow():
         expect_sqlstate("PT402", rpc, a, "authenticated", cl, "consume_credits_v2",
                         "p_user_id := %s, p_amount := %s", (me, 1000))
         rows = postgrest_call(a, "authenticated", cl, "SELECT * FROM public.get_user_credits(p_user_id := %s)", (me,))
-        assert rows == [(me, 0, 7, 7)], rows
+        assert rows == [(me, 0, 7, 7, 7)], rows  # ..., total_balance, available (0.4.0)
         n = postgrest_call(a, "authenticated", cl, "SELECT count(*), count(*) FILTER (WHERE user_id = %s) "
                                                    "FROM billing.credit_transactions", (me,))
         assert n == [(4, 4)], n
@@ -399,7 +399,7 @@ def test_rls_ledger_only_own_rows():
     rows = postgrest_call(c, "authenticated", cl, "SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts")
     assert rows == [(me, 0, 2)], rows
     rows = postgrest_call(c, "authenticated", cl, "SELECT * FROM billing.user_credits")
-    assert rows == [(me, 0, 2, 2)], rows
+    assert rows == [(me, 0, 2, 2, 2)], rows  # ..., total_balance, available (0.4.0)
     rows = postgrest_call(c, "authenticated", cl, "SELECT user_id, expired_amount FROM billing.credit_expiration_events")
     assert rows == [(me, 1)], rows
     # webhook_events: no end-user access at all (no grant or no policy), never another user's rows.

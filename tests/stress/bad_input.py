@@ -116,6 +116,7 @@ def setup(conn, tag):
     # A balance near bigint's maximum, written directly with its ledger row, so verify_ledger
     # still holds and grants overflow the balance.
     big = 9223372036854775000
+    # (Since 0.4.0 every credit belongs to a grant: the balance is one purchased grant.)
     q(conn, "INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES (%s, %s)", (c["rich"], big))
     if has_grants(conn):
         # 0.4.0: every credit belongs to a grant, and the ledger row names it
