@@ -65,6 +65,54 @@ COMMIT;
 \echo 'End of the S4 story.'
 
 \echo
+\echo '=== Credit grants (0.4.0): a promo, a top-up, a rollover and a chargeback ==='
+\set gus '''9a000000-0000-4000-8000-0000000000a9'''
+\echo 'Every credit now belongs to a grant: a category, an amount, what remains, a priority (lower is spent first),'
+\echo 'a start, an expiry and optionally a feature scope. The operator lets up to 200 unused Pro credits roll over into the next period.'
+UPDATE billing.plans SET rollover_max = 200 WHERE plan_id = 'pro';
+\echo 'Gus subscribes to Pro: the webhook grants the plan''s 500 credits for this period (a subscription grant, expiring at the period end).'
+SELECT r->>'credits_granted' AS credits_granted, r->>'effective_plan' AS plan
+  FROM billing.upsert_subscription(:gus, 'pro', 'active', now() - interval '2 days', now() + interval '28 days',
+                                   p_event_id := 'evt_gus_1') AS r;
+\echo 'Marketing gives him a welcome promo: 100 credits, valid 14 days.'
+SELECT r->>'category' AS category, r->>'amount' AS amount, r->>'priority' AS priority, (r->>'expires_at')::timestamptz::date - current_date AS valid_days
+  FROM billing.grant_credits(:gus, 100, 'promotional', p_expires_at := now() + interval '14 days',
+                             p_description := 'Welcome promo, 14 days') AS r;
+\echo 'He buys a 300-credit top-up today, and another 100 a little later (purchased credits never expire).'
+SELECT r->>'added' AS added, r->>'purchased_credits_balance' AS purchased
+  FROM billing.add_purchased_credits(:gus, 300, 'Top-up 300', 'stripe:pi_2001') AS r;
+SELECT r->>'added' AS added, r->>'purchased_credits_balance' AS purchased
+  FROM billing.add_purchased_credits(:gus, 100, 'Top-up 100', 'stripe:pi_2002') AS r;
+\echo 'His grants, in the order they will be spent: subscription (priority 10), then the promo (30), then his purchases (50).'
+SELECT category, amount, remaining, priority, status, expires_at::date - current_date AS expires_in_days, description
+  FROM billing.get_credit_grants(:gus);
+\echo 'He upscales a batch of 150 credits: consume_credits says which grants paid (the subscription grant, which expires first).'
+SELECT r->>'consumed' AS consumed, g->>'category' AS paid_by, g->>'amount' AS amount, r->>'total_balance' AS total
+  FROM billing.consume_credits(:gus, 150, p_description := 'batch upscale') AS r, jsonb_array_elements(r->'grants') AS g;
+\echo 'The period ends and the renewal webhook grants the next 500. Of the 350 subscription credits left, 200 roll over'
+\echo '(a rollover grant, expiring at the end of the new period); the other 150 expire.'
+SELECT r->>'expired_amount' AS expired, r->>'added' AS added, r->>'subscription_credits_balance' AS subscription
+  FROM billing.renew_subscription_credits(:gus, 500, now() + interval '1 month') AS r;
+\echo 'His bank disputes the second top-up: the chargeback voids what is left of that purchase''s grant (once: a repeat changes nothing).'
+SELECT r->>'voided_amount' AS voided, r->>'already_voided' AS already_voided, r->>'total_balance' AS total
+  FROM billing.void_grant((SELECT grant_id FROM billing.get_credit_grants(:gus)
+                            WHERE source_transaction_id = (SELECT operation_id FROM billing.credit_transactions
+                                                            WHERE user_id = :gus AND reference_id = 'stripe:pi_2002')),
+                          'chargeback pi_2002') AS r;
+SELECT r->>'voided_amount' AS voided, r->>'already_voided' AS already_voided
+  FROM billing.void_grant((SELECT id FROM billing.credit_grants WHERE user_id = :gus AND voided_at IS NOT NULL),
+                          'chargeback pi_2002, delivered twice') AS r;
+\echo 'All his grants, spent, expired and voided ones included (get_credit_grants with p_include_spent):'
+SELECT category, amount, remaining, priority, status, expires_at::date - current_date AS expires_in_days, description
+  FROM billing.get_credit_grants(:gus, true);
+\echo 'His balance: 500 + 200 rolled over in the subscription pool, the promo and his 300 top-up in the purchased pool.'
+SELECT subscription_credits_balance AS subscription, purchased_credits_balance AS purchased, total_balance AS total, available
+  FROM billing.get_user_credits(:gus);
+SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
+\echo
+\echo 'End of the credit grants story.'
+
+\echo
 \echo '=== S2: a snapshots API with hourly rate limits by tier (free 50/h, premium 500/h, ultra 2000/h) ==='
 \set bob '''b0000000-0000-4000-8000-00000000000b'''
 SELECT plan_id, display_name, api_rate_limit_hourly AS requests_per_hour FROM billing.plans ORDER BY sort_order;

@@ -47,7 +47,7 @@ import psycopg2
 import psycopg2.extensions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import connect, ensure_roles, fmt, q  # noqa: E402
+from common import connect, ensure_roles, fmt, grant_sql_checks, has_grants, q  # noqa: E402
 
 DOCUMENTED = {"22023", "22003", "P0002", "42501", "PT402", "PT409", "PT429"}
 # PostgreSQL's own errors that README lets pass through: a regclass argument naming no relation
@@ -118,11 +118,28 @@ def setup(conn, tag):
     big = 9223372036854775000
     # (Since 0.4.0 every credit belongs to a grant: the balance is one purchased grant.)
     q(conn, "INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES (%s, %s)", (c["rich"], big))
-    rich_grant = uuid.uuid4()
-    q(conn, """INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at)
-               VALUES (%s, %s, 'purchased', %s, %s, 50, now())""", (c["rich"], rich_grant, big, big))
-    q(conn, """INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
-               VALUES (%s, gen_random_uuid(), 'migration', 'purchased', %s, %s, 'bad-input sweep', %s)""", (c["rich"], big, big, rich_grant))
+    if has_grants(conn):
+        # 0.4.0: every credit belongs to a grant, and the ledger row names it
+        q(conn, """WITH g AS (INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at)
+                              VALUES (%s, gen_random_uuid(), 'purchased', %s, %s, 50, now()) RETURNING user_id, id)
+                   INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
+                   SELECT g.user_id, gen_random_uuid(), 'migration', 'purchased', %s, %s, 'bad-input sweep', g.id FROM g""",
+          (c["rich"], big, big, big, big))
+    else:
+        q(conn, """INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description)
+                   VALUES (%s, gen_random_uuid(), 'migration', 'purchased', %s, %s, 'bad-input sweep')""", (c["rich"], big, big))
+    # Credit grants (0.4.0): a live grant and a voided one of `user` (p_grant_id), and a user who
+    # may overdraw by 1000 with 10 credits left (the debt paths).
+    c["grant"] = c["voided"] = c["od"] = None
+    if has_grants(conn):
+        c["grant"] = uuid.UUID(str(q(conn, """SELECT billing.grant_credits(%s, 500, 'promotional',
+                                               p_expires_at := now() + interval '14 days')""", (c["user"],))[0][0]["grant_id"]))
+        c["voided"] = uuid.UUID(str(q(conn, "SELECT billing.grant_credits(%s, 20, 'purchased', p_scope := '{chat}')",
+                                      (c["user"],))[0][0]["grant_id"]))
+        q(conn, "SELECT billing.void_grant(%s, 'bad-input sweep')", (c["voided"],))
+        c["od"] = uuid.uuid4()
+        q(conn, "SELECT billing.add_purchased_credits(%s, 10)", (c["od"],))
+        q(conn, "SELECT billing.set_overdraft_limit(%s, 1000)", (c["od"],))
     c["member"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_member(%s, 'pro')", (c["email"],))[0][0]["member_id"]))
     c["profile"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_pending_profile(%s, 'tok')", (c["email2"],))[0][0]["id"]))
     # Tables an app would register.
@@ -207,6 +224,8 @@ NAMED_TEXT = {
     "p_description": [None, "sweep"],
     "p_reason": [None, "sweep"],
     "p_reference_id": [None, "ref-1"],
+    "p_category": ["promotional", "subscription", "purchased", "rollover", "refund", "PROMOTIONAL", " refund", "bogus"],
+    "p_feature": [None, "chat", "image", "x" * 256],
 }
 NAMED_INT = {
     "p_amount": [1, 2, 1000000, 2000000],
@@ -219,6 +238,7 @@ NAMED_INT = {
     "p_value": [5],
     "p_min": [0],
     "p_max": [10],
+    "p_priority": [30, 0, 100, 101],
 }
 EMAIL_VALUES = ["bi-new-{n}@example.com", "{email}", "{email2}", "{EMAIL}", "no-at-sign", "a@b", "\u0130@example.com",
                 "x@" + "y" * 300 + ".com", "<script>@example.com"]
@@ -256,14 +276,16 @@ class Gen:
 
     def uuid_values(self, fn, name):
         c = self.ctx
-        if "member" in name:
+        if "grant" in name:
+            vals = [v for v in (c["grant"], c["voided"]) if v is not None] + [c["user"]]
+        elif "member" in name:
             vals = [c["member"], c["user"]]
         elif "transaction" in name:
             vals = [c["purchase"], c["consume_tx"]]
         elif name == "p_id":
             vals = [c["profile"], c["user"]]
         else:
-            vals = [c["user"], c["noacc"], c["rich"], c["member"]]
+            vals = [c["user"], c["noacc"], c["rich"], c["member"]] + ([c["od"]] if c.get("od") else [])
         return vals + [uuid.uuid4(), uuid.UUID(int=0), None]
 
     def regclass_values(self, fn, name):
@@ -334,7 +356,7 @@ class Gen:
                     '{"agents": "x"}', '{"agents": 1e30}', '{"agents": -2}', '{"agents": null}', '{"agents": [1]}']
             return vals
         if typ == "text[]":
-            return [["a", "b"], None, [], [None], ["x" * 1000] * 3, [INJECTIONS[0]]]
+            return [["a", "b"], None, [], [None], [""], ["chat", None], ["x" * 1000] * 3, [INJECTIONS[0]]]
         return [None]
 
 
@@ -468,7 +490,16 @@ def negative_balances(rows):
 
     def walk(v, key=""):
         if isinstance(v, dict):
+            # An account in overdraft (0.4.0): total_balance and available are below zero by the
+            # debt; total_balance must still be subscription + purchased - debt.
+            debt = v.get("debt") if isinstance(v.get("debt"), int) else 0
+            if debt > 0 and "total_balance" in v and "subscription_credits_balance" in v:
+                want = v["subscription_credits_balance"] + v["purchased_credits_balance"] - debt
+                if v["total_balance"] != want:
+                    out.append(f"total_balance = {v['total_balance']}, subscription + purchased - debt = {want}")
             for k, x in v.items():
+                if debt > 0 and k in ("total_balance", "available"):
+                    continue
                 walk(x, k)
         elif isinstance(v, (list, tuple)):
             for x in v:
@@ -597,6 +628,8 @@ def final_checks(sw, res):
     neg = q(sw.conn, "SELECT count(*) FROM billing.accounts WHERE subscription_credits_balance < 0 OR purchased_credits_balance < 0")[0][0]
     if neg:
         res.checks.append(f"{neg} negative balances after the sweep")
+    for m in grant_sql_checks(sw.conn):
+        res.checks.append(f"after the sweep: {m}")
     if q(sw.conn, "SELECT to_regclass('billing.accounts') IS NOT NULL AND to_regnamespace('billing') IS NOT NULL") != [(True,)]:
         res.checks.append("schema billing or billing.accounts is gone after the injection strings")
 

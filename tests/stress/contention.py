@@ -4,15 +4,26 @@
 N client threads (one connection each) run a random mix of consume (service and PostgREST-style
 end-user calls), add (both pools), refund, expire, renew, idempotent retries of earlier calls,
 concurrent repeats of the same keyed call, rate-limit checks and usage recording over 100 users,
-for a bounded time. The client keeps its own account: per user, the sum of the pool deltas that
+for a bounded time. Credit grants (0.4.0): 70 of the users also get grant_credits (every
+category, custom priorities, feature scopes, expiries 3-8 s ahead, starts up to 4 s ahead),
+void_grant (also repeated), consume_credits with and without a feature (service and end user),
+set_overdraft_limit (a third may overdraw by 30, a third by 150) and reads of their grants
+(get_credit_grants, balance_at). The client keeps its own account: per user, the sum of what
 every successful call returned. Afterwards it checks:
   - billing.verify_ledger() is empty and no balance is negative;
-  - each balance equals the client's account, per pool;
-  - each call's ledger rows (by transaction_id = operation_id) sum to the deltas it returned, and
-    the ledger holds no operation the client does not know;
+  - each call's ledger rows (by transaction_id = operation_id) match what it returned, in total,
+    per pool and per grant; every other operation in the ledger is a settlement of grants whose
+    expiry had passed; each balance (subscription + purchased - debt) equals the client's account
+    plus those settlements, per pool for the two-pool-only users;
+  - per grant: ledger rows sum to remaining, 0 <= remaining <= amount, one 'void' row per voided
+    grant, nothing after a void or an expiry, no expired grant ever spent, none before its start;
+    pools equal the sums of their grants, debt >= 0 and within the overdraft limit in force;
+  - spending order and scope: no consumption skipped a spendable grant earlier in the order or
+    took debt while one was left, nor spent a grant whose scope excludes its feature
+    (tests/stress/ledger_check.py has the full list);
   - each idempotency key was applied once: retries returned the identical JSON (same
     transaction_id), and the ledger has one operation per key;
-  - expiration events add up to the expired amounts returned;
+  - expiration events add up to the expiration rows, per operation;
   - record_message_usage: messages/tokens per user equal the successful calls;
   - check_api_rate_limit: per user and hour, allowed = min(attempts, limit) and the stored
     request count equals it;
@@ -30,10 +41,11 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ledger_check  # noqa: E402
 from common import (MUTATORS, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
 
 
-def check(conn, users, setup_calls, rec, violations):
+def check(conn, users, setup_calls, rec, violations, stats=None):
     def bad(msg):
         violations.append(msg)
 
@@ -76,60 +88,20 @@ def check(conn, users, setup_calls, rec, violations):
             elif rep.result.get("transaction_id") != f.result.get("transaction_id"):
                 bad(f"retry of key {orig.key}: transaction_id changed")
 
-    # The client's account per user and pool, and per operation.
-    model = defaultdict(lambda: [0, 0])
-    expired = defaultdict(int)
-    ops = {}
-    for c in applied:
-        ds, dp = c.deltas()
-        model[c.user][0] += ds
-        model[c.user][1] += dp
-        if c.op in ("expire", "renew"):
-            expired[c.user] += int(c.result["expired_amount"])
-        tx = c.result.get("transaction_id")
-        if tx is not None:
-            if tx in ops:
-                bad(f"transaction_id {tx} returned by two different operations")
-            ops[tx] = (c, ds, dp)
-        elif (ds, dp) != (0, 0):
-            bad(f"{c.op} changed balances but returned no transaction_id: {c.result}")
-
+    # The ledger and the grants against the results (tests/stress/ledger_check.py).
     ulist = list(users)
     for row in q(conn, "SELECT * FROM billing.verify_ledger()"):
         bad(f"verify_ledger: {row}")
     for row in q(conn, """SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts
                            WHERE subscription_credits_balance < 0 OR purchased_credits_balance < 0"""):
         bad(f"negative balance: {row}")
-    bal = {r[0]: (r[1], r[2]) for r in q(conn, """SELECT user_id, subscription_credits_balance, purchased_credits_balance
-                                                    FROM billing.accounts WHERE user_id = ANY(%s)""", (ulist,))}
-    for u in users:
-        exp = tuple(model[u])
-        if bal.get(u) != exp:
-            bad(f"user {u}: balance {bal.get(u)} but the client's account says {exp}")
-
-    # Ledger rows per operation equal the returned deltas; no unknown operations.
-    seen = set()
-    for op_id, pool, s in q(conn, """SELECT operation_id::text, pool, sum(amount)::bigint FROM billing.credit_transactions
-                                      WHERE user_id = ANY(%s) GROUP BY 1, 2""", (ulist,)):
-        seen.add(op_id)
-        if op_id not in ops:
-            bad(f"ledger operation {op_id} ({pool} {s}) was never returned to the client")
-            continue
-        c, ds, dp = ops[op_id]
-        if s != (ds if pool == "subscription" else dp):
-            bad(f"ledger operation {op_id} ({c.op}): {pool} sum {s}, result says {(ds, dp)}")
-    for tx, (c, ds, dp) in ops.items():
-        if tx not in seen and (ds, dp) != (0, 0):
-            bad(f"{c.op} {tx} returned success but has no ledger rows")
+    for m in ledger_check.verify(conn, users, [(c, c.result) for c in applied], calls,
+                                 classic=getattr(users, "classic", set(users)), stats=stats):
+        bad(m)
     for row in q(conn, """SELECT user_id, idempotency_key, count(DISTINCT operation_id) FROM billing.credit_transactions
-                           WHERE user_id = ANY(%s) AND idempotency_key IS NOT NULL
+                           WHERE user_id = ANY(%s) AND idempotency_key IS NOT NULL AND type <> 'expiration'
                            GROUP BY 1, 2 HAVING count(DISTINCT operation_id) > 1""", (ulist,)):
         bad(f"idempotency key applied more than once: {row}")
-    ev = dict(q(conn, """SELECT user_id, sum(expired_amount)::bigint FROM billing.credit_expiration_events
-                          WHERE user_id = ANY(%s) GROUP BY 1""", (ulist,)))
-    for u in users:
-        if ev.get(u, 0) != expired[u]:
-            bad(f"user {u}: expiration events sum {ev.get(u, 0)}, results say {expired[u]}")
 
     # Usage recording.
     msgs = defaultdict(lambda: [0, 0, 0])
@@ -188,7 +160,8 @@ def run(seconds, threads=32, nusers=100, quiet=False):
         raise RuntimeError("a worker thread did not finish within 60 s of the deadline")
     elapsed = time.time() - t0
     violations = []
-    n = check(conn, users, setup_calls, rec, violations)
+    stats = {}
+    n = check(conn, users, setup_calls, rec, violations, stats)
     conn.close()
     if not quiet:
         by = defaultdict(int)
@@ -196,6 +169,8 @@ def run(seconds, threads=32, nusers=100, quiet=False):
             by[(c.op, c.status, c.sqlstate)] += 1
         print(f"  {fmt(n)} calls in {elapsed:.1f} s ({n / elapsed:,.0f}/s), "
               + ", ".join(f"{k[0]}:{k[1]}{'/' + k[2] if k[2] else ''}={v}" for k, v in sorted(by.items())), flush=True)
+        if stats.get("grants"):
+            print("  grants: " + ", ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
         for v in violations[:30]:
             print("  VIOLATION:", v, flush=True)
     return n, violations

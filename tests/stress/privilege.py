@@ -48,7 +48,7 @@ from pathlib import Path
 import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import claims, connect, ensure_roles, fmt, postgrest_call, q  # noqa: E402
+from common import claims, connect, ensure_roles, fmt, grant_sql_checks, has_grants, postgrest_call, q  # noqa: E402
 
 PUBLIC_CATALOG = {"plans", "api_functions", "resource_types", "widget_tables"}
 WIDGET_TYPE = "prvsweep"
@@ -94,6 +94,22 @@ def setup(conn):
         q(conn, """SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active',
                    p_current_period_end := now() + interval '30 days', p_event_id := %s)""", (u, f"evt-sub-{u}"))
     ctx["tx_b"] = q(conn, "SELECT billing.add_purchased_credits(%s, 11)", (b,))[0][0]["transaction_id"]
+    # Credit grants (0.4.0): A and B each hold a scoped promotion, a grant starting tomorrow, a
+    # voided grant, a consumption with a feature and an overdraft limit, so credit_grants has
+    # rows of B for the read sweep; p_grant_id arguments name B's (or, "on A", A's) live grant.
+    ctx["grants"] = has_grants(conn)
+    for u, name in ((a, "grant_a"), (b, "grant_b")):
+        ctx[name] = u
+        if not ctx["grants"]:
+            continue
+        r = q(conn, """SELECT billing.grant_credits(%s, 100, 'promotional', p_scope := '{chat}',
+                                                    p_expires_at := now() + interval '14 days')""", (u,))[0][0]
+        ctx[name] = uuid.UUID(str(r["grant_id"]))
+        q(conn, "SELECT billing.grant_credits(%s, 10, 'purchased', p_effective_at := now() + interval '1 day')", (u,))
+        v = q(conn, "SELECT billing.grant_credits(%s, 7, 'refund')", (u,))[0][0]
+        q(conn, "SELECT billing.void_grant(%s, 'sweep')", (v["grant_id"],))
+        q(conn, "SELECT billing.consume_credits(%s, 5, 'chat')", (u,))
+        q(conn, "SELECT billing.set_overdraft_limit(%s, 20)", (u,))
     q(conn, f"""CREATE TABLE IF NOT EXISTS public.widget_{WIDGET_TYPE} (
                   id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, position integer NOT NULL,
                   is_active boolean NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
@@ -121,7 +137,7 @@ def setup(conn):
     return ctx
 
 
-TEXT_VALUES = {"p_metric": "messages", "p_resource_type": "agents", "p_widget_type": WIDGET_TYPE,
+TEXT_VALUES = {"p_category": "promotional", "p_feature": "chat", "p_metric": "messages", "p_resource_type": "agents", "p_widget_type": WIDGET_TYPE,
                "p_transaction_type": "purchase", "p_plan_id": "pro", "p_status": "active", "p_schema": "public",
                "p_plan_duration": "monthly", "p_function": "x"}
 
@@ -129,6 +145,8 @@ TEXT_VALUES = {"p_metric": "messages", "p_resource_type": "agents", "p_widget_ty
 def arg_value(name, typ, ctx):
     n = (name or "").lower()
     if typ == "uuid":
+        if "grant" in n:
+            return ctx["grant_b"]
         if "member" in n:
             return ctx["member_b"]
         if "transaction" in n:
@@ -147,7 +165,9 @@ def arg_value(name, typ, ctx):
     if typ == "boolean":
         return False if "active" in n else True
     if typ.startswith("timestamp"):
-        return datetime.datetime.now(datetime.timezone.utc)
+        # an expiry must lie ahead (else 22023 could answer before the privilege check)
+        later = datetime.timedelta(days=30) if "expires" in n else datetime.timedelta(0)
+        return datetime.datetime.now(datetime.timezone.utc) + later
     if typ == "date":
         return datetime.date.today()
     if typ == "interval":
@@ -205,7 +225,7 @@ def sweep_functions(conn_end, ctx, sw):
         targets = [("on B", [arg_value(nm, t, ctx) for nm, t in zip(innames, types)])]
         if access not in ("rpc", "anon") and "uuid" in types:
             # service-only: refused even on the caller's own account
-            own = {**ctx, "b": a, "member_b": a}
+            own = {**ctx, "b": a, "member_b": a, "grant_b": ctx["grant_a"]}
             targets.append(("on A", [arg_value(nm, t, own) for nm, t in zip(innames, types)]))
         for label, role, cl in personas:
             for tlabel, params in targets:
@@ -552,7 +572,7 @@ def hits(conn):
 HIJACK_PATHS = ["evil, pg_catalog, public", "evil, public", "evil, pg_temp, pg_catalog, public"]
 
 
-def credit_calls(u, tag):
+def credit_calls(u, tag, grants=False):
     """(label, sql, params, check(result) -> error or None) for the credit functions on user u,
     starting from balances (100 subscription, 0 purchased). Run in order."""
     return [
@@ -587,10 +607,38 @@ def credit_calls(u, tag):
         ("get_user_limits", "SELECT billing.get_user_limits(%s)", (u,), lambda r: None),
         ("get_user_current_usage", "SELECT messages_count FROM billing.get_user_current_usage(%s)", (u,), lambda r: None),
         ("verify_ledger", "SELECT count(*) FROM billing.verify_ledger(%s)", (u,), lambda r: None if r == 0 else r),
+    ] + (grant_calls(u, tag) if grants else [])
+
+
+def grant_calls(u, tag):
+    """The credit-grant functions (0.4.0), continuing credit_calls from (0 subscription, 45
+    purchased). The test's own SQL names pg_catalog's operators: it runs under the hijacked path too."""
+    last_refund = ("(SELECT g.id FROM billing.credit_grants AS g WHERE g.user_id OPERATOR(pg_catalog.=) %s::uuid "
+                   "AND g.category OPERATOR(pg_catalog.=) 'refund'::billing.grant_category ORDER BY g.created_at DESC LIMIT 1)")
+    return [
+        ("grant_credits", "SELECT billing.grant_credits(%s, 20, 'promotional', p_scope := '{chat}', p_idempotency_key := %s)",
+         (u, f"{tag}-g1"), lambda r: None if (r["priority"], r["purchased_credits_balance"]) == (30, 65) else r),
+        ("consume_credits", "SELECT billing.consume_credits(%s, 25, 'chat', p_idempotency_key := %s)", (u, f"{tag}-g2"),
+         lambda r: None if ([int(g["amount"]) for g in r["grants"]], r["total_balance"]) == ([20, 5], 40) else r),
+        ("set_overdraft_limit", "SELECT billing.set_overdraft_limit(%s, 10)", (u,),
+         lambda r: None if r["overdraft_limit"] == 10 else r),
+        ("consume_credits into debt", "SELECT billing.consume_credits(%s, 45)", (u,),
+         lambda r: None if (r["debt_added"], r["debt"], r["total_balance"]) == (5, 5, -5) else r),
+        ("grant_credits repaying debt", "SELECT billing.grant_credits(%s, 8, 'refund')", (u,),
+         lambda r: None if (r["debt_repaid"], r["debt"], r["total_balance"]) == (5, 0, 3) else r),
+        ("void_grant", f"SELECT billing.void_grant({last_refund}, 'h')", (u,),
+         lambda r: None if (r["voided_amount"], r["total_balance"]) == (3, 0) else r),
+        ("get_credit_grants", "SELECT count(*) FROM billing.get_credit_grants(%s, true)", (u,),
+         lambda r: None if r >= 4 else r),
+        ("balance_at", "SELECT billing.balance_at(%s, pg_catalog.now())", (u,),
+         lambda r: None if r["total_balance"] == 0 else r),
+        ("get_user_credits available", "SELECT available FROM billing.get_user_credits(%s)", (u,),
+         lambda r: None if r == 0 else r),
+        ("verify_ledger after grants", "SELECT count(*) FROM billing.verify_ledger(%s)", (u,), lambda r: None if r == 0 else r),
     ]
 
 
-def end_user_calls(u):
+def end_user_calls(u, grants=False):
     return [
         ("consume_credits_v2", "SELECT public.consume_credits_v2(p_user_id := %s, p_amount := 1)", (u,),
          lambda r: None if r["consumed"] == 1 else r),
@@ -611,7 +659,14 @@ def end_user_calls(u):
          (u, WIDGET_TYPE), lambda r: None),
         ("service-only add_purchased_credits", "SELECT public.add_purchased_credits(p_user_id := %s, p_amount := 1)", (u,),
          "42501"),
-    ]
+    ] + ([
+        ("consume_credits", "SELECT public.consume_credits(p_user_id := %s, p_amount := 1)", (u,),
+         lambda r: None if r["consumed"] == 1 else r),
+        ("get_credit_grants", "SELECT count(*) FROM public.get_credit_grants(p_user_id := %s)", (u,), lambda r: None),
+        ("balance_at", "SELECT public.balance_at(p_user_id := %s, p_at := pg_catalog.now())", (u,), lambda r: None),
+        ("service-only grant_credits", "SELECT billing.grant_credits(%s, 1, 'promotional')", (u,), "42501"),
+        ("service-only set_overdraft_limit", "SELECT billing.set_overdraft_limit(%s, 1000)", (u,), "42501"),
+    ] if grants else [])
 
 
 def run_hijacked(conn, label, calls, sw, before=None, role=None, cl=None):
@@ -668,7 +723,7 @@ def sweep_hijack(ctx, sw):
         q(su, "SELECT billing.add_subscription_credits(%s, 100)", (u,))
         c = connect()
         q(c, f"SET search_path = {path}")
-        run_hijacked(c, f"service caller, search_path = {path}", credit_calls(u, f"hj{i}-{u}"), sw)
+        run_hijacked(c, f"service caller, search_path = {path}", credit_calls(u, f"hj{i}-{u}", ctx["grants"]), sw)
         sw.attempts += 1
         try:
             q(c, "SELECT billing.expose_rpc('public')")
@@ -682,7 +737,7 @@ def sweep_hijack(ctx, sw):
     for path in HIJACK_PATHS:
         c = connect()
         q(c, f"SET search_path = {path}")
-        run_hijacked(c, f"end user, search_path = {path}", end_user_calls(ctx["a"]), sw,
+        run_hijacked(c, f"end user, search_path = {path}", end_user_calls(ctx["a"], ctx["grants"]), sw,
                      role="authenticated", cl=claims("authenticated", ctx["a"]))
         c.close()
     # Types shadowed in pg_temp (searched first for types even with search_path = ''), planted by
@@ -705,7 +760,7 @@ def sweep_hijack(ctx, sw):
     del armed
     # Arguments go as untyped literals (str, not uuid.UUID, whose adapter writes '...'::uuid): the
     # caller's own casts would resolve to its own domains, which is no hijack of pg_billing.
-    run_hijacked(c, "end user with types shadowed in pg_temp", end_user_calls(str(ctx["a"])), sw,
+    run_hijacked(c, "end user with types shadowed in pg_temp", end_user_calls(str(ctx["a"]), ctx["grants"]), sw,
                  before=lambda _c: hits(su))
     # The same session calling the billing functions directly with its own (PostgREST) claims.
     for name, sql, params, check in credit_calls(str(ctx["a"]), f"tmp-{uuid.uuid4()}")[2:3] + \
@@ -905,6 +960,19 @@ def run(quiet=False):
                        "SELECT public.add_purchased_credits(p_user_id := %s, p_amount := 1)", (ctx["b"],))
     except psycopg2.Error as e:
         sw.notes.append(f"control call refused: {e.pgcode} {e.pgerror}")
+    if ctx["grants"]:
+        # ... and so do the grant functions an end user may call on their own account, and the
+        # service ones for service_role.
+        for role, who, sql, params in [
+                ("authenticated", ctx["a"], "SELECT public.consume_credits(p_user_id := %s, p_amount := 1, p_feature := 'chat')", (ctx["a"],)),
+                ("authenticated", ctx["a"], "SELECT count(*) FROM public.get_credit_grants(p_user_id := %s)", (ctx["a"],)),
+                ("authenticated", ctx["a"], "SELECT public.balance_at(p_user_id := %s, p_at := now())", (ctx["a"],)),
+                ("service_role", None, "SELECT public.grant_credits(p_user_id := %s, p_amount := 1, p_category := 'refund')", (ctx["b"],)),
+                ("service_role", None, "SELECT public.set_overdraft_limit(p_user_id := %s, p_limit := 20)", (ctx["b"],))]:
+            try:
+                postgrest_call(end, role, claims(role, who), sql, params)
+            except psycopg2.Error as e:
+                sw.notes.append(f"control call refused: {sql}: {e.pgcode} {e.pgerror}")
     static_checks(su, sw)
     sweep_functions(end, ctx, sw)
     sweep_tables(end, su, ctx, sw)
@@ -914,6 +982,8 @@ def run(quiet=False):
     sweep_app_tables(ctx, sw)
     for row in q(su, "SELECT * FROM billing.verify_ledger()"):
         sw.allowed.append(f"verify_ledger after the sweep: {row}")
+    for m in grant_sql_checks(su):
+        sw.allowed.append(f"after the sweep: {m}")
     q(su, f"DROP TABLE IF EXISTS public.widget_{WIDGET_TYPE}")
     end.close()
     su.close()
