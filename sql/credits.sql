@@ -177,7 +177,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                       GROUP BY t.user_id, t.grant_id) AS l
             ON l.user_id = g.user_id AND l.grant_id = g.id
          WHERE (p_user_id IS NULL OR g.user_id = p_user_id)
-           AND g.remaining <> COALESCE(l.s, 0)
+           AND (g.remaining <> COALESCE(l.s, 0)
+                -- and what the table has no CHECK for (see schema.sql)
+                OR g.remaining < 0 OR g.remaining > g.amount OR g.amount <= 0
+                OR g.priority NOT BETWEEN 0 AND 100
+                OR g.depleted <> (g.remaining = 0)
+                OR g.pool::text <> CASE WHEN g.category::text IN ('subscription', 'rollover') THEN 'subscription' ELSE 'purchased' END)
     )
     SELECT COALESCE(acct.user_id, ledger.user_id),
            COALESCE(acct.sub, 0), COALESCE(ledger.sub, 0),
@@ -193,4 +198,4 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
-'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining, or a debt that differs from its ledger rows. Empty means consistent.';
+'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows. Empty means consistent.';

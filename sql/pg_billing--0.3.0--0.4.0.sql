@@ -38,8 +38,13 @@ ALTER TABLE billing.accounts ALTER COLUMN overdraft_limit SET DEFAULT 0;
 ALTER TABLE billing.accounts ALTER COLUMN overdraft_limit SET NOT NULL;
 ALTER TABLE billing.accounts ALTER COLUMN debt SET DEFAULT 0;
 ALTER TABLE billing.accounts ALTER COLUMN debt SET NOT NULL;
-ALTER TABLE billing.accounts DROP CONSTRAINT IF EXISTS accounts_overdraft_check;
-ALTER TABLE billing.accounts ADD CONSTRAINT accounts_overdraft_check CHECK (overdraft_limit >= 0 AND debt >= 0);
+-- One CHECK for the pools, the limit and the debt (each CHECK costs every statement that writes
+-- the table a parse of its expression).
+ALTER TABLE billing.accounts DROP CONSTRAINT IF EXISTS accounts_balances_non_negative;
+ALTER TABLE billing.accounts ADD CONSTRAINT accounts_balances_non_negative
+    CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
+           AND subscription_credits_balance + purchased_credits_balance >= 0
+           AND overdraft_limit >= 0 AND debt >= 0);
 COMMENT ON TABLE billing.accounts IS 'One row per user: the two pools (sums of the remaining credits of its grants: subscription + rollover grants, and purchased + refund + promotional grants), its overdraft limit and debt. Changed only through pg_billing functions.';
 
 ALTER TABLE billing.credit_transactions ADD COLUMN IF NOT EXISTS grant_id uuid;
@@ -68,17 +73,20 @@ CREATE TABLE IF NOT EXISTS billing.credit_grants (
     reference_id          text,
     -- Clock time, so grants made in one transaction keep the order they were made in.
     created_at            timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    -- Which of the two pools the grant's credits count in.
-    pool                  billing.credit_pool NOT NULL GENERATED ALWAYS AS
-                              (CASE WHEN category IN ('subscription', 'rollover') THEN 'subscription'::billing.credit_pool
-                                    ELSE 'purchased'::billing.credit_pool END) STORED,
-    -- Spent, voided or expired to the last credit. A stored flag rather than `remaining > 0` in
-    -- the spending index's predicate: a debit changes remaining, and a column the index reads
-    -- would make every debit a non-HOT update that writes new index entries.
-    depleted              boolean NOT NULL GENERATED ALWAYS AS (remaining = 0) STORED,
-    PRIMARY KEY (user_id, id),
-    CONSTRAINT credit_grants_amounts_check CHECK (amount > 0 AND remaining >= 0 AND remaining <= amount
-                                                  AND priority BETWEEN 0 AND 100)
+    -- Which of the two pools the grant's credits count in (subscription and rollover grants: the
+    -- subscription pool; the others: the purchased pool), set when the grant is made.
+    pool                  billing.credit_pool NOT NULL,
+    -- remaining = 0: spent, voided or expired to the last credit. A flag the writes keep, rather
+    -- than `remaining > 0` in the spending index's predicate: a debit changes remaining, and a
+    -- column the index reads would make every debit a non-HOT update that writes new index
+    -- entries.
+    depleted              boolean NOT NULL DEFAULT false,
+    -- No CHECK and no generated column here: PostgreSQL parses each one's expression again on
+    -- every statement that writes the table, and this is the hot table. The statements keep
+    -- 0 <= remaining <= amount (a debit takes at most what a grant holds, under the account
+    -- lock), pool and depleted; billing.verify_ledger() checks all of it, and the accounts' CHECK
+    -- keeps every pool sum >= 0.
+    PRIMARY KEY (user_id, id)
 );
 -- The spending order (billing.consume_credits): priority, scoped before unscoped, earliest expiry
 -- first (never-expiring last), then earliest start, oldest, id. Only grants with credits left.
@@ -133,9 +141,9 @@ BEGIN
         IF a.sub > 0 THEN
             gid := pg_catalog.gen_random_uuid();
             INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at, expires_at,
-                                               source_transaction_id, description)
+                                               source_transaction_id, description, pool, depleted)
             VALUES (a.user_id, gid, 'subscription', a.sub, a.sub, 10, pg_catalog.now(), a.sub_end, op,
-                    'subscription credits before 0.4.0');
+                    'subscription credits before 0.4.0', 'subscription', false);
             INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
             VALUES (a.user_id, op, 'grant_conversion', 'subscription', -a.sub, 0, 'subscription pool converted to grants', NULL),
                    (a.user_id, op, 'grant_conversion', 'subscription', a.sub, a.sub, 'subscription pool converted to grants', gid);
@@ -159,9 +167,9 @@ BEGIN
                 gid := pg_catalog.gen_random_uuid();
                 -- Created as of the purchase, so the spending order among purchases stays oldest first.
                 INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at, expires_at,
-                                                   source_transaction_id, description, created_at)
+                                                   source_transaction_id, description, created_at, pool, depleted)
                 VALUES (a.user_id, gid, 'purchased', p.amount, share, 50, p.at, NULL, p.operation_id,
-                        'purchase before 0.4.0', p.at);
+                        'purchase before 0.4.0', p.at, 'purchased', false);
                 running := running + share;
                 INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
                 VALUES (a.user_id, op, 'grant_conversion', 'purchased', share, running, 'purchased pool converted to grants', gid);
@@ -170,9 +178,9 @@ BEGIN
             IF left_over > 0 THEN
                 gid := pg_catalog.gen_random_uuid();
                 INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at, expires_at,
-                                                   source_transaction_id, description)
+                                                   source_transaction_id, description, pool, depleted)
                 VALUES (a.user_id, gid, 'purchased', left_over, left_over, 50, pg_catalog.now(), NULL, op,
-                        'purchased credits before 0.4.0');
+                        'purchased credits before 0.4.0', 'purchased', false);
                 running := running + left_over;
                 INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
                 VALUES (a.user_id, op, 'grant_conversion', 'purchased', left_over, running, 'purchased pool converted to grants', gid);
@@ -375,7 +383,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                       GROUP BY t.user_id, t.grant_id) AS l
             ON l.user_id = g.user_id AND l.grant_id = g.id
          WHERE (p_user_id IS NULL OR g.user_id = p_user_id)
-           AND g.remaining <> COALESCE(l.s, 0)
+           AND (g.remaining <> COALESCE(l.s, 0)
+                -- and what the table has no CHECK for (see schema.sql)
+                OR g.remaining < 0 OR g.remaining > g.amount OR g.amount <= 0
+                OR g.priority NOT BETWEEN 0 AND 100
+                OR g.depleted <> (g.remaining = 0)
+                OR g.pool::text <> CASE WHEN g.category::text IN ('subscription', 'rollover') THEN 'subscription' ELSE 'purchased' END)
     )
     SELECT COALESCE(acct.user_id, ledger.user_id),
            COALESCE(acct.sub, 0), COALESCE(ledger.sub, 0),
@@ -391,7 +404,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
-'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining, or a debt that differs from its ledger rows. Empty means consistent.';
+'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows. Empty means consistent.';
 
 COMMENT ON FUNCTION billing.consume_credits_v2(uuid, integer, text, text, text) IS
 'Consume p_amount credits from the unscoped grants in spending order (subscription credits first, then purchased: FIFO; see consume_credits). Returns {success, transaction_id, consumed, subscription_used, purchased_used, subscription_credits_balance, purchased_credits_balance, total_balance}. Not enough credits: PT402 and nothing changes. End users: own account only. p_idempotency_key replays the first result.';

@@ -81,13 +81,13 @@ CREATE TABLE billing.accounts (
     -- settles the expired grants first. Kept at or before the earliest expiry (never after), so
     -- the hot path needs no look at the grants to know whether any expired.
     next_expiry_at                 timestamptz,
-    CONSTRAINT accounts_overdraft_check CHECK (overdraft_limit >= 0 AND debt >= 0),
-    -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
-    -- statement that writes the table, so the hot tables keep as few as they can.
-    -- The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so every stored
-    -- account's total fits a bigint.
+    -- One constraint for both pools, the overdraft limit and the debt: PostgreSQL re-reads each
+    -- CHECK's expression on every statement that writes the table, so the hot tables keep as few
+    -- as they can. The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so
+    -- every stored account's total fits a bigint.
     CONSTRAINT accounts_balances_non_negative CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
-                                                     AND subscription_credits_balance + purchased_credits_balance >= 0)
+                                                     AND subscription_credits_balance + purchased_credits_balance >= 0
+                                                     AND overdraft_limit >= 0 AND debt >= 0)
 );
 -- E-mails are compared one way everywhere: ASCII letters lower-cased, nothing else folded
 -- (issue 11 item 8a; pg_billing_core::members::email_key).
@@ -124,17 +124,20 @@ CREATE TABLE billing.credit_grants (
     reference_id          text,
     -- Clock time, so grants made in one transaction keep the order they were made in.
     created_at            timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    -- Which of the two pools the grant's credits count in.
-    pool                  billing.credit_pool NOT NULL GENERATED ALWAYS AS
-                              (CASE WHEN category IN ('subscription', 'rollover') THEN 'subscription'::billing.credit_pool
-                                    ELSE 'purchased'::billing.credit_pool END) STORED,
-    -- Spent, voided or expired to the last credit. A stored flag rather than `remaining > 0` in
-    -- the spending index's predicate: a debit changes remaining, and a column the index reads
-    -- would make every debit a non-HOT update that writes new index entries.
-    depleted              boolean NOT NULL GENERATED ALWAYS AS (remaining = 0) STORED,
-    PRIMARY KEY (user_id, id),
-    CONSTRAINT credit_grants_amounts_check CHECK (amount > 0 AND remaining >= 0 AND remaining <= amount
-                                                  AND priority BETWEEN 0 AND 100)
+    -- Which of the two pools the grant's credits count in (subscription and rollover grants: the
+    -- subscription pool; the others: the purchased pool), set when the grant is made.
+    pool                  billing.credit_pool NOT NULL,
+    -- remaining = 0: spent, voided or expired to the last credit. A flag the writes keep, rather
+    -- than `remaining > 0` in the spending index's predicate: a debit changes remaining, and a
+    -- column the index reads would make every debit a non-HOT update that writes new index
+    -- entries.
+    depleted              boolean NOT NULL DEFAULT false,
+    -- No CHECK and no generated column here: PostgreSQL parses each one's expression again on
+    -- every statement that writes the table, and this is the hot table. The statements keep
+    -- 0 <= remaining <= amount (a debit takes at most what a grant holds, under the account
+    -- lock), pool and depleted; billing.verify_ledger() checks all of it, and the accounts' CHECK
+    -- keeps every pool sum >= 0.
+    PRIMARY KEY (user_id, id)
 );
 -- The spending order (billing.consume_credits): priority, scoped before unscoped, earliest expiry
 -- first (never-expiring last), then earliest start, oldest, id. Only grants with credits left.

@@ -95,7 +95,7 @@ WITH clock AS MATERIALIZED (
 ), ok AS (
     SELECT tot.sub, tot.pur, $2 - tot.sub - tot.pur AS short FROM tot WHERE $2 - tot.sub - tot.pur <= $4
 ), spent AS (
-    UPDATE billing.credit_grants AS g SET remaining = g.remaining - t.n
+    UPDATE billing.credit_grants AS g SET remaining = g.remaining - t.n, depleted = (g.remaining = t.n)
       FROM take AS t, ok
      WHERE g.user_id = $1 AND g.id = t.id
 ), acct AS (
@@ -172,7 +172,7 @@ RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, h
 
 /// $1 user, $2 grant, $3 amount.
 const FAST_GRANT: &str = "
-UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3
+UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (g.remaining = $3)
  WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3 AND g.voided_at IS NULL
    AND g.effective_at <= pg_catalog.clock_timestamp()
    AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
@@ -202,9 +202,12 @@ const CREATE_GRANT: &str = "
 WITH gr AS (
     INSERT INTO billing.credit_grants AS g
            (user_id, id, category, amount, remaining, priority, effective_at, expires_at, scope,
-            source_transaction_id, idempotency_key, description, reference_id)
+            source_transaction_id, idempotency_key, description, reference_id, pool, depleted)
     SELECT $1, $3, $4::billing.grant_category, $5, $5 - $14, $6, COALESCE($7, pg_catalog.now()),
-           CASE WHEN $15 THEN a.subscription_credits_expire_at ELSE $8 END, $9, $2, $13, $11, $12
+           CASE WHEN $15 THEN a.subscription_credits_expire_at ELSE $8 END, $9, $2, $13, $11, $12,
+           CASE WHEN $4 IN ('subscription', 'rollover') THEN 'subscription'::billing.credit_pool
+                ELSE 'purchased'::billing.credit_pool END,
+           $5 = $14
       FROM billing.accounts AS a WHERE a.user_id = $1
  RETURNING g.pool, g.expires_at
 ), acct AS (
@@ -254,6 +257,7 @@ WITH clock AS MATERIALIZED (
     -- at this instant, so its status reads expired and balance_at sees when it ended.
     UPDATE billing.credit_grants AS g
        SET remaining = 0,
+           depleted = true,
            expires_at = CASE WHEN g.expires_at <= clock.at THEN g.expires_at ELSE clock.at END
       FROM gone CROSS JOIN clock
      WHERE g.user_id = $1 AND g.id = gone.id
@@ -300,7 +304,7 @@ WITH v AS (
      WHERE g.user_id = $1 AND g.id = $2 AND g.voided_at IS NULL
 ), upd AS (
     UPDATE billing.credit_grants AS g
-       SET remaining = 0, voided_at = pg_catalog.now(), voided_amount = v.remaining, void_reason = $4
+       SET remaining = 0, depleted = true, voided_at = pg_catalog.now(), voided_amount = v.remaining, void_reason = $4
       FROM v
      WHERE g.user_id = $1 AND g.id = v.id
 ), acct AS (

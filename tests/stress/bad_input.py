@@ -120,8 +120,8 @@ def setup(conn, tag):
     q(conn, "INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES (%s, %s)", (c["rich"], big))
     if has_grants(conn):
         # 0.4.0: every credit belongs to a grant, and the ledger row names it
-        q(conn, """WITH g AS (INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at)
-                              VALUES (%s, gen_random_uuid(), 'purchased', %s, %s, 50, now()) RETURNING user_id, id)
+        q(conn, """WITH g AS (INSERT INTO billing.credit_grants (user_id, id, category, amount, remaining, priority, effective_at, pool)
+                              VALUES (%s, gen_random_uuid(), 'purchased', %s, %s, 50, now(), 'purchased') RETURNING user_id, id)
                    INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, description, grant_id)
                    SELECT g.user_id, gen_random_uuid(), 'migration', 'purchased', %s, %s, 'bad-input sweep', g.id FROM g""",
           (c["rich"], big, big, big, big))
