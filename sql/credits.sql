@@ -193,6 +193,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      WHERE COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(ledger.pur, 0)
         OR COALESCE(acct.debt, 0) <> -COALESCE(ledger.debt, 0)
+        OR acct.debt < 0
         OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
         OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)

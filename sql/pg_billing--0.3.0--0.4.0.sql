@@ -38,13 +38,6 @@ ALTER TABLE billing.accounts ALTER COLUMN overdraft_limit SET DEFAULT 0;
 ALTER TABLE billing.accounts ALTER COLUMN overdraft_limit SET NOT NULL;
 ALTER TABLE billing.accounts ALTER COLUMN debt SET DEFAULT 0;
 ALTER TABLE billing.accounts ALTER COLUMN debt SET NOT NULL;
--- One CHECK for the pools, the limit and the debt (each CHECK costs every statement that writes
--- the table a parse of its expression).
-ALTER TABLE billing.accounts DROP CONSTRAINT IF EXISTS accounts_balances_non_negative;
-ALTER TABLE billing.accounts ADD CONSTRAINT accounts_balances_non_negative
-    CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
-           AND subscription_credits_balance + purchased_credits_balance >= 0
-           AND overdraft_limit >= 0 AND debt >= 0);
 COMMENT ON TABLE billing.accounts IS 'One row per user: the two pools (sums of the remaining credits of its grants: subscription + rollover grants, and purchased + refund + promotional grants), its overdraft limit and debt. Changed only through pg_billing functions.';
 
 ALTER TABLE billing.credit_transactions ADD COLUMN IF NOT EXISTS grant_id uuid;
@@ -399,6 +392,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      WHERE COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(ledger.pur, 0)
         OR COALESCE(acct.debt, 0) <> -COALESCE(ledger.debt, 0)
+        OR acct.debt < 0
         OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
         OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)

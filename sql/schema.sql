@@ -81,13 +81,14 @@ CREATE TABLE billing.accounts (
     -- settles the expired grants first. Kept at or before the earliest expiry (never after), so
     -- the hot path needs no look at the grants to know whether any expired.
     next_expiry_at                 timestamptz,
-    -- One constraint for both pools, the overdraft limit and the debt: PostgreSQL re-reads each
-    -- CHECK's expression on every statement that writes the table, so the hot tables keep as few
-    -- as they can. The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so
-    -- every stored account's total fits a bigint.
+    -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
+    -- statement that writes the table, so the hot tables keep as few as they can (overdraft_limit
+    -- and debt have none: set_overdraft_limit refuses a negative limit, a repayment never exceeds
+    -- the debt, and billing.verify_ledger() checks the debt against its ledger rows).
+    -- The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so every stored
+    -- account's total fits a bigint.
     CONSTRAINT accounts_balances_non_negative CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
-                                                     AND subscription_credits_balance + purchased_credits_balance >= 0
-                                                     AND overdraft_limit >= 0 AND debt >= 0)
+                                                     AND subscription_credits_balance + purchased_credits_balance >= 0)
 );
 -- E-mails are compared one way everywhere: ASCII letters lower-cased, nothing else folded
 -- (issue 11 item 8a; pg_billing_core::members::email_key).

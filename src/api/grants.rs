@@ -52,9 +52,12 @@ fn grant_credits(a: &Args) -> BResult<Ret> {
     // SAFETY: GetCurrentTransactionStartTimestamp only reads the transaction's start time (now()).
     let now = unsafe { pgrx::pg_sys::GetCurrentTransactionStartTimestamp() };
     let effective = effective_micros.unwrap_or(now);
-    if expires_micros.is_some_and(|e| e <= effective) {
+    // (Against an explicit start only: the default start, now(), is another instant in a retry,
+    // which must replay; against now, below, once the key is known to be new.)
+    let explicit_start = effective_micros.is_some_and(|e| e != now);
+    if explicit_start && expires_micros.is_some_and(|e| e <= effective) {
         return Err(BillingError::invalid_with_hint(
-            "p_expires_at must be later than p_effective_at",
+            "p_expires_at must be later than p_effective_at and than now",
             "pass NULL for credits that never expire",
         ));
     }
@@ -84,7 +87,7 @@ fn grant_credits(a: &Args) -> BResult<Ret> {
             // Checked once the key is known to be new: a retry after the expiry replays.
             if expires_micros.is_some_and(|e| e <= now) {
                 return Err(BillingError::invalid_with_hint(
-                    "p_expires_at must be later than now",
+                    "p_expires_at must be later than p_effective_at and than now",
                     "pass NULL for credits that never expire",
                 ));
             }
