@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS billing.credit_grants (
     -- NULL: any spending; else only spending for one of these features.
     scope                 text[],
     voided_at             timestamptz,
+    -- When a write expired what remained: at or after expires_at, or earlier when a renewal or
+    -- expire_subscription_credits ended the grant (expires_at itself never moves back).
+    settled_at            timestamptz,
     voided_amount         bigint,
     void_reason           text,
     -- The operation (ledger operation_id) that created the grant: for a purchase, the
@@ -251,7 +254,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            s.description, s.reference_id, s.created_at
       FROM (SELECT g.*,
                    CASE WHEN g.voided_at IS NOT NULL THEN 'voided'
-                        WHEN g.expires_at <= pg_catalog.now() THEN 'expired'
+                        WHEN g.expires_at <= pg_catalog.now() OR g.settled_at IS NOT NULL THEN 'expired'
                         WHEN g.remaining = 0 THEN 'spent'
                         WHEN g.effective_at > pg_catalog.now() THEN 'scheduled'
                         ELSE 'active' END AS status
@@ -261,7 +264,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      ORDER BY s.priority, (s.scope IS NULL), s.expires_at, s.effective_at, s.created_at, s.id
 $$;
 COMMENT ON FUNCTION billing.get_credit_grants(uuid, boolean) IS
-'The user''s grants in spending order, with status active, scheduled (starts later), expired, voided or spent; remaining counts only for active and scheduled grants. Without p_include_spent only active and scheduled grants. End users: own only.';
+'The user''s grants in spending order, with status active, scheduled (starts later), expired (also when a renewal or expire_subscription_credits ended it early: settled_at), voided or spent; remaining counts only for active and scheduled grants. Without p_include_spent only active and scheduled grants. End users: own only.';
 
 CREATE OR REPLACE FUNCTION billing.balance_at(p_user_id uuid, p_at timestamptz)
 RETURNS jsonb
@@ -281,7 +284,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ), grants AS (
         SELECT g.id, g.category, g.pool::text AS pool, p.remaining, g.scope IS NULL AS unscoped,
                g.effective_at <= p_at AND (g.expires_at IS NULL OR p_at < g.expires_at)
-                 AND (g.voided_at IS NULL OR g.voided_at > p_at) AS spendable,
+                 AND (g.voided_at IS NULL OR g.voided_at > p_at)
+                 AND (g.settled_at IS NULL OR g.settled_at > p_at) AS spendable,
                g.priority, g.expires_at, g.effective_at, g.created_at
           FROM per_grant AS p
           JOIN billing.credit_grants AS g ON g.user_id = p_user_id AND g.id = p.grant_id

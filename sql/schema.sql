@@ -115,6 +115,9 @@ CREATE TABLE billing.credit_grants (
     -- NULL: any spending; else only spending for one of these features.
     scope                 text[],
     voided_at             timestamptz,
+    -- When a write expired what remained: at or after expires_at, or earlier when a renewal or
+    -- expire_subscription_credits ended the grant (expires_at itself never moves back).
+    settled_at            timestamptz,
     voided_amount         bigint,
     void_reason           text,
     -- The operation (ledger operation_id) that created the grant: for a purchase, the

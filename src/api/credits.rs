@@ -253,12 +253,12 @@ WITH clock AS MATERIALIZED (
      WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
        AND (g.expires_at <= clock.at OR (NOT $3 AND g.pool = 'subscription'))
 ), upd AS (
-    -- A grant ended before its expiry (by a renewal or expire_subscription_credits) now expires
-    -- at this instant, so its status reads expired and balance_at sees when it ended.
+    -- settled_at: when it ended (get_credit_grants reads it as expired, balance_at as not
+    -- spendable from then on, also when a renewal ended it before its expiry).
     UPDATE billing.credit_grants AS g
        SET remaining = 0,
            depleted = true,
-           expires_at = CASE WHEN g.expires_at <= clock.at THEN g.expires_at ELSE clock.at END
+           settled_at = clock.at
       FROM gone CROSS JOIN clock
      WHERE g.user_id = $1 AND g.id = gone.id
 ), sums AS (
