@@ -23,6 +23,9 @@ pub enum BillingError {
     LimitExceeded { message: String, limit: i64, current: i64 },
     /// `PT409`: an idempotency key was reused with different arguments.
     IdempotencyConflict { key: String, first_operation: String, operation: String },
+    /// `PT410`: a credit hold expired (past its expiry plus `pg_billing.hold_capture_grace`) before
+    /// it was captured or extended (0.5.0). Its credits went back to the balance at the expiry.
+    HoldExpired { hold_id: String, expired_at: String, grace_seconds: i64 },
     /// `XX000`: a bug in pg_billing. Never caused by a caller's input.
     Internal { message: String },
 }
@@ -58,6 +61,7 @@ impl BillingError {
             BillingError::InsufficientCredits { .. } => "PT402",
             BillingError::LimitExceeded { .. } => "PT429",
             BillingError::IdempotencyConflict { .. } => "PT409",
+            BillingError::HoldExpired { .. } => "PT410",
             BillingError::Internal { .. } => "XX000",
         }
     }
@@ -76,6 +80,7 @@ impl BillingError {
             BillingError::IdempotencyConflict { .. } => {
                 "this idempotency key was already used with different arguments".to_string()
             }
+            BillingError::HoldExpired { .. } => "the credit hold has expired".to_string(),
             BillingError::Internal { message } => format!("pg_billing internal error: {message}"),
         }
     }
@@ -98,6 +103,9 @@ impl BillingError {
                 }
             }
             BillingError::OutOfRange { detail, .. } => detail.clone(),
+            BillingError::HoldExpired { hold_id, expired_at, grace_seconds } => Some(format!(
+                "hold {hold_id} expired at {expired_at}; captures are accepted until {grace_seconds} s after the expiry (pg_billing.hold_capture_grace)"
+            )),
             _ => None,
         }
     }
@@ -115,6 +123,10 @@ impl BillingError {
             BillingError::IdempotencyConflict { .. } => {
                 Some("use a new idempotency key for a different request".to_string())
             }
+            BillingError::HoldExpired { .. } => Some(
+                "its credits went back to the balance: charge the job with consume_credits, or reserve again; extend_hold keeps a long job's hold alive"
+                    .to_string(),
+            ),
             BillingError::Internal { .. } => {
                 Some("this is a bug in pg_billing; please report it with the statement".to_string())
             }
@@ -164,6 +176,9 @@ mod tests {
         };
         assert_eq!(e.sqlstate(), "PT409");
         assert!(e.detail().unwrap().contains("not consume_credits_v2"));
+        let e = BillingError::HoldExpired { hold_id: "h".into(), expired_at: "t".into(), grace_seconds: 60 };
+        assert_eq!(e.sqlstate(), "PT410");
+        assert!(e.detail().unwrap().contains("60 s"));
     }
 
     #[test]
@@ -171,7 +186,7 @@ mod tests {
         // ERRCODE_INSUFFICIENT_PRIVILEGE = MAKE_SQLSTATE('4','2','5','0','1') = 16877 in PG's errcodes.h
         // ERRCODE_INVALID_PARAMETER_VALUE ('22023') = 50331778 + ... ; check round trips and known values.
         assert_eq!(encode_sqlstate("42501"), 4 + (2 << 6) + (5 << 12) + (0 << 18) + (1 << 24));
-        for code in ["22023", "22003", "P0002", "42501", "PT402", "PT409", "PT429", "XX000"] {
+        for code in ["22023", "22003", "P0002", "42501", "PT402", "PT409", "PT410", "PT429", "XX000"] {
             assert_eq!(decode_sqlstate(encode_sqlstate(code)), code);
         }
         assert_ne!(encode_sqlstate("PT402"), encode_sqlstate("XX000"));

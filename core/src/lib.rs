@@ -8,6 +8,7 @@
 pub mod credits;
 pub mod error;
 pub mod grants;
+pub mod holds;
 pub mod idempotency;
 pub mod identity;
 pub mod ids;
