@@ -156,9 +156,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
          WHERE p_user_id IS NULL OR t.user_id = p_user_id
          GROUP BY t.user_id
     ), acct AS (
-        SELECT a.user_id, a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt
+        SELECT a.user_id, a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, a.held
           FROM billing.accounts AS a
          WHERE p_user_id IS NULL OR a.user_id = p_user_id
+    ), hold_sums AS (
+        -- Per user (0.5.0): the stored held sum must be the sum of the active holds' amounts.
+        SELECT h.user_id,
+               COALESCE(pg_catalog.sum(h.amount) FILTER (WHERE h.status::text = 'active'), 0)::bigint AS held,
+               pg_catalog.bool_or(h.amount <= 0 OR (h.status::text = 'captured') <> (h.captured_amount IS NOT NULL)) AS bad
+          FROM billing.credit_holds AS h
+         WHERE p_user_id IS NULL OR h.user_id = p_user_id
+         GROUP BY h.user_id
     ), grant_sums AS (
         -- Per user: the stored pools must be the sums of the grants' remaining.
         SELECT g.user_id,
@@ -190,7 +198,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
       FROM acct
       FULL JOIN ledger ON ledger.user_id = acct.user_id
       LEFT JOIN grant_sums AS gs ON gs.user_id = COALESCE(acct.user_id, ledger.user_id)
-     WHERE COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
+      LEFT JOIN hold_sums AS hs ON hs.user_id = COALESCE(acct.user_id, ledger.user_id)
+     WHERE COALESCE(acct.held, 0) <> COALESCE(hs.held, 0) OR COALESCE(hs.bad, false)
+        OR COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(ledger.pur, 0)
         OR COALESCE(acct.debt, 0) <> -COALESCE(ledger.debt, 0)
         OR acct.debt < 0
@@ -199,4 +209,4 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
-'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows. Empty means consistent.';
+'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured). Empty means consistent.';

@@ -17,6 +17,7 @@ ALTER TABLE billing.idempotency_keys ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.clawbacks ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.webhook_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.credit_grants ENABLE ROW LEVEL SECURITY;
+ALTER TABLE billing.credit_holds ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY plans_read ON billing.plans FOR SELECT USING (true);
 CREATE POLICY accounts_read_own ON billing.accounts FOR SELECT
@@ -30,6 +31,8 @@ CREATE POLICY idempotency_keys_read_own ON billing.idempotency_keys FOR SELECT
 CREATE POLICY clawbacks_read_own ON billing.clawbacks FOR SELECT
     USING (user_id = (SELECT billing.current_user_id()));
 CREATE POLICY credit_grants_read_own ON billing.credit_grants FOR SELECT
+    USING (user_id = (SELECT billing.current_user_id()));
+CREATE POLICY credit_holds_read_own ON billing.credit_holds FOR SELECT
     USING (user_id = (SELECT billing.current_user_id()));
 -- billing.webhook_events: no policy, so no end-user rows (service callers use the functions).
 

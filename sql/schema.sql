@@ -81,6 +81,14 @@ CREATE TABLE billing.accounts (
     -- settles the expired grants first. Kept at or before the earliest expiry (never after), so
     -- the hot path needs no look at the grants to know whether any expired.
     next_expiry_at                 timestamptz,
+    -- Credit holds (0.5.0): the sum of the amounts of the account's active holds (billing.credit_holds),
+    -- expired ones included until a write settles them, and an instant no active hold expires
+    -- before (kept at or before the earliest expiry, like next_expiry_at; NULL: no active hold).
+    -- Debits leave `held` credits for the holds; available = spendable - held - debt.
+    held                           bigint NOT NULL DEFAULT 0,
+    next_hold_expiry_at            timestamptz,
+    -- At most this many active holds (NULL: no cap); reserve_credits raises PT429 beyond it.
+    max_active_holds               integer,
     -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
     -- statement that writes the table, so the hot tables keep as few as they can (overdraft_limit
     -- and debt have none: set_overdraft_limit refuses a negative limit, a repayment never exceeds
@@ -151,6 +159,35 @@ CREATE INDEX credit_grants_spending_idx ON billing.credit_grants
 -- void_grant finds a grant by its id alone.
 CREATE INDEX credit_grants_id_idx ON billing.credit_grants (id);
 COMMENT ON TABLE billing.credit_grants IS 'Credit grants: amount granted, remaining, priority (lower spent first), effective_at, expires_at (NULL = never), scope (NULL = any feature), void. Spendable = effective_at <= now() < expires_at AND not voided AND remaining > 0 AND scope admits the feature, evaluated by the spending statement itself. Per grant, its ledger rows (credit_transactions.grant_id) sum to remaining.';
+
+-- Credit holds (0.5.0): credits reserved before a job whose cost is known only at the end. A hold
+-- is never a ledger row: capture_hold debits what the job cost (ledger type 'hold_capture',
+-- reference_id = the hold id) and releases the rest.
+CREATE TYPE billing.hold_status AS ENUM ('active', 'captured', 'released', 'expired');
+
+CREATE TABLE billing.credit_holds (
+    user_id         uuid NOT NULL,
+    id              uuid NOT NULL,
+    amount          bigint NOT NULL,
+    -- The feature the job spends for (NULL: unscoped grants only), as in consume_credits.
+    feature         text,
+    expires_at      timestamptz NOT NULL,
+    status          billing.hold_status NOT NULL DEFAULT 'active',
+    -- What capture_hold debited (NULL unless captured).
+    captured_amount bigint,
+    idempotency_key text,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    -- When it was captured or released, or (expired) its expiry.
+    resolved_at     timestamptz,
+    -- The capture's or release's result, returned again by a repeat.
+    resolution      jsonb,
+    PRIMARY KEY (user_id, id)
+);
+-- capture_hold, release_hold, extend_hold and increase_hold find a hold by its id alone.
+CREATE INDEX credit_holds_id_idx ON billing.credit_holds (id);
+-- The active holds of an account (settling, get_active_holds, the cap, the reads' held sum).
+CREATE INDEX credit_holds_active_idx ON billing.credit_holds (user_id, expires_at) WHERE status = 'active';
+COMMENT ON TABLE billing.credit_holds IS 'Credit holds: amount reserved for a job until expires_at; status active, captured (captured_amount debited), released or expired (a write after expires_at marks it). billing.accounts.held is the sum of the active holds'' amounts. Changed only through pg_billing functions.';
 
 -- The ledger: one row per pool touched; the rows of one call share operation_id.
 CREATE TABLE billing.credit_transactions (
@@ -232,7 +269,12 @@ SELECT a.user_id,
        COALESCE(g.sub, 0) AS subscription_credits_balance,
        COALESCE(g.pur, 0) AS purchased_credits_balance,
        COALESCE(g.sub, 0) + COALESCE(g.pur, 0) - a.debt AS total_balance,
-       COALESCE(g.unscoped, 0) - a.debt AS available
+       COALESCE(g.unscoped, 0) - a.debt
+         - CASE WHEN a.held = 0 THEN 0
+                WHEN a.next_hold_expiry_at > pg_catalog.now() THEN a.held
+                ELSE COALESCE((SELECT pg_catalog.sum(h.amount) FROM billing.credit_holds AS h
+                                WHERE h.user_id = a.user_id AND h.status = 'active' AND h.expires_at > pg_catalog.now()), 0) END
+         AS available
   FROM billing.accounts AS a
   LEFT JOIN LATERAL (
         SELECT pg_catalog.sum(l.remaining) FILTER (WHERE l.pool = 'subscription')::bigint AS sub,
@@ -242,7 +284,7 @@ SELECT a.user_id,
          WHERE l.user_id = a.user_id AND NOT l.depleted AND l.voided_at IS NULL
            AND l.effective_at <= pg_catalog.now()
            AND (l.expires_at IS NULL OR l.expires_at > pg_catalog.now())) AS g ON true;
-COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools, their total less the debt (billing.accounts.debt), and available: the credits any spending may use now, less the debt; expired, voided and not yet started grants count as 0. Row security applies: end users see their own row.';
+COMMENT ON VIEW billing.user_credits IS 'Each account''s two pools, their total less the debt (billing.accounts.debt), and available: the credits any spending may use now, less the debt and the credits active holds reserve (holds past their expiry count as 0); expired, voided and not yet started grants count as 0. Row security applies: end users see their own row.';
 
 -- pg_dump keeps the rows of every table.
 SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
@@ -255,3 +297,4 @@ SELECT pg_catalog.pg_extension_config_dump('billing.idempotency_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.clawbacks', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.credit_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_holds', '');

@@ -52,6 +52,10 @@ impl Args {
         }
         unsafe { pgrx::fcinfo::pg_getarg_datum(self.0, n) }.map(|d| d.value() as i64)
     }
+    /// An interval argument as (months, days, microseconds).
+    pub fn interval(&self, n: usize) -> Option<(i32, i32, i64)> {
+        self.get::<pgrx::datum::Interval>(n).map(|i| (i.months(), i.days(), i.micros()))
+    }
     pub fn timestamptz(&self, n: usize) -> Option<pgrx::datum::TimestampWithTimeZone> {
         self.get::<pgrx::datum::TimestampWithTimeZone>(n)
     }

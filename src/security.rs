@@ -11,6 +11,8 @@ use crate::validate;
 
 pub static END_USER_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"anon,authenticated"));
 pub static GRACE_PERIOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"0"));
+/// How long after a hold's expiry capture_hold still accepts it (seconds; 0.5.0).
+pub static HOLD_CAPTURE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 pub fn init_gucs() {
     // SUSET: an end user who can run SQL must not be able to declare themselves a service
@@ -30,6 +32,16 @@ pub fn init_gucs() {
         &GRACE_PERIOD,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_billing.hold_capture_grace",
+        c"How long after a credit hold's expiry capture_hold still captures it.",
+        c"A duration up to 1 hour (default 60 s); later captures fail with PT410. The hold's credits went back to the balance at its expiry, so a capture within the grace takes them from the free balance.",
+        &HOLD_CAPTURE_GRACE,
+        0,
+        3600,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
     crate::apptables::init_gucs();
 }

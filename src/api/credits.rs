@@ -35,22 +35,28 @@ pub const TEXTARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTARRAYO
 // while a grant expired) would otherwise not see the grant start (or would spend it expired).
 
 /// Step 2 of the lock order: lock the account and read what a write needs. $1 user. Returns the
-/// overdraft headroom (limit less debt, never below 0), the debt, and whether a grant may have
-/// expired since the last write (then the caller settles first: [`SETTLE`]).
+/// overdraft headroom (limit less debt, never below 0), the debt, whether a grant may have
+/// expired since the last write (then the caller settles first: [`SETTLE`]), whether a hold may
+/// have expired (then [`SETTLE_HOLDS`]), and the credits the active holds reserve (0.5.0).
 const LOCK: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)
+       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
+       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// The same for a debit of $2: no row, and no lock taken (so no wait behind another writer),
-/// when what the committed account stores and may overdraw cannot pay $2 (stored pools hold at
-/// least what is spendable); the debit then fails as if it ran before the other writer.
+/// when what the committed account stores, less what its holds reserve, and may overdraw cannot
+/// pay $2 (stored pools hold at least what is spendable; the stored held sum is subtracted only
+/// while no hold may have expired, since it counts expired holds until a write settles them);
+/// the debit then fails as if it ran before the other writer.
 const LOCK_FOR_DEBIT: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)
+       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
+       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held
   FROM billing.accounts AS a
  WHERE a.user_id = $1
-   AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0) >= $2
+   AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0)
+       - CASE WHEN a.next_hold_expiry_at <= pg_catalog.clock_timestamp() THEN 0 ELSE a.held END >= $2
    FOR UPDATE";
 
 /// The same, creating the account when there is none. $1 user.
@@ -58,11 +64,14 @@ const LOCK_OR_CREATE: &str = "
 INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-          COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false)";
+          COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
+          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held";
 
 /// The debit, in one statement under the account lock. $1 user, $2 amount, $3 feature (NULL:
 /// only unscoped grants pay), $4 overdraft headroom, $5 operation, $6 ledger type,
-/// $7 description, $8 reference, $9 key, $10 also return which grants paid (jsonb).
+/// $7 description, $8 reference, $9 key, $10 also return which grants paid (jsonb), $11 the
+/// credits active holds reserve (0.5.0): the grants pay at most what they hold for this kind of
+/// spending less that; the rest is overdraft or nothing.
 ///
 /// `live` is every grant that counts now; `take` walks the spendable ones in spending order (the
 /// order of `credit_grants_spending_idx`) and takes from each what the amount still needs. When
@@ -84,10 +93,14 @@ WITH clock AS MATERIALIZED (
        AND g.effective_at <= clock.at
        AND (g.expires_at IS NULL OR g.expires_at > clock.at)
     WINDOW w AS (ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id)
-), take AS (
-    SELECT l.id, l.category, l.pool, l.ord, LEAST(l.remaining, $2 - (l.upto - l.remaining)) AS n
+), cap AS (
+    SELECT CASE WHEN $11 = 0 THEN $2
+                ELSE LEAST($2, GREATEST(COALESCE(pg_catalog.sum(l.remaining) FILTER (WHERE l.admits), 0) - $11, 0)) END AS n
       FROM live AS l
-     WHERE l.admits AND l.upto - l.remaining < $2
+), take AS (
+    SELECT l.id, l.category, l.pool, l.ord, LEAST(l.remaining, cap.n - (l.upto - l.remaining)) AS n
+      FROM live AS l CROSS JOIN cap
+     WHERE l.admits AND l.upto - l.remaining < cap.n
 ), tot AS (
     SELECT COALESCE(pg_catalog.sum(t.n) FILTER (WHERE t.pool = 'subscription'), 0)::bigint AS sub,
            COALESCE(pg_catalog.sum(t.n) FILTER (WHERE t.pool = 'purchased'), 0)::bigint AS pur
@@ -141,7 +154,9 @@ SELECT acct.dsub, acct.dpur, acct.short, acct.debt, acct.sub, acct.pur,
 // call's cost (benches/grants_callgrind.sh measures it). No row: the first grant cannot pay it
 // all, and nothing changed; [`DEBIT`] runs.
 
-/// $1 user, $2 amount, $3 operation, $4 ledger type, $5 description, $6 reference, $7 key.
+/// $1 user, $2 amount, $3 operation, $4 ledger type, $5 description, $6 reference, $7 key,
+/// $8 the credits active holds reserve (0.5.0: the head grant pays only when it also covers
+/// them, which is enough and keeps this one statement; otherwise [`DEBIT`] decides).
 const FAST_DEBIT: &str = "
 WITH head AS (
     SELECT g.id FROM billing.credit_grants AS g
@@ -153,7 +168,7 @@ WITH head AS (
 ), gr AS (
     UPDATE billing.credit_grants AS g SET remaining = g.remaining - $2, depleted = (g.remaining = $2)
       FROM head
-     WHERE g.user_id = $1 AND g.id = head.id AND g.remaining >= $2
+     WHERE g.user_id = $1 AND g.id = head.id AND g.remaining >= $2 + $8
  RETURNING g.id, g.pool
 ), acct AS (
     UPDATE billing.accounts AS a
@@ -277,6 +292,26 @@ WITH clock AS MATERIALIZED (
 )
 SELECT acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct";
 
+/// Holds past their expiry (0.5.0), under the account lock: they become `expired` (resolved at
+/// their expiry), their credits leave the account's held sum, and next_hold_expiry_at becomes
+/// the earliest expiry of the holds left (NULL: none). Returns the held sum after. $1 user.
+const SETTLE_HOLDS: &str = "
+WITH clock AS MATERIALIZED (
+    SELECT pg_catalog.clock_timestamp() AS at
+), gone AS (
+    UPDATE billing.credit_holds AS h
+       SET status = 'expired', resolved_at = h.expires_at
+      FROM clock
+     WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at <= clock.at
+ RETURNING h.amount
+)
+UPDATE billing.accounts AS a
+   SET held = a.held - COALESCE((SELECT pg_catalog.sum(gone.amount) FROM gone), 0),
+       next_hold_expiry_at = (SELECT pg_catalog.min(h.expires_at) FROM billing.credit_holds AS h CROSS JOIN clock
+                               WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at > clock.at)
+ WHERE a.user_id = $1
+RETURNING a.held";
+
 /// Void what remains of one grant, under the account lock. $1 user, $2 grant, $3 operation,
 /// $4 reason, $5 ledger type, $6 key, $7 reference. No row: the grant is void already.
 const VOID: &str = "
@@ -307,21 +342,23 @@ WITH v AS (
 )
 SELECT acct.remaining, acct.sub, acct.pur, acct.debt FROM acct";
 
-/// The live pools as billing.user_credits shows them, the debt, and the unscoped credits (what
-/// spending without a feature can use) by pool. $1 user.
+/// The live pools as billing.user_credits shows them, the debt, the unscoped credits (what
+/// spending without a feature can use) by pool, and what the holds reserve (read under the
+/// account lock after settling, so the stored sum is exact). $1 user.
 const LIVE: &str = "
 SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription'), 0)::bigint,
        COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'purchased'), 0)::bigint,
        a.debt,
        COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription' AND g.scope IS NULL), 0)::bigint,
-       COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'purchased' AND g.scope IS NULL), 0)::bigint
+       COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'purchased' AND g.scope IS NULL), 0)::bigint,
+       a.held
   FROM billing.accounts AS a
   LEFT JOIN billing.credit_grants AS g
     ON g.user_id = a.user_id AND NOT g.depleted AND g.voided_at IS NULL
    AND g.effective_at <= pg_catalog.clock_timestamp()
    AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
  WHERE a.user_id = $1
- GROUP BY a.debt";
+ GROUP BY a.debt, a.held";
 
 /// What a feature (or, NULL, spending without one) could spend now, by pool. $1 user, $2 feature.
 const SPENDABLE: &str = "
@@ -375,7 +412,7 @@ SELECT g.id FROM billing.credit_grants AS g
  ORDER BY g.created_at, g.id LIMIT 1";
 
 const BALANCES: &str =
-    "SELECT subscription_credits_balance, purchased_credits_balance, debt FROM billing.accounts WHERE user_id = $1";
+    "SELECT subscription_credits_balance, purchased_credits_balance, debt, held FROM billing.accounts WHERE user_id = $1";
 
 /// The purchase a clawback reverses: its user and how much it added to the purchased pool.
 const FIND_PURCHASE: &str = "
@@ -477,6 +514,8 @@ pub struct Stored {
     pub subscription: i64,
     pub purchased: i64,
     pub debt: i64,
+    /// What the holds reserve, expired ones included until a write settles them (0.5.0).
+    pub held: i64,
 }
 
 /// The stored balances of an account, or `P0002`.
@@ -490,6 +529,7 @@ pub fn balances(client: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Stored> 
         subscription: col::<i64>(&t, 1)?.unwrap_or(0),
         purchased: col::<i64>(&t, 2)?.unwrap_or(0),
         debt: col::<i64>(&t, 3)?.unwrap_or(0),
+        held: col::<i64>(&t, 4)?.unwrap_or(0),
     })
 }
 
@@ -537,6 +577,10 @@ pub struct Locked {
     pub debt: i64,
     /// A grant may have expired since the last write.
     pub due: bool,
+    /// A hold may have expired since the last write (0.5.0).
+    pub holds_due: bool,
+    /// What the active holds reserve (exact once [`lock`] has settled the expired holds).
+    pub held: i64,
 }
 
 fn locked(t: SpiTupleTable<'_>) -> BResult<Option<Locked>> {
@@ -548,7 +592,31 @@ fn locked(t: SpiTupleTable<'_>) -> BResult<Option<Locked>> {
         headroom: col::<i64>(&t, 1)?.unwrap_or(0),
         debt: col::<i64>(&t, 2)?.unwrap_or(0),
         due: col::<bool>(&t, 3)?.unwrap_or(false),
+        holds_due: col::<bool>(&t, 4)?.unwrap_or(false),
+        held: col::<i64>(&t, 5)?.unwrap_or(0),
     }))
+}
+
+/// Expire the holds past their expiry (the caller holds the account lock): [`SETTLE_HOLDS`].
+/// Returns what the active holds reserve afterwards.
+pub fn settle_holds(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
+    let t = spi::write(c, SETTLE_HOLDS, &[UUID], &[uuid_arg(user)])?;
+    if t.is_empty() {
+        return Err(unknown_account(user));
+    }
+    Ok(col::<i64>(&t.first(), 1)?.unwrap_or(0))
+}
+
+/// Settle what the lock found due: expired grants, expired holds.
+fn settle_due(c: &mut SpiClient<'_>, user: &[u8; 16], l: &mut Locked) -> BResult<()> {
+    if l.due {
+        settle_locked(c, user)?;
+    }
+    if l.holds_due {
+        l.held = settle_holds(c, user)?;
+        l.holds_due = false;
+    }
+    Ok(())
 }
 
 /// Lock the user's account (step 2 of the lock order) and settle expired grants. `create`: make
@@ -559,10 +627,8 @@ pub fn lock(c: &mut SpiClient<'_>, user: &[u8; 16], create: bool) -> BResult<Loc
     } else {
         spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?
     };
-    let l = locked(t)?.ok_or_else(|| unknown_account(user))?;
-    if l.due {
-        settle_locked(c, user)?;
-    }
+    let mut l = locked(t)?.ok_or_else(|| unknown_account(user))?;
+    settle_due(c, user, &mut l)?;
     Ok(l)
 }
 
@@ -579,10 +645,8 @@ fn settle_locked(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
 /// Lock the account and settle its expired grants (for callers outside this module).
 pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
     let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
-    if let Some(l) = locked(t)? {
-        if l.due {
-            settle_locked(c, user)?;
-        }
+    if let Some(mut l) = locked(t)? {
+        settle_due(c, user, &mut l)?;
     }
     Ok(())
 }
@@ -591,10 +655,8 @@ pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
 /// None: no account.
 pub fn lock_live(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Option<Live>> {
     let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
-    let Some(l) = locked(t)? else { return Ok(None) };
-    if l.due {
-        settle_locked(c, user)?;
-    }
+    let Some(mut l) = locked(t)? else { return Ok(None) };
+    settle_due(c, user, &mut l)?;
     live(c, user).map(Some)
 }
 
@@ -649,7 +711,9 @@ pub struct Live {
     /// Unscoped credits (what spending without a feature may use), by pool.
     pub unscoped_sub: i64,
     pub unscoped_pur: i64,
-    /// Unscoped credits less the debt.
+    /// What the active holds reserve (0.5.0).
+    pub held: i64,
+    /// Unscoped credits less the debt and the holds.
     pub available: i64,
 }
 
@@ -657,6 +721,19 @@ impl Live {
     pub fn total(&self) -> i64 {
         self.sub.saturating_add(self.pur).saturating_sub(self.debt)
     }
+
+    /// The unscoped credits by pool less what the holds reserve (taken from the purchased pool
+    /// first: only the sum matters to a debit).
+    pub fn unscoped_after_holds(&self) -> (i64, i64) {
+        after_holds(self.unscoped_sub, self.unscoped_pur, self.held)
+    }
+}
+
+/// Two pools' credits less `held` (from the purchased pool first), never below 0.
+pub fn after_holds(sub: i64, pur: i64, held: i64) -> (i64, i64) {
+    let from_pur = pur.min(held.max(0));
+    let from_sub = sub.min(held.max(0) - from_pur);
+    (sub - from_sub, pur - from_pur)
 }
 
 pub fn live(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Live> {
@@ -666,14 +743,15 @@ pub fn live(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Live> {
     }
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
-    let (usub, upur, debt) = (n(4)?, n(5)?, n(3)?);
+    let (usub, upur, debt, held) = (n(4)?, n(5)?, n(3)?, n(6)?);
     Ok(Live {
         sub: n(1)?,
         pur: n(2)?,
         debt,
         unscoped_sub: usub,
         unscoped_pur: upur,
-        available: usub.saturating_add(upur).saturating_sub(debt),
+        held,
+        available: usub.saturating_add(upur).saturating_sub(debt).saturating_sub(held),
     })
 }
 
@@ -696,21 +774,21 @@ pub fn consume(
 
 /// What a consumption did: enough to build its JSON result (outside SPI for the hot path).
 pub struct Debit {
-    op: [u8; 16],
-    amount: i64,
+    pub op: [u8; 16],
+    pub amount: i64,
     /// Taken from each pool, and into debt.
-    dsub: i64,
-    dpur: i64,
-    short: i64,
-    debt: i64,
+    pub dsub: i64,
+    pub dpur: i64,
+    pub short: i64,
+    pub debt: i64,
     /// The stored pools after the debit, and what the same kind of spending could still use.
-    sub: i64,
-    pur: i64,
-    admitted: i64,
-    grants: Option<Value>,
+    pub sub: i64,
+    pub pur: i64,
+    pub admitted: i64,
+    pub grants: Option<Value>,
     /// The live pools after (consume_credits only).
-    live_sub: i64,
-    live_pur: i64,
+    pub live_sub: i64,
+    pub live_pur: i64,
 }
 
 /// A debit: lock, settle expired grants when due, then the spending statement ([`DEBIT`]).
@@ -729,38 +807,62 @@ pub fn debit(
     key: Option<&str>,
 ) -> BResult<Debit> {
     let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
-    let l = match locked(t)? {
+    let mut l = match locked(t)? {
         Some(l) => l,
         None => {
             // Unknown account (P0002), or too little stored and overdraft left: PT402 without
             // taking the lock.
-            balances(client, user)?;
-            return Err(insufficient(client, user, amount, feature)?);
+            let held = balances(client, user)?.held;
+            return Err(insufficient(client, user, amount, feature, held)?);
         }
     };
-    if l.due {
-        settle_locked(client, user)?;
-    }
+    settle_due(client, user, &mut l)?;
     let op = new_operation_id()?;
     if feature.is_none() && !with_grants {
-        if let Some(d) = fast_debit(client, user, &op, amount, ledger_type, description, reference, key)? {
+        if let Some(d) = fast_debit(client, user, &op, amount, l.held, ledger_type, description, reference, key)? {
             return Ok(d);
         }
     }
+    match debit_locked(client, user, &op, amount, feature, l.headroom, l.held, with_grants, ledger_type, description, reference, key)? {
+        Some(d) => Ok(d),
+        None => Err(insufficient(client, user, amount, feature, l.held)?),
+    }
+}
+
+/// [`DEBIT`] under the account lock the caller holds (expired grants and holds settled): `held`
+/// is what the active holds reserve (the grants pay at most what they hold less that), `headroom`
+/// the overdraft this debit may use. None: the grants and the headroom fall short, nothing
+/// changed.
+#[allow(clippy::too_many_arguments)]
+pub fn debit_locked(
+    client: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    op: &[u8; 16],
+    amount: i64,
+    feature: Option<&str>,
+    headroom: i64,
+    held: i64,
+    with_grants: bool,
+    ledger_type: &str,
+    description: Option<&str>,
+    reference: Option<&str>,
+    key: Option<&str>,
+) -> BResult<Option<Debit>> {
+    let op = *op;
     let t = spi::write(
         client,
         DEBIT,
-        &[UUID, INT8, TEXT, INT8, UUID, TEXT, TEXT, TEXT, TEXT, BOOL],
-        &[uuid_arg(user), amount.into(), feature.into(), l.headroom.into(), uuid_arg(&op), ledger_type.into(),
-          description.into(), reference.into(), key.into(), with_grants.into()],
+        &[UUID, INT8, TEXT, INT8, UUID, TEXT, TEXT, TEXT, TEXT, BOOL, INT8],
+        &[uuid_arg(user), amount.into(), feature.into(), headroom.into(), uuid_arg(&op), ledger_type.into(),
+          description.into(), reference.into(), key.into(), with_grants.into(), held.into()],
     )?;
     if t.is_empty() {
         // Nothing changed: the spendable grants and the overdraft headroom fall short.
-        return Err(insufficient(client, user, amount, feature)?);
+        return Ok(None);
     }
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
-    Ok(Debit {
+    Ok(Some(Debit {
         op,
         amount,
         dsub: n(1)?,
@@ -769,11 +871,12 @@ pub fn debit(
         debt: n(4)?,
         sub: n(5)?,
         pur: n(6)?,
-        admitted: n(7)?,
+        // What the same kind of spending could still use: less what the holds reserve.
+        admitted: n(7)?.saturating_sub(held),
         live_sub: n(8)?,
         live_pur: n(9)?,
         grants: if with_grants { col::<pgrx::JsonB>(&t, 10)?.map(|j| j.0).or(Some(json!([]))) } else { None },
-    })
+    }))
 }
 
 /// [`FAST_DEBIT`], under the account lock the caller holds: None when the first grant cannot pay
@@ -784,6 +887,7 @@ fn fast_debit(
     user: &[u8; 16],
     op: &[u8; 16],
     amount: i64,
+    held: i64,
     ledger_type: &str,
     description: Option<&str>,
     reference: Option<&str>,
@@ -792,8 +896,8 @@ fn fast_debit(
     let t = spi::write(
         c,
         FAST_DEBIT,
-        &[UUID, INT8, UUID, TEXT, TEXT, TEXT, TEXT],
-        &[uuid_arg(user), amount.into(), uuid_arg(op), ledger_type.into(), description.into(), reference.into(), key.into()],
+        &[UUID, INT8, UUID, TEXT, TEXT, TEXT, TEXT, INT8],
+        &[uuid_arg(user), amount.into(), uuid_arg(op), ledger_type.into(), description.into(), reference.into(), key.into(), held.into()],
     )?;
     if t.is_empty() {
         return Ok(None);
@@ -805,12 +909,18 @@ fn fast_debit(
     Ok(Some(Debit { op: *op, amount, dsub, dpur, short: 0, debt, sub, pur, admitted: 0, grants: None, live_sub: 0, live_pur: 0 }))
 }
 
-/// PT402 with what `feature` could spend now, by pool.
-fn insufficient(c: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, feature: Option<&str>) -> BResult<BillingError> {
+/// PT402 with what `feature` could spend now, by pool, less what the holds reserve (`held`).
+pub fn insufficient(c: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, feature: Option<&str>, held: i64) -> BResult<BillingError> {
+    let (sub, pur) = spendable(c, user, feature)?;
+    let (sub, pur) = after_holds(sub, pur, held);
+    Ok(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur })
+}
+
+/// What `feature` (None: spending without one) could spend now, by pool, before holds.
+pub fn spendable(c: &mut SpiClient<'_>, user: &[u8; 16], feature: Option<&str>) -> BResult<(i64, i64)> {
     let t = spi::write(c, SPENDABLE, &[UUID, TEXT], &[uuid_arg(user), feature.into()])?;
     let t = t.first();
-    let (sub, pur) = (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
-    Ok(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur })
+    Ok((col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0)))
 }
 
 impl Debit {
@@ -1275,7 +1385,7 @@ pub fn void_locked(
     }
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
-    Ok(Some((n(1)?, Stored { subscription: n(2)?, purchased: n(3)?, debt: n(4)? })))
+    Ok(Some((n(1)?, Stored { subscription: n(2)?, purchased: n(3)?, debt: n(4)?, held: 0 })))
 }
 
 /// clawback_credits_from_transaction(p_transaction_id, p_reason)

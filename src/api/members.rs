@@ -365,8 +365,9 @@ fn consume_generation(a: &Args) -> BResult<Ret> {
         }
         let allow_overage = col::<bool>(&t.first(), 2)?.unwrap_or(false);
         // The member's account and its live pools (expired grants settled).
-        // (Generations spend only unscoped grants: scoped credits do not count here.)
-        let (sub, pur) = credits::lock_live(c, &user)?.map(|b| (b.unscoped_sub, b.unscoped_pur)).unwrap_or((0, 0));
+        // (Generations spend only unscoped grants: scoped credits do not count here, and neither
+        // do the credits active holds reserve.)
+        let (sub, pur) = credits::lock_live(c, &user)?.map(|b| b.unscoped_after_holds()).unwrap_or((0, 0));
         let g = m::plan_generation(sub, pur, count, allow_overage)?;
         let (remaining, kind) = if g.from_credits > 0 {
             let v = credits::consume(c, &user, g.from_credits, "generation", description, None, None)?;

@@ -4,6 +4,7 @@
 
 pub mod credits;
 pub mod grants;
+pub mod holds;
 pub mod members;
 pub mod pending_profiles;
 pub mod plans;
