@@ -273,7 +273,7 @@ SELECT a.user_id,
          - CASE WHEN a.held = 0 THEN 0
                 WHEN a.next_hold_expiry_at > pg_catalog.now() THEN a.held
                 ELSE COALESCE((SELECT pg_catalog.sum(h.amount) FROM billing.credit_holds AS h
-                                WHERE h.user_id = a.user_id AND h.status = 'active' AND h.expires_at > pg_catalog.now()), 0) END
+                                WHERE h.user_id = a.user_id AND h.status = 'active' AND h.expires_at > pg_catalog.now())::bigint, 0) END
          AS available
   FROM billing.accounts AS a
   LEFT JOIN LATERAL (

@@ -53,7 +53,7 @@ UPDATE billing.accounts AS a
        updated_at = pg_catalog.now()
   FROM hold
  WHERE a.user_id = $1
-RETURNING a.held, (pg_catalog.extract(epoch FROM hold.expires_at) * 1000000)::bigint - 946684800000000";
+RETURNING a.held, (pg_catalog.extract('epoch', hold.expires_at) * 1000000)::bigint - 946684800000000";
 
 /// One hold, locked (its account is locked already). $1 user, $2 hold, $3 the capture grace in
 /// microseconds.
@@ -61,7 +61,7 @@ const LOAD_HOLD: &str = "
 SELECT h.amount, h.feature, h.status::text, h.resolution,
        h.expires_at + $3::double precision * interval '1 microsecond' <= pg_catalog.clock_timestamp(),
        h.expires_at <= pg_catalog.clock_timestamp(),
-       (pg_catalog.extract(epoch FROM h.expires_at) * 1000000)::bigint - 946684800000000
+       (pg_catalog.extract('epoch', h.expires_at) * 1000000)::bigint - 946684800000000
   FROM billing.credit_holds AS h
  WHERE h.user_id = $1 AND h.id = $2
    FOR UPDATE";
@@ -90,14 +90,14 @@ const EXTEND: &str = "
 UPDATE billing.credit_holds AS h
    SET expires_at = GREATEST(h.expires_at, pg_catalog.clock_timestamp() + $3::double precision * interval '1 microsecond')
  WHERE h.user_id = $1 AND h.id = $2
-RETURNING (pg_catalog.extract(epoch FROM h.expires_at) * 1000000)::bigint - 946684800000000";
+RETURNING (pg_catalog.extract('epoch', h.expires_at) * 1000000)::bigint - 946684800000000";
 
 /// More credits on an active hold. $1 user, $2 hold, $3 delta.
 const INCREASE: &str = "
 WITH hold AS (
     UPDATE billing.credit_holds AS h SET amount = h.amount + $3
      WHERE h.user_id = $1 AND h.id = $2
- RETURNING h.amount, (pg_catalog.extract(epoch FROM h.expires_at) * 1000000)::bigint - 946684800000000 AS exp
+ RETURNING h.amount, (pg_catalog.extract('epoch', h.expires_at) * 1000000)::bigint - 946684800000000 AS exp
 )
 UPDATE billing.accounts AS a SET held = a.held + $3, updated_at = pg_catalog.now()
   FROM hold
