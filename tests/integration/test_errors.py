@@ -8,7 +8,7 @@ import psycopg2
 from pgb_testlib import connect, expect_sqlstate, postgrest_call, q
 
 # SQLSTATEs a credit function may raise (SPEC 3).
-DOCUMENTED = {"22023", "22003", "P0002", "42501", "PT402", "PT409", "PT429"}
+DOCUMENTED = {"22023", "22003", "P0002", "42501", "PT402", "PT409", "PT410", "PT429"}
 # Raised by the casts this test writes itself (malformed literals), before the function runs.
 OWN_CAST = {"22P02", "22003"}
 

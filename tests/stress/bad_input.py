@@ -49,7 +49,7 @@ import psycopg2.extensions
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import connect, ensure_roles, fmt, grant_sql_checks, has_grants, q  # noqa: E402
 
-DOCUMENTED = {"22023", "22003", "P0002", "42501", "PT402", "PT409", "PT429"}
+DOCUMENTED = {"22023", "22003", "P0002", "42501", "PT402", "PT409", "PT410", "PT429"}
 # PostgreSQL's own errors that README lets pass through: a regclass argument naming no relation
 # any more (a registered table that was dropped is pg_billing's own P0002 since 0.3.0).
 PASS_THROUGH = {"42P01"}
@@ -140,6 +140,12 @@ def setup(conn, tag):
         c["od"] = uuid.uuid4()
         q(conn, "SELECT billing.add_purchased_credits(%s, 10)", (c["od"],))
         q(conn, "SELECT billing.set_overdraft_limit(%s, 1000)", (c["od"],))
+    # Credit holds (0.5.0): an active hold of `user` and a released one (p_hold_id).
+    c["hold"] = c["hold_done"] = None
+    if q(conn, "SELECT to_regclass('billing.credit_holds') IS NOT NULL")[0][0]:
+        c["hold"] = uuid.UUID(str(q(conn, "SELECT billing.reserve_credits(%s, 100, '24 hours')", (c["user"],))[0][0]["hold_id"]))
+        c["hold_done"] = uuid.UUID(str(q(conn, "SELECT billing.reserve_credits(%s, 10)", (c["user"],))[0][0]["hold_id"]))
+        q(conn, "SELECT billing.release_hold(%s)", (c["hold_done"],))
     c["member"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_member(%s, 'pro')", (c["email"],))[0][0]["member_id"]))
     c["profile"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_pending_profile(%s, 'tok')", (c["email2"],))[0][0]["id"]))
     # Tables an app would register.
@@ -278,6 +284,8 @@ class Gen:
         c = self.ctx
         if "grant" in name:
             vals = [v for v in (c["grant"], c["voided"]) if v is not None] + [c["user"]]
+        elif "hold" in name:
+            vals = [v for v in (c.get("hold"), c.get("hold_done")) if v is not None] + [c["user"]]
         elif "member" in name:
             vals = [c["member"], c["user"]]
         elif "transaction" in name:
@@ -335,7 +343,8 @@ class Gen:
                 vals += [datetime.date(2024, 2, 29), datetime.date(1, 1, 1), datetime.date(9999, 12, 31)]
             return vals
         if typ == "interval":
-            vals = [Raw("'7 days'::interval"), None, Raw("'-1 day'::interval"), Raw("'0'::interval"),
+            # (A hold's TTL is 1 second to 24 hours: its baseline is a valid one.)
+            vals = ([Raw("'5 minutes'::interval")] if name == "p_ttl" else []) + [Raw("'7 days'::interval"), None, Raw("'-1 day'::interval"), Raw("'0'::interval"),
                     Raw("'100 years'::interval"), Raw("'-100 years'::interval"), Raw("'178000000 years'::interval"),
                     Raw("'-178000000 years'::interval")]
             if self.long:
