@@ -27,7 +27,9 @@ every successful call returned. Afterwards it checks:
   - record_message_usage: messages/tokens per user equal the successful calls;
   - check_api_rate_limit: per user and hour, allowed = min(attempts, limit) and the stored
     request count equals it;
-  - no call raised an error other than PT402 (not enough credits).
+  - no call raised an error other than PT402 (not enough credits);
+  - credit holds (0.5.0, tests/stress/holds_mix.py, on users of their own): each hold resolved
+    at most once, captured + released = held, no credit spent twice or lost.
 Prints `contention: N calls, M invariant violations`; exits 1 on any violation.
 
 Usage: contention.py [--short | --seconds S] [--threads 32] [--users 100]
@@ -41,8 +43,13 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import holds_mix  # noqa: E402
 import ledger_check  # noqa: E402
 from common import (MUTATORS, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
+
+
+def has_holds(conn):
+    return q(conn, "SELECT to_regclass('billing.credit_holds') IS NOT NULL")[0][0]
 
 
 def check(conn, users, setup_calls, rec, violations, stats=None):
@@ -149,6 +156,12 @@ def run(seconds, threads=32, nusers=100, quiet=False):
     stop = threading.Event()
     ts = [threading.Thread(target=worker, args=(None, users, stop, rec, f"{tag}-t{i}", hash((tag, i))), daemon=True)
           for i in range(threads)]
+    # Credit holds (0.5.0), on users of their own, beside the main mix.
+    hold_users = holds_mix.setup(conn, max(nusers // 5, 4), tag + "h") if has_holds(conn) else []
+    hrec = holds_mix.HoldRecorder()
+    if hold_users:
+        ts += [threading.Thread(target=holds_mix.worker, args=(None, hold_users, stop, hrec, f"{tag}-h{i}", hash((tag, "h", i))),
+                                daemon=True) for i in range(max(threads // 4, 2))]
     t0 = time.time()
     for t in ts:
         t.start()
@@ -162,6 +175,10 @@ def run(seconds, threads=32, nusers=100, quiet=False):
     violations = []
     stats = {}
     n = check(conn, users, setup_calls, rec, violations, stats)
+    if hold_users:
+        hlost, hbad = holds_mix.check(conn, hold_users, hrec.calls)
+        violations += hlost + hbad
+        n += len(hrec.calls)
     conn.close()
     if not quiet:
         by = defaultdict(int)
@@ -169,6 +186,8 @@ def run(seconds, threads=32, nusers=100, quiet=False):
             by[(c.op, c.status, c.sqlstate)] += 1
         print(f"  {fmt(n)} calls in {elapsed:.1f} s ({n / elapsed:,.0f}/s), "
               + ", ".join(f"{k[0]}:{k[1]}{'/' + k[2] if k[2] else ''}={v}" for k, v in sorted(by.items())), flush=True)
+        if hold_users:
+            print("  holds: " + holds_mix.stats(hrec.calls), flush=True)
         if stats.get("grants"):
             print("  grants: " + ", ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
         for v in violations[:30]:

@@ -18,6 +18,9 @@ client made:
     verify_ledger() is empty; no balance is negative; the grant invariants of
     tests/stress/ledger_check.py hold; usage counters and rate-limit buckets lie between the
     committed calls and the committed plus in-flight ones; the overdraft limit is the last set.
+Credit holds (0.5.0, tests/stress/holds_mix.py) run beside the mix on users of their own: after
+the restart every hold resolved at most once, captured + released = held, every committed
+reservation, capture and release is there, and no credit is spent twice or lost.
 Prints `crash: N committed calls, M lost`; exits 1 on any loss or violation.
 
 Usage: crash.py [--short (one kill) | --long (several kill cycles)] [--cycles N] [--threads 16]"""
@@ -30,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import holds_mix  # noqa: E402
 import ledger_check  # noqa: E402
 from common import (MUTATORS, Call, Cluster, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
 
@@ -131,6 +135,9 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
         q(conn, "SELECT billing.expose_rpc('public')")
         tag = "k" + uuid.uuid4().hex[:8]
         users, setup_calls = setup_users(conn, nusers, tag)
+        # Credit holds (0.5.0), on users of their own, beside the main mix.
+        hold_users = holds_mix.setup(conn, max(nusers // 5, 4), tag + "h")
+        hold_calls = []
         conn.close()
         all_calls = list(setup_calls)
         unexpected = []
@@ -143,6 +150,10 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
                                    args=(dsn, users, stop, rec, f"{tag}{cycle}-t{i}", hash((tag, cycle, i)), 1.0,
                                          dead.is_set),
                                    daemon=True) for i in range(threads)]
+            hrec = holds_mix.HoldRecorder()
+            ts += [threading.Thread(target=holds_mix.worker,
+                                    args=(dsn, hold_users, stop, hrec, f"{tag}{cycle}-h{i}", hash((tag, cycle, "h", i)), dead.is_set),
+                                    daemon=True) for i in range(max(threads // 4, 2))]
             for t in ts:
                 t.start()
             time.sleep(run_seconds)
@@ -160,6 +171,11 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
             unexpected.extend(rec.unexpected)
             conn = connect(dsn)
             committed, lost, bad = check(conn, users, all_calls)
+            hold_calls.extend(hrec.calls)
+            hlost, hbad = holds_mix.check(conn, hold_users, hold_calls, crashed=True)
+            lost += hlost
+            bad += hbad
+            committed += sum(c.status == "ok" for c in hold_calls)
             conn.close()
             n_unknown = sum(c.status == "unknown" for c in rec.calls)
             if not quiet:
