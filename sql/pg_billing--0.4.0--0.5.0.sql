@@ -117,7 +117,7 @@ CREATE OR REPLACE FUNCTION billing.release_hold(p_hold_id uuid, p_idempotency_ke
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_release_hold';
 COMMENT ON FUNCTION billing.release_hold(uuid, text) IS
-'Service-only. Give a hold''s credits back without charging (the job failed). A hold resolves once: releasing a resolved hold returns the first result (or, for an expired hold, status expired) with already_resolved = true. Returns {hold_id, user_id, status, captured, released, subscription_credits_balance, purchased_credits_balance, debt, total_balance, available, already_resolved}. Unknown hold: P0002.';
+'Service-only. Give a hold''s credits back without charging (the job failed). A hold resolves once: releasing a resolved hold returns the first result (or, for a hold expired longer ago than pg_billing.hold_capture_grace, status expired) with already_resolved = true; within the grace a release resolves an expired hold as released (0 released: its credits came back at the expiry), so no capture can follow. Returns {hold_id, user_id, status, captured, released, subscription_credits_balance, purchased_credits_balance, debt, total_balance, available, already_resolved}. Unknown hold: P0002.';
 
 CREATE OR REPLACE FUNCTION billing.extend_hold(p_hold_id uuid, p_ttl interval)
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

@@ -372,9 +372,14 @@ fn release_hold(a: &Args) -> BResult<Ret> {
         credits::idempotent(c, &user, KeyScope::Service, key, fp, |c| {
             credits::lock(c, &user, false)?;
             let hr = load(c, &user, &hold)?;
-            if hr.status != "active" {
-                return Ok(replay(&hold, &user, &hr));
-            }
+            // An expired hold is final once the capture grace has passed; within it a capture
+            // could still resolve it, so a release resolves it first (releasing 0: its credits
+            // came back at the expiry) and a later capture returns this release.
+            let counted = match hr.status.as_str() {
+                "active" => hr.amount,
+                "expired" if !hr.past_grace => 0,
+                _ => return Ok(replay(&hold, &user, &hr)),
+            };
             let b = credits::live(c, &user)?;
             let mut v = json!({
                 "success": true,
@@ -382,15 +387,15 @@ fn release_hold(a: &Args) -> BResult<Ret> {
                 "user_id": uuid_text(&user),
                 "status": "released",
                 "captured": 0,
-                "released": hr.amount,
+                "released": counted,
             });
-            balances_json(&mut v, &b, hr.amount);
+            balances_json(&mut v, &b, counted);
             v["already_resolved"] = json!(false);
             spi::write(
                 c,
                 RESOLVE,
                 &[UUID, UUID, TEXT, INT8, JSONB, INT8],
-                &[uuid_arg(&user), uuid_arg(&hold), "released".into(), None::<i64>.into(), pgrx::JsonB(v.clone()).into(), hr.amount.into()],
+                &[uuid_arg(&user), uuid_arg(&hold), "released".into(), None::<i64>.into(), pgrx::JsonB(v.clone()).into(), counted.into()],
             )?;
             Ok(v)
         })

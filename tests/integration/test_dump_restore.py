@@ -115,6 +115,11 @@ def populate(conn):
                  (f"evt_{i}_{u}", "checkout.session.completed", u)) == [(True,)]
     assert q(conn, "SELECT billing.record_webhook_event(%s, 'invoice.paid')", (f"evt_global_{a}",)) == [(True,)]
     assert q(conn, "SELECT billing.record_webhook_event(%s, 'invoice.paid')", (f"evt_global_{a}",)) == [(False,)]
+    # Credit holds (0.5.0): an active hold of a's (a day long) and a released one.
+    if q(conn, "SELECT to_regclass('billing.credit_holds') IS NOT NULL")[0][0]:
+        q(conn, "SELECT billing.reserve_credits(%s, 10, '24 hours', NULL, 'hold-a-1')", (a,))
+        gone = q(conn, "SELECT billing.reserve_credits(%s, 20) ->> 'hold_id'", (a,))[0][0]
+        q(conn, "SELECT billing.release_hold(%s, 'release-a-1')", (gone,))
     return users, [pa, pb]
 
 
@@ -161,6 +166,20 @@ def check_restored(src_snap, dst, users, purchases):
     assert q(dst, "SELECT subscription_credits_balance, purchased_credits_balance FROM billing.accounts WHERE user_id = %s",
              (a,)) == [(195, 40)]
     assert q(dst, "SELECT count(*) FROM billing.verify_ledger()") == [(0,)]
+    # Holds survive (0.5.0): the active one still holds and is captured once, the released one
+    # replays its release.
+    if q(dst, "SELECT to_regclass('billing.credit_holds') IS NOT NULL")[0][0]:
+        assert q(dst, "SELECT held FROM billing.accounts WHERE user_id = %s", (a,)) == [(10,)]
+        assert q(dst, "SELECT available FROM billing.get_user_credits(%s)", (a,)) == [(225,)]
+        (active,) = q(dst, "SELECT hold_id FROM billing.get_active_holds(%s)", (a,))[0]
+        r = q(dst, "SELECT billing.capture_hold(%s, 4)", (active,))[0][0]
+        assert (r["captured"], r["released"], r["already_resolved"]) == (4, 6, False), r
+        assert q(dst, "SELECT billing.capture_hold(%s, 9) ->> 'captured'", (active,)) == [("4",)]
+        (released,) = q(dst, "SELECT id FROM billing.credit_holds WHERE user_id = %s AND status = 'released'", (a,))[0]
+        r = q(dst, "SELECT billing.release_hold(%s, 'release-a-1')", (released,))[0][0]
+        assert (r["released"], r["already_resolved"]) == (20, False), r
+        assert q(dst, "SELECT held FROM billing.accounts WHERE user_id = %s", (a,)) == [(0,)]
+        assert q(dst, "SELECT count(*) FROM billing.verify_ledger()") == [(0,)]
     # The restored extension is the real one (not plain tables): functions, RLS and grants exist.
     assert q(dst, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_billing'") == [(1,)]
     assert q(dst, "SELECT relrowsecurity FROM pg_class WHERE oid = 'billing.credit_transactions'::regclass") == [(True,)]

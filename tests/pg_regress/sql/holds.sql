@@ -188,6 +188,14 @@ SELECT status FROM billing.credit_holds WHERE id = pg_temp.h('short');
 -- releasing it reports the expiry
 SELECT pg_temp.clean(billing.release_hold(pg_temp.h('short'))) AS release_expired;
 RESET pg_billing.hold_capture_grace;
+-- Within the grace a release resolves an expired hold (releasing 0: its credits are back
+-- already), so no capture can follow it.
+SELECT (billing.add_purchased_credits('00000000-0000-0000-0000-000000140004', 5)) ->> 'total_balance' AS total;
+SELECT pg_temp.hold('late', billing.reserve_credits('00000000-0000-0000-0000-000000140004', 5, '1 second'));
+SELECT pg_sleep(1.2);
+SELECT pg_temp.clean(billing.release_hold(pg_temp.h('late'))) AS release_in_grace;
+SELECT pg_temp.clean(billing.capture_hold(pg_temp.h('late'), 5)) AS capture_after_release;
+SELECT status, captured_amount FROM billing.credit_holds WHERE id = pg_temp.h('late');
 SHOW pg_billing.hold_capture_grace;
 SELECT * FROM pg_temp.state('00000000-0000-0000-0000-000000140004');
 
