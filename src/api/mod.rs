@@ -22,7 +22,10 @@ use crate::spi::{self, uuid_arg, UUID};
 //   2. the user's account (`billing.accounts`), through `lock_account` or a statement that
 //      updates it;
 //   3. the user's subscription (`billing.subscriptions`);
-//   4. rows no other lock waits behind (ledger and event inserts, usage upserts).
+//   4. rows no other lock waits behind (ledger and event inserts, usage upserts, and credit
+//      holds: a `billing.credit_holds` row is written only by the holder of its account's lock,
+//      so a hold found by id alone is read without a lock, then its account is locked, then the
+//      hold row).
 // A path that would otherwise lock the subscription before the account (a subscription webhook,
 // the expiry job) calls `lock_account` (or `try_lock_account`) first.
 

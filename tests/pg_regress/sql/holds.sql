@@ -48,6 +48,7 @@ SELECT (billing.add_purchased_credits('00000000-0000-0000-0000-000000140001', 10
 SELECT pg_temp.hold('llm', billing.reserve_credits('00000000-0000-0000-0000-000000140001', 500, '5 minutes'));
 SELECT * FROM pg_temp.state('00000000-0000-0000-0000-000000140001');
 SELECT available FROM billing.user_credits WHERE user_id = '00000000-0000-0000-0000-000000140001';
+SELECT total_credits, available FROM billing.get_user_dashboard_stats('00000000-0000-0000-0000-000000140001');
 SELECT amount, feature, expires_at > now() + interval '4 minutes' AS five_minutes
   FROM billing.get_active_holds('00000000-0000-0000-0000-000000140001');
 -- The held credits are not spendable by anything else, on every spending path.
@@ -207,6 +208,16 @@ SELECT pg_temp.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000
 SELECT (billing.consume_credits('00000000-0000-0000-0000-000000140005', 20, 'img')) ->> 'available' AS consume_img_20;
 SELECT pg_temp.clean(billing.capture_hold(pg_temp.h('img'), 30)) AS capture_img;
 SELECT * FROM pg_temp.state('00000000-0000-0000-0000-000000140005');
+
+-- ===== Members: consume_generation and the usage status leave held credits alone =====
+SELECT (billing.upsert_member('holds-gen@example.com', 'free', '2190-01-31') ->> 'credits_granted') AS granted;
+SELECT pg_temp.hold('gen', billing.reserve_credits((SELECT user_id FROM billing.members WHERE email = 'holds-gen@example.com'), 9));
+SELECT pg_temp.err($$SELECT billing.consume_generation((SELECT user_id FROM billing.members WHERE email = 'holds-gen@example.com'), 2)$$) AS generation_2;
+SELECT r - 'member_id' - 'email' - 'period_start' - 'renewal_date' AS status
+  FROM billing.get_usage_status((SELECT user_id FROM billing.members WHERE email = 'holds-gen@example.com')) AS r;
+SELECT (billing.consume_generation((SELECT user_id FROM billing.members WHERE email = 'holds-gen@example.com'), 1)) ->> 'type' AS generation_1;
+SELECT (billing.capture_hold(pg_temp.h('gen'), 9)) ->> 'captured' AS captured;
+SELECT count(*) AS mismatches FROM billing.verify_ledger((SELECT user_id FROM billing.members WHERE email = 'holds-gen@example.com'));
 
 -- ===== End users: reserve on their own account only, see their own holds, never resolve =====
 SELECT (billing.add_purchased_credits('00000000-0000-0000-0000-000000140006', 40)) ->> 'total_balance' AS total;
