@@ -113,6 +113,30 @@ SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
 \echo 'End of the credit grants story.'
 
 \echo
+\echo '=== Credit holds (0.5.0): an LLM job reserves first, pays what it cost, and a crashed worker costs nothing ==='
+\set hana '''b0000000-0000-4000-8000-0000000000b1'''
+SELECT billing.add_purchased_credits(:hana, 1000) ->> 'purchased_credits_balance' AS hana_bought;
+\echo 'Hana starts a long LLM call. The app reserves the worst case, 500 credits, for 5 minutes before it runs:'
+SELECT r->>'hold_id' AS hold_id, r->>'held' AS held, r->>'available' AS available
+  FROM billing.reserve_credits(:hana, 500, '5 minutes', p_idempotency_key := 'job-7') AS r \gset
+\echo 'held' :held ', available' :available
+\echo 'Her balance still shows 1000; what she can spend meanwhile is 500 (a second worker cannot take the held credits):'
+SELECT total_balance, available FROM billing.get_user_credits(:hana);
+\echo 'The job used 312 credits of tokens. The backend captures 312; the other 188 come back, atomically:'
+SELECT r->>'captured' AS captured, r->>'released' AS released, r->>'total_balance' AS total_balance, r->>'available' AS available
+  FROM billing.capture_hold(:'hold_id', 312, 'llm job 7') AS r;
+\echo 'A retry of the capture (the worker timed out waiting) changes nothing:'
+SELECT r->>'captured' AS captured, r->>'already_resolved' AS already_resolved FROM billing.capture_hold(:'hold_id', 312) AS r;
+\echo 'Another job reserves 200 for 2 seconds, and its worker crashes. No job needs to run: once the hold expires, the credits are back.'
+SELECT billing.reserve_credits(:hana, 200, '2 seconds') ->> 'held' AS held;
+SELECT available AS available_while_held FROM billing.get_user_credits(:hana);
+SELECT pg_sleep(2.2);
+SELECT available AS available_after_expiry FROM billing.get_user_credits(:hana);
+SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
+\echo
+\echo 'End of the credit holds story.'
+
+\echo
 \echo '=== S2: a snapshots API with hourly rate limits by tier (free 50/h, premium 500/h, ultra 2000/h) ==='
 \set bob '''b0000000-0000-4000-8000-00000000000b'''
 SELECT plan_id, display_name, api_rate_limit_hourly AS requests_per_hour FROM billing.plans ORDER BY sort_order;
