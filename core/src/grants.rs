@@ -191,22 +191,30 @@ pub fn allocate(
     }
     let mut live: Vec<&Grant> = grants.iter().filter(|g| g.spendable(now, feature)).collect();
     live.sort_by_key(|g| g.key());
+    let remaining: Vec<i64> = live.iter().map(|g| g.remaining).collect();
+    let (takes, short) = take_in_order(&remaining, amount, overdraft_limit.saturating_sub(debt))?;
+    let taken = live.iter().zip(takes).filter(|(_, n)| *n > 0).map(|(g, n)| (g.id, n)).collect();
+    Ok(Allocation { taken, new_debt: debt + short })
+}
+
+/// The debit itself, over the grants the spending may use, already in spending order (the
+/// database returns them so, from the spending index): what each pays (0 once the amount is
+/// covered) and what goes into debt. `PT402`, and nothing taken, when they and the overdraft
+/// `headroom` fall short.
+pub fn take_in_order(remaining: &[i64], amount: i64, headroom: i64) -> Result<(Vec<i64>, i64)> {
     let mut left = amount;
-    let mut taken = Vec::new();
-    for g in live {
-        if left == 0 {
-            break;
-        }
-        let n = g.remaining.min(left);
-        taken.push((g.id, n));
-        left -= n;
+    let takes = remaining
+        .iter()
+        .map(|r| {
+            let n = (*r).max(0).min(left);
+            left -= n;
+            n
+        })
+        .collect();
+    if left > headroom.max(0) {
+        return Err(BillingError::InsufficientCredits { needed: amount, subscription: 0, purchased: amount - left });
     }
-    let headroom = overdraft_limit.saturating_sub(debt).max(0);
-    if left > headroom {
-        let paid = amount - left;
-        return Err(BillingError::InsufficientCredits { needed: amount, subscription: 0, purchased: paid });
-    }
-    Ok(Allocation { taken, new_debt: debt + left })
+    Ok((takes, left))
 }
 
 /// What a new grant of `amount` pays of an outstanding `debt`: all it can when it is effective
@@ -359,6 +367,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn take_in_order_takes_each_grant_before_the_next() {
+        assert_eq!(take_in_order(&[3, 5, 7], 6, 0).unwrap(), (vec![3, 3, 0], 0));
+        assert_eq!(take_in_order(&[3, 5], 8, 0).unwrap(), (vec![3, 5], 0));
+        assert_eq!(take_in_order(&[3, 5], 10, 2).unwrap(), (vec![3, 5], 2));
+        assert_eq!(take_in_order(&[3, 5], 11, 2).unwrap_err().sqlstate(), "PT402");
+        assert_eq!(take_in_order(&[], 1, 1).unwrap(), (vec![], 1));
+        assert_eq!(take_in_order(&[4], 2, -5).unwrap(), (vec![2], 0));
     }
 
     #[test]

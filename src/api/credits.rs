@@ -20,10 +20,12 @@ use serde_json::{json, Value};
 
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, BOOL, INT4, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, OrInternal, BOOL, INT4, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 pub const TEXTARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTARRAYOID);
+const INT8ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8ARRAYOID);
+const UUIDARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDARRAYOID);
 
 // ---------------------------------------------------------------------------------------------
 // Statements
@@ -67,126 +69,109 @@ RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
           COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
           COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held";
 
-/// The debit, in one statement under the account lock. $1 user, $2 amount, $3 feature (NULL:
-/// only unscoped grants pay), $4 overdraft headroom, $5 operation, $6 ledger type,
-/// $7 description, $8 reference, $9 key, $10 also return which grants paid (jsonb), $11 the
-/// credits active holds reserve (0.5.0): the grants pay at most what they hold for this kind of
-/// spending less that; the rest is overdraft or nothing.
+/// The general debit (any feature, several grants, overdraft), under the account lock: read the
+/// live grants in spending order with a fresh snapshot (taken after the lock, so nothing changes
+/// them until we commit), let `pg_billing_core::grants::take_in_order` decide what each pays, then
+/// write: [`SPEND_GRANT`] per grant, [`SPEND_ACCOUNT`], and the ledger rows in one
+/// [`LEDGER_ROWS`]. Simple statements with small plans cost far less per call than one statement
+/// that does it all (benches/grants_callgrind.sh).
 ///
-/// `live` is every grant that counts now; `take` walks the spendable ones in spending order (the
-/// order of `credit_grants_spending_idx`) and takes from each what the amount still needs. When
-/// the grants and the headroom cannot pay, `ok` is empty and nothing changes (no row returned).
-/// The ledger gets one row per grant in spending order (balance_after: the pool's stored balance
-/// after the row) and a `debt` row for what went into overdraft. The result reports the stored
-/// pools after the debit (as every two-pool result does) and, with $10, what the same feature
-/// could still spend, which grants paid, and the live pools after.
-const DEBIT: &str = "
-WITH clock AS MATERIALIZED (
-    SELECT pg_catalog.clock_timestamp() AS at
-), live AS (
-    SELECT g.id, g.category, g.pool, g.remaining,
-           (g.scope IS NULL OR g.scope @> ARRAY[$3]) AS admits,
-           pg_catalog.row_number() OVER w AS ord,
-           pg_catalog.sum(g.remaining) FILTER (WHERE g.scope IS NULL OR g.scope @> ARRAY[$3]) OVER w AS upto
-      FROM billing.credit_grants AS g CROSS JOIN clock
-     WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
-       AND g.effective_at <= clock.at
-       AND (g.expires_at IS NULL OR g.expires_at > clock.at)
-    WINDOW w AS (ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id)
-), cap AS (
-    SELECT CASE WHEN $11 = 0 THEN $2
-                ELSE LEAST($2, GREATEST(COALESCE(pg_catalog.sum(l.remaining) FILTER (WHERE l.admits), 0) - $11, 0)) END AS n
-      FROM live AS l
-), take AS (
-    SELECT l.id, l.category, l.pool, l.ord, LEAST(l.remaining, cap.n - (l.upto - l.remaining)) AS n
-      FROM live AS l CROSS JOIN cap
-     WHERE l.admits AND l.upto - l.remaining < cap.n
-), tot AS (
-    SELECT COALESCE(pg_catalog.sum(t.n) FILTER (WHERE t.pool = 'subscription'), 0)::bigint AS sub,
-           COALESCE(pg_catalog.sum(t.n) FILTER (WHERE t.pool = 'purchased'), 0)::bigint AS pur
-      FROM take AS t
-), ok AS (
-    SELECT tot.sub, tot.pur, $2 - tot.sub - tot.pur AS short FROM tot WHERE $2 - tot.sub - tot.pur <= $4
-), spent AS (
-    UPDATE billing.credit_grants AS g SET remaining = g.remaining - t.n, depleted = (g.remaining = t.n)
-      FROM take AS t, ok
-     WHERE g.user_id = $1 AND g.id = t.id
-), acct AS (
-    UPDATE billing.accounts AS a
-       SET subscription_credits_balance = a.subscription_credits_balance - ok.sub,
-           purchased_credits_balance    = a.purchased_credits_balance - ok.pur,
-           debt                         = a.debt + ok.short,
-           last_subscription_delta      = -ok.sub,
-           last_purchased_delta         = -ok.pur,
-           updated_at                   = pg_catalog.now()
-      FROM ok
-     WHERE a.user_id = $1
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, ok.sub AS dsub, ok.pur AS dpur, ok.short
-), ledger AS (
-    INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
-    SELECT $1, $5, $6, x.pool, x.amount, x.balance_after, $7, $8, $9, x.grant_id
-      FROM (SELECT t.ord, t.pool, -t.n AS amount, t.id AS grant_id,
-                   CASE t.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END
-                     + COALESCE(pg_catalog.sum(t.n) OVER (PARTITION BY t.pool ORDER BY t.ord DESC
-                                                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS balance_after
-              FROM take AS t CROSS JOIN acct
-            UNION ALL
-            SELECT 9223372036854775807, 'debt'::billing.credit_pool, -acct.short, NULL::uuid, acct.debt
-              FROM acct WHERE acct.short > 0) AS x
-     ORDER BY x.ord
-)
-SELECT acct.dsub, acct.dpur, acct.short, acct.debt, acct.sub, acct.pur,
-       CASE WHEN $10 THEN (SELECT COALESCE(pg_catalog.sum(l.remaining) FILTER (WHERE l.admits), 0)::bigint FROM live AS l)
-                          - acct.dsub - acct.dpur END,
-       CASE WHEN $10 THEN (SELECT COALESCE(pg_catalog.sum(l.remaining) FILTER (WHERE l.pool = 'subscription'), 0)::bigint FROM live AS l)
-                          - acct.dsub END,
-       CASE WHEN $10 THEN (SELECT COALESCE(pg_catalog.sum(l.remaining) FILTER (WHERE l.pool = 'purchased'), 0)::bigint FROM live AS l)
-                          - acct.dpur END,
-       CASE WHEN $10 THEN (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('grant_id', t.id, 'category', t.category, 'amount', t.n)
-                                                       ORDER BY t.ord)
-                             FROM take AS t) END
-  FROM acct";
+/// $1 user, $2 feature (NULL: only unscoped grants may pay). Every grant that counts now (for the
+/// live pools of consume_credits' result), in spending order, with whether the feature may
+/// spend it.
+const LIVE_GRANTS: &str = "
+SELECT g.id, g.pool = 'subscription', g.remaining, g.category::text, (g.scope IS NULL OR g.scope @> ARRAY[$2])
+  FROM billing.credit_grants AS g
+ WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
+   AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
+   AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))
+ ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id";
 
+/// $1 user, $2 grant, $3 credits it pays.
+const SPEND_GRANT: &str = "
+UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (g.remaining = $3)
+ WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3
+RETURNING 1";
+
+/// $1 user, $2 from the subscription pool, $3 from the purchased pool, $4 into debt.
+const SPEND_ACCOUNT: &str = "
+UPDATE billing.accounts AS a
+   SET subscription_credits_balance = a.subscription_credits_balance - $2,
+       purchased_credits_balance    = a.purchased_credits_balance - $3,
+       debt                         = a.debt + $4,
+       last_subscription_delta      = -$2,
+       last_purchased_delta         = -$3,
+       updated_at                   = pg_catalog.now()
+ WHERE a.user_id = $1
+RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt";
+
+/// The ledger rows of one operation, in order. $1 user, $2 operation, $3 type, $4 description,
+/// $5 reference, $6 key, $7 pools, $8 amounts, $9 balances after, $10 grants (NULL for debt).
+const LEDGER_ROWS: &str = "
+INSERT INTO billing.credit_transactions
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
+SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r.grant_id
+  FROM ROWS FROM (pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::bigint[]), pg_catalog.unnest($9::bigint[]),
+                  pg_catalog.unnest($10::uuid[])) WITH ORDINALITY AS r(pool, amount, after, grant_id, ord)
+ ORDER BY r.ord";
 // The fast path of a debit without a feature that the first grant in spending order pays alone
-// (the usual case): after [`LOCK_FOR_DEBIT`], [`FAST_DEBIT`] instead of [`DEBIT`]. It is a smaller
-// plan (no window functions, no per-pool sums), and executor start-up of the plan is most of a
-// call's cost (benches/grants_callgrind.sh measures it). No row: the first grant cannot pay it
-// all, and nothing changed; [`DEBIT`] runs.
+// (the usual case), in three simple statements instead of [`DEBIT`]'s one large one (executor
+// start-up of a large plan dominates a call; benches/grants_callgrind.sh measures it):
+//   1. [`FAST_ACCOUNT`] locks the account and takes the amount off the first grant's pool, where
+//      `head` is that grant. The UPDATE applies only when the row it locks is the version its
+//      snapshot saw (same xmin): a writer that committed meanwhile (every grant change updates the
+//      account row) may have changed the grants, and the subquery's answer would be stale. No
+//      row: nothing changed, take the general path.
+//   2. [`FAST_GRANT`] takes the amount off that grant, checking again with the clock now that the
+//      lock is held (a lock held without an update keeps xmin; a grant may have expired while we
+//      waited). No row: [`FAST_UNDO`] puts the pool back, and the general path runs.
+//   3. [`LEDGER_ROW`] writes the one ledger row.
+// The account lock is taken before the grant row, as everywhere (api/mod.rs).
 
-/// $1 user, $2 amount, $3 operation, $4 ledger type, $5 description, $6 reference, $7 key,
-/// $8 the credits active holds reserve (0.5.0: the head grant pays only when it also covers
-/// them, which is enough and keeps this one statement; otherwise [`DEBIT`] decides).
-const FAST_DEBIT: &str = "
-WITH head AS (
-    SELECT g.id FROM billing.credit_grants AS g
-     WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL AND g.scope IS NULL
-       AND g.effective_at <= pg_catalog.clock_timestamp()
-       AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
-     ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id
-     LIMIT 1
-), gr AS (
-    UPDATE billing.credit_grants AS g SET remaining = g.remaining - $2, depleted = (g.remaining = $2)
-      FROM head
-     WHERE g.user_id = $1 AND g.id = head.id AND g.remaining >= $2 + $8
- RETURNING g.id, g.pool
-), acct AS (
-    UPDATE billing.accounts AS a
-       SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN gr.pool = 'subscription' THEN $2 ELSE 0 END,
-           purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN gr.pool = 'purchased' THEN $2 ELSE 0 END,
-           last_subscription_delta      = CASE WHEN gr.pool = 'subscription' THEN -$2 ELSE 0 END,
-           last_purchased_delta         = CASE WHEN gr.pool = 'purchased' THEN -$2 ELSE 0 END,
-           updated_at                   = pg_catalog.now()
-      FROM gr
-     WHERE a.user_id = $1
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, gr.id, gr.pool
-), ledger AS (
-    INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
-    SELECT $1, $3, $4, acct.pool, -$2, CASE acct.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END, $5, $6, $7, acct.id
-      FROM acct
-)
-SELECT acct.sub, acct.pur, acct.debt, acct.pool = 'subscription' FROM acct";
+/// $1 user, $2 amount. (0.5.0: only when the head grant also covers what the active holds
+/// reserve, and no hold may have expired; otherwise the general path decides.)
+const FAST_ACCOUNT: &str = "
+UPDATE billing.accounts AS a
+   SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN head.pool = 'subscription' THEN $2 ELSE 0 END,
+       purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN head.pool = 'purchased' THEN $2 ELSE 0 END,
+       last_subscription_delta      = CASE WHEN head.pool = 'subscription' THEN -$2 ELSE 0 END,
+       last_purchased_delta         = CASE WHEN head.pool = 'purchased' THEN -$2 ELSE 0 END,
+       updated_at                   = pg_catalog.now()
+  FROM (SELECT g.id, g.pool, g.remaining
+          FROM billing.credit_grants AS g
+         WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL AND g.scope IS NULL
+           AND g.effective_at <= pg_catalog.clock_timestamp()
+           AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
+         ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id
+         LIMIT 1) AS head
+ WHERE a.user_id = $1 AND head.remaining >= $2 + a.held
+   AND a.xmin = (SELECT s.xmin FROM billing.accounts AS s WHERE s.user_id = $1)
+   AND NOT COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp()
+                    OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp()
+                    OR a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false)
+RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription'";
+
+/// $1 user, $2 grant, $3 amount.
+const FAST_GRANT: &str = "
+UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (g.remaining = $3)
+ WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3 AND g.voided_at IS NULL
+   AND g.effective_at <= pg_catalog.clock_timestamp()
+   AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
+RETURNING 1";
+
+/// Undo [`FAST_ACCOUNT`]. $1 user, $2 amount, $3 it was the subscription pool.
+const FAST_UNDO: &str = "
+UPDATE billing.accounts AS a
+   SET subscription_credits_balance = a.subscription_credits_balance + CASE WHEN $3 THEN $2 ELSE 0 END,
+       purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN $3 THEN 0 ELSE $2 END
+ WHERE a.user_id = $1";
+
+/// One ledger row. $1 user, $2 operation, $3 type, $4 pool, $5 amount, $6 balance after,
+/// $7 description, $8 reference, $9 idempotency key, $10 grant.
+const LEDGER_ROW: &str = "
+INSERT INTO billing.credit_transactions
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
+VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10)";
 
 /// One new grant and its ledger rows, under the account lock. $1 user, $2 operation, $3 grant id,
 /// $4 category, $5 amount, $6 priority, $7 effective_at (NULL: now), $8 expires_at, $9 scope,
@@ -791,7 +776,8 @@ pub struct Debit {
     pub live_pur: i64,
 }
 
-/// A debit: lock, settle expired grants when due, then the spending statement ([`DEBIT`]).
+/// A debit: the fast path when it applies, else lock, settle expired grants when due, and
+/// [`general_debit`].
 /// `feature`: the feature spending (None: only unscoped grants pay). Shared by consume_credits,
 /// consume_credits_v2, decrement_credits_with_log and the members domain.
 #[allow(clippy::too_many_arguments)]
@@ -806,6 +792,11 @@ pub fn debit(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Debit> {
+    if feature.is_none() && !with_grants {
+        if let Some(d) = fast_debit(client, user, amount, ledger_type, description, reference, key)? {
+            return Ok(d);
+        }
+    }
     let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
     let mut l = match locked(t)? {
         Some(l) => l,
@@ -818,21 +809,16 @@ pub fn debit(
     };
     settle_due(client, user, &mut l)?;
     let op = new_operation_id()?;
-    if feature.is_none() && !with_grants {
-        if let Some(d) = fast_debit(client, user, &op, amount, l.held, ledger_type, description, reference, key)? {
-            return Ok(d);
-        }
-    }
-    match debit_locked(client, user, &op, amount, feature, l.headroom, l.held, with_grants, ledger_type, description, reference, key)? {
+    match general_debit(client, user, &op, amount, feature, with_grants, l.headroom, l.held, ledger_type, description, reference, key)? {
         Some(d) => Ok(d),
         None => Err(insufficient(client, user, amount, feature, l.held)?),
     }
 }
 
-/// [`DEBIT`] under the account lock the caller holds (expired grants and holds settled): `held`
-/// is what the active holds reserve (the grants pay at most what they hold less that), `headroom`
-/// the overdraft this debit may use. None: the grants and the headroom fall short, nothing
-/// changed.
+/// [`general_debit`] for callers outside this module (capture_hold), under the account lock they
+/// hold (expired grants and holds settled): `held` is what the other active holds reserve (the
+/// grants pay at most what they hold less that), `headroom` the overdraft this debit may use.
+/// None: the grants and the headroom fall short, nothing changed.
 #[allow(clippy::too_many_arguments)]
 pub fn debit_locked(
     client: &mut SpiClient<'_>,
@@ -848,65 +834,157 @@ pub fn debit_locked(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
-    let op = *op;
-    let t = spi::write(
-        client,
-        DEBIT,
-        &[UUID, INT8, TEXT, INT8, UUID, TEXT, TEXT, TEXT, TEXT, BOOL, INT8],
-        &[uuid_arg(user), amount.into(), feature.into(), headroom.into(), uuid_arg(&op), ledger_type.into(),
-          description.into(), reference.into(), key.into(), with_grants.into(), held.into()],
-    )?;
-    if t.is_empty() {
-        // Nothing changed: the spendable grants and the overdraft headroom fall short.
-        return Ok(None);
-    }
-    let t = t.first();
-    let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
-    Ok(Some(Debit {
-        op,
-        amount,
-        dsub: n(1)?,
-        dpur: n(2)?,
-        short: n(3)?,
-        debt: n(4)?,
-        sub: n(5)?,
-        pur: n(6)?,
-        // What the same kind of spending could still use: less what the holds reserve.
-        admitted: n(7)?.saturating_sub(held),
-        live_sub: n(8)?,
-        live_pur: n(9)?,
-        grants: if with_grants { col::<pgrx::JsonB>(&t, 10)?.map(|j| j.0).or(Some(json!([]))) } else { None },
-    }))
+    general_debit(client, user, op, amount, feature, with_grants, headroom, held, ledger_type, description, reference, key)
 }
 
-/// [`FAST_DEBIT`], under the account lock the caller holds: None when the first grant cannot pay
-/// it all (nothing changed).
+/// A live grant as [`LIVE_GRANTS`] returns it.
+struct LiveGrant {
+    id: [u8; 16],
+    subscription_pool: bool,
+    remaining: i64,
+    category: String,
+    admits: bool,
+}
+
+/// The general debit (see [`LIVE_GRANTS`]), under the account lock the caller holds.
 #[allow(clippy::too_many_arguments)]
-fn fast_debit(
+fn general_debit(
     c: &mut SpiClient<'_>,
     user: &[u8; 16],
     op: &[u8; 16],
     amount: i64,
+    feature: Option<&str>,
+    with_grants: bool,
+    headroom: i64,
     held: i64,
     ledger_type: &str,
     description: Option<&str>,
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
-    let t = spi::write(
-        c,
-        FAST_DEBIT,
-        &[UUID, INT8, UUID, TEXT, TEXT, TEXT, TEXT, INT8],
-        &[uuid_arg(user), amount.into(), uuid_arg(op), ledger_type.into(), description.into(), reference.into(), key.into(), held.into()],
-    )?;
+    let mut live = Vec::new();
+    for row in spi::write(c, LIVE_GRANTS, &[UUID, TEXT], &[uuid_arg(user), feature.into()])? {
+        live.push(LiveGrant {
+            id: row.get::<pgrx::Uuid>(1).or_internal()?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("grant without id"))?,
+            subscription_pool: row.get::<bool>(2).or_internal()?.unwrap_or(false),
+            remaining: row.get::<i64>(3).or_internal()?.unwrap_or(0),
+            category: row.get::<String>(4).or_internal()?.unwrap_or_default(),
+            admits: row.get::<bool>(5).or_internal()?.unwrap_or(false),
+        });
+    }
+    let admitted: Vec<&LiveGrant> = live.iter().filter(|g| g.admits).collect();
+    let remaining: Vec<i64> = admitted.iter().map(|g| g.remaining).collect();
+    // (0.5.0) The grants pay at most what they hold less what the active holds reserve; the
+    // rest is overdraft within the headroom, or nothing changes (None).
+    let cap = amount.min(remaining.iter().sum::<i64>().saturating_sub(held).max(0));
+    let short = amount - cap;
+    if short > headroom {
+        return Ok(None);
+    }
+    let (takes, _) = g::take_in_order(&remaining, cap, 0)?;
+    let paid: Vec<(&LiveGrant, i64)> = admitted.iter().copied().zip(takes).filter(|(_, n)| *n > 0).collect();
+    for (gr, n) in &paid {
+        if spi::write(c, SPEND_GRANT, &[UUID, UUID, INT8], &[uuid_arg(user), uuid_arg(&gr.id), (*n).into()])?.is_empty() {
+            return Err(BillingError::internal("a grant changed under the account lock"));
+        }
+    }
+    let dsub: i64 = paid.iter().filter(|(gr, _)| gr.subscription_pool).map(|(_, n)| n).sum();
+    let dpur: i64 = paid.iter().filter(|(gr, _)| !gr.subscription_pool).map(|(_, n)| n).sum();
+    let t = spi::write(c, SPEND_ACCOUNT, &[UUID, INT8, INT8, INT8], &[uuid_arg(user), dsub.into(), dpur.into(), short.into()])?;
+    if t.is_empty() {
+        return Err(unknown_account(user));
+    }
+    let t = t.first();
+    let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
+    let (sub, pur, debt) = (n(1)?, n(2)?, n(3)?);
+    // Ledger rows in spending order; balance_after: the pool's stored balance after the row.
+    let (mut sub_after, mut pur_after) = (sub + dsub, pur + dpur);
+    let (mut pools, mut amounts, mut afters, mut grants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (gr, n) in &paid {
+        let after = if gr.subscription_pool {
+            sub_after -= n;
+            sub_after
+        } else {
+            pur_after -= n;
+            pur_after
+        };
+        pools.push(if gr.subscription_pool { "subscription" } else { "purchased" }.to_string());
+        amounts.push(-n);
+        afters.push(after);
+        grants.push(Some(pgrx::Uuid::from_bytes(gr.id)));
+    }
+    if short > 0 {
+        pools.push("debt".to_string());
+        amounts.push(-short);
+        afters.push(debt);
+        grants.push(None);
+    }
+    if !amounts.is_empty() {
+        spi::write(
+            c,
+            LEDGER_ROWS,
+            &[UUID, UUID, TEXT, TEXT, TEXT, TEXT, TEXTARRAY, INT8ARRAY, INT8ARRAY, UUIDARRAY],
+            &[uuid_arg(user), uuid_arg(op), ledger_type.into(), description.into(), reference.into(), key.into(),
+              pools.into(), amounts.into(), afters.into(), grants.into()],
+        )?;
+    }
+    let live_sum = |pred: &dyn Fn(&LiveGrant) -> bool| live.iter().filter(|g| pred(g)).map(|g| g.remaining).sum::<i64>();
+    Ok(Some(Debit {
+        op: *op,
+        amount,
+        dsub,
+        dpur,
+        short,
+        debt,
+        sub,
+        pur,
+        // What the same kind of spending could still use: less what the holds reserve.
+        admitted: live_sum(&|g| g.admits) - dsub - dpur - held,
+        grants: with_grants.then(|| {
+            Value::Array(
+                paid.iter()
+                    .map(|(gr, n)| json!({"grant_id": uuid_text(&gr.id), "category": gr.category, "amount": n}))
+                    .collect(),
+            )
+        }),
+        live_sub: live_sum(&|g| g.subscription_pool) - dsub,
+        live_pur: live_sum(&|g| !g.subscription_pool) - dpur,
+    }))
+}
+
+/// The fast path (see [`FAST_ACCOUNT`]): None when it does not apply and nothing changed.
+fn fast_debit(
+    c: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    amount: i64,    ledger_type: &str,
+    description: Option<&str>,
+    reference: Option<&str>,
+    key: Option<&str>,
+) -> BResult<Option<Debit>> {
+    let t = spi::write(c, FAST_ACCOUNT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
     if t.is_empty() {
         return Ok(None);
     }
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
     let (sub, pur, debt) = (n(1)?, n(2)?, n(3)?);
-    let (dsub, dpur) = if col::<bool>(&t, 4)?.unwrap_or(false) { (amount, 0) } else { (0, amount) };
-    Ok(Some(Debit { op: *op, amount, dsub, dpur, short: 0, debt, sub, pur, admitted: 0, grants: None, live_sub: 0, live_pur: 0 }))
+    let grant = col::<pgrx::Uuid>(&t, 4)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("no grant"))?;
+    let is_sub = col::<bool>(&t, 5)?.unwrap_or(false);
+    if spi::write(c, FAST_GRANT, &[UUID, UUID, INT8], &[uuid_arg(user), uuid_arg(&grant), amount.into()])?.is_empty() {
+        spi::write(c, FAST_UNDO, &[UUID, INT8, BOOL], &[uuid_arg(user), amount.into(), is_sub.into()])?;
+        return Ok(None);
+    }
+    let op = new_operation_id()?;
+    let (pool, after) = if is_sub { ("subscription", sub) } else { ("purchased", pur) };
+    spi::write(
+        c,
+        LEDGER_ROW,
+        &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID],
+        &[uuid_arg(user), uuid_arg(&op), ledger_type.into(), pool.into(), (-amount).into(), after.into(),
+          description.into(), reference.into(), key.into(), uuid_arg(&grant)],
+    )?;
+    let (dsub, dpur) = if is_sub { (amount, 0) } else { (0, amount) };
+    Ok(Some(Debit { op, amount, dsub, dpur, short: 0, debt, sub, pur, admitted: 0, grants: None, live_sub: 0, live_pur: 0 }))
 }
 
 /// PT402 with what `feature` could spend now, by pool, less what the holds reserve (`held`).
