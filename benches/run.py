@@ -318,6 +318,29 @@ def svg_chart(rows):
     return "\n".join(out)
 
 
+def bench_holds():
+    """Credit holds (0.5.0): a reserve + capture pair against the two consume calls it replaces
+    (the same credits charged), both per pgbench transaction, on the consume users."""
+    setup_consume()
+    print("reserve_credits + capture_hold beside two consume_credits_v2 calls", flush=True)
+    who = "('00000000-0000-4000-8000-' || lpad(to_hex(:uid::integer), 12, '0'))::uuid"
+    files = {
+        "hold_pair.sql": f"\\set uid random(1, :users)\nSELECT billing.reserve_credits({who}, 5) ->> 'hold_id' AS hold \\gset\n"
+                         "SELECT billing.capture_hold(:hold::uuid, 3);\n",
+        "consume_two.sql": f"\\set uid random(1, :users)\nSELECT billing.consume_credits_v2({who}, 2);\n"
+                           f"SELECT billing.consume_credits_v2({who}, 1);\n",
+    }
+    for n, body in files.items():
+        (HERE / n).write_text(body)
+    try:
+        interleaved("reserve + capture pair beside two consume calls, uniform over 10,000 users, 4 clients, synchronous_commit=off",
+                    {"reserve_credits + capture_hold": "hold_pair.sql", "two consume_credits_v2": "consume_two.sql"}, 4,
+                    {"users": USERS}, "-c synchronous_commit=off")
+    finally:
+        for n in files:
+            os.unlink(HERE / n)
+
+
 def main():
     t0 = time.time()
     host = socket.gethostname()
@@ -326,7 +349,8 @@ def main():
     out = Path(os.environ.get("BENCH_OUT") or default)
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
     steps = [("consume", bench_consume), ("growth", bench_growth), ("memory", bench_memory),
-             ("resource", bench_resource_limit), ("widgets", bench_widgets), ("rate", bench_rate_and_usage)]
+             ("resource", bench_resource_limit), ("widgets", bench_widgets), ("rate", bench_rate_and_usage),
+             ("holds", bench_holds)]
     for name, fn in steps:
         if not only or name in only:
             fn()
