@@ -241,6 +241,17 @@ def old_library(version, quiet=False):
         add_pg_feature(src / "Cargo.toml", major)
         env["PGRX_PG_CONFIG_PATH"] = pg_config()
         args += ["--no-default-features", "--features", f"pg{major}"]
+    # The releases' own crates (pg_billing, pg_billing_core) are built again from this release's
+    # sources: every release calls its core crate pg_billing_core 0.1.0, and cargo would take an
+    # earlier release's build of it from the shared directory as up to date (0.4.0's code needs
+    # a module 0.3.0's core crate does not have).
+    for pattern in (".fingerprint/pg_billing*", "deps/libpg_billing*", "deps/pg_billing*", "build/pg_billing*",
+                    "incremental/pg_billing*", "libpg_billing*"):
+        for stale in (target / "debug").glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     r = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True)
     out = target / "debug" / f"lib{EXT}.so"
     if r.returncode != 0 or not out.exists():
