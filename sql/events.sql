@@ -123,6 +123,9 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     v_id bigint;
 BEGIN
+    IF p_user_id IS NULL OR p_type IS NULL OR p_payload IS NULL THEN
+        RAISE EXCEPTION 'an event needs a user, a type and a payload' USING ERRCODE = '22023';
+    END IF;
     INSERT INTO billing.events (user_id, type, payload)
     VALUES (p_user_id, p_type, pg_catalog.jsonb_build_object('user_id', p_user_id) || p_payload)
     RETURNING id INTO v_id;
@@ -164,6 +167,29 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
     SELECT pg_catalog.count(*)::integer FROM changed
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
+
+-- A new account takes its plan's rule (or a user rule set before it existed), armed: its first
+-- write that leaves it below the threshold fires balance.low.
+CREATE FUNCTION billing._account_created() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.plan_balance_alerts) OR EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = NEW.user_id) THEN
+        UPDATE billing.accounts AS a
+           SET alert_threshold = r.threshold, alert_rearm = r.rearm, alert_state = 0
+          FROM (SELECT COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            ELSE pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm
+                  FROM (SELECT 1) AS one
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = NEW.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(NEW.user_id)) AS r
+         WHERE a.user_id = NEW.user_id AND r.threshold IS NOT NULL;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._account_created() IS 'Internal trigger: a new account takes the balance alert rule of its user or plan, armed.';
+CREATE TRIGGER account_created AFTER INSERT ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing._account_created();
 
 -- A subscription change moves the user to another plan's rule and is itself an event.
 CREATE FUNCTION billing._subscription_changed() RETURNS trigger

@@ -62,13 +62,16 @@ SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
        - CASE WHEN a.next_hold_expiry_at <= pg_catalog.clock_timestamp() THEN 0 ELSE a.held END >= $2
    FOR UPDATE";
 
-/// The same, creating the account when there is none. $1 user.
+/// The same, creating the account when there is none. $1 user. (A new account, xmax = 0, is
+/// watched too: billing._account_created may have given it a balance rule after this row was
+/// read.)
 const LOCK_OR_CREATE: &str = "
 INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
           COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL";
+          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held,
+          a.alert_threshold IS NOT NULL OR a.xmax = 0";
 
 /// The general debit (any feature, several grants, overdraft), under the account lock: read the
 /// live grants in spending order with a fresh snapshot (taken after the lock, so nothing changes
