@@ -365,6 +365,13 @@ $$;
 COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
 
 
+-- Internal functions are nobody's but the owner's (a fresh install revokes every function from
+-- PUBLIC; apply_grants() below grants the API).
+REVOKE ALL ON FUNCTION billing._emit_event(uuid, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._sync_balance_alerts(uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._account_created() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._subscription_changed() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._claim_events(text, integer, interval) FROM PUBLIC;
 -- ===== end of events out =====
 
 -- ===== Grants (last: apply_grants() grants every function above; end users may read their own events) =====
