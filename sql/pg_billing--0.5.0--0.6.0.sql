@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS billing.event_cursors (
     PRIMARY KEY (user_id, consumer)
 );
 CREATE INDEX IF NOT EXISTS event_cursors_pending_idx ON billing.event_cursors (consumer, pending_from) WHERE last_event_id > acked_id;
+-- The claims in flight (ack_events).
+CREATE INDEX IF NOT EXISTS event_cursors_claim_idx ON billing.event_cursors (consumer, claim_id) WHERE claim_id IS NOT NULL;
 COMMENT ON TABLE billing.event_cursors IS 'Per consumer and user: what is acknowledged, what is pending and the claim in flight. A user''s events are in at most one claim of a consumer at a time, so each consumer sees each user''s events in order.';
 
 -- Balance rules: a user's rule overrides the rule of the user's effective plan.
@@ -312,7 +314,7 @@ CREATE OR REPLACE FUNCTION billing.set_limit_alert(p_metric text, p_percent inte
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_set_limit_alert';
 COMMENT ON FUNCTION billing.set_limit_alert(text, integer, text, boolean) IS
-'Service-only. A limit alert rule: limit.reached when p_metric (messages, conversations, tokens_input, tokens_output, documents: this period''s usage, checked by the record_*_usage functions; or a resource type registered with register_resource: its count, checked by check_resource_limit) reaches p_percent (1 to 1000) of the plan''s limit, once per user, rule and period; limit.cleared once when it is back below. p_plan_id NULL: every plan; unknown plan: P0002. p_enabled false removes the rule. Returns {metric, percent, plan_id, enabled}.';
+'Service-only. A limit alert rule: limit.reached when p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period''s usage, checked by the record_*_usage functions; or a resource type registered with register_resource: its count, checked by check_resource_limit) reaches p_percent (1 to 1000) of the plan''s limit, once per user, rule and period; limit.cleared once when it is back below. p_plan_id NULL: every plan; unknown plan: P0002. p_enabled false removes the rule. Returns {metric, percent, plan_id, enabled}.';
 
 CREATE OR REPLACE FUNCTION billing._claim_events(p_consumer text, p_limit integer, p_visibility_timeout interval) RETURNS jsonb
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

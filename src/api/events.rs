@@ -313,16 +313,18 @@ SELECT DISTINCT ON (l.metric, l.percent) l.metric, l.percent, pl.plan_id,
                                                     WHEN 'conversations' THEN 'conversations_per_month'
                                                     WHEN 'tokens_input' THEN 'tokens_input_per_month'
                                                     WHEN 'tokens_output' THEN 'tokens_output_per_month'
-                                                    WHEN 'documents' THEN 'documents_per_month' END),
+                                                    WHEN 'documents' THEN 'documents_per_month'
+                                                    WHEN 'generations' THEN 'generations_per_month' END),
        COALESCE(CASE l.metric WHEN 'messages' THEN u.messages_count
                               WHEN 'conversations' THEN u.conversations_count
                               WHEN 'tokens_input' THEN u.tokens_input_count
                               WHEN 'tokens_output' THEN u.tokens_output_count
-                              WHEN 'documents' THEN u.documents_processed_count END, 0)::bigint,
+                              WHEN 'documents' THEN u.documents_processed_count
+                              WHEN 'generations' THEN u.generations_count END, 0)::bigint,
        per.period_start, per.period_end
   FROM billing.limit_alerts AS l CROSS JOIN pl CROSS JOIN per
   LEFT JOIN billing.usage_metrics AS u ON u.user_id = $1 AND u.period_start = per.period_start
- WHERE l.metric IN ('messages', 'conversations', 'tokens_input', 'tokens_output', 'documents')
+ WHERE l.metric IN ('messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'generations')
    AND (l.plan_id = '' OR l.plan_id = pl.plan_id)
  ORDER BY l.metric, l.percent";
 
@@ -530,7 +532,7 @@ WITH k AS (
      GROUP BY e.user_id
 ), cur AS (
     INSERT INTO billing.event_cursors AS c (user_id, consumer, last_event_id, pending_from)
-    SELECT found.user_id, $1, found.last, found.first FROM found
+    SELECT found.user_id, $1, found.last, found.first FROM found ORDER BY found.user_id
     ON CONFLICT (user_id, consumer) DO UPDATE
        SET last_event_id = EXCLUDED.last_event_id,
            pending_from = CASE WHEN c.last_event_id > c.acked_id THEN c.pending_from
@@ -606,28 +608,30 @@ crate::billing_fn!(pg_finfo_pgb_claim_events, pgb_claim_events, claim_events);
 const CONSUMER_EXISTS: &str = "SELECT 1 FROM billing.event_consumers AS k WHERE k.consumer = $1";
 
 /// Acknowledge claimed events up to $2 (of claim $3, or of any claim). $1 consumer. Returns how
-/// many events it acknowledged.
+/// many events it acknowledged. The cursors are locked in user order (as discovery makes them),
+/// so an ack and a discovery never wait for each other in a cycle.
 const ACK: &str = "
 WITH before AS (
-    SELECT c.user_id, c.acked_id AS old
+    SELECT c.user_id, c.acked_id AS old, LEAST(c.claimed_up_to, $2) AS new, $2 >= c.claimed_up_to AS done
       FROM billing.event_cursors AS c
      WHERE c.consumer = $1 AND c.claim_id IS NOT NULL AND ($3::uuid IS NULL OR c.claim_id = $3)
        AND c.acked_id < LEAST(c.claimed_up_to, $2)
+     ORDER BY c.user_id
+       FOR UPDATE
 ), acked AS (
     UPDATE billing.event_cursors AS c
-       SET acked_id      = LEAST(c.claimed_up_to, $2),
-           pending_from  = GREATEST(c.pending_from, LEAST(c.claimed_up_to, $2) + 1),
-           claim_id      = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claim_id END,
-           claimed_until = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_until END,
-           deliveries    = CASE WHEN $2 >= c.claimed_up_to THEN 0 ELSE c.deliveries END,
-           claimed_up_to = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_up_to END
+       SET acked_id      = before.new,
+           pending_from  = GREATEST(c.pending_from, before.new + 1),
+           claim_id      = CASE WHEN before.done THEN NULL ELSE c.claim_id END,
+           claimed_until = CASE WHEN before.done THEN NULL ELSE c.claimed_until END,
+           deliveries    = CASE WHEN before.done THEN 0 ELSE c.deliveries END,
+           claimed_up_to = CASE WHEN before.done THEN NULL ELSE c.claimed_up_to END
       FROM before
-     WHERE c.user_id = before.user_id AND c.consumer = $1 AND c.claim_id IS NOT NULL
-       AND ($3::uuid IS NULL OR c.claim_id = $3) AND c.acked_id < LEAST(c.claimed_up_to, $2)
-    RETURNING c.user_id, before.old, c.acked_id
+     WHERE c.user_id = before.user_id AND c.consumer = $1
+    RETURNING c.user_id, before.old, before.new
 )
 SELECT pg_catalog.count(e.id)::integer
-  FROM acked JOIN billing.events AS e ON e.user_id = acked.user_id AND e.id > acked.old AND e.id <= acked.acked_id";
+  FROM acked JOIN billing.events AS e ON e.user_id = acked.user_id AND e.id > acked.old AND e.id <= acked.new";
 
 /// ack_events(p_consumer, p_up_to_id, p_claim_id)
 fn ack_events(a: &Args) -> BResult<Ret> {

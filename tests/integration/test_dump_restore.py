@@ -199,11 +199,15 @@ def check_restored(src_snap, dst, users, purchases):
     # cluster), and new events continue the id sequence.
     if q(dst, "SELECT to_regclass('billing.events') IS NOT NULL")[0][0]:
         f = EVENT_USER
+        (depleted,) = q(dst, "SELECT id FROM billing.events WHERE user_id = %s AND type = 'balance.depleted'", (f,))[0]
         q(dst, "UPDATE billing.event_consumers SET horizon = '900000000000'")
-        q(dst, "UPDATE billing.events SET tx = '900000000001' WHERE id = (SELECT max(id) FROM billing.events)")
-        max_event = q(dst, "SELECT max(id) FROM billing.events")[0][0]
+        q(dst, "UPDATE billing.events SET tx = '900000000001' WHERE id = %s", (depleted,))
         got = q(dst, "SELECT id, user_id, type, payload->>'available' FROM billing.claim_events('dump', 1000)")
-        assert got == [(max_event, f, "balance.depleted", "0")], got
+        # f's unacknowledged event, and the ones written since the restore (above: c's expiry).
+        assert got[0] == (depleted, f, "balance.depleted", "0"), got
+        assert all(r[0] > depleted for r in got[1:]), got
+        assert [r[2] for r in got[1:]] == ["grant.expired"], got
+        max_event = q(dst, "SELECT max(id) FROM billing.events")[0][0]
         q(dst, "SELECT billing.add_purchased_credits(%s, 100)", (f,))
         got = q(dst, "SELECT id, type FROM billing.events WHERE user_id = %s AND id > %s", (f, max_event))
         assert len(got) == 1 and got[0][1] == "balance.recovered" and got[0][0] > max_event, got
