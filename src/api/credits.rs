@@ -442,6 +442,8 @@ const LOAD_KEY: &str =
     "SELECT request, response FROM billing.idempotency_keys WHERE user_id = $1 AND scope = $3 AND idempotency_key = $2";
 const STORE_KEY: &str =
     "UPDATE billing.idempotency_keys SET response = $3 WHERE user_id = $1 AND scope = $4 AND idempotency_key = $2";
+const FORGET_KEY: &str =
+    "DELETE FROM billing.idempotency_keys WHERE user_id = $1 AND scope = $3 AND idempotency_key = $2 AND response IS NULL";
 
 // ---------------------------------------------------------------------------------------------
 // Shared pieces
@@ -470,7 +472,7 @@ impl KeyScope {
             Caller::Service => KeyScope::Service,
         }
     }
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             KeyScope::User => "user",
             KeyScope::Service => "service",
@@ -489,14 +491,34 @@ pub fn idempotent(
     fingerprint: Value,
     op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Value>,
 ) -> BResult<Value> {
-    let Some(key) = key else { return op(client) };
+    idempotent_replayed(client, user, scope, key, fingerprint, op).map(|(v, _)| v)
+}
+
+/// [`idempotent`], also saying whether the result is a replay. When `op` fails, its key is
+/// forgotten again (0.6.0): a batch that goes on after a failed item leaves no key without a
+/// result behind (a single call's error rolls the key back with everything else anyway).
+pub fn idempotent_replayed(
+    client: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    scope: KeyScope,
+    key: Option<&str>,
+    fingerprint: Value,
+    op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Value>,
+) -> BResult<(Value, bool)> {
+    let Some(key) = key else { return op(client).map(|v| (v, false)) };
     let sc = scope.as_str();
     let claimed =
         spi::write(client, CLAIM_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&fingerprint), sc.into()])?;
     if !claimed.is_empty() {
-        let response = op(client)?;
+        let response = match op(client) {
+            Ok(r) => r,
+            Err(e) => {
+                spi::write(client, FORGET_KEY, &[UUID, TEXT, TEXT], &[uuid_arg(user), key.into(), sc.into()])?;
+                return Err(e);
+            }
+        };
         spi::write(client, STORE_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&response), sc.into()])?;
-        return Ok(response);
+        return Ok((response, false));
     }
     // The key exists and its transaction committed (we waited for it). Read it with a fresh
     // snapshot: a write-mode SPI statement takes one at READ COMMITTED.
@@ -505,7 +527,7 @@ pub fn idempotent(
     let stored = col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0).unwrap_or(Value::Null);
     match idempotency::compare(key, &stored, &fingerprint) {
         Replay::Same => col::<pgrx::JsonB>(&t, 2)?
-            .map(|j| j.0)
+            .map(|j| (j.0, true))
             .ok_or_else(|| BillingError::internal("an idempotency key has no stored response")),
         Replay::Conflict(e) => Err(e),
     }
@@ -1055,7 +1077,7 @@ impl Debit {
     }
 
     /// consume_credits_v2's result as a JSON value.
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         json!({
             "success": true,
             "transaction_id": uuid_text(&self.op),
