@@ -350,7 +350,7 @@ def main():
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
     steps = [("consume", bench_consume), ("growth", bench_growth), ("memory", bench_memory),
              ("resource", bench_resource_limit), ("widgets", bench_widgets), ("rate", bench_rate_and_usage),
-             ("holds", bench_holds)]
+             ("holds", bench_holds), ("batch", lambda: __import__("batch").bench_batch(results, targets))]
     for name, fn in steps:
         if not only or name in only:
             fn()

@@ -33,7 +33,8 @@ fn jsonb_arg(a: &Args, n: usize, name: &str) -> BResult<Value> {
 /// (billing.idempotency_keys, scope 'usage': cleanup_idempotency_keys forgets them too), the
 /// events whose key was new (or that have none) are added up per user and period and upserted
 /// into billing.usage_metrics in (user, period) order. An event counts in the period it occurred
-/// in: the subscription's period when it falls inside it, else the period of the user's usage row
+/// in: for a user without a subscription its UTC calendar month (as current_usage_period), else
+/// the subscription's period when it falls inside it, else the period of the user's usage row
 /// that holds it, else its UTC calendar month. Returns the index and period of each event applied.
 /// $1 users, $2 metrics (index into pg_billing_core::batch::METRICS), $3 values, $4 keys,
 /// $5 occurred_at (PostgreSQL microseconds), $6 indexes.
@@ -48,17 +49,19 @@ WITH ev AS (
       FROM ev
       LEFT JOIN billing.subscriptions AS s ON s.user_id = ev.u
      CROSS JOIN LATERAL (
-        SELECT COALESCE(
-                 CASE WHEN ev.t >= s.current_period_start AND ev.t < s.current_period_end THEN s.current_period_start END,
-                 (SELECT m.period_start FROM billing.usage_metrics AS m
-                   WHERE m.user_id = ev.u AND m.period_start <= ev.t AND m.period_end > ev.t
-                   ORDER BY m.period_start DESC LIMIT 1),
-                 pg_catalog.date_trunc('month', ev.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') AS ps) AS p0
+        SELECT CASE WHEN s.user_id IS NULL
+                    THEN pg_catalog.date_trunc('month', ev.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                    WHEN ev.t >= s.current_period_start AND ev.t < s.current_period_end THEN s.current_period_start
+                    ELSE COALESCE((SELECT m.period_start FROM billing.usage_metrics AS m
+                                    WHERE m.user_id = ev.u AND m.period_start <= ev.t AND m.period_end > ev.t
+                                    ORDER BY m.period_start DESC LIMIT 1),
+                                  pg_catalog.date_trunc('month', ev.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') END AS ps) AS p0
      CROSS JOIN LATERAL (
         SELECT p0.ps,
-               COALESCE(CASE WHEN p0.ps = s.current_period_start THEN s.current_period_end END,
-                        (SELECT m.period_end FROM billing.usage_metrics AS m WHERE m.user_id = ev.u AND m.period_start = p0.ps),
-                        ((p0.ps AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC') AS pe) AS p
+               CASE WHEN s.user_id IS NOT NULL AND p0.ps = s.current_period_start THEN s.current_period_end
+                    WHEN s.user_id IS NULL THEN ((p0.ps AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC'
+                    ELSE COALESCE((SELECT m.period_end FROM billing.usage_metrics AS m WHERE m.user_id = ev.u AND m.period_start = p0.ps),
+                                  ((p0.ps AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC') END AS pe) AS p
 ), keys AS (
     INSERT INTO billing.idempotency_keys AS k (user_id, scope, idempotency_key, request, response)
     SELECT per.u, 'usage', per.k,
@@ -70,8 +73,8 @@ WITH ev AS (
     ON CONFLICT (user_id, scope, idempotency_key) DO NOTHING
     RETURNING k.user_id, k.idempotency_key
 ), fresh AS (
-    SELECT per.* FROM per
-     WHERE per.k IS NULL OR EXISTS (SELECT 1 FROM keys WHERE keys.user_id = per.u AND keys.idempotency_key = per.k)
+    SELECT per.* FROM per LEFT JOIN keys ON keys.user_id = per.u AND keys.idempotency_key = per.k
+     WHERE per.k IS NULL OR keys.user_id IS NOT NULL
 ), agg AS (
     SELECT fresh.u, fresh.ps, pg_catalog.min(fresh.pe) AS pe,
            COALESCE(pg_catalog.sum(fresh.v) FILTER (WHERE fresh.m = 0), 0)::bigint AS c0,
