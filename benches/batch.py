@@ -80,7 +80,7 @@ def bench_batch(results, targets):
     body = "\n".join([
         f"One client, JSON text over the wire, each event with its own idempotency key; {ROUNDS} interleaved rounds of "
         f"{BATCHES} batches of 1,000 and {SINGLES:,} single-event calls; medians (every round listed). Every event was "
-        "applied exactly once (counted in billing.idempotency_keys).", "",
+        "applied exactly once (counted in billing.usage_event_keys).", "",
         "| events over | batches of 1,000 (events/s) | one call per event (events/s) | ratio | batch rounds | single rounds |",
         "|---|---|---|---|---|---|"] + lines)
     results.append(("Batch metering, record_usage_batch", body))
@@ -90,7 +90,7 @@ def sql_count():
     c = psycopg2.connect(dbname=DB)
     try:
         with c.cursor() as cur:
-            cur.execute("SELECT count(*) FROM billing.idempotency_keys WHERE scope = 'usage'")
+            cur.execute("SELECT count(*) FROM billing.usage_event_keys")
             return cur.fetchone()[0]
     finally:
         c.close()

@@ -20,6 +20,35 @@ ALTER TABLE billing.accounts ALTER COLUMN alert_state SET NOT NULL;
 -- rate_limit.exceeded is written once per bucket.
 ALTER TABLE billing.api_usage ADD COLUMN IF NOT EXISTS exceeded_at timestamptz;
 
+-- The idempotency keys of record_usage_batch events (issue 16), and their retention.
+CREATE TABLE IF NOT EXISTS billing.usage_event_keys (
+    user_id         uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    period_start    timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS usage_event_keys_created_at_idx ON billing.usage_event_keys USING brin (created_at);
+COMMENT ON TABLE billing.usage_event_keys IS 'idempotency_key of record_usage_batch events, per user, with the period each event counted in (a repeat returns it). cleanup_idempotency_keys deletes old keys.';
+ALTER TABLE billing.usage_event_keys ENABLE ROW LEVEL SECURITY;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension AS e
+                    WHERE e.extname = 'pg_billing' AND 'billing.usage_event_keys'::pg_catalog.regclass = ANY (e.extconfig)) THEN
+        PERFORM pg_catalog.pg_extension_config_dump('billing.usage_event_keys', '');
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1),
+         usage AS (DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT ((SELECT pg_catalog.count(*) FROM gone) + (SELECT pg_catalog.count(*) FROM usage))::integer;
+$$;
+COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
+'Service-only maintenance: forgets idempotency keys (of the credit functions and, 0.6.0, of record_usage_batch events) older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
+
 -- The outbox. Every event of a user is written while that user's billing.accounts row is
 -- locked, and its id is taken after the lock, so one user's events commit in id order; tx is
 -- the writing transaction, so a consumer discovers an event only once no transaction that

@@ -30,7 +30,7 @@ fn jsonb_arg(a: &Args, n: usize, name: &str) -> BResult<Value> {
 }
 
 /// Every valid event in one statement, in (user, key) order: the keys are claimed
-/// (billing.idempotency_keys, scope 'usage': cleanup_idempotency_keys forgets them too), the
+/// (billing.usage_event_keys, with the period: cleanup_idempotency_keys forgets them too), the
 /// events whose key was new (or that have none) are added up per user and period and upserted
 /// into billing.usage_metrics in (user, period) order. An event counts in the period it occurred
 /// in: for a user without a subscription its UTC calendar month (as current_usage_period), else
@@ -63,14 +63,10 @@ WITH ev AS (
                     ELSE COALESCE((SELECT m.period_end FROM billing.usage_metrics AS m WHERE m.user_id = ev.u AND m.period_start = p0.ps),
                                   ((p0.ps AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC') END AS pe) AS p
 ), keys AS (
-    INSERT INTO billing.idempotency_keys AS k (user_id, scope, idempotency_key, request, response)
-    SELECT per.u, 'usage', per.k,
-           pg_catalog.jsonb_build_object('metric', per.m, 'value', per.v, 'occurred_at', per.t),
-           pg_catalog.jsonb_build_object('status', 'applied', 'period_start',
-               pg_catalog.to_char(per.ps AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
-      FROM per WHERE per.k IS NOT NULL
+    INSERT INTO billing.usage_event_keys AS k (user_id, idempotency_key, period_start)
+    SELECT per.u, per.k, per.ps FROM per WHERE per.k IS NOT NULL
      ORDER BY per.u, per.k
-    ON CONFLICT (user_id, scope, idempotency_key) DO NOTHING
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
     RETURNING k.user_id, k.idempotency_key
 ), fresh AS (
     SELECT per.* FROM per LEFT JOIN keys ON keys.user_id = per.u AND keys.idempotency_key = per.k
@@ -107,9 +103,9 @@ SELECT fresh.o, (pg_catalog.extract('epoch', fresh.ps) * 1000000)::bigint - 9466
 
 /// The first result of each repeated key. $1 users, $2 keys.
 const FIRST_RESULTS: &str = "
-SELECT k.user_id, k.idempotency_key, k.response
+SELECT k.user_id, k.idempotency_key, (pg_catalog.extract('epoch', k.period_start) * 1000000)::bigint - 946684800000000
   FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::text[])) AS d(u, k)
-  JOIN billing.idempotency_keys AS k ON k.user_id = d.u AND k.scope = 'usage' AND k.idempotency_key = d.k";
+  JOIN billing.usage_event_keys AS k ON k.user_id = d.u AND k.idempotency_key = d.k";
 
 /// record_usage_batch(p_events, p_atomic)
 fn record_usage_batch(a: &Args) -> BResult<Ret> {
@@ -195,7 +191,8 @@ fn record_usage_batch(a: &Args) -> BResult<Ret> {
             for row in t {
                 let u = row.get::<pgrx::Uuid>(1).or_internal()?.map(|u| *u.as_bytes()).unwrap_or_default();
                 let k = row.get::<String>(2).or_internal()?.unwrap_or_default();
-                first.insert((u, k), row.get::<pgrx::JsonB>(3).or_internal()?.map(|j| j.0).unwrap_or(Value::Null));
+                let ps = row.get::<i64>(3).or_internal()?;
+                first.insert((u, k), json!({"status": "applied", "period_start": ps.map(validate::iso_utc)}));
             }
             for (i, e) in dup {
                 let f = first.get(&(e.user, e.key.clone().unwrap_or_default())).cloned().unwrap_or(Value::Null);
