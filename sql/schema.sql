@@ -89,6 +89,14 @@ CREATE TABLE billing.accounts (
     next_hold_expiry_at            timestamptz,
     -- At most this many active holds (NULL: no cap); reserve_credits raises PT429 beyond it.
     max_active_holds               integer,
+    -- Balance alerts (0.6.0): the effective rule (the user's billing.user_balance_alerts row, else
+    -- the one of the user's effective plan; NULL: none), the balance it re-arms at
+    -- (ceil(threshold * (1 + hysteresis))), and its state: 0 armed, 1 balance.low fired, 2
+    -- balance.depleted fired. Kept by billing._sync_balance_alerts; the state moves only with an
+    -- event (src/api/events.rs), so a write to an account without a rule costs nothing more.
+    alert_threshold                bigint,
+    alert_rearm                    bigint,
+    alert_state                    smallint NOT NULL DEFAULT 0,
     -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
     -- statement that writes the table, so the hot tables keep as few as they can (overdraft_limit
     -- and debt have none: set_overdraft_limit refuses a negative limit, a repayment never exceeds

@@ -95,7 +95,7 @@ DECLARE
     -- and widget_tables are catalogs). Every other billing relation is the owner's and
     -- service_role's only. Token columns (token, token_hash, claim_token, ...: the word token
     -- between underscores) are never granted to end users.
-    readable text[] := ARRAY['accounts', 'api_usage', 'credit_expiration_events', 'credit_grants', 'credit_holds', 'credit_transactions',
+    readable text[] := ARRAY['accounts', 'api_usage', 'credit_expiration_events', 'credit_grants', 'credit_holds', 'credit_transactions', 'events',
                              'legacy_imports', 'member_overage', 'members', 'pending_profiles', 'plans',
                              'resource_types', 'subscription_events', 'subscriptions', 'usage_metrics',
                              'user_credits', 'widget_tables'];

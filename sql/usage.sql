@@ -25,6 +25,8 @@ CREATE TABLE billing.api_usage (
     bucket_start    timestamptz NOT NULL,
     request_count   integer NOT NULL DEFAULT 0,
     endpoint_counts jsonb NOT NULL DEFAULT '{}',
+    -- When the first call over the limit in this bucket wrote rate_limit.exceeded (0.6.0).
+    exceeded_at     timestamptz,
     PRIMARY KEY (user_id, bucket_start)
 );
 CREATE INDEX api_usage_bucket_idx ON billing.api_usage (bucket_start);
@@ -180,12 +182,12 @@ $$;
 COMMENT ON FUNCTION billing.check_monthly_limit(uuid, text) IS 'Whether the user is under their plan''s limit for p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period; api_calls: today, UTC). limit_value -1 = unlimited. Unknown metric: 22023. End users: own only.';
 
 CREATE FUNCTION billing._check_resource_limit(p_user_id uuid, p_resource_type text) RETURNS jsonb
-LANGUAGE c STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_resource_limit';
+LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_resource_limit';
 COMMENT ON FUNCTION billing._check_resource_limit(uuid, text) IS 'Internal: check_resource_limit as jsonb.';
 
 CREATE FUNCTION billing.check_resource_limit(p_user_id uuid, p_resource_type text)
 RETURNS TABLE (allowed boolean, current_count integer, max_allowed integer, resource_type text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT (r ->> 'allowed')::boolean, (r ->> 'current_count')::integer,
            LEAST((r ->> 'max_allowed')::bigint, 2147483647)::integer, r ->> 'resource_type'
       FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r

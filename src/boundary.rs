@@ -34,6 +34,13 @@ impl Args {
     pub fn int(&self, n: usize) -> Option<i32> {
         self.get::<i32>(n)
     }
+    pub fn bigint(&self, n: usize) -> Option<i64> {
+        self.get::<i64>(n)
+    }
+    /// A numeric argument as its text (NaN and Infinity included).
+    pub fn numeric_text(&self, n: usize) -> Option<String> {
+        self.get::<pgrx::AnyNumeric>(n).map(|v| v.to_string())
+    }
     pub fn text(&self, n: usize) -> Option<String> {
         self.get::<String>(n)
     }
@@ -197,7 +204,7 @@ fn to_datum(fcinfo: pg_sys::FunctionCallInfo, ret: Ret) -> pg_sys::Datum {
 pub unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, body: fn(&Args) -> BResult<Ret>) -> Result<pg_sys::Datum, Raise> {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let args = Args(fcinfo);
-        body(&args).map(|ret| to_datum(fcinfo, ret))
+        crate::api::events::scope(|| body(&args)).map(|ret| to_datum(fcinfo, ret))
     }));
     match outcome {
         Ok(Ok(d)) => Ok(d),

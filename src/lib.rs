@@ -20,6 +20,7 @@ pgrx::pg_module_magic!();
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     security::init_gucs();
+    api::events::init();
 }
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
@@ -32,4 +33,5 @@ extension_sql_file!("../sql/usage.sql", name = "usage", requires = ["plans"]);
 extension_sql_file!("../sql/widgets.sql", name = "widgets", requires = ["usage"]);
 extension_sql_file!("../sql/members.sql", name = "members", requires = ["widgets"]);
 extension_sql_file!("../sql/pending_profiles.sql", name = "pending_profiles", requires = ["members"]);
+extension_sql_file!("../sql/events.sql", name = "events", requires = ["pending_profiles"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);

@@ -13,6 +13,8 @@ pub static END_USER_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 pub static GRACE_PERIOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"0"));
 /// How long after a hold's expiry capture_hold still accepts it (seconds; 0.5.0).
 pub static HOLD_CAPTURE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// Whether every event also sends NOTIFY pg_billing_events (0.6.0).
+pub static NOTIFY_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init_gucs() {
     // SUSET: an end user who can run SQL must not be able to declare themselves a service
@@ -42,6 +44,16 @@ pub fn init_gucs() {
         3600,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    // USERSET: it only adds a NOTIFY to the caller's own transactions (set it per database or
+    // role, e.g. ALTER DATABASE ... SET pg_billing.notify_events = on).
+    GucRegistry::define_bool_guc(
+        c"pg_billing.notify_events",
+        c"Whether every billing event also sends NOTIFY pg_billing_events with its id.",
+        c"Off by default. On: a worker can LISTEN pg_billing_events instead of polling claim_events; the notification is sent at commit, never for a rolled-back change.",
+        &NOTIFY_EVENTS,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     crate::apptables::init_gucs();
 }

@@ -7,6 +7,7 @@
 
 pub mod credits;
 pub mod error;
+pub mod events;
 pub mod grants;
 pub mod holds;
 pub mod idempotency;

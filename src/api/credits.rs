@@ -39,11 +39,12 @@ const UUIDARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDARRAYOID);
 /// Step 2 of the lock order: lock the account and read what a write needs. $1 user. Returns the
 /// overdraft headroom (limit less debt, never below 0), the debt, whether a grant may have
 /// expired since the last write (then the caller settles first: [`SETTLE`]), whether a hold may
-/// have expired (then [`SETTLE_HOLDS`]), and the credits the active holds reserve (0.5.0).
+/// have expired (then [`SETTLE_HOLDS`]), the credits the active holds reserve (0.5.0), and
+/// whether the account has a balance rule (0.6.0: then `events::watch`).
 const LOCK: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
        COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held
+       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// The same for a debit of $2: no row, and no lock taken (so no wait behind another writer),
@@ -54,7 +55,7 @@ SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
 const LOCK_FOR_DEBIT: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
        COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held
+       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL
   FROM billing.accounts AS a
  WHERE a.user_id = $1
    AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0)
@@ -67,7 +68,7 @@ INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
           COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held";
+          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL";
 
 /// The general debit (any feature, several grants, overdraft), under the account lock: read the
 /// live grants in spending order with a fresh snapshot (taken after the lock, so nothing changes
@@ -149,7 +150,8 @@ UPDATE billing.accounts AS a
    AND NOT COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp()
                     OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp()
                     OR a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false)
-RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription'";
+RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription',
+          a.alert_threshold IS NOT NULL";
 
 /// $1 user, $2 grant, $3 amount.
 const FAST_GRANT: &str = "
@@ -223,12 +225,13 @@ SELECT acct.sub, acct.pur, acct.debt FROM acct";
 /// $4 description, $5 key, $6 credits of the expired ones that a renewal rolls over (the
 /// expiration event records only what was lost). One 'expiration' ledger row per grant, one
 /// credit_expiration_events row. Afterwards the subscription period end is cleared when it has
-/// passed (or always, with $3 false), and next_expiry_at is the earliest expiry left.
+/// passed (or always, with $3 false), and next_expiry_at is the earliest expiry left. Returns the
+/// pools after, what left each, and the grants ended with credits left (for grant.expired).
 const SETTLE: &str = "
 WITH clock AS MATERIALIZED (
     SELECT pg_catalog.clock_timestamp() AS at
 ), gone AS (
-    SELECT g.id, g.pool, g.remaining,
+    SELECT g.id, g.pool, g.remaining, g.category, g.expires_at,
            pg_catalog.row_number() OVER (ORDER BY g.priority, g.expires_at, g.effective_at, g.created_at, g.id) AS ord
       FROM billing.credit_grants AS g CROSS JOIN clock
      WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
@@ -275,11 +278,18 @@ WITH clock AS MATERIALIZED (
     INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount, description)
     SELECT $1, $2, acct.dsub + acct.dpur - $6, $4 FROM acct WHERE acct.dsub + acct.dpur - $6 > 0
 )
-SELECT acct.sub, acct.pur, acct.dsub, acct.dpur FROM acct";
+SELECT acct.sub, acct.pur, acct.dsub, acct.dpur,
+       (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                   'grant_id', gone.id, 'category', gone.category, 'pool', gone.pool, 'expired_amount', gone.remaining,
+                   'expires_at', pg_catalog.to_char(gone.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
+                 ORDER BY gone.ord)
+          FROM gone WHERE gone.remaining > 0)
+  FROM acct";
 
 /// Holds past their expiry (0.5.0), under the account lock: they become `expired` (resolved at
 /// their expiry), their credits leave the account's held sum, and next_hold_expiry_at becomes
-/// the earliest expiry of the holds left (NULL: none). Returns the held sum after. $1 user.
+/// the earliest expiry of the holds left (NULL: none). Returns the held sum after and the holds
+/// that expired (for hold.expired). $1 user.
 const SETTLE_HOLDS: &str = "
 WITH clock AS MATERIALIZED (
     SELECT pg_catalog.clock_timestamp() AS at
@@ -288,20 +298,25 @@ WITH clock AS MATERIALIZED (
        SET status = 'expired', resolved_at = h.expires_at
       FROM clock
      WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at <= clock.at
- RETURNING h.amount
+ RETURNING h.id, h.amount, h.feature, h.expires_at
 )
 UPDATE billing.accounts AS a
    SET held = a.held - COALESCE((SELECT pg_catalog.sum(gone.amount) FROM gone), 0),
        next_hold_expiry_at = (SELECT pg_catalog.min(h.expires_at) FROM billing.credit_holds AS h CROSS JOIN clock
                                WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at > clock.at)
  WHERE a.user_id = $1
-RETURNING a.held";
+RETURNING a.held,
+          (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                      'hold_id', gone.id, 'amount', gone.amount, 'feature', gone.feature,
+                      'expires_at', pg_catalog.to_char(gone.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
+                    ORDER BY gone.expires_at, gone.id)
+             FROM gone)";
 
 /// Void what remains of one grant, under the account lock. $1 user, $2 grant, $3 operation,
 /// $4 reason, $5 ledger type, $6 key, $7 reference. No row: the grant is void already.
 const VOID: &str = "
 WITH v AS (
-    SELECT g.id, g.pool, g.remaining FROM billing.credit_grants AS g
+    SELECT g.id, g.pool, g.remaining, g.category FROM billing.credit_grants AS g
      WHERE g.user_id = $1 AND g.id = $2 AND g.voided_at IS NULL
 ), upd AS (
     UPDATE billing.credit_grants AS g
@@ -317,7 +332,7 @@ WITH v AS (
            updated_at                   = pg_catalog.now()
       FROM v
      WHERE a.user_id = $1
- RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, v.remaining, v.pool
+ RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, v.remaining, v.pool, v.category
 ), ledger AS (
     INSERT INTO billing.credit_transactions
            (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
@@ -325,7 +340,7 @@ WITH v AS (
            $4, $7, $6, $2
       FROM acct WHERE acct.remaining > 0
 )
-SELECT acct.remaining, acct.sub, acct.pur, acct.debt FROM acct";
+SELECT acct.remaining, acct.sub, acct.pur, acct.debt, acct.pool::text, acct.category::text FROM acct";
 
 /// The live pools as billing.user_credits shows them, the debt, the unscoped credits (what
 /// spending without a feature can use) by pool, and what the holds reserve (read under the
@@ -568,11 +583,14 @@ pub struct Locked {
     pub held: i64,
 }
 
-fn locked(t: SpiTupleTable<'_>) -> BResult<Option<Locked>> {
+fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
     if t.is_empty() {
         return Ok(None);
     }
     let t = t.first();
+    if col::<bool>(&t, 6)?.unwrap_or(false) {
+        crate::api::events::watch(user);
+    }
     Ok(Some(Locked {
         headroom: col::<i64>(&t, 1)?.unwrap_or(0),
         debt: col::<i64>(&t, 2)?.unwrap_or(0),
@@ -589,7 +607,14 @@ pub fn settle_holds(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
     if t.is_empty() {
         return Err(unknown_account(user));
     }
-    Ok(col::<i64>(&t.first(), 1)?.unwrap_or(0))
+    let t = t.first();
+    let held = col::<i64>(&t, 1)?.unwrap_or(0);
+    if let Some(Value::Array(gone)) = col::<pgrx::JsonB>(&t, 2)?.map(|j| j.0) {
+        for h in gone {
+            crate::api::events::emit(c, user, "hold.expired", h)?;
+        }
+    }
+    Ok(held)
 }
 
 /// Settle what the lock found due: expired grants, expired holds.
@@ -612,7 +637,7 @@ pub fn lock(c: &mut SpiClient<'_>, user: &[u8; 16], create: bool) -> BResult<Loc
     } else {
         spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?
     };
-    let mut l = locked(t)?.ok_or_else(|| unknown_account(user))?;
+    let mut l = locked(t, user)?.ok_or_else(|| unknown_account(user))?;
     settle_due(c, user, &mut l)?;
     Ok(l)
 }
@@ -630,7 +655,7 @@ fn settle_locked(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
 /// Lock the account and settle its expired grants (for callers outside this module).
 pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
     let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
-    if let Some(mut l) = locked(t)? {
+    if let Some(mut l) = locked(t, user)? {
         settle_due(c, user, &mut l)?;
     }
     Ok(())
@@ -640,7 +665,7 @@ pub fn settle(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
 /// None: no account.
 pub fn lock_live(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Option<Live>> {
     let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
-    let Some(mut l) = locked(t)? else { return Ok(None) };
+    let Some(mut l) = locked(t, user)? else { return Ok(None) };
     settle_due(c, user, &mut l)?;
     live(c, user).map(Some)
 }
@@ -679,12 +704,21 @@ fn expire_grants(
         return Err(unknown_account(user));
     }
     let t = t.first();
-    Ok(Settled {
+    let s = Settled {
         sub: col::<i64>(&t, 1)?.unwrap_or(0),
         pur: col::<i64>(&t, 2)?.unwrap_or(0),
         dsub: col::<i64>(&t, 3)?.unwrap_or(0),
         dpur: col::<i64>(&t, 4)?.unwrap_or(0),
-    })
+    };
+    if let Some(Value::Array(gone)) = col::<pgrx::JsonB>(&t, 5)?.map(|j| j.0) {
+        for mut g in gone {
+            g["ended_by"] = json!(if only_expired { "expiry" } else { "period_end" });
+            g["subscription_credits_balance"] = json!(s.sub);
+            g["purchased_credits_balance"] = json!(s.pur);
+            crate::api::events::emit(c, user, "grant.expired", g)?;
+        }
+    }
+    Ok(s)
 }
 
 /// The live pools (what billing.user_credits shows) after a write.
@@ -798,7 +832,7 @@ pub fn debit(
         }
     }
     let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
-    let mut l = match locked(t)? {
+    let mut l = match locked(t, user)? {
         Some(l) => l,
         None => {
             // Unknown account (P0002), or too little stored and overdraft left: PT402 without
@@ -897,6 +931,14 @@ fn general_debit(
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
     let (sub, pur, debt) = (n(1)?, n(2)?, n(3)?);
+    if short > 0 && debt == short {
+        crate::api::events::emit(
+            c,
+            user,
+            "overdraft.entered",
+            json!({"debt": debt, "overdraft_headroom_left": headroom - short, "subscription_credits_balance": sub, "purchased_credits_balance": pur}),
+        )?;
+    }
     // Ledger rows in spending order; balance_after: the pool's stored balance after the row.
     let (mut sub_after, mut pur_after) = (sub + dsub, pur + dpur);
     let (mut pools, mut amounts, mut afters, mut grants) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -970,6 +1012,9 @@ fn fast_debit(
     let (sub, pur, debt) = (n(1)?, n(2)?, n(3)?);
     let grant = col::<pgrx::Uuid>(&t, 4)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("no grant"))?;
     let is_sub = col::<bool>(&t, 5)?.unwrap_or(false);
+    if col::<bool>(&t, 6)?.unwrap_or(false) {
+        crate::api::events::watch(user);
+    }
     if spi::write(c, FAST_GRANT, &[UUID, UUID, INT8], &[uuid_arg(user), uuid_arg(&grant), amount.into()])?.is_empty() {
         spi::write(c, FAST_UNDO, &[UUID, INT8, BOOL], &[uuid_arg(user), amount.into(), is_sub.into()])?;
         return Ok(None);
@@ -1325,7 +1370,7 @@ pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>,
         (Value::Null, 0, b.subscription, b.purchased, b.debt)
     } else {
         let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
-        let l = locked(t)?.ok_or_else(|| unknown_account(user))?;
+        let l = locked(t, user)?.ok_or_else(|| unknown_account(user))?;
         let op = new_operation_id()?;
         let s = expire_grants(c, user, &op, false, description, key, 0)?;
         (if s.dsub + s.dpur != 0 { Value::String(uuid_text(&op)) } else { Value::Null }, s.dsub, s.sub, s.pur, l.debt)
@@ -1364,7 +1409,7 @@ pub fn renew(
 ) -> BResult<Value> {
     // Lock without settling: what the renewal rolls over is read first (see ROLLOVER).
     let t = spi::write(c, LOCK_OR_CREATE, &[UUID], &[uuid_arg(user)])?;
-    let l = locked(t)?.ok_or_else(|| unknown_account(user))?;
+    let l = locked(t, user)?.ok_or_else(|| unknown_account(user))?;
     let t = spi::write(c, ROLLOVER, &[UUID], &[uuid_arg(user)])?;
     let t = t.first();
     let rolled = g::rollover(col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
@@ -1463,7 +1508,24 @@ pub fn void_locked(
     }
     let t = t.first();
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
-    Ok(Some((n(1)?, Stored { subscription: n(2)?, purchased: n(3)?, debt: n(4)?, held: 0 })))
+    let (voided, stored) = (n(1)?, Stored { subscription: n(2)?, purchased: n(3)?, debt: n(4)?, held: 0 });
+    crate::api::events::emit(
+        c,
+        user,
+        "grant.voided",
+        json!({
+            "grant_id": uuid_text(grant),
+            "pool": col::<String>(&t, 5)?,
+            "category": col::<String>(&t, 6)?,
+            "voided_amount": voided,
+            "reason": reason,
+            "ledger_type": ledger_type,
+            "subscription_credits_balance": stored.subscription,
+            "purchased_credits_balance": stored.purchased,
+            "debt": stored.debt,
+        }),
+    )?;
+    Ok(Some((voided, stored)))
 }
 
 /// clawback_credits_from_transaction(p_transaction_id, p_reason)

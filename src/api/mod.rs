@@ -3,6 +3,7 @@
 //! point that `sql/` declares.
 
 pub mod credits;
+pub mod events;
 pub mod grants;
 pub mod holds;
 pub mod members;

@@ -61,7 +61,7 @@ WITH lim AS (
     ON CONFLICT (user_id, period_start) DO UPDATE
        SET api_calls_count = m.api_calls_count + 1, updated_at = pg_catalog.now()
 )
-SELECT lim.l, pg_catalog.to_json(lim.bucket + interval '1 hour') #>> '{}', (SELECT hit.request_count FROM hit)
+SELECT lim.l, pg_catalog.to_json(lim.bucket + interval '1 hour') #>> '{}', (SELECT hit.request_count FROM hit), lim.bucket
   FROM lim";
 
 /// The registry entry of a resource type and the user's limit for it. $1 user, $2 type.
@@ -102,13 +102,22 @@ fn non_negative(name: &str, v: Option<i32>) -> BResult<i64> {
 /// Usage deltas: messages, conversations, tokens in, tokens out, documents, chunks, generations.
 pub type Deltas = [i64; 7];
 
+/// Record usage. With limit rules (0.6.0) the account is locked first (the lock order: the
+/// account before the usage row), then the rules of the user's plan are checked.
 pub fn record(c: &mut SpiClient<'_>, user: &[u8; 16], d: Deltas) -> BResult<()> {
+    let rules = crate::api::events::limit_rules_exist(c)?;
+    if rules {
+        crate::api::lock_account(c, user)?;
+    }
     spi::write(
         c,
         RECORD,
         &[UUID, INT8, INT8, INT8, INT8, INT8, INT8, INT8],
         &[uuid_arg(user), d[0].into(), d[1].into(), d[2].into(), d[3].into(), d[4].into(), d[5].into(), d[6].into()],
     )?;
+    if rules {
+        crate::api::events::check_monthly_limits(c, user)?;
+    }
     Ok(())
 }
 
@@ -156,6 +165,10 @@ fn check_api_rate_limit(a: &Args) -> BResult<Ret> {
         let limit = col::<i32>(&t, 1)?.unwrap_or(0);
         let reset_at = col::<String>(&t, 2)?;
         let count = col::<i32>(&t, 3)?;
+        let bucket = col::<pgrx::datum::TimestampWithTimeZone>(&t, 4)?;
+        if let (None, true, Some(bucket)) = (count, limit > 0, bucket) {
+            crate::api::events::rate_limit_exceeded(c, &user, &endpoint, limit, bucket, reset_at.as_deref())?;
+        }
         let remaining = match (limit, count) {
             (l, _) if l < 0 => -1,
             (l, Some(n)) => (l - n).max(0),
@@ -235,7 +248,7 @@ fn check_resource_limit(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
     security::authorize_user(&user)?;
     let ty = validate::required("p_resource_type", a.text(1))?;
-    Spi::connect(|c| {
+    Spi::connect_mut(|c| {
         let t = spi::read(c, RESOURCE, &[UUID, TEXT], &[uuid_arg(&user), ty.as_str().into()])?;
         if t.is_empty() {
             let known = col::<String>(&spi::read(c, RESOURCE_TYPES, &[], &[])?.first(), 1)?.unwrap_or_default();
@@ -250,6 +263,7 @@ fn check_resource_limit(a: &Args) -> BResult<Ret> {
         }
         let r = resource.ok_or_else(|| BillingError::internal("could not read the resource registry"))?;
         let count = count_rows(c, &r, &user)?;
+        crate::api::events::check_resource_limits(c, &user, &ty, count, r.max)?;
         Ok(json!({
             "allowed": plans::resource_allowed(count, r.max),
             "current_count": count,
