@@ -174,7 +174,7 @@ SELECT pg_temp.err($$SELECT billing.cleanup_events('59 minutes')$$) AS cleanup_s
 SELECT pg_temp.err($$SELECT billing.cleanup_events(NULL)$$) AS cleanup_null;
 -- the bounds are allowed (and the failed calls created no consumer)
 SELECT count(*) AS rows FROM billing.claim_events('a.b:c-d_9', 1, '1 second');
-SELECT count(*) AS rows FROM billing.claim_events(repeat('x', 100), 10000, '1 day');
+SELECT count(*) >= 15 AS all_retained FROM billing.claim_events(repeat('x', 100), 10000, '1 day');
 SELECT billing.ack_events('a.b:c-d_9', (SELECT max(id) FROM billing.events)) >= 0 AS ok,
        billing.ack_events(repeat('x', 100), (SELECT max(id) FROM billing.events)) >= 0 AS ok100;
 SELECT consumer FROM billing.event_consumers WHERE consumer NOT IN ('d1', 'd2') ORDER BY 1;

@@ -104,7 +104,12 @@ SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150301', 'ev_l
 SELECT * FROM pg_temp.new_limit_events('00000000-0000-0000-0000-000000150301');
 SELECT pg_temp.msgs('00000000-0000-0000-0000-000000150301', 1) AS messages;
 SELECT * FROM pg_temp.new_limit_events('00000000-0000-0000-0000-000000150301');
-SELECT bool_and((e.payload ->> 'period_start')::timestamptz = p.period_start) AS new_period
+-- limit.cleared names the period the rule had fired in (its start; no end: that period is over)
+SELECT count(*) AS cleared,
+       bool_and((e.payload ->> 'period_start')::timestamptz = (SELECT min((r.payload ->> 'period_start')::timestamptz) FROM billing.events AS r
+                                                                WHERE r.user_id = e.user_id AND r.type = 'limit.reached')) AS fired_period,
+       bool_and((e.payload ->> 'period_start')::timestamptz < p.period_start) AS before_this_period,
+       bool_and(e.payload -> 'period_end' = 'null') AS no_end
   FROM billing.events AS e CROSS JOIN billing.current_usage_period(e.user_id) AS p
  WHERE e.user_id = '00000000-0000-0000-0000-000000150301' AND e.type = 'limit.cleared';
 SELECT pg_temp.msgs('00000000-0000-0000-0000-000000150301', 2) AS messages;
@@ -177,7 +182,11 @@ SELECT type, count(*) AS events,
        count(*) FILTER (WHERE NOT payload ?& ARRAY['metric', 'percent', 'limit_value', 'current_usage', 'threshold_value', 'plan_id', 'period_start', 'period_end']) AS missing_keys
   FROM billing.events WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001503%' AND type LIKE 'limit.%' GROUP BY type ORDER BY type;
 -- leave no rule behind (other tests record usage on every plan)
-SELECT count(*) AS removed FROM (SELECT billing.set_limit_alert(metric, percent, plan_id, false) FROM billing.limit_alerts) AS r;
+-- (the table keeps '' for a rule of every plan)
+SELECT count(*) AS removed FROM (SELECT billing.set_limit_alert(metric, percent, NULLIF(plan_id, ''), false) FROM billing.limit_alerts) AS r;
 SELECT count(*) AS rules_left FROM billing.limit_alerts;
 DELETE FROM billing.resource_types WHERE resource_type = 'ev_gadgets';
 DROP TABLE public.ev_gadgets;
+DELETE FROM billing.usage_metrics WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001503%';
+DELETE FROM billing.subscriptions WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001503%';
+DELETE FROM billing.plans WHERE plan_id IN ('ev_lim', 'ev_lim_other');

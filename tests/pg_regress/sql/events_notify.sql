@@ -12,12 +12,13 @@ SET DateStyle = 'ISO, YMD';
 SELECT '/tmp/pg_billing_regress_notify_' || pg_backend_pid() || '.out' AS nfile \gset
 \setenv NFILE :nfile
 -- heard(): the lines psql wrote to the file, the PID masked and the payload shown as the event
--- it names (its type and user, '?' when no such event exists)
+-- it names (its rank among the user's events, its user and type; '?' when no such event exists)
 CREATE FUNCTION pg_temp.heard(p_file text) RETURNS TABLE (n int, line text) LANGUAGE sql AS $f$
     SELECT x.n::int,
            CASE WHEN x.line LIKE 'Asynchronous notification%' THEN
                regexp_replace(regexp_replace(x.line, 'PID \d+', 'PID <pid>'), 'payload "\d+"',
-                   'payload "<' || COALESCE((SELECT e.type || ' of ' || right(e.user_id::text, 3) FROM billing.events AS e
+                   'payload "<' || COALESCE((SELECT 'event #' || (SELECT count(*) FROM billing.events AS x WHERE x.user_id = e.user_id AND x.id <= e.id)
+                                                    || ' of user ' || right(e.user_id::text, 3) || ': ' || e.type FROM billing.events AS e
                                               WHERE e.id = (regexp_match(x.line, 'payload "(\d+)"'))[1]::bigint), '?') || '>"')
            ELSE x.line END
       FROM regexp_split_to_table(pg_read_file(p_file), E'\n') WITH ORDINALITY AS x(line, n)

@@ -188,15 +188,19 @@ SELECT * FROM pg_temp.new_events('00000000-0000-0000-0000-000000150207');
 -- the period changes (a renewal): subscription.changed (and grant.expired for the period's credits)
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150207', 'premium', 'active', '2040-02-01 00:00+00', '2040-03-01 00:00+00',
        p_event_id => 'ev15_6', p_event_created_at => '2040-02-01 00:00+00') ->> 'applied' AS applied;
-SELECT type, ref, payload ->> 'plan_id' AS plan_id, payload ->> 'status' AS status, payload ->> 'previous_status' AS previous_status,
-       payload ->> 'current_period_start' AS period_start, payload ->> 'expired_amount' AS expired_amount
+SELECT type, payload ->> 'plan_id' AS plan_id, payload ->> 'status' AS status, payload ->> 'previous_status' AS previous_status,
+       payload ->> 'current_period_start' AS period_start, payload ->> 'category' AS category, payload ->> 'expired_amount' AS expired_amount
   FROM pg_temp.new_events('00000000-0000-0000-0000-000000150207');
--- without event ids: a call that changes nothing writes nothing
-SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150208', 'pro', 'trialing', now(), now() + interval '7 days') ->> 'applied' AS applied;
+-- without event ids: a call that changes nothing writes nothing; a trial end is a change
+SELECT now() AS p_start, now() + interval '7 days' AS p_end \gset
+SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150208', 'pro', 'trialing', :'p_start', :'p_end', :'p_end') ->> 'applied' AS applied;
 SELECT type, payload ->> 'plan_id' AS plan_id, payload ->> 'status' AS status, payload ->> 'previous_plan_id' AS previous_plan_id
   FROM pg_temp.new_events('00000000-0000-0000-0000-000000150208');
-SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150208', 'pro', 'trialing') ->> 'applied' AS applied;
+SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150208', 'pro', 'trialing', :'p_start', :'p_end', :'p_end') ->> 'applied' AS applied;
 SELECT type FROM pg_temp.new_events('00000000-0000-0000-0000-000000150208');
+SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150208', 'pro', 'trialing', :'p_start', :'p_end', (:'p_end'::timestamptz) - interval '1 day') ->> 'applied' AS applied;
+SELECT type, (payload ->> 'trial_ends_at')::timestamptz = (:'p_end'::timestamptz) - interval '1 day' AS trial_ends_at
+  FROM pg_temp.new_events('00000000-0000-0000-0000-000000150208');
 -- process_expired_subscriptions: a subscription canceled whose period ended goes to free (expired)
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150209', 'pro', 'canceled', now() - interval '40 days', now() - interval '10 days') ->> 'applied' AS applied;
 SELECT type, payload ->> 'plan_id' AS plan_id, payload ->> 'status' AS status FROM pg_temp.new_events('00000000-0000-0000-0000-000000150209');
@@ -229,19 +233,20 @@ SELECT (payload ->> 'bucket_start')::timestamptz = date_trunc('hour', now() AT T
 SELECT count(*) FILTER (WHERE NOT r.allowed) AS refused
   FROM generate_series(1, 5) AS g CROSS JOIN LATERAL billing.check_api_rate_limit('00000000-0000-0000-0000-000000150210', CASE WHEN g > 0 THEN '/v1/c' END) AS r;
 SELECT * FROM pg_temp.new_events('00000000-0000-0000-0000-000000150210');
--- a plan allowing nothing: the first call is refused and fires; NULL endpoint
+-- a plan allowing no calls (0): every call is refused, and no rate_limit.exceeded is written
+-- (the implementation fires only for a limit above 0: a refused call there counts nothing)
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150211', 'ev_rl_none', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
 SELECT allowed FROM billing.check_api_rate_limit('00000000-0000-0000-0000-000000150211');
 SELECT allowed FROM billing.check_api_rate_limit('00000000-0000-0000-0000-000000150211');
 SELECT * FROM pg_temp.new_events('00000000-0000-0000-0000-000000150211') WHERE type <> 'subscription.changed';
 -- the check of an end user on their own account writes the event too (the function is the writer)
-SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150212', 'ev_rl_none', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
+SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150212', 'ev_rl_two', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
 BEGIN;
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000150212","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT allowed FROM billing.check_api_rate_limit('00000000-0000-0000-0000-000000150212', '/v1/x');
--- and reads it through RLS
-SELECT type, payload ->> 'endpoint' AS endpoint FROM billing.events;
+SELECT g, r.allowed FROM generate_series(1, 3) AS g CROSS JOIN LATERAL billing.check_api_rate_limit('00000000-0000-0000-0000-000000150212', '/v1/x' || g) AS r;
+-- and reads it through RLS (their own events only)
+SELECT type, payload ->> 'endpoint' AS endpoint FROM billing.events ORDER BY id;
 COMMIT;
 SELECT type, payload ->> 'endpoint' AS endpoint FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150212';
 -- an unlimited plan never fires
@@ -255,3 +260,7 @@ SELECT type, count(*) AS events,
        count(*) FILTER (WHERE payload ->> 'user_id' IS DISTINCT FROM user_id::text) AS wrong_user
   FROM billing.events WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001502%' GROUP BY type ORDER BY type;
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
+-- leave no plan, subscription or API bucket behind (other tests list plans and count buckets)
+DELETE FROM billing.api_usage WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001502%';
+DELETE FROM billing.subscriptions WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001502%';
+DELETE FROM billing.plans WHERE plan_id IN ('ev_rl_two', 'ev_rl_none');
