@@ -961,7 +961,7 @@ fn general_debit(
             c,
             user,
             "overdraft.entered",
-            json!({"debt": debt, "overdraft_headroom_left": headroom - short, "subscription_credits_balance": sub, "purchased_credits_balance": pur}),
+            json!({"debt": debt, "overdraft_limit": headroom, "overdraft_headroom_left": headroom - short, "subscription_credits_balance": sub, "purchased_credits_balance": pur}),
         )?;
     }
     // Ledger rows in spending order; balance_after: the pool's stored balance after the row.

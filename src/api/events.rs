@@ -505,8 +505,9 @@ pub fn rate_limit_exceeded(
 // Delivery
 // ---------------------------------------------------------------------------------------------
 
-/// Make the consumer at its first claim. $1 consumer.
-const CONSUMER: &str = "INSERT INTO billing.event_consumers (consumer) VALUES ($1) ON CONFLICT DO NOTHING";
+/// Make the consumer at its first claim. $1 consumer. (Only when it is not there: ON CONFLICT
+/// alone would wait for any claim in flight that moved the consumer's horizon.)
+const CONSUMER: &str = "INSERT INTO billing.event_consumers (consumer) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM billing.event_consumers AS k WHERE k.consumer = $1) ON CONFLICT DO NOTHING";
 
 /// Events restored from a dump of another cluster carry that cluster's transaction ids, which
 /// may lie ahead of this one's: they are final, so mark them so (tx 0), and start a consumer whose
