@@ -109,8 +109,12 @@ ALTER TABLE billing.plan_balance_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.limit_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.limit_alert_state ENABLE ROW LEVEL SECURITY;
 -- End users read their own events (so Supabase Realtime postgres_changes delivers only theirs);
--- the other tables are the service's.
-CREATE POLICY events_read_own ON billing.events FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
+-- the other tables are the service's. anon has no account: a request as anon (its role, or its
+-- JWT's role claim) reads no event whatever sub it claims.
+CREATE POLICY events_read_own ON billing.events FOR SELECT
+    USING (user_id = (SELECT billing.current_user_id())
+           AND (SELECT CURRENT_USER::text <> 'anon'
+                       AND COALESCE(NULLIF(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'role', '') <> 'anon'));
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('set_balance_alert', 'service'),

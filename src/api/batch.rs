@@ -23,10 +23,10 @@ fn error_result(index: usize, e: &BillingError) -> Value {
     json!({"index": index, "status": "error", "sqlstate": e.sqlstate(), "message": e.message()})
 }
 
-fn jsonb_arg(a: &Args, n: usize, name: &str) -> BResult<Value> {
+/// A jsonb argument (None: NULL).
+fn jsonb_arg(a: &Args, n: usize) -> Option<Value> {
     // SAFETY: the declaration's argument n is jsonb.
-    let v = unsafe { pgrx::fcinfo::pg_getarg::<pgrx::JsonB>(a.0, n) };
-    validate::required(name, v.map(|j| j.0))
+    unsafe { pgrx::fcinfo::pg_getarg::<pgrx::JsonB>(a.0, n) }.map(|j| j.0)
 }
 
 /// Every valid event in one statement, in (user, key) order: the keys are claimed
@@ -110,7 +110,7 @@ SELECT k.user_id, k.idempotency_key, (pg_catalog.extract('epoch', k.period_start
 /// record_usage_batch(p_events, p_atomic)
 fn record_usage_batch(a: &Args) -> BResult<Ret> {
     security::require_service("record_usage_batch")?;
-    let events = jsonb_arg(a, 0, "p_events")?;
+    let events = validate::required("p_events", jsonb_arg(a, 0))?;
     let atomic = validate::required("p_atomic", a.boolean(1))?;
     let items = b::items("p_events", &events)?;
     // SAFETY: reads the transaction's start time.
@@ -221,7 +221,7 @@ crate::billing_fn!(pg_finfo_pgb_record_usage_batch, pgb_record_usage_batch, reco
 /// consume_credits_batch(p_items, p_atomic)
 fn consume_credits_batch(a: &Args) -> BResult<Ret> {
     security::require_service("consume_credits_batch")?;
-    let items_v = jsonb_arg(a, 0, "p_items")?;
+    let items_v = validate::required("p_items", jsonb_arg(a, 0))?;
     let atomic = validate::required("p_atomic", a.boolean(1))?;
     let items = b::items("p_items", &items_v)?;
     let mut results: Vec<Value> = vec![Value::Null; items.len()];
