@@ -41,7 +41,7 @@ event. Meanwhile three workers of one consumer claim and acknowledge (one drops 
 as a crashed worker would): every event is acknowledged, no two claims hold an event at once, a
 dropped claim's events come back only after its visibility timeout, no acknowledged event comes
 back, no claim skips one of a user's events or hands out one before the user's earlier ones are
-acknowledged.
+acknowledged. Afterwards, accounts made after a plan's rule was set must be covered by it too.
 Prints `contention: N calls, M invariant violations`; exits 1 on any violation.
 
 Usage: contention.py [--short | --seconds S] [--threads 32] [--users 100] [--mutate]
@@ -208,6 +208,7 @@ def run(seconds, threads=32, nusers=100, quiet=False, mutate=False):
         violations += events_check.check(conn, rules, users, hold_users, None, ev_stats)
         dw.finish(None)
         violations += events_check.check_delivery(conn, dw, dv_stats)
+        violations += events_check.late_accounts_probe(conn, tag)
         if mutate:
             tried, missed = events_check.mutation_test(conn, rules, users, hold_users)
             print(f"  event checks: {tried} mutations tried, {tried - len(missed)} found"

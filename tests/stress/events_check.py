@@ -38,6 +38,7 @@ rule's state as it was set.
     and their rules are still armed;
   - delivery (`drain`): a fresh consumer claiming until nothing is left gets every event in the
     table once, each user's in id order.
+`late_accounts_probe` (contention): a plan's rule also covers accounts made after it was set.
 `DeliveryWorkers` (contention) claim and acknowledge while the mix runs, one of them dropping
 some claims as a crashed worker would; `check_delivery` verifies at-least-once delivery, that no
 two claims held one event at the same time (a dropped claim's events come back only after its
@@ -534,6 +535,33 @@ def summary(stats):
             f"{stats.get('holds balance transitions', 0)} on holds users), "
             f"grant.expired {stats.get('grant.expired', 0)}, grant.voided {stats.get('grant.voided', 0)}, "
             f"hold.expired {stats.get('hold.expired', 0)}, overdraft.entered {stats.get('overdraft.entered', 0)}")
+
+
+def late_accounts_probe(conn, tag, n=3):
+    """A plan's rule covers the accounts of the plan made after it was set, too: with a rule on
+    plan free (the plan of a user without a subscription), new users buy 500 credits and spend
+    400: each must get balance.low. The plan's rule is restored afterwards (setting and removing
+    it fires nothing). Returns violations."""
+    bad = []
+    had = q(conn, "SELECT threshold, hysteresis FROM billing.plan_balance_alerts WHERE plan_id = 'free'")
+    q(conn, "SELECT billing.set_balance_alert(200, p_plan_id := 'free', p_hysteresis := 0)")
+    try:
+        for i in range(n):
+            u = uuid.uuid4()
+            q(conn, "SELECT billing.add_purchased_credits(%s, 500, 'late account', NULL, %s)", (u, f"{tag}-late-{i}"))
+            q(conn, "SELECT billing.consume_credits_v2(%s, 400, 'late account')", (u,))
+            got = [r[0] for r in q(conn, "SELECT type FROM billing.events WHERE user_id = %s ORDER BY id", (u,))]
+            if got != ["balance.low"]:
+                t = q(conn, "SELECT alert_threshold, alert_state FROM billing.accounts WHERE user_id = %s", (u,))
+                bad.append(f"late account: a user without a subscription whose account was made after plan free's rule "
+                           f"(threshold 200) was set spent 500 -> 100: events {got}, want ['balance.low'] "
+                           f"(accounts.alert_threshold, alert_state = {t[0] if t else None})")
+    finally:
+        if had:
+            q(conn, "SELECT billing.set_balance_alert(%s, p_plan_id := 'free', p_hysteresis := %s)", had[0])
+        else:
+            q(conn, "SELECT billing.set_balance_alert(NULL, p_plan_id := 'free')")
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------
