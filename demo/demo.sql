@@ -137,6 +137,65 @@ SELECT count(*) AS users_out_of_balance FROM billing.verify_ledger();
 \echo 'End of the credit holds story.'
 
 \echo
+\echo '=== Events out (0.6.0): a low-balance alert that fires once, and a worker that drains the outbox ==='
+\set ivy '''e1000000-0000-4000-8000-0000000000e1'''
+\echo 'Ivy buys 500 credits. The app wants to e-mail her when she runs low, so it sets a balance rule on her account:'
+\echo 'below 100 credits fire balance.low (once), and only after she is back at 110 (hysteresis 10%) may it fire again.'
+SELECT billing.add_purchased_credits(:ivy, 500) ->> 'total_balance' AS balance;
+SELECT r->>'threshold' AS threshold, r->>'rearm_at' AS rearm_at FROM billing.set_balance_alert(100, :ivy) AS r;
+\echo 'Setting the rule fires nothing. She runs a job that costs 420: 80 left, below 100. The same transaction writes balance.low:'
+SELECT billing.consume_credits_v2(:ivy, 420, 'big job') ->> 'total_balance' AS balance;
+SELECT id, type, payload->>'available' AS available, payload->>'threshold' AS threshold FROM billing.events WHERE user_id = :ivy ORDER BY id;
+\echo 'She keeps working (three more jobs of 10). She is still below 100, but the rule has fired already: no new event.'
+SELECT count(billing.consume_credits_v2(:ivy, 10, 'small job')) AS jobs FROM generate_series(1, 3);
+SELECT total_balance AS balance FROM billing.get_user_credits(:ivy);
+SELECT count(*) AS ivys_events FROM billing.events WHERE user_id = :ivy;
+\echo 'She tops up 200 (250 now, above 110): balance.recovered, and the rule is armed again.'
+SELECT billing.add_purchased_credits(:ivy, 200) ->> 'total_balance' AS balance;
+SELECT id, type, payload->>'available' AS available FROM billing.events WHERE user_id = :ivy ORDER BY id;
+\echo 'Her app can show her own events (row-level security: a signed-in user reads only their rows, so Supabase Realtime'
+\echo 'can stream billing.events to her browser):'
+BEGIN;
+SELECT set_config('role', 'authenticated', true) IS NOT NULL AS as_authenticated,
+       set_config('request.jwt.claims', '{"sub":"e1000000-0000-4000-8000-0000000000e1","role":"authenticated"}', true) IS NOT NULL AS as_ivy;
+SELECT count(*) AS events_ivy_can_read, count(DISTINCT user_id) AS users FROM billing.events;
+COMMIT;
+\echo
+\echo 'The outbox also holds what happened in the stories above: Ada''s and Gus''s renewals ended their subscription'
+\echo 'grants, Gus subscribed, his chargeback voided a grant.'
+\echo 'A worker (the e-mail sender) claims a batch. Each user''s events come in order, and no other worker of the'
+\echo 'consumer gets them while they are claimed.'
+CREATE TEMP TABLE batch AS SELECT * FROM billing.claim_events('emails', 100);
+SELECT b.id, coalesce(n.who, left(b.user_id::text, 8)) AS who, b.type,
+       CASE WHEN b.type LIKE 'balance.%' THEN 'available ' || (b.payload->>'available') || ', threshold ' || (b.payload->>'threshold')
+            WHEN b.type = 'grant.expired' THEN (b.payload->>'expired_amount') || ' ' || (b.payload->>'category') || ' credits expired'
+            WHEN b.type = 'grant.voided' THEN (b.payload->>'voided_amount') || ' credits voided: ' || (b.payload->>'reason')
+            WHEN b.type = 'subscription.changed' THEN 'plan ' || (b.payload->>'plan_id') || ', ' || (b.payload->>'status')
+            ELSE b.payload::text END AS what,
+       b.deliveries
+  FROM batch AS b
+  LEFT JOIN (VALUES (:ada::uuid, 'Ada'), (:gus::uuid, 'Gus'), (:hana::uuid, 'Hana'), (:ivy::uuid, 'Ivy')) AS n(uid, who) ON n.uid = b.user_id
+ ORDER BY b.id;
+SELECT claim_id, max(id) AS up_to FROM batch GROUP BY claim_id \gset
+\echo 'It sends the e-mails, then acknowledges the batch (up to the highest id it got, for its claim id).'
+\echo 'Acknowledged events are never handed to this consumer again:'
+SELECT billing.ack_events('emails', :up_to, :'claim_id') AS acknowledged;
+SELECT count(*) AS left_to_claim FROM billing.claim_events('emails', 100);
+\echo
+\echo 'Ivy spends 200 again (50 left): the rule had re-armed, so balance.low fires a second time.'
+SELECT billing.consume_credits_v2(:ivy, 200, 'another big job') ->> 'total_balance' AS balance;
+\echo 'The worker claims it, with a 1-second visibility timeout, and crashes before acknowledging.'
+SELECT id, type, deliveries FROM billing.claim_events('emails', 100, '1 second');
+SELECT pg_sleep(1.1);
+\echo 'The claim times out and the next worker gets the same event again (at least once; deliveries counts the hand-outs):'
+SELECT claim_id AS claim2, id, type, deliveries FROM billing.claim_events('emails', 100) \gset
+\echo 'event' :id :type 'delivery' :deliveries
+SELECT billing.ack_events('emails', :id, :'claim2') AS acknowledged;
+SELECT count(*) AS left_to_claim FROM billing.claim_events('emails', 100);
+\echo
+\echo 'End of the events story.'
+
+\echo
 \echo '=== S2: a snapshots API with hourly rate limits by tier (free 50/h, premium 500/h, ultra 2000/h) ==='
 \set bob '''b0000000-0000-4000-8000-00000000000b'''
 SELECT plan_id, display_name, api_rate_limit_hourly AS requests_per_hour FROM billing.plans ORDER BY sort_order;

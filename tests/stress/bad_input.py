@@ -10,18 +10,21 @@ trigger on a users table). Its arguments are generated from the argument types a
   uuid         a user with an account, a user without one, a user whose balance is near 2^63-1,
                a member / purchase / pending profile (by parameter name), a random uuid, NULL
   integer      NULL, 0, -1, 1, 2147483647, -2147483648 (a balance near 2^63-1 makes sums overflow)
+  bigint       NULL, 0, -1, 1, 2^31, 2^63-1, -2^63 (p_threshold, p_up_to_id: a valid one first)
+  numeric      NULL, 0, 10, just above 10, -0.1, NaN, +-Infinity, 1e1000, 1e-1000 (p_hysteresis: 0.1 first)
   text         NULL, '', 1 MB, SQL-injection strings, U+202E, emoji, combining marks, and the
                plausible values (plans, metrics, resource and widget types, statuses, schemas,
                e-mails, ...) so the deeper code paths run
   timestamptz/date  NULL, infinity, -infinity, now()±, the type's extremes
-  interval     NULL, '-1 day', '100 years', the type's extremes
+  interval     NULL, '-1 day', '100 years', the type's extremes (p_ttl, p_visibility_timeout: a valid one first)
   boolean      NULL, true, false
   regclass/oid a real table, a table whose name holds quotes and SQL, a view, a catalog, an
                index, an oid that names no relation, NULL
   name         a real column, a missing column, quotes and SQL, '', 63+ characters
   jsonb/text[] NULL, {}, [], scalars, wrong-typed limits, ...
-One argument varies at a time from a valid baseline, plus all-NULL calls (the long variant adds
-more values and random two-argument combinations). Every call runs as the service caller
+One argument varies at a time from a valid baseline (a function with two ways to be called, such
+as set_balance_alert for a user or for a plan, from each), plus all-NULL calls (the long variant
+adds more values and random two-argument combinations). Every call runs as the service caller
 (postgres), in autocommit, one statement, with a statement timeout.
 
 Each call must end in success or a documented SQLSTATE (README's error table: 22023, 22003,
@@ -41,6 +44,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg2
@@ -146,6 +150,15 @@ def setup(conn, tag):
         c["hold"] = uuid.UUID(str(q(conn, "SELECT billing.reserve_credits(%s, 100, '24 hours')", (c["user"],))[0][0]["hold_id"]))
         c["hold_done"] = uuid.UUID(str(q(conn, "SELECT billing.reserve_credits(%s, 10)", (c["user"],))[0][0]["hold_id"]))
         q(conn, "SELECT billing.release_hold(%s)", (c["hold_done"],))
+    # Events (0.6.0): a balance rule on `user` (crossed by the sweep's consumptions), a consumer
+    # with a claim in flight (p_consumer, p_claim_id).
+    c["claim"] = None
+    if q(conn, "SELECT to_regclass('billing.events') IS NOT NULL")[0][0]:
+        q(conn, "SELECT billing.set_balance_alert(1500000, %s)", (c["user"],))
+        q(conn, "SELECT billing.consume_credits_v2(%s, 600000)", (c["user"],))
+        q(conn, "SELECT billing.add_purchased_credits(%s, 600000)", (c["user"],))
+        rows = q(conn, "SELECT claim_id FROM billing.claim_events('bi-consumer', 2)")
+        c["claim"] = rows[0][0] if rows else None
     c["member"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_member(%s, 'pro')", (c["email"],))[0][0]["member_id"]))
     c["profile"] = uuid.UUID(str(q(conn, "SELECT billing.upsert_pending_profile(%s, 'tok')", (c["email2"],))[0][0]["id"]))
     # Tables an app would register.
@@ -232,7 +245,17 @@ NAMED_TEXT = {
     "p_reference_id": [None, "ref-1"],
     "p_category": ["promotional", "subscription", "purchased", "rollover", "refund", "PROMOTIONAL", " refund", "bogus"],
     "p_feature": [None, "chat", "image", "x" * 256],
+    "p_consumer": ["bi-consumer", "bi-other", "webhooks:v1", "a" * 100, "a" * 101, "bad consumer"],
 }
+# Parameters whose baseline differs by function: set_balance_alert's rule is a user's (p_plan_id
+# NULL); ALT_BASELINES varies it from a plan's rule too.
+FN_TEXT = {("set_balance_alert", "p_plan_id"): [None, "pro", "free", "PRO", "no_such_plan"]}
+ALT_BASELINES = {"set_balance_alert": [{"p_user_id": None, "p_plan_id": "pro"}]}
+NAMED_BIGINT = {
+    "p_threshold": [100, 1, 1500000],
+    "p_up_to_id": [9223372036854775807, 1],
+}
+BIGINT_SHORT = [None, 0, -1, 1, 2147483648, 9223372036854775807, -9223372036854775808]
 NAMED_INT = {
     "p_amount": [1, 2, 1000000, 2000000],
     "p_limit": [5, 1, 1000, 1001],
@@ -270,7 +293,7 @@ class Gen:
             return vals + generic
         if name in ("p_user_column", "p_balance_column"):
             return []    # 'name' typed; see name_values
-        named = NAMED_TEXT.get(name)
+        named = FN_TEXT.get((fn, name), NAMED_TEXT.get(name))
         if named is not None:
             return named + [v for v in generic if v not in named]
         return ["x"] + generic
@@ -284,6 +307,8 @@ class Gen:
         c = self.ctx
         if "grant" in name:
             vals = [v for v in (c["grant"], c["voided"]) if v is not None] + [c["user"]]
+        elif "claim" in name:
+            vals = ([c["claim"]] if c.get("claim") else []) + [c["user"]]
         elif "hold" in name:
             vals = [v for v in (c.get("hold"), c.get("hold_done")) if v is not None] + [c["user"]]
         elif "member" in name:
@@ -324,6 +349,16 @@ class Gen:
             return self.uuid_values(fn, name)
         if typ == "integer":
             return self.int_values(name)
+        if typ == "bigint":
+            base = NAMED_BIGINT.get(name, [1])
+            return base + [v for v in BIGINT_SHORT if v not in base]
+        if typ == "numeric":
+            vals = [Decimal("0.1") if name == "p_hysteresis" else Decimal(1), Decimal(0), Decimal(10), Decimal("10.0000000001"),
+                    Decimal("-0.1"), Raw("'NaN'::numeric"), Raw("'Infinity'::numeric"), Raw("'-Infinity'::numeric"),
+                    Raw("'1e1000'::numeric"), Raw("'1e-1000'::numeric"), None]
+            if self.long:
+                vals += [Decimal("9.99999999999999999999"), Decimal("10.000000000000000000001"), Decimal("1e-20")]
+            return vals
         if typ == "text":
             return self.text_values(fn, name)
         if typ in ("timestamp with time zone", "timestamptz"):
@@ -344,12 +379,14 @@ class Gen:
             return vals
         if typ == "interval":
             # (A hold's TTL is 1 second to 24 hours: its baseline is a valid one.)
-            vals = ([Raw("'5 minutes'::interval")] if name == "p_ttl" else []) + [Raw("'7 days'::interval"), None, Raw("'-1 day'::interval"), Raw("'0'::interval"),
+            first = {"p_ttl": "5 minutes", "p_visibility_timeout": "30 seconds"}.get(name)
+            vals = ([Raw(f"'{first}'::interval")] if first else []) + [Raw("'7 days'::interval"), None, Raw("'-1 day'::interval"), Raw("'0'::interval"),
                     Raw("'100 years'::interval"), Raw("'-100 years'::interval"), Raw("'178000000 years'::interval"),
                     Raw("'-178000000 years'::interval")]
             if self.long:
                 vals += [Raw("'1 microsecond'::interval"), Raw("'2147483647 days'::interval"),
-                         Raw("'-2147483648 months'::interval")]
+                         Raw("'-2147483648 months'::interval"), Raw("'1 day'::interval"), Raw("'1 day 1 microsecond'::interval"),
+                         Raw("'1 month'::interval"), Raw("'999999 microseconds'::interval")]
             return vals
         if typ == "boolean":
             return [True, False, None]
@@ -383,6 +420,7 @@ class Result:
         self.crashes = []
         self.timeouts = []
         self.checks = []           # other findings (verify_ledger, ...)
+        self.by_fn = Counter()     # (function, 'ok' | 'failed') -> calls
 
     @property
     def findings(self):
@@ -473,6 +511,8 @@ class Sweeper:
             self.res.outcomes["crash"] += 1
             return "crash"
         self.res.outcomes[outcome] += 1
+        if where.startswith("billing."):
+            self.res.by_fn[(where[8:].split("(")[0], "ok" if outcome == "ok" else "failed")] += 1
         if outcome == "ok":
             self.state = self.snapshot()
             return outcome
@@ -584,6 +624,20 @@ def sweep(sw, ctx, long, rnd):
                 args[i] = v
                 sql, params = call_sql(fn, names, types, args, prokind)
                 sw.call(f"billing.{fn}({n} := {label(v)})", sql, params)
+        for alt in ALT_BASELINES.get(fn, []):
+            def alt_base():
+                return [alt[n] if n in alt else b for n, b in zip(names, fresh_base())]
+            desc = ", ".join(f"{k} := {label(v)}" for k, v in alt.items())
+            sql, params = call_sql(fn, names, types, alt_base(), prokind)
+            sw.call(f"billing.{fn}({desc}) (baseline)", sql, params)
+            for i, (n, t) in enumerate(zip(names, types)):
+                if n in alt and alt[n] is None:
+                    continue
+                for v in valsets[i][1:]:
+                    args = alt_base()
+                    args[i] = v
+                    sql, params = call_sql(fn, names, types, args, prokind)
+                    sw.call(f"billing.{fn}({desc}, {n} := {label(v)})", sql, params)
         sql, params = call_sql(fn, names, types, [None] * len(types), prokind)
         sw.call(f"billing.{fn}(all NULL)", sql, params)
         # Sums that overflow a balance: the account near 2^63-1 with large amounts.
@@ -671,6 +725,10 @@ def run(long=False, verbose=False, quiet=False, seed=1):
     if not quiet:
         print(f"  {fmt(res.tried)} calls in {time.time() - t0:.1f} s; outcomes: "
               + ", ".join(f"{k} {v}" for k, v in sorted(res.outcomes.items(), key=lambda kv: -kv[1])), flush=True)
+        fns = ("set_balance_alert", "set_limit_alert", "claim_events", "ack_events", "cleanup_events")
+        if any(res.by_fn[(f, "ok")] + res.by_fn[(f, "failed")] for f in fns):
+            print("  events functions (0.6.0): " + ", ".join(
+                f"{f} {res.by_fn[(f, 'ok')] + res.by_fn[(f, 'failed')]} ({res.by_fn[(f, 'ok')]} ok)" for f in fns), flush=True)
         for f in res.findings[:60]:
             print("  FINDING:", f, flush=True)
         if len(res.findings) > 60:

@@ -30,9 +30,21 @@ every successful call returned. Afterwards it checks:
   - no call raised an error other than PT402 (not enough credits);
   - credit holds (0.5.0, tests/stress/holds_mix.py, on users of their own): each hold resolved
     at most once, captured + released = held, no credit spent twice or lost.
+Events (0.6.0, tests/stress/events_check.py): balance rules are set on half the users before the
+mix starts (their own, with thresholds around their balances; the subscribed users also get their
+plan's) and on half the holds users, so many writers cross the same user's threshold at once.
+The rules must fire once: each user's balance.low / balance.depleted / balance.recovered events
+alternate as the rule's state machine allows (no second balance.low without a balance.recovered
+between) and are exactly what the committed ledger, replayed per transaction through it,
+predicts; every expiration row, voided grant, expired hold and entry into debt has exactly one
+event. Meanwhile three workers of one consumer claim and acknowledge (one drops every fourth claim
+as a crashed worker would): every event is acknowledged, no two claims hold an event at once, a
+dropped claim's events come back only after its visibility timeout, no acknowledged event comes
+back, no claim skips one of a user's events or hands out one before the user's earlier ones are
+acknowledged. Afterwards, accounts made after a plan's rule was set must be covered by it too.
 Prints `contention: N calls, M invariant violations`; exits 1 on any violation.
 
-Usage: contention.py [--short | --seconds S] [--threads 32] [--users 100]
+Usage: contention.py [--short | --seconds S] [--threads 32] [--users 100] [--mutate]
 (connection from PGHOST/PGPORT/PGUSER/PGDATABASE)."""
 import argparse
 import sys
@@ -43,9 +55,14 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import events_check  # noqa: E402
 import holds_mix  # noqa: E402
 import ledger_check  # noqa: E402
 from common import (MUTATORS, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
+
+
+def has_events(conn):
+    return q(conn, "SELECT to_regclass('billing.events') IS NOT NULL")[0][0]
 
 
 def has_holds(conn):
@@ -145,8 +162,9 @@ def check(conn, users, setup_calls, rec, violations, stats=None):
     return len(calls)
 
 
-def run(seconds, threads=32, nusers=100, quiet=False):
-    """Run the contention test; returns (calls, violations list)."""
+def run(seconds, threads=32, nusers=100, quiet=False, mutate=False):
+    """Run the contention test; returns (calls, violations list). `mutate`: afterwards, check that
+    the event checks find each of events_check.MUTATIONS."""
     conn = connect()
     ensure_roles(conn)
     q(conn, "SELECT billing.expose_rpc('public')")
@@ -162,6 +180,12 @@ def run(seconds, threads=32, nusers=100, quiet=False):
     if hold_users:
         ts += [threading.Thread(target=holds_mix.worker, args=(None, hold_users, stop, hrec, f"{tag}-h{i}", hash((tag, "h", i))),
                                 daemon=True) for i in range(max(threads // 4, 2))]
+    # Events (0.6.0): balance rules on the contended users; workers of one consumer deliver.
+    rules = dw = None
+    if has_events(conn):
+        rules = events_check.set_rules(conn, users, hold_users, seed=hash(tag))
+        dw = events_check.DeliveryWorkers(f"stress-{tag}")
+        ts += dw.threads(None, stop, seed=hash(tag))
     t0 = time.time()
     for t in ts:
         t.start()
@@ -179,6 +203,17 @@ def run(seconds, threads=32, nusers=100, quiet=False):
         hlost, hbad = holds_mix.check(conn, hold_users, hrec.calls)
         violations += hlost + hbad
         n += len(hrec.calls)
+    ev_stats, dv_stats = {}, {}
+    if rules is not None:
+        violations += events_check.check(conn, rules, users, hold_users, None, ev_stats)
+        dw.finish(None)
+        violations += events_check.check_delivery(conn, dw, dv_stats)
+        violations += events_check.late_accounts_probe(conn, tag)
+        if mutate:
+            tried, missed = events_check.mutation_test(conn, rules, users, hold_users)
+            print(f"  event checks: {tried} mutations tried, {tried - len(missed)} found"
+                  + (f"; missed: {missed}" if missed else ""), flush=True)
+            violations += [f"event checks missed: {m}" for m in missed]
     conn.close()
     if not quiet:
         by = defaultdict(int)
@@ -190,6 +225,9 @@ def run(seconds, threads=32, nusers=100, quiet=False):
             print("  holds: " + holds_mix.stats(hrec.calls), flush=True)
         if stats.get("grants"):
             print("  grants: " + ", ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
+        if rules is not None:
+            print(f"  {events_check.summary(ev_stats)}", flush=True)
+            print("  delivery: " + ", ".join(f"{k} {v}" for k, v in dv_stats.items()), flush=True)
         for v in violations[:30]:
             print("  VIOLATION:", v, flush=True)
     return n, violations
@@ -202,9 +240,10 @@ def main():
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--mutate", action="store_true", help="afterwards, check that the event checks find planted mistakes")
     a = ap.parse_args()
     secs = a.seconds or (300 if a.long else 20)
-    n, violations = run(secs, a.threads, a.users)
+    n, violations = run(secs, a.threads, a.users, mutate=a.mutate)
     print(f"contention: {fmt(n)} calls, {fmt(len(violations))} invariant violations", flush=True)
     return 1 if violations else 0
 

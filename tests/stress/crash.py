@@ -21,9 +21,19 @@ client made:
 Credit holds (0.5.0, tests/stress/holds_mix.py) run beside the mix on users of their own: after
 the restart every hold resolved at most once, captured + released = held, every committed
 reservation, capture and release is there, and no credit is spent twice or lost.
+Events (0.6.0, tests/stress/events_check.py): before the mix starts, balance rules are set on
+half of its users (their own; the subscribed users also get their plan's) and on half the holds
+users, and a probe thread crosses the threshold of users of its own in transactions that never
+commit (ROLLBACK, an error, ROLLBACK TO SAVEPOINT; or killed in flight). After the restart the
+committed ledger of each user with a rule, replayed per transaction through the rule's state
+machine, must predict exactly the balance.* events recovery left (type, order, writing
+transaction, available balance); every expiration row, voided grant, expired hold and entry into
+debt has exactly one grant.expired / grant.voided / hold.expired / overdraft.entered event of its
+transaction, none more; no event exists of a probe transaction; and a fresh consumer claiming
+until nothing is left gets every event once, each user's in id order.
 Prints `crash: N committed calls, M lost`; exits 1 on any loss or violation.
 
-Usage: crash.py [--short (one kill) | --long (several kill cycles)] [--cycles N] [--threads 16]"""
+Usage: crash.py [--short (one kill) | --long (several kill cycles)] [--cycles N] [--threads 16] [--mutate]"""
 import argparse
 import sys
 import threading
@@ -33,6 +43,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import events_check  # noqa: E402
 import holds_mix  # noqa: E402
 import ledger_check  # noqa: E402
 from common import (MUTATORS, Call, Cluster, Recorder, connect, ensure_roles, fmt, q, setup_users, worker)  # noqa: E402
@@ -122,7 +133,7 @@ def check(conn, users, calls):
     return committed, lost, bad
 
 
-def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
+def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False, mutate=False):
     cl = Cluster()
     try:
         su = connect(cl.dsn())
@@ -138,6 +149,9 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
         # Credit holds (0.5.0), on users of their own, beside the main mix.
         hold_users = holds_mix.setup(conn, max(nusers // 5, 4), tag + "h")
         hold_calls = []
+        # Events (0.6.0): balance rules on the mix's users, and the rollback probe.
+        rules = events_check.set_rules(conn, users, hold_users, seed=hash(tag))
+        probe = events_check.RollbackProbe(conn, 4, tag + "p")
         conn.close()
         all_calls = list(setup_calls)
         unexpected = []
@@ -154,6 +168,7 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
             ts += [threading.Thread(target=holds_mix.worker,
                                     args=(dsn, hold_users, stop, hrec, f"{tag}{cycle}-h{i}", hash((tag, cycle, "h", i)), dead.is_set),
                                     daemon=True) for i in range(max(threads // 4, 2))]
+            ts.append(threading.Thread(target=probe.run, args=(dsn, stop, dead.is_set, hash((tag, cycle, "p"))), daemon=True))
             for t in ts:
                 t.start()
             time.sleep(run_seconds)
@@ -176,6 +191,15 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
             lost += hlost
             bad += hbad
             committed += sum(c.status == "ok" for c in hold_calls)
+            ev_stats = {}
+            bad += events_check.check(conn, rules, users, hold_users, probe, ev_stats)
+            delivered, dbad = events_check.check_drain(conn, f"crash-check-{cycle}")
+            bad += dbad
+            if mutate:
+                tried, missed = events_check.mutation_test(conn, rules, users, hold_users, probe)
+                print(f"    event checks: {tried} mutations tried, {tried - len(missed)} found"
+                      + (f"; missed: {missed}" if missed else ""), flush=True)
+                bad += [f"event checks missed: {m}" for m in missed]
             conn.close()
             n_unknown = sum(c.status == "unknown" for c in rec.calls)
             if not quiet:
@@ -183,6 +207,8 @@ def run(cycles=1, run_seconds=4.0, threads=16, nusers=100, quiet=False):
                       f"{fmt(sum(c.status == 'ok' for c in rec.calls))} committed, "
                       f"{fmt(sum(c.status == 'fail' for c in rec.calls))} failed, {n_unknown} in flight; "
                       f"{len(lost)} lost, {len(bad)} violations", flush=True)
+                print(f"    {events_check.summary(ev_stats)}; {probe.summary()}; a fresh consumer drained "
+                      f"{fmt(delivered)} events", flush=True)
             if lost or bad:
                 break
         for c in unexpected:
@@ -202,10 +228,11 @@ def main():
     ap.add_argument("--cycles", type=int)
     ap.add_argument("--seconds", type=float, help="mix time before each kill")
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--mutate", action="store_true", help="after each check, check that the event checks find planted mistakes")
     a = ap.parse_args()
     cycles = a.cycles or (8 if a.long else 1)
     secs = a.seconds or (20 if a.long else 4)
-    committed, lost, bad, kills = run(cycles, secs, a.threads)
+    committed, lost, bad, kills = run(cycles, secs, a.threads, mutate=a.mutate)
     print(f"crash: {fmt(committed)} committed calls, {fmt(len(lost))} lost"
           + (f", {fmt(len(bad))} other violations" if bad else "") + f" ({kills} SIGKILLs)", flush=True)
     return 1 if (lost or bad) else 0

@@ -26,6 +26,11 @@ data in every billing table, and then, as end users, tries everything they must 
   - app tables (issue 11 item 1): a role with CREATE on public plants a view widget_<x>, an enum
     cast to json in a widget table, and a registered resource table swapped for a view, each
     calling its function that tries ALTER ROLE ... SUPERUSER: it must never run as a superuser;
+  - events (0.6.0): A and B each hold events (balance.low, limit.reached, subscription.changed),
+    a balance rule, a limit rule's state and a consumer's cursor, so the read sweep sees end users
+    read only their own events (RLS) and nothing of the other event tables; the new functions
+    (set_balance_alert, set_limit_alert, claim_events, ack_events, cleanup_events) are in the
+    function sweep; controls: A reads their own events, service_role calls each of them;
   - grants (0.3.0): a role with no billing grants that writes request.jwt.claims (any role can)
     reads no billing table or view (42501); no column holding a claim token is readable by anon
     or authenticated (SELECT col, SELECT *, WHERE col = ...); a role with CREATE on a schema
@@ -94,6 +99,23 @@ def setup(conn):
         q(conn, """SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active',
                    p_current_period_end := now() + interval '30 days', p_event_id := %s)""", (u, f"evt-sub-{u}"))
     ctx["tx_b"] = q(conn, "SELECT billing.add_purchased_credits(%s, 11)", (b,))[0][0]["transaction_id"]
+    # Events (0.6.0): A and B each have a balance rule that fired (balance.low), a limit rule that
+    # fired (limit.reached, limit_alert_state), subscription.changed, and a cursor of a consumer,
+    # so billing.events and the tables around it hold rows of B for the read sweep.
+    ctx["events"] = bool(q(conn, "SELECT to_regclass('billing.events') IS NOT NULL")[0][0])
+    if ctx["events"]:
+        q(conn, "SELECT billing.set_limit_alert('tokens_input', 1, 'pro')")
+        for u in (a, b):
+            av = q(conn, "SELECT subscription_credits_balance + purchased_credits_balance - held - debt FROM billing.accounts "
+                         "WHERE user_id = %s", (u,))[0][0]
+            q(conn, "SELECT billing.set_balance_alert(%s, %s)", (av, u))
+            q(conn, "SELECT billing.consume_credits_v2(%s, 1, 'sweep')", (u,))
+            q(conn, "SELECT billing.record_message_usage(%s, 30000, 0)", (u,))
+        q(conn, "SELECT billing.set_limit_alert('tokens_input', 1, 'pro', false)")
+        q(conn, "SELECT count(*) FROM billing.claim_events('sweep-consumer', 1000)")
+        kinds = {r[0] for r in q(conn, "SELECT DISTINCT type FROM billing.events WHERE user_id = %s", (b,))}
+        if not {"balance.low", "limit.reached", "subscription.changed"} <= kinds:
+            raise RuntimeError(f"setup: user B's events are {sorted(kinds)}")
     # Credit grants (0.4.0): A and B each hold a scoped promotion, a grant starting tomorrow, a
     # voided grant, a consumption with a feature and an overdraft limit, so credit_grants has
     # rows of B for the read sweep; p_grant_id arguments name B's (or, "on A", A's) live grant.
@@ -973,6 +995,22 @@ def run(quiet=False):
                 postgrest_call(end, role, claims(role, who), sql, params)
             except psycopg2.Error as e:
                 sw.notes.append(f"control call refused: {sql}: {e.pgcode} {e.pgerror}")
+    if ctx["events"]:
+        # ... and so do reading one's own events (RLS) and the service's event functions.
+        try:
+            mine, others = postgrest_call(end, "authenticated", claims("authenticated", ctx["a"]),
+                                          "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE user_id <> %s) "
+                                          "FROM billing.events", (ctx["a"], ctx["a"]))[0]
+            if mine < 3 or others:
+                sw.notes.append(f"control: end user A reads {mine} of their own events and {others} of others")
+            for sql, params in [("SELECT count(*) FROM public.claim_events(p_consumer := 'sweep-service', p_limit := 10)", ()),
+                                ("SELECT public.set_balance_alert(p_threshold := 5, p_user_id := %s)", (ctx["b"],)),
+                                ("SELECT public.set_limit_alert(p_metric := 'messages', p_percent := 80, p_enabled := false)", ()),
+                                ("SELECT public.ack_events(p_consumer := 'sweep-service', p_up_to_id := 0)", ()),
+                                ("SELECT public.cleanup_events(p_older_than := '7 days')", ())]:
+                postgrest_call(end, "service_role", claims("service_role"), sql, params)
+        except psycopg2.Error as e:
+            sw.notes.append(f"control call refused: {e.pgcode} {e.pgerror}")
     static_checks(su, sw)
     sweep_functions(end, ctx, sw)
     sweep_tables(end, su, ctx, sw)
