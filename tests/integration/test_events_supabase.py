@@ -121,8 +121,11 @@ def test_end_user_reads_own_events_only():
     # u2 sees their own only
     rows2 = postgrest_call(c, "authenticated", claims("authenticated", u2), "SELECT user_id, count(*) FROM billing.events GROUP BY 1")
     assert rows2 == [(u2, 2)], rows2
-    # anon (Supabase's anon key: no sub claim) sees none
+    # anon (Supabase's anon key: no sub claim) sees none, and neither does a request as anon that
+    # claims a sub (the policy refuses anon whatever it claims)
     assert postgrest_call(c, "anon", {"role": "anon"}, "SELECT count(*) FROM billing.events") == [(0,)]
+    assert postgrest_call(c, "anon", claims("anon", u1), "SELECT count(*) FROM billing.events") == [(0,)]
+    assert postgrest_call(c, "authenticated", claims("anon", u1), "SELECT count(*) FROM billing.events") == [(0,)]
     # authenticated without a sub: none
     assert postgrest_call(c, "authenticated", {"role": "authenticated"}, "SELECT count(*) FROM billing.events") == [(0,)]
     # service_role sees every user's
