@@ -613,7 +613,7 @@ const CONSUMER_EXISTS: &str = "SELECT 1 FROM billing.event_consumers AS k WHERE 
 /// so an ack and a discovery never wait for each other in a cycle.
 const ACK: &str = "
 WITH before AS (
-    SELECT c.user_id, c.acked_id AS old, LEAST(c.claimed_up_to, $2) AS new, $2 >= c.claimed_up_to AS done
+    SELECT c.user_id, c.acked_id AS old, c.claim_id
       FROM billing.event_cursors AS c
      WHERE c.consumer = $1 AND c.claim_id IS NOT NULL AND ($3::uuid IS NULL OR c.claim_id = $3)
        AND c.acked_id < LEAST(c.claimed_up_to, $2)
@@ -621,15 +621,19 @@ WITH before AS (
        FOR UPDATE
 ), acked AS (
     UPDATE billing.event_cursors AS c
-       SET acked_id      = before.new,
-           pending_from  = GREATEST(c.pending_from, before.new + 1),
-           claim_id      = CASE WHEN before.done THEN NULL ELSE c.claim_id END,
-           claimed_until = CASE WHEN before.done THEN NULL ELSE c.claimed_until END,
-           deliveries    = CASE WHEN before.done THEN 0 ELSE c.deliveries END,
-           claimed_up_to = CASE WHEN before.done THEN NULL ELSE c.claimed_up_to END
+       SET acked_id      = LEAST(c.claimed_up_to, $2),
+           pending_from  = GREATEST(c.pending_from, LEAST(c.claimed_up_to, $2) + 1),
+           claim_id      = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claim_id END,
+           claimed_until = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_until END,
+           deliveries    = CASE WHEN $2 >= c.claimed_up_to THEN 0 ELSE c.deliveries END,
+           claimed_up_to = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_up_to END
       FROM before
      WHERE c.user_id = before.user_id AND c.consumer = $1
-    RETURNING c.user_id, before.old, before.new
+       -- again on the row as it is now: a claim that took the cursor while this ack waited for
+       -- its lock is another claim, and stays (the values of `before` are a copy from before the
+       -- wait when the update re-checks a row another transaction changed).
+       AND c.claim_id = before.claim_id AND c.acked_id < LEAST(c.claimed_up_to, $2)
+    RETURNING c.user_id, before.old, c.acked_id AS new
 )
 SELECT pg_catalog.count(e.id)::integer
   FROM acked JOIN billing.events AS e ON e.user_id = acked.user_id AND e.id > acked.old AND e.id <= acked.new";
