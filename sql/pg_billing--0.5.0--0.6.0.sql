@@ -90,7 +90,10 @@ CREATE TABLE IF NOT EXISTS billing.event_cursors (
     claim_id      uuid,
     claimed_up_to bigint,
     claimed_until timestamptz,
-    -- How often the pending events were handed out (1 at the first claim; reset by an ack).
+    -- The highest event ever handed out (since everything handed out was last acknowledged),
+    -- and how often the oldest of them were handed out: an event up to handed_up_to is handed
+    -- out again as deliveries + 1, a newer one as 1 (so deliveries > 1 means "maybe seen").
+    handed_up_to  bigint NOT NULL DEFAULT 0,
     deliveries    integer NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, consumer)
 );
@@ -362,7 +365,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
       FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
-'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries counts the hand-outs). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
+'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
 
 CREATE OR REPLACE FUNCTION billing.ack_events(p_consumer text, p_up_to_id bigint, p_claim_id uuid DEFAULT NULL)
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

@@ -548,7 +548,7 @@ UPDATE billing.event_consumers AS k SET horizon = h.upto
 /// consumer, $2 limit, $3 claim id, $4 visibility timeout in microseconds.
 const CLAIM: &str = "
 WITH cur AS (
-    SELECT c.user_id, c.acked_id, c.last_event_id, c.deliveries
+    SELECT c.user_id, c.acked_id, c.last_event_id, c.deliveries, c.handed_up_to
       FROM billing.event_cursors AS c
      WHERE c.consumer = $1 AND c.last_event_id > c.acked_id
        AND (c.claimed_until IS NULL OR c.claimed_until <= pg_catalog.clock_timestamp())
@@ -556,7 +556,8 @@ WITH cur AS (
      LIMIT $2
        FOR UPDATE SKIP LOCKED
 ), ev AS (
-    SELECT e.user_id, e.id, e.type, e.payload, e.created_at, cur.deliveries + 1 AS deliveries
+    SELECT e.user_id, e.id, e.type, e.payload, e.created_at,
+           CASE WHEN e.id <= cur.handed_up_to THEN cur.deliveries + 1 ELSE 1 END AS deliveries
       FROM cur
      CROSS JOIN LATERAL (SELECT e.user_id, e.id, e.type, e.payload, e.created_at
                            FROM billing.events AS e
@@ -566,12 +567,13 @@ WITH cur AS (
      ORDER BY e.id
      LIMIT $2
 ), got AS (
-    SELECT ev.user_id, pg_catalog.max(ev.id) AS up_to FROM ev GROUP BY ev.user_id
+    SELECT ev.user_id, pg_catalog.max(ev.id) AS up_to, pg_catalog.max(ev.deliveries) AS deliveries FROM ev GROUP BY ev.user_id
 ), upd AS (
     UPDATE billing.event_cursors AS c
        SET claim_id = $3, claimed_up_to = got.up_to,
            claimed_until = pg_catalog.clock_timestamp() + $4::double precision * interval '1 microsecond',
-           deliveries = c.deliveries + 1
+           deliveries = got.deliveries,
+           handed_up_to = GREATEST(c.handed_up_to, got.up_to)
       FROM got
      WHERE c.user_id = got.user_id AND c.consumer = $1
 )
@@ -625,7 +627,9 @@ WITH before AS (
            pending_from  = GREATEST(c.pending_from, LEAST(c.claimed_up_to, $2) + 1),
            claim_id      = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claim_id END,
            claimed_until = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_until END,
-           deliveries    = CASE WHEN $2 >= c.claimed_up_to THEN 0 ELSE c.deliveries END,
+           -- everything ever handed out acknowledged: what comes next is new
+           deliveries    = CASE WHEN LEAST(c.claimed_up_to, $2) >= c.handed_up_to THEN 0 ELSE c.deliveries END,
+           handed_up_to  = CASE WHEN LEAST(c.claimed_up_to, $2) >= c.handed_up_to THEN 0 ELSE c.handed_up_to END,
            claimed_up_to = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_up_to END
       FROM before
      WHERE c.user_id = before.user_id AND c.consumer = $1
