@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import psycopg2
+import psycopg2.errors
 
 HERE = Path(__file__).resolve().parent
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
@@ -411,6 +412,126 @@ def bench_holds():
             os.unlink(HERE / n)
 
 
+RULE_PREFIX = "00000000-0000-4000-9000-"     # the users of the events step that have a balance rule
+
+
+def bench_events():
+    """Events (0.6.0): consume_credits_v2 on accounts without a balance rule beside the same call
+    on accounts whose rule the calls never cross (it is checked after every write, under the
+    lock), in the same run."""
+    setup_consume()
+    n = sql(f"SELECT count(*) FROM billing.accounts WHERE user_id::text LIKE '{RULE_PREFIX}%%'")[0][0]
+    if n < USERS:
+        sql(f"""SELECT count(billing.add_subscription_credits(('{RULE_PREFIX}' || lpad(to_hex(i), 12, '0'))::uuid, 1000000)),
+                       count(billing.add_purchased_credits(('{RULE_PREFIX}' || lpad(to_hex(i), 12, '0'))::uuid, 2000000000)),
+                       count(billing.set_balance_alert(100, ('{RULE_PREFIX}' || lpad(to_hex(i), 12, '0'))::uuid))
+                  FROM generate_series(1, %s) AS i""", (USERS,))
+    sql("VACUUM ANALYZE billing.accounts")
+    before = sql("SELECT count(*) FROM billing.events")[0][0]
+    (HERE / "consume_rule.sql").write_text(
+        "\\set uid random(1, :users)\n"
+        f"SELECT billing.consume_credits_v2(('{RULE_PREFIX}' || lpad(to_hex(:uid::integer), 12, '0'))::uuid, 1);\n")
+    print("events: consume_credits_v2 without a balance rule beside with a rule not crossed", flush=True)
+    try:
+        m = interleaved("events: consume_credits_v2 without a balance rule beside with a user rule not crossed, uniform over "
+                        "10,000 users each, 4 clients, synchronous_commit=off",
+                        {"no rule": "consume_rust.sql", "a user rule, not crossed": "consume_rule.sql"}, 4,
+                        {"users": USERS}, "-c synchronous_commit=off")
+    finally:
+        os.unlink(HERE / "consume_rule.sql")
+    written = sql("SELECT count(*) FROM billing.events")[0][0] - before
+    if written:
+        raise RuntimeError(f"the events step wrote {written} events: a rule was crossed")
+    r = m["a user rule, not crossed"]["tps"] / m["no rule"]["tps"]
+    results.append(("events: the cost of a balance rule that is not crossed",
+                    f"a user rule not crossed / no rule (tps): **{r:.2f}x**; events written during the step: {written}"))
+
+
+def bench_delivery():
+    """Events (0.6.0): delivery throughput. 100,000 events (100 per user for 1,000 users, written
+    round-robin under the account locks in one setup transaction by billing._emit_event), then a
+    fresh consumer drains them: one worker looping claim_events(consumer, 1000) + ack_events(
+    consumer, highest id, claim_id) until all are acknowledged; then another fresh consumer with 4
+    such workers at once (a worker whose claim comes back empty while others hold the rest tries
+    again 10 ms later). Prints events per second claimed and acknowledged."""
+    import threading
+    per_user, users = (10, 100) if SMOKE else (100, 1000)
+    total = per_user * users
+    prefix = "00000000-0000-4000-a000-"
+    sql(f"""SELECT count(billing.add_purchased_credits(('{prefix}' || lpad(to_hex(i), 12, '0'))::uuid, 10))
+              FROM generate_series(1, %s) AS i
+             WHERE NOT EXISTS (SELECT 1 FROM billing.accounts AS a WHERE a.user_id = ('{prefix}' || lpad(to_hex(i), 12, '0'))::uuid)""",
+        (users,))
+    c = conn()
+    c.autocommit = False
+    with c.cursor() as cur:
+        cur.execute(f"""SELECT count(*) FROM (SELECT 1 FROM billing.accounts WHERE user_id::text LIKE '{prefix}%%'
+                          ORDER BY user_id FOR UPDATE) AS l""")
+        cur.execute(f"""SELECT count(billing._emit_event(('{prefix}' || lpad(to_hex(i), 12, '0'))::uuid, 'bench.delivery',
+                                                         jsonb_build_object('n', k, 'available', 1000 - k, 'threshold', 100)))
+                          FROM generate_series(1, %s) AS k, generate_series(1, %s) AS i""", (per_user, users))
+    c.commit()
+    c.close()
+    sql("VACUUM ANALYZE billing.events")
+    in_table = sql("SELECT count(*) FROM billing.events")[0][0]
+    lines = ["| workers | batch | events | seconds | events/s claimed and acknowledged | claims | empty claims (the rest was claimed) | deadlocks retried |",
+             "|---|---|---|---|---|---|---|---|"]
+    tag = str(int(time.time()))
+    for workers in (1, 4):
+        consumer = f"bench-{workers}w-{tag}"
+        done, claims, deadlocks, empty, errors = [0], [0], [0], [0], []
+        lock = threading.Lock()
+        start = threading.Barrier(workers)
+
+        def worker():
+            w = conn()
+            start.wait()
+            try:
+                while True:
+                    try:
+                        with w.cursor() as cur:
+                            cur.execute("SELECT claim_id, id, user_id, type, payload FROM billing.claim_events(%s, 1000)", (consumer,))
+                            rows = cur.fetchall()
+                            if not rows:
+                                # (another worker holds what is left, or all is done)
+                                with lock:
+                                    if done[0] >= in_table:
+                                        return
+                                    empty[0] += 1
+                                time.sleep(0.01)
+                                continue
+                            cur.execute("SELECT billing.ack_events(%s, %s, %s)", (consumer, max(r[1] for r in rows), rows[0][0]))
+                            n = cur.fetchone()[0]
+                    except psycopg2.errors.DeadlockDetected:
+                        with lock:
+                            deadlocks[0] += 1
+                        continue
+                    with lock:
+                        done[0] += n
+                        claims[0] += 1
+                        if n != len(rows):
+                            errors.append(f"ack_events acknowledged {n} of {len(rows)}")
+            finally:
+                w.close()
+
+        ts = [threading.Thread(target=worker) for _ in range(workers)]
+        t0 = time.time()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        took = time.time() - t0
+        left = sql("SELECT count(*) FROM billing.claim_events(%s, 10000)", (consumer,))[0][0]
+        if errors or done[0] != in_table or left:
+            raise RuntimeError(f"delivery with {workers} workers: acknowledged {done[0]} of {in_table}, {left} left, {errors[:3]}")
+        rate = done[0] / took
+        lines.append(f"| {workers} | 1,000 | {done[0]:,} | {took:.2f} | **{rate:,.0f}** | {claims[0]:,} | {empty[0]:,} | {deadlocks[0]} |")
+        print(f"  delivery, {workers} worker(s): {done[0]:,} events in {took:.2f} s = {rate:,.0f} events/s claimed and "
+              f"acknowledged ({claims[0]} claims, {empty[0]} empty, {deadlocks[0]} deadlocks retried)", flush=True)
+    results.append((f"events: delivery throughput ({in_table:,} events in the table, {total:,} written for the step: "
+                    f"{per_user} for each of {users:,} users, round-robin)", "\n".join(lines)))
+
+
 def main():
     t0 = time.time()
     host = socket.gethostname()
@@ -420,7 +541,8 @@ def main():
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
     steps = [("consume", bench_consume), ("growth", bench_growth), ("memory", bench_memory),
              ("resource", bench_resource_limit), ("widgets", bench_widgets), ("rate", bench_rate_and_usage),
-             ("holds", bench_holds), ("seed", bench_seed), ("batch", lambda: __import__("batch").bench_batch(results, targets))]
+             ("holds", bench_holds), ("events", bench_events), ("delivery", bench_delivery), ("seed", bench_seed),
+             ("batch", lambda: __import__("batch").bench_batch(results, targets))]
     for name, fn in steps:
         if not only or name in only:
             fn()

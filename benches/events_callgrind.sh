@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Issue 15's hot-path figures (events out, 0.6.0), in one run: instructions per
+# consume_credits_v2 call (callgrind, a single-user backend, N2 - N1 prepared calls so start-up
+# costs cancel) of
+#   - the previous release (its own library, built from the commit sql/releases/commits.txt
+#     records), no balance rule (it has none);
+#   - this checkout, no balance rule (writing no event must cost nothing measurable);
+#   - this checkout, every account with a balance rule that the calls never cross (the rule is
+#     checked after each write, under the lock: one more statement);
+# on accounts holding the two classic grants (a debit of 1 takes the fast path), and the same two
+# cases of this checkout for a debit of 2 spanning two of ten 1-credit grants (the general debit).
+# Both libraries are release builds installed into two copies of the same PostgreSQL tree (PG=15,
+# 16, 17 or 18 from PyPI, as scripts/lib.sh fetches it; nothing goes under /usr), so nothing but
+# the library differs. Needs valgrind.
+# Usage: PG=17 bash benches/events_callgrind.sh [N1 N2]   (prints one line per case, and ratios)
+source "$(dirname "$0")/../scripts/lib.sh"
+N1="${1:-300}"; N2="${2:-1300}"
+command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
+PREV="$(awk '!/^#/ && NF == 2 {v = $1} END {print v}' "$REPO/sql/releases/commits.txt")"
+PREV_COMMIT="$(awk -v v="$PREV" '$1 == v {print $2}' "$REPO/sql/releases/commits.txt")"
+WORK="$REPO/.tmp/bench-events"; mkdir -p "$WORK"
+BASE_PG_CONFIG="$(fetch_postgres "$PG_MAJOR")"; BASE="$(dirname "$(dirname "$BASE_PG_CONFIG")")"
+tree() { # name: a private copy of the PostgreSQL tree
+    [ -x "$WORK/$1/bin/pg_config" ] || { rm -rf "$WORK/$1"; cp -a "$BASE" "$WORK/$1"; }
+    echo "$WORK/$1/bin/pg_config"
+}
+install_into() { # source dir, pg_config, target dir (one per source: a shared one mixes their path crates)
+    log "building and installing $(basename "$1") (release, PostgreSQL $PG_MAJOR) into $2"
+    (cd "$1" && env "PGRX_HOME=$REPO/pgrx-config" "PGRX_PG_CONFIG_PATH=$2" CARGO_TARGET_DIR="$3" \
+        cargo pgrx install --release --pg-config "$2" "${PG_FEATURE_ARGS[@]}" >/dev/null)
+}
+if [ ! -d "$WORK/prev-src" ] || [ "$(cat "$WORK/prev-src/.commit" 2>/dev/null)" != "$PREV_COMMIT" ]; then
+    rm -rf "$WORK/prev-src"; mkdir -p "$WORK/prev-src"
+    git -C "$REPO" archive "$PREV_COMMIT" | tar x -C "$WORK/prev-src"
+    echo "$PREV_COMMIT" > "$WORK/prev-src/.commit"
+fi
+PREV_PG="$(tree "pg-prev")"; CUR_PG="$(tree "pg-cur")"
+install_into "$WORK/prev-src" "$PREV_PG" "$WORK/target-prev"
+install_into "$REPO" "$CUR_PG" "$WORK/target-cur"
+PG_CONFIG="$CUR_PG" ensure_postgres_can_run 2>/dev/null || true
+chmod -R o+rX "$WORK/pg-prev" "$WORK/pg-cur"; chmod o+x "$REPO" "$REPO/.tmp" "$WORK" 2>/dev/null || true
+
+U="('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid"
+CLASSIC="SELECT count(billing.add_subscription_credits($U, 1000000000)) + count(billing.add_purchased_credits($U, 1000000000))
+           FROM generate_series(1, 10000) AS i"
+# A rule of each user's own, far below the balance: checked after every call, never crossed.
+RULE="SELECT count(billing.set_balance_alert(100, $U)) FROM generate_series(1, 10000) AS i"
+# 10 grants of 1 credit each: a debit of 2 spans two grants (the general statement, not the fast path).
+SPAN="SELECT count(billing.grant_credits($U, 1, 'promotional', 20 + k, now(), NULL, NULL)) FROM generate_series(1, 10000) AS i, generate_series(1, 10) AS k"
+# ... with a rule at 1 credit: 10 -> 8 -> ... never below 1 in the calls measured (each user is
+# debited at most once per run).
+SPAN_RULE="SELECT count(billing.set_balance_alert(1, $U, NULL, 0)) FROM generate_series(1, 10000) AS i"
+
+measure() { # label, pg_config, setup sql[, amount per call]
+    local bin d per tot=() n
+    bin="$("$2" --bindir)"; d="$(mktemp -d /tmp/pgb_ecg.XXXXXX)"; chown postgres "$d"; chmod 755 "$d"
+    runuser -u postgres -- "$bin/initdb" -D "$d/data" -A trust -U postgres --no-sync >/dev/null
+    runuser -u postgres -- "$bin/pg_ctl" -D "$d/data" -o "-k $d -p 54996 -c listen_addresses=''" -w start >/dev/null
+    "$bin/createdb" -h "$d" -p 54996 -U postgres cg
+    "$bin/psql" -X -q -h "$d" -p 54996 -U postgres -d cg -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pg_billing" -c "$3" -c "VACUUM ANALYZE" >/dev/null
+    runuser -u postgres -- "$bin/pg_ctl" -D "$d/data" -w stop >/dev/null
+    for n in "$N1" "$N2"; do
+        { echo "SET synchronous_commit = off;"; echo; echo "PREPARE c(uuid) AS SELECT billing.consume_credits_v2(\$1, ${4:-1});"; echo
+          for ((i = 0; i < n; i++)); do printf "EXECUTE c('00000000-0000-4000-8000-%012x');\n\n" $((i % 10000 + 1)); done
+          # (the rule never fired: no event may exist)
+          echo "SELECT 'events: ' || count(*) FROM billing.events;"
+        } > "$d/calls_$n.sql"
+        [ "$1" = prev ] && sed -i '$d' "$d/calls_$n.sql"
+        rm -rf "$d/run"; cp -a "$d/data" "$d/run"
+        runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$d/cg.$n.out" \
+            "$bin/postgres" --single -D "$d/run" -j cg < "$d/calls_$n.sql" > "$d/log.$n" 2>&1
+        if grep -q ERROR "$d/log.$n"; then grep -m3 ERROR "$d/log.$n" >&2; exit 1; fi
+        if [ "$1" != prev ] && ! grep -q '"events: 0"' "$d/log.$n"; then
+            echo "$1: events were written: $(grep -m1 'events: ' "$d/log.$n")" >&2; exit 1
+        fi
+        tot+=("$(callgrind_annotate "$d/cg.$n.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')")
+    done
+    rm -rf "$d"
+    per=$(( (tot[1] - tot[0]) / (N2 - N1) ))
+    echo "$per"
+}
+log "callgrind: consume_credits_v2, $((N2 - N1)) calls per case, PostgreSQL $PG_MAJOR"
+prev="$(measure prev "$PREV_PG" "$CLASSIC")"
+echo "$PREV (previous release), no rule:                $prev instructions per call"
+cur="$(measure cur "$CUR_PG" "$CLASSIC")"
+echo "this checkout, no rule:                     $cur instructions per call"
+rule="$(measure rule "$CUR_PG" "$CLASSIC; $RULE")"
+echo "this checkout, a user rule not crossed:     $rule instructions per call"
+span="$(measure span "$CUR_PG" "$SPAN" 2)"
+echo "this checkout, general debit (2 of 10 grants), no rule:   $span instructions per call"
+spanr="$(measure spanrule "$CUR_PG" "$SPAN; $SPAN_RULE" 2)"
+echo "this checkout, general debit (2 of 10 grants), a rule not crossed: $spanr instructions per call"
+awk -v p="$prev" -v c="$cur" -v r="$rule" -v s="$span" -v t="$spanr" -v v="$PREV" 'BEGIN {
+    printf "no rule vs %s: %+.1f%% (%+d instructions)\n", v, (c / p - 1) * 100, c - p
+    printf "a rule not crossed vs no rule: %+.1f%% (%+d instructions); general debit: %+.1f%% (%+d)\n", (r / c - 1) * 100, r - c, (t / s - 1) * 100, t - s }'
