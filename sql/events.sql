@@ -149,7 +149,10 @@ COMMENT ON FUNCTION billing._emit_event(uuid, text, jsonb) IS 'Internal: writes 
 -- The effective balance rule of one user (p_user_id) or of every account (NULL): the user's
 -- rule, else the rule of the user's effective plan. Where it changes, the state is set from the
 -- balance as it is, without an event: a rule set while the balance is below its threshold counts
--- as fired already, and fires again after a recovery to its re-arm level.
+-- as fired already, and fires again after a recovery to its re-arm level. A new account
+-- (alert_state -1: no rule looked up yet) takes its rule armed, so its first write below the
+-- threshold fires balance.low (src/api/events.rs runs this at an account's first write; SPEC 12
+-- allows no triggers on billing tables).
 CREATE FUNCTION billing._sync_balance_alerts(p_user_id uuid) RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH r AS (
@@ -166,72 +169,16 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
         UPDATE billing.accounts AS a
            SET alert_threshold = r.threshold,
                alert_rearm = r.rearm,
-               alert_state = CASE WHEN r.threshold IS NULL OR r.available >= r.threshold THEN 0
+               alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
                                   WHEN r.available > 0 THEN 1 ELSE 2 END
           FROM r
          WHERE a.user_id = r.user_id
-           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm)
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0)
         RETURNING 1
     )
     SELECT pg_catalog.count(*)::integer FROM changed
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
-
--- A new account takes its plan's rule (or a user rule set before it existed), armed: its first
--- write that leaves it below the threshold fires balance.low.
-CREATE FUNCTION billing._account_created() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM billing.plan_balance_alerts) OR EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = NEW.user_id) THEN
-        UPDATE billing.accounts AS a
-           SET alert_threshold = r.threshold, alert_rearm = r.rearm, alert_state = 0
-          FROM (SELECT COALESCE(u.threshold, p.threshold) AS threshold,
-                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
-                            ELSE pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm
-                  FROM (SELECT 1) AS one
-                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = NEW.user_id
-                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(NEW.user_id)) AS r
-         WHERE a.user_id = NEW.user_id AND r.threshold IS NOT NULL;
-    END IF;
-    RETURN NULL;
-END
-$$;
-COMMENT ON FUNCTION billing._account_created() IS 'Internal trigger: a new account takes the balance alert rule of its user or plan, armed.';
-CREATE TRIGGER account_created AFTER INSERT ON billing.accounts
-    FOR EACH ROW EXECUTE FUNCTION billing._account_created();
-
--- A subscription change moves the user to another plan's rule and is itself an event.
-CREATE FUNCTION billing._subscription_changed() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF TG_OP = 'UPDATE'
-       AND NEW.plan_id IS NOT DISTINCT FROM OLD.plan_id AND NEW.status IS NOT DISTINCT FROM OLD.status
-       AND NEW.current_period_start IS NOT DISTINCT FROM OLD.current_period_start
-       AND NEW.current_period_end IS NOT DISTINCT FROM OLD.current_period_end
-       AND NEW.trial_ends_at IS NOT DISTINCT FROM OLD.trial_ends_at
-       AND NEW.expires_at IS NOT DISTINCT FROM OLD.expires_at THEN
-        RETURN NULL;
-    END IF;
-    -- Every path that writes a subscription holds the user's account lock (api/mod.rs).
-    PERFORM billing._emit_event(NEW.user_id, 'subscription.changed', pg_catalog.jsonb_build_object(
-        'plan_id', NEW.plan_id,
-        'previous_plan_id', CASE WHEN TG_OP = 'UPDATE' THEN OLD.plan_id END,
-        'status', NEW.status,
-        'previous_status', CASE WHEN TG_OP = 'UPDATE' THEN OLD.status END,
-        'effective_plan_id', billing.effective_plan_id(NEW.plan_id, NEW.status, NEW.current_period_end, NEW.trial_ends_at, NEW.expires_at),
-        'current_period_start', NEW.current_period_start,
-        'current_period_end', NEW.current_period_end,
-        'trial_ends_at', NEW.trial_ends_at,
-        'expires_at', NEW.expires_at));
-    IF EXISTS (SELECT 1 FROM billing.plan_balance_alerts) THEN
-        PERFORM billing._sync_balance_alerts(NEW.user_id);
-    END IF;
-    RETURN NULL;
-END
-$$;
-COMMENT ON FUNCTION billing._subscription_changed() IS 'Internal trigger: writes subscription.changed when a subscription''s plan, status or dates change, and moves the user to the new plan''s balance rule.';
-CREATE TRIGGER subscription_changed AFTER INSERT OR UPDATE ON billing.subscriptions
-    FOR EACH ROW EXECUTE FUNCTION billing._subscription_changed();
 
 CREATE FUNCTION billing.set_balance_alert(p_threshold bigint, p_user_id uuid DEFAULT NULL, p_plan_id text DEFAULT NULL,
                                           p_hysteresis numeric DEFAULT 0.1)

@@ -1,6 +1,7 @@
 -- pg_billing schema: tables, indexes, the seeded plan catalog, views and RLS.
 -- Rules (SPEC 12): every per-user table has user_id in its PRIMARY KEY/UNIQUE constraints,
--- ids are uuid or bigint, no foreign key leaves schema billing, no triggers on billing tables.
+-- ids are uuid or bigint, no foreign key leaves schema billing, no triggers on billing tables
+-- (events, 0.6.0, are written by the functions themselves: src/api/events.rs).
 
 -- The plan catalog: small shared lookup data (a Citus reference table when scaled out).
 CREATE TABLE billing.plans (
@@ -92,11 +93,12 @@ CREATE TABLE billing.accounts (
     -- Balance alerts (0.6.0): the effective rule (the user's billing.user_balance_alerts row, else
     -- the one of the user's effective plan; NULL: none), the balance it re-arms at
     -- (ceil(threshold * (1 + hysteresis))), and its state: 0 armed, 1 balance.low fired, 2
-    -- balance.depleted fired. Kept by billing._sync_balance_alerts; the state moves only with an
-    -- event (src/api/events.rs), so a write to an account without a rule costs nothing more.
+    -- balance.depleted fired, -1 a new account whose rule was not looked up yet (its first write
+    -- does). Kept by billing._sync_balance_alerts; the state moves only with an event
+    -- (src/api/events.rs), so a write to an account without a rule costs nothing more.
     alert_threshold                bigint,
     alert_rearm                    bigint,
-    alert_state                    smallint NOT NULL DEFAULT 0,
+    alert_state                    smallint NOT NULL DEFAULT -1,
     -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
     -- statement that writes the table, so the hot tables keep as few as they can (overdraft_limit
     -- and debt have none: set_overdraft_limit refuses a negative limit, a repayment never exceeds

@@ -40,11 +40,12 @@ const UUIDARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDARRAYOID);
 /// overdraft headroom (limit less debt, never below 0), the debt, whether a grant may have
 /// expired since the last write (then the caller settles first: [`SETTLE`]), whether a hold may
 /// have expired (then [`SETTLE_HOLDS`]), the credits the active holds reserve (0.5.0), and
-/// whether the account has a balance rule (0.6.0: then `events::watch`).
+/// whether the account has a balance rule or is new, its rule not looked up yet (0.6.0: then
+/// `events::watch`).
 const LOCK: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
        COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL
+       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// The same for a debit of $2: no row, and no lock taken (so no wait behind another writer),
@@ -55,23 +56,21 @@ SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
 const LOCK_FOR_DEBIT: &str = "
 SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
        COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL
+       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0
   FROM billing.accounts AS a
  WHERE a.user_id = $1
    AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0)
        - CASE WHEN a.next_hold_expiry_at <= pg_catalog.clock_timestamp() THEN 0 ELSE a.held END >= $2
    FOR UPDATE";
 
-/// The same, creating the account when there is none. $1 user. (A new account, xmax = 0, is
-/// watched too: billing._account_created may have given it a balance rule after this row was
-/// read.)
+/// The same, creating the account when there is none. $1 user.
 const LOCK_OR_CREATE: &str = "
 INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
           COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
           COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held,
-          a.alert_threshold IS NOT NULL OR a.xmax = 0";
+          a.alert_threshold IS NOT NULL, a.alert_state < 0";
 
 /// The general debit (any feature, several grants, overdraft), under the account lock: read the
 /// live grants in spending order with a fresh snapshot (taken after the lock, so nothing changes
@@ -154,7 +153,7 @@ UPDATE billing.accounts AS a
                     OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp()
                     OR a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false)
 RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription',
-          a.alert_threshold IS NOT NULL";
+          a.alert_threshold IS NOT NULL, a.alert_state < 0";
 
 /// $1 user, $2 grant, $3 amount.
 const FAST_GRANT: &str = "
@@ -613,9 +612,7 @@ fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
         return Ok(None);
     }
     let t = t.first();
-    if col::<bool>(&t, 6)?.unwrap_or(false) {
-        crate::api::events::watch(user);
-    }
+    crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
     Ok(Some(Locked {
         headroom: col::<i64>(&t, 1)?.unwrap_or(0),
         debt: col::<i64>(&t, 2)?.unwrap_or(0),
@@ -1037,9 +1034,7 @@ fn fast_debit(
     let (sub, pur, debt) = (n(1)?, n(2)?, n(3)?);
     let grant = col::<pgrx::Uuid>(&t, 4)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("no grant"))?;
     let is_sub = col::<bool>(&t, 5)?.unwrap_or(false);
-    if col::<bool>(&t, 6)?.unwrap_or(false) {
-        crate::api::events::watch(user);
-    }
+    crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
     if spi::write(c, FAST_GRANT, &[UUID, UUID, INT8], &[uuid_arg(user), uuid_arg(&grant), amount.into()])?.is_empty() {
         spi::write(c, FAST_UNDO, &[UUID, INT8, BOOL], &[uuid_arg(user), amount.into(), is_sub.into()])?;
         return Ok(None);

@@ -45,18 +45,24 @@ pub fn emit(c: &mut SpiClient<'_>, user: &[u8; 16], event_type: &str, payload: V
 }
 
 thread_local! {
-    /// Accounts with a balance rule that the current call wrote to.
-    static WATCHED: RefCell<Vec<[u8; 16]>> = const { RefCell::new(Vec::new()) };
+    /// Accounts the current call wrote to that have a balance rule, or are new (their rule not
+    /// looked up yet: true).
+    static WATCHED: RefCell<Vec<([u8; 16], bool)>> = const { RefCell::new(Vec::new()) };
     /// How deep pg_billing calls are nested (a function called from another's SQL).
     static DEPTH: Cell<u32> = const { Cell::new(0) };
 }
 
-/// The account has a balance rule and this call holds its lock: check it before returning.
-pub fn watch(user: &[u8; 16]) {
+/// The account has a balance rule (`rule`) or is new (`new`: no rule looked up yet) and this
+/// call holds its lock: check it before returning. Neither: nothing to do.
+pub fn watch_if(user: &[u8; 16], rule: bool, new: bool) {
+    if !rule && !new {
+        return;
+    }
     WATCHED.with(|w| {
         let mut w = w.borrow_mut();
-        if !w.contains(user) {
-            w.push(*user);
+        match w.iter_mut().find(|(u, _)| u == user) {
+            Some(e) => e.1 |= new,
+            None => w.push((*user, new)),
         }
     });
 }
@@ -89,7 +95,7 @@ pub fn scope<T>(body: impl FnOnce() -> BResult<T>) -> BResult<T> {
     let users = WATCHED.with(|w| std::mem::take(&mut *w.borrow_mut()));
     match r {
         Ok(v) if !users.is_empty() => {
-            Spi::connect_mut(|c| users.iter().try_for_each(|u| check_balance(c, u)))?;
+            Spi::connect_mut(|c| users.iter().try_for_each(|(u, new)| check_balance(c, u, *new)))?;
             Ok(v)
         }
         other => other,
@@ -103,7 +109,7 @@ WITH cur AS (
     SELECT a.alert_state AS s, a.alert_threshold AS t, a.alert_rearm AS r,
            a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS av
       FROM billing.accounts AS a
-     WHERE a.user_id = $1 AND a.alert_threshold IS NOT NULL
+     WHERE a.user_id = $1 AND a.alert_threshold IS NOT NULL AND a.alert_state >= 0
 ), nxt AS (
     SELECT cur.s, cur.t, cur.r, cur.av,
            (CASE WHEN cur.av <= 0 THEN 2
@@ -118,7 +124,11 @@ UPDATE billing.accounts AS a SET alert_state = nxt.n
 RETURNING nxt.s, nxt.n, nxt.av, nxt.t, nxt.r, a.subscription_credits_balance, a.purchased_credits_balance, a.held, a.debt,
           EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = $1), billing.user_effective_plan($1)";
 
-fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
+fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<()> {
+    if new {
+        // A new account: its rule (the user's or its plan's), armed (SPEC 12: no trigger does it).
+        spi::write(c, SYNC, &[UUID], &[uuid_arg(user)])?;
+    }
     let t = spi::write(c, BALANCE_CHECK, &[UUID], &[uuid_arg(user)])?;
     if t.is_empty() {
         return Ok(());
@@ -140,6 +150,53 @@ fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
     });
     for e in ev::transition_events(from, to) {
         emit(c, user, e, payload.clone())?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// subscription.changed
+// ---------------------------------------------------------------------------------------------
+
+/// A subscription as subscription.changed compares and reports it. $1 user.
+const SUBSCRIPTION: &str = "
+SELECT pg_catalog.jsonb_build_object(
+         'plan_id', s.plan_id, 'status', s.status,
+         'current_period_start', pg_catalog.to_char(s.current_period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         'current_period_end', pg_catalog.to_char(s.current_period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         'trial_ends_at', pg_catalog.to_char(s.trial_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         'expires_at', pg_catalog.to_char(s.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         'effective_plan_id', billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at))
+  FROM billing.subscriptions AS s WHERE s.user_id = $1";
+const ANY_PLAN_RULE: &str = "SELECT EXISTS (SELECT 1 FROM billing.plan_balance_alerts)";
+const SUBSCRIPTION_FIELDS: [&str; 6] = ["plan_id", "status", "current_period_start", "current_period_end", "trial_ends_at", "expires_at"];
+
+/// The user's subscription now (None: none), for [`subscription_written`]. The caller holds the
+/// account lock.
+pub fn subscription_state(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Option<Value>> {
+    let t = spi::write(c, SUBSCRIPTION, &[UUID], &[uuid_arg(user)])?;
+    if t.is_empty() {
+        return Ok(None);
+    }
+    Ok(col::<pgrx::JsonB>(&t.first(), 1)?.map(|j| j.0))
+}
+
+/// After a write to the user's subscription (`before`: [`subscription_state`] before it; the
+/// account lock held throughout): subscription.changed when its plan, status or dates changed,
+/// and the user moves to the new plan's balance rule. Every path that writes a subscription calls
+/// this (SPEC 12 allows no triggers on billing tables).
+pub fn subscription_written(c: &mut SpiClient<'_>, user: &[u8; 16], before: Option<Value>) -> BResult<()> {
+    let Some(mut after) = subscription_state(c, user)? else { return Ok(()) };
+    if let Some(b) = &before {
+        if SUBSCRIPTION_FIELDS.iter().all(|k| b[k] == after[k]) {
+            return Ok(());
+        }
+    }
+    after["previous_plan_id"] = before.as_ref().map(|b| b["plan_id"].clone()).unwrap_or(Value::Null);
+    after["previous_status"] = before.as_ref().map(|b| b["status"].clone()).unwrap_or(Value::Null);
+    emit(c, user, "subscription.changed", after)?;
+    if col::<bool>(&spi::write(c, ANY_PLAN_RULE, &[], &[])?.first(), 1)?.unwrap_or(false) {
+        spi::write(c, SYNC, &[UUID], &[uuid_arg(user)])?;
     }
     Ok(())
 }

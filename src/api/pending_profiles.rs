@@ -229,6 +229,7 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
         (plan_kept, period_kept, true)
     };
     if !(subscribed && plan_kept && period_kept) {
+        let before = crate::api::events::subscription_state(c, user)?;
         spi::write(
             c,
             SUBSCRIBE,
@@ -245,6 +246,7 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
                 p.plan_credits.into(),
             ],
         )?;
+        crate::api::events::subscription_written(c, user, before)?;
     }
     if credits > 0 {
         credits::grant(c, user, Pool::Subscription, credits, "renewal", Some("subscription renewal"), None, None)?;

@@ -173,6 +173,7 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
                 format!("p_current_period_start is NULL, so the period starts {start} (the stored start, or now for a new subscription); pass p_current_period_start"),
             ));
         }
+        let before = crate::api::events::subscription_state(c, &user)?;
         let t = spi::write(
             c,
             UPSERT,
@@ -190,6 +191,7 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         let t = t.first();
         let id = col::<pgrx::Uuid>(&t, 1)?.map(|u| uuid_text(u.as_bytes()));
         let effective = col::<String>(&t, 2)?;
+        crate::api::events::subscription_written(c, &user, before)?;
         log(c, true, "applied")?;
         let granted = match grant {
             PeriodGrant::None => 0,
@@ -230,9 +232,11 @@ fn process_expired_subscriptions(_a: &Args) -> BResult<Ret> {
             if !crate::api::try_lock_account(c, user)? {
                 continue;
             }
+            let before = crate::api::events::subscription_state(c, user)?;
             if spi::write(c, EXPIRE_ONE, &[UUID], &[uuid_arg(user)])?.is_empty() {
                 continue;
             }
+            crate::api::events::subscription_written(c, user, before)?;
             n += 1;
             match credits::expire(c, user, Some("subscription expired"), None) {
                 Ok(_) | Err(BillingError::NotFound { .. }) => {}
