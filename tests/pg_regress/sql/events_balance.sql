@@ -232,8 +232,8 @@ SELECT pg_temp.err($$SELECT billing.set_balance_alert(10, p_plan_id => 'no_such_
 SELECT pg_temp.err($$SELECT billing.set_balance_alert(NULL, p_plan_id => 'no_such_plan')$$) AS unknown_plan_remove;
 SELECT user_id, threshold, hysteresis FROM billing.user_balance_alerts WHERE user_id = '00000000-0000-0000-0000-000000150101';
 SELECT count(*) AS plan_rules FROM billing.plan_balance_alerts WHERE plan_id IN ('ev_bal_plan', 'no_such_plan');
--- a rule for a user who has no account yet makes the account (0 credits: as if depleted had
--- fired), so the first purchase fires balance.recovered, then the rule works as for any account
+-- a rule for a user who has no account yet makes the account, armed (like any new account): the
+-- first purchase (above the threshold) fires nothing, then the rule works as for any account
 SELECT billing.set_balance_alert(30, '00000000-0000-0000-0000-000000150106') - 'user_id' AS rule_before_account;
 SELECT pg_temp.total(billing.add_purchased_credits('00000000-0000-0000-0000-000000150106', 40)) AS total;
 SELECT * FROM pg_temp.st('00000000-0000-0000-0000-000000150106');
