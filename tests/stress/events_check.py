@@ -651,12 +651,14 @@ class DeliveryWorkers:
                         self.last_drop = time.time()
                 else:
                     c.ack_t0 = time.time()
-                    try:
-                        c.acked = q(conn, "SELECT billing.ack_events(%s, %s, %s)",
-                                    (self.consumer, max(e[0] for e in c.events), c.claim_id))[0][0]
-                    except psycopg2.Error as e:
-                        with self.lock:
-                            self.errors.append(f"ack_events raised {e.pgcode}: {str(e).strip().splitlines()[0]}")
+                    for _attempt in range(5):       # (a worker retries a failed acknowledgement)
+                        try:
+                            c.acked = q(conn, "SELECT billing.ack_events(%s, %s, %s)",
+                                        (self.consumer, max(e[0] for e in c.events), c.claim_id))[0][0]
+                            break
+                        except psycopg2.Error as e:
+                            with self.lock:
+                                self.errors.append(f"ack_events raised {e.pgcode}: {str(e).strip().splitlines()[0]}")
                     c.ack_t1 = time.time()
                 with self.lock:
                     self.claims.append(c)
@@ -692,11 +694,12 @@ def describe(c):
     return t + (" dropped" if c.dropped else f", ack [{c.ack_t0:.3f}, {c.ack_t1:.3f}] acknowledged {c.acked} of {len(c.events)}")
 
 
-def check_delivery(conn, dw, stats=None):
-    """The delivery checks of the module's doc, for the claims `dw` recorded."""
+def check_delivery(conn, dw, stats=None, since=0):
+    """The delivery checks of the module's doc, for the claims `dw` recorded (over the events with
+    ids above `since`)."""
     bad = list(dw.errors)
     user_events = defaultdict(list)
-    for u, i in q(conn, "SELECT user_id, id FROM billing.events ORDER BY user_id, id"):
+    for u, i in q(conn, "SELECT user_id, id FROM billing.events WHERE id > %s ORDER BY user_id, id", (since,)):
         user_events[u].append(i)
     index = {(u, i): k for u, ids in user_events.items() for k, i in enumerate(ids)}
     handed = defaultdict(list)          # event id -> [claim]
