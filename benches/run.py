@@ -319,6 +319,76 @@ def svg_chart(rows):
     return "\n".join(out)
 
 
+SEED = {"pg_billing (Rust)": "consume_rust.sql", "seed-style PL/pgSQL (own tables)": "consume_seed.sql"}
+
+
+def setup_seed():
+    """The second baseline (issue 16): the seed apps' own consume_credits_v2 on their own tables."""
+    sql((HERE / "seed_style.sql").read_text())
+    n = sql("SELECT count(*) FROM bench_seed.profiles")[0][0]
+    if n < USERS:
+        sql("""INSERT INTO bench_seed.profiles (id, subscription_credits, purchased_credits)
+               SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 1000000, 2000000000
+                 FROM generate_series(1, %s) AS i ON CONFLICT DO NOTHING""", (USERS,))
+    sql("VACUUM ANALYZE bench_seed.profiles")
+
+
+def wal_per_call(script, calls):
+    """WAL bytes per call in steady state without full-page images: full_page_writes off for the
+    measurement, a first pass to warm the pages, then the measured pass (one client)."""
+    pgbench(script, 1, None, {"users": USERS}, "-c synchronous_commit=off", transactions=calls)
+    a = sql("SELECT pg_current_wal_insert_lsn()")[0][0]
+    pgbench(script, 1, None, {"users": USERS}, "-c synchronous_commit=off", transactions=calls)
+    b = sql("SELECT pg_current_wal_insert_lsn()")[0][0]
+    return float(sql("SELECT pg_wal_lsn_diff(%s, %s)", (b, a))[0][0]) / calls
+
+
+def bench_seed():
+    """consume_credits_v2 beside the seed-style function (issue 16 item 1), at 0 and 5M ledger
+    rows, CPU-bound and with synchronous_commit on, one hot account, and WAL bytes per call."""
+    setup_consume()
+    setup_seed()
+    sql("TRUNCATE billing.credit_transactions, bench_seed.credit_transactions")
+    calls = 200 if SMOKE else 20_000
+    sql("ALTER SYSTEM SET full_page_writes = off")
+    sql("SELECT pg_reload_conf()")
+    try:
+        wal = {k: wal_per_call(v, calls) for k, v in SEED.items()}
+    finally:
+        sql("ALTER SYSTEM RESET full_page_writes")
+        sql("SELECT pg_reload_conf()")
+    rw = wal["pg_billing (Rust)"] / wal["seed-style PL/pgSQL (own tables)"]
+    results.append(("WAL bytes per call (steady state, full_page_writes off, one client)",
+                    "| implementation | WAL bytes per call |\n|---|---|\n"
+                    + "\n".join(f"| {k} | {v:,.0f} |" for k, v in wal.items())
+                    + f"\n\nratio pg_billing / seed-style: **{rw:.2f}x**"))
+    targets.append(("WAL bytes per call <= 0.8x the seed-style function", rw <= 0.8, f"{rw:.2f}x"))
+    print(f"  WAL per call: " + ", ".join(f"{k} {v:,.0f} B" for k, v in wal.items()), flush=True)
+    m0 = interleaved("consume beside the seed-style function, 0 ledger rows, 4 clients, synchronous_commit=off", SEED, 4,
+                     {"users": USERS}, "-c synchronous_commit=off")
+    n = int(5_000_000 * SCALE)
+    sql("""INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after, created_at)
+           SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(1 + i %% %s), 12, '0'))::uuid, gen_random_uuid(), 'usage',
+                  'purchased', -1, 1, now() - interval '1 year'
+             FROM generate_series(1, %s) AS i""", (USERS, n))
+    sql("""INSERT INTO bench_seed.credit_transactions (user_id, amount, type, created_at)
+           SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(1 + i %% %s), 12, '0'))::uuid, -1, 'usage', now() - interval '1 year'
+             FROM generate_series(1, %s) AS i""", (USERS, n))
+    sql("VACUUM ANALYZE billing.credit_transactions")
+    sql("VACUUM ANALYZE bench_seed.credit_transactions")
+    m5 = interleaved(f"consume beside the seed-style function, {n:,} ledger rows, 4 clients, synchronous_commit=off", SEED, 4,
+                     {"users": USERS}, "-c synchronous_commit=off")
+    ms = interleaved("consume beside the seed-style function, 8 clients, synchronous_commit=on", SEED, 8,
+                     {"users": USERS}, "-c synchronous_commit=on")
+    mh = interleaved("consume beside the seed-style function, one hot account, 8 clients, synchronous_commit=off", SEED, 8,
+                     {"users": 1}, "-c synchronous_commit=off")
+    for label, m, want in [("0 ledger rows, CPU-bound", m0, 1.3), (f"{n:,} ledger rows, CPU-bound", m5, 1.3),
+                           ("synchronous_commit on, 8 clients", ms, 1.0), ("one hot account, 8 clients", mh, 1.0)]:
+        r = m["pg_billing (Rust)"]["tps"] / m["seed-style PL/pgSQL (own tables)"]["tps"]
+        targets.append((f"consume_credits_v2 >= {want}x the seed-style function ({label})", r >= want, f"{r:.2f}x"))
+    sql("TRUNCATE billing.credit_transactions, bench_seed.credit_transactions")
+
+
 def bench_holds():
     """Credit holds (0.5.0): a reserve + capture pair against the two consume calls it replaces
     (the same credits charged), both per pgbench transaction, on the consume users."""
@@ -471,7 +541,8 @@ def main():
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
     steps = [("consume", bench_consume), ("growth", bench_growth), ("memory", bench_memory),
              ("resource", bench_resource_limit), ("widgets", bench_widgets), ("rate", bench_rate_and_usage),
-             ("holds", bench_holds), ("events", bench_events), ("delivery", bench_delivery)]
+             ("holds", bench_holds), ("events", bench_events), ("delivery", bench_delivery), ("seed", bench_seed),
+             ("batch", lambda: __import__("batch").bench_batch(results, targets))]
     for name, fn in steps:
         if not only or name in only:
             fn()

@@ -94,6 +94,9 @@ ensure_deps() {
     # Debian's PostgreSQL 15 for 15 (pg15 builds read its headers through pgrx-config/); 16-18
     # come from PyPI (see above).
     [ "$PG_MAJOR" != 15 ] || pkgs=(postgresql-15 postgresql-server-dev-15 "${pkgs[@]}")
+    # pg_cron for the events webhook recipe's test (tests/integration/test_events_cron.py), where
+    # Debian has it (15); the PyPI trees have none and that test says so.
+    [ "$PG_MAJOR" != 15 ] || [ "$PG_CONFIG" != /usr/bin/pg_config ] || pkgs+=(postgresql-15-cron)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

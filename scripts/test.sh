@@ -65,6 +65,14 @@ if [[ " $SUITES " == *" unit "* ]]; then
 fi
 
 install_extension
+# pg_cron, where this PostgreSQL has it, runs the events webhook recipe's job in the tests (its
+# jobs run in background workers: the test cluster takes no TCP logins from pg_cron).
+if [ -f "$("$PG_CONFIG" --pkglibdir)/pg_cron.so" ]; then
+    EXTRA_PG_CONF="${EXTRA_PG_CONF:-}
+shared_preload_libraries = 'pg_cron'
+cron.use_background_workers = on
+max_worker_processes = 16"
+fi
 start_cluster
 
 # A database with Supabase's roles (tests/roles.sql) and pg_billing, so grants, RLS and

@@ -90,11 +90,12 @@ COMMENT ON FUNCTION billing.record_webhook_event(text, text, uuid) IS
 CREATE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
-    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1),
+         usage AS (DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT ((SELECT pg_catalog.count(*) FROM gone) + (SELECT pg_catalog.count(*) FROM usage))::integer;
 $$;
 COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
-'Service-only maintenance: forgets idempotency keys older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
+'Service-only maintenance: forgets idempotency keys (of the credit functions and, 0.6.0, of record_usage_batch events) older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
 
 CREATE FUNCTION billing.cleanup_webhook_events(p_older_than interval DEFAULT '90 days') RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

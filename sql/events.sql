@@ -44,11 +44,16 @@ CREATE TABLE billing.event_cursors (
     claim_id      uuid,
     claimed_up_to bigint,
     claimed_until timestamptz,
-    -- How often the pending events were handed out (1 at the first claim; reset by an ack).
+    -- The highest event ever handed out (since everything handed out was last acknowledged),
+    -- and how often the oldest of them were handed out: an event up to handed_up_to is handed
+    -- out again as deliveries + 1, a newer one as 1 (so deliveries > 1 means "maybe seen").
+    handed_up_to  bigint NOT NULL DEFAULT 0,
     deliveries    integer NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, consumer)
 );
 CREATE INDEX event_cursors_pending_idx ON billing.event_cursors (consumer, pending_from) WHERE last_event_id > acked_id;
+-- The claims in flight (ack_events).
+CREATE INDEX event_cursors_claim_idx ON billing.event_cursors (consumer, claim_id) WHERE claim_id IS NOT NULL;
 COMMENT ON TABLE billing.event_cursors IS 'Per consumer and user: what is acknowledged, what is pending and the claim in flight. A user''s events are in at most one claim of a consumer at a time, so each consumer sees each user''s events in order.';
 
 -- Balance rules: a user's rule overrides the rule of the user's effective plan.
@@ -107,8 +112,12 @@ ALTER TABLE billing.plan_balance_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.limit_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.limit_alert_state ENABLE ROW LEVEL SECURITY;
 -- End users read their own events (so Supabase Realtime postgres_changes delivers only theirs);
--- the other tables are the service's.
-CREATE POLICY events_read_own ON billing.events FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
+-- the other tables are the service's. anon has no account: a request as anon (its role, or its
+-- JWT's role claim) reads no event whatever sub it claims.
+CREATE POLICY events_read_own ON billing.events FOR SELECT
+    USING (user_id = (SELECT billing.current_user_id())
+           AND (SELECT CURRENT_USER::text <> 'anon'
+                       AND COALESCE(NULLIF(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'role', '') <> 'anon'));
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('set_balance_alert', 'service'),
@@ -123,6 +132,9 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     v_id bigint;
 BEGIN
+    IF p_user_id IS NULL OR p_type IS NULL OR p_payload IS NULL THEN
+        RAISE EXCEPTION 'an event needs a user, a type and a payload' USING ERRCODE = '22023';
+    END IF;
     INSERT INTO billing.events (user_id, type, payload)
     VALUES (p_user_id, p_type, pg_catalog.jsonb_build_object('user_id', p_user_id) || p_payload)
     RETURNING id INTO v_id;
@@ -164,6 +176,29 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
     SELECT pg_catalog.count(*)::integer FROM changed
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
+
+-- A new account takes its plan's rule (or a user rule set before it existed), armed: its first
+-- write that leaves it below the threshold fires balance.low.
+CREATE FUNCTION billing._account_created() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.plan_balance_alerts) OR EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = NEW.user_id) THEN
+        UPDATE billing.accounts AS a
+           SET alert_threshold = r.threshold, alert_rearm = r.rearm, alert_state = 0
+          FROM (SELECT COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            ELSE pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm
+                  FROM (SELECT 1) AS one
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = NEW.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(NEW.user_id)) AS r
+         WHERE a.user_id = NEW.user_id AND r.threshold IS NOT NULL;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._account_created() IS 'Internal trigger: a new account takes the balance alert rule of its user or plan, armed.';
+CREATE TRIGGER account_created AFTER INSERT ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing._account_created();
 
 -- A subscription change moves the user to another plan's rule and is itself an event.
 CREATE FUNCTION billing._subscription_changed() RETURNS trigger
@@ -209,7 +244,7 @@ CREATE FUNCTION billing.set_limit_alert(p_metric text, p_percent integer, p_plan
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_set_limit_alert';
 COMMENT ON FUNCTION billing.set_limit_alert(text, integer, text, boolean) IS
-'Service-only. A limit alert rule: limit.reached when p_metric (messages, conversations, tokens_input, tokens_output, documents: this period''s usage, checked by the record_*_usage functions; or a resource type registered with register_resource: its count, checked by check_resource_limit) reaches p_percent (1 to 1000) of the plan''s limit, once per user, rule and period; limit.cleared once when it is back below. p_plan_id NULL: every plan; unknown plan: P0002. p_enabled false removes the rule. Returns {metric, percent, plan_id, enabled}.';
+'Service-only. A limit alert rule: limit.reached when p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period''s usage, checked by the record_*_usage functions; or a resource type registered with register_resource: its count, checked by check_resource_limit) reaches p_percent (1 to 1000) of the plan''s limit, once per user, rule and period; limit.cleared once when it is back below. p_plan_id NULL: every plan; unknown plan: P0002. p_enabled false removes the rule. Returns {metric, percent, plan_id, enabled}.';
 
 CREATE FUNCTION billing._claim_events(p_consumer text, p_limit integer, p_visibility_timeout interval) RETURNS jsonb
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -224,7 +259,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
       FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
-'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries counts the hand-outs). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
+'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
 
 CREATE FUNCTION billing.ack_events(p_consumer text, p_up_to_id bigint, p_claim_id uuid DEFAULT NULL)
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

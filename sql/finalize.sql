@@ -14,6 +14,7 @@ ALTER TABLE billing.accounts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.credit_transactions ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.credit_expiration_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.idempotency_keys ENABLE ROW LEVEL SECURITY;
+ALTER TABLE billing.usage_event_keys ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.clawbacks ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.webhook_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.credit_grants ENABLE ROW LEVEL SECURITY;

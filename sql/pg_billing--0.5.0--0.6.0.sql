@@ -20,6 +20,35 @@ ALTER TABLE billing.accounts ALTER COLUMN alert_state SET NOT NULL;
 -- rate_limit.exceeded is written once per bucket.
 ALTER TABLE billing.api_usage ADD COLUMN IF NOT EXISTS exceeded_at timestamptz;
 
+-- The idempotency keys of record_usage_batch events (issue 16), and their retention.
+CREATE TABLE IF NOT EXISTS billing.usage_event_keys (
+    user_id         uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    period_start    timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS usage_event_keys_created_at_idx ON billing.usage_event_keys USING brin (created_at);
+COMMENT ON TABLE billing.usage_event_keys IS 'idempotency_key of record_usage_batch events, per user, with the period each event counted in (a repeat returns it). cleanup_idempotency_keys deletes old keys.';
+ALTER TABLE billing.usage_event_keys ENABLE ROW LEVEL SECURITY;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension AS e
+                    WHERE e.extname = 'pg_billing' AND 'billing.usage_event_keys'::pg_catalog.regclass = ANY (e.extconfig)) THEN
+        PERFORM pg_catalog.pg_extension_config_dump('billing.usage_event_keys', '');
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1),
+         usage AS (DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < pg_catalog.now() - p_older_than RETURNING 1)
+    SELECT ((SELECT pg_catalog.count(*) FROM gone) + (SELECT pg_catalog.count(*) FROM usage))::integer;
+$$;
+COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
+'Service-only maintenance: forgets idempotency keys (of the credit functions and, 0.6.0, of record_usage_batch events) older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
+
 -- The outbox. Every event of a user is written while that user's billing.accounts row is
 -- locked, and its id is taken after the lock, so one user's events commit in id order; tx is
 -- the writing transaction, so a consumer discovers an event only once no transaction that
@@ -61,11 +90,16 @@ CREATE TABLE IF NOT EXISTS billing.event_cursors (
     claim_id      uuid,
     claimed_up_to bigint,
     claimed_until timestamptz,
-    -- How often the pending events were handed out (1 at the first claim; reset by an ack).
+    -- The highest event ever handed out (since everything handed out was last acknowledged),
+    -- and how often the oldest of them were handed out: an event up to handed_up_to is handed
+    -- out again as deliveries + 1, a newer one as 1 (so deliveries > 1 means "maybe seen").
+    handed_up_to  bigint NOT NULL DEFAULT 0,
     deliveries    integer NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, consumer)
 );
 CREATE INDEX IF NOT EXISTS event_cursors_pending_idx ON billing.event_cursors (consumer, pending_from) WHERE last_event_id > acked_id;
+-- The claims in flight (ack_events).
+CREATE INDEX IF NOT EXISTS event_cursors_claim_idx ON billing.event_cursors (consumer, claim_id) WHERE claim_id IS NOT NULL;
 COMMENT ON TABLE billing.event_cursors IS 'Per consumer and user: what is acknowledged, what is pending and the claim in flight. A user''s events are in at most one claim of a consumer at a time, so each consumer sees each user''s events in order.';
 
 -- Balance rules: a user's rule overrides the rule of the user's effective plan.
@@ -180,9 +214,13 @@ ALTER TABLE billing.plan_balance_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.limit_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing.limit_alert_state ENABLE ROW LEVEL SECURITY;
 -- End users read their own events (so Supabase Realtime postgres_changes delivers only theirs);
--- the other tables are the service's.
+-- the other tables are the service's. anon has no account: a request as anon (its role, or its
+-- JWT's role claim) reads no event whatever sub it claims.
 DROP POLICY IF EXISTS events_read_own ON billing.events;
-CREATE POLICY events_read_own ON billing.events FOR SELECT USING (user_id = (SELECT billing.current_user_id()));
+CREATE POLICY events_read_own ON billing.events FOR SELECT
+    USING (user_id = (SELECT billing.current_user_id())
+           AND (SELECT CURRENT_USER::text <> 'anon'
+                       AND COALESCE(NULLIF(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'role', '') <> 'anon'));
 
 INSERT INTO billing.api_functions (function_name, access) VALUES
     ('set_balance_alert', 'service'),
@@ -198,6 +236,9 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     v_id bigint;
 BEGIN
+    IF p_user_id IS NULL OR p_type IS NULL OR p_payload IS NULL THEN
+        RAISE EXCEPTION 'an event needs a user, a type and a payload' USING ERRCODE = '22023';
+    END IF;
     INSERT INTO billing.events (user_id, type, payload)
     VALUES (p_user_id, p_type, pg_catalog.jsonb_build_object('user_id', p_user_id) || p_payload)
     RETURNING id INTO v_id;
@@ -239,6 +280,30 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
     SELECT pg_catalog.count(*)::integer FROM changed
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
+
+-- A new account takes its plan's rule (or a user rule set before it existed), armed: its first
+-- write that leaves it below the threshold fires balance.low.
+CREATE OR REPLACE FUNCTION billing._account_created() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.plan_balance_alerts) OR EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = NEW.user_id) THEN
+        UPDATE billing.accounts AS a
+           SET alert_threshold = r.threshold, alert_rearm = r.rearm, alert_state = 0
+          FROM (SELECT COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            ELSE pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm
+                  FROM (SELECT 1) AS one
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = NEW.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(NEW.user_id)) AS r
+         WHERE a.user_id = NEW.user_id AND r.threshold IS NOT NULL;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._account_created() IS 'Internal trigger: a new account takes the balance alert rule of its user or plan, armed.';
+DROP TRIGGER IF EXISTS account_created ON billing.accounts;
+CREATE TRIGGER account_created AFTER INSERT ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing._account_created();
 
 -- A subscription change moves the user to another plan's rule and is itself an event.
 CREATE OR REPLACE FUNCTION billing._subscription_changed() RETURNS trigger
@@ -285,7 +350,7 @@ CREATE OR REPLACE FUNCTION billing.set_limit_alert(p_metric text, p_percent inte
 RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_set_limit_alert';
 COMMENT ON FUNCTION billing.set_limit_alert(text, integer, text, boolean) IS
-'Service-only. A limit alert rule: limit.reached when p_metric (messages, conversations, tokens_input, tokens_output, documents: this period''s usage, checked by the record_*_usage functions; or a resource type registered with register_resource: its count, checked by check_resource_limit) reaches p_percent (1 to 1000) of the plan''s limit, once per user, rule and period; limit.cleared once when it is back below. p_plan_id NULL: every plan; unknown plan: P0002. p_enabled false removes the rule. Returns {metric, percent, plan_id, enabled}.';
+'Service-only. A limit alert rule: limit.reached when p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period''s usage, checked by the record_*_usage functions; or a resource type registered with register_resource: its count, checked by check_resource_limit) reaches p_percent (1 to 1000) of the plan''s limit, once per user, rule and period; limit.cleared once when it is back below. p_plan_id NULL: every plan; unknown plan: P0002. p_enabled false removes the rule. Returns {metric, percent, plan_id, enabled}.';
 
 CREATE OR REPLACE FUNCTION billing._claim_events(p_consumer text, p_limit integer, p_visibility_timeout interval) RETURNS jsonb
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -300,7 +365,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
       FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
-'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries counts the hand-outs). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
+'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
 
 CREATE OR REPLACE FUNCTION billing.ack_events(p_consumer text, p_up_to_id bigint, p_claim_id uuid DEFAULT NULL)
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -324,6 +389,25 @@ $$;
 COMMENT ON FUNCTION billing.cleanup_events(interval) IS
 'Service-only maintenance: deletes events older than p_older_than (default 7 days, at least 1 hour) that every consumer has acknowledged (with no consumer: every such event). Returns events deleted.';
 
+-- Batches (0.6.0; issue 16): record_usage_batch and consume_credits_batch (src/api/batch.rs).
+
+INSERT INTO billing.api_functions (function_name, access) VALUES
+    ('record_usage_batch', 'service'),
+    ('consume_credits_batch', 'service')
+ON CONFLICT (function_name) DO NOTHING;
+
+CREATE OR REPLACE FUNCTION billing.record_usage_batch(p_events jsonb, p_atomic boolean DEFAULT false)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgb_record_usage_batch';
+COMMENT ON FUNCTION billing.record_usage_batch(jsonb, boolean) IS
+'Service-only. Record up to 10000 usage events [{user_id, metric, value (default 1), idempotency_key, occurred_at}] in one call: metric is messages, conversations, tokens_input, tokens_output, documents, chunks, generations or api_calls; occurred_at (RFC 3339, default now) from 35 days ago to 5 minutes ahead counts in the period it falls in (the subscription''s period, else the period of the user''s usage row that holds it, else its UTC calendar month). Each idempotency_key counts once per user: a repeat (in this batch or an earlier one) is a success with status duplicate and the first result. Returns one result per event, in order: {index, status: applied | duplicate | error, period_start | first | sqlstate and message}. A bad event is its own error result and the others are recorded, unless p_atomic (then 22023 and nothing is recorded).';
+
+CREATE OR REPLACE FUNCTION billing.consume_credits_batch(p_items jsonb, p_atomic boolean DEFAULT false)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgb_consume_credits_batch';
+COMMENT ON FUNCTION billing.consume_credits_batch(jsonb, boolean) IS
+'Service-only. Up to 10000 debits [{user_id, amount, description, reference_id, idempotency_key}], each as consume_credits_v2 (FIFO across the pools; keys in the service''s namespace, so a repeat replays). Returns one result per item, in order: {index, status: applied | duplicate | error, result | sqlstate and message}. An item that fails (PT402, P0002, PT409, a bad item: 22023) is its own error result and changes nothing; the others are applied, unless p_atomic (then the whole call fails with 22023 naming the item, and nothing is applied). Items are applied user by user (each user''s items in their order).';
+
 -- check_resource_limit writes limit.reached / limit.cleared now: VOLATILE.
 CREATE OR REPLACE FUNCTION billing._check_resource_limit(p_user_id uuid, p_resource_type text) RETURNS jsonb
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_resource_limit';
@@ -339,6 +423,13 @@ $$;
 COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
 
 
+-- Internal functions are nobody's but the owner's (a fresh install revokes every function from
+-- PUBLIC; apply_grants() below grants the API).
+REVOKE ALL ON FUNCTION billing._emit_event(uuid, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._sync_balance_alerts(uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._account_created() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._subscription_changed() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._claim_events(text, integer, interval) FROM PUBLIC;
 -- ===== end of events out =====
 
 -- ===== Grants (last: apply_grants() grants every function above; end users may read their own events) =====

@@ -248,6 +248,19 @@ COMMENT ON TABLE billing.idempotency_keys IS 'p_idempotency_key of credit mutato
 -- For cleanup_idempotency_keys (0.2.0).
 CREATE INDEX idempotency_keys_created_at_idx ON billing.idempotency_keys (created_at);
 
+-- The idempotency keys of usage events (0.6.0; record_usage_batch): the period each event was
+-- counted in, so a repeat returns it. Lean on purpose (one btree, a BRIN for retention): a batch
+-- writes one row per keyed event.
+CREATE TABLE billing.usage_event_keys (
+    user_id         uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    period_start    timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (user_id, idempotency_key)
+);
+CREATE INDEX usage_event_keys_created_at_idx ON billing.usage_event_keys USING brin (created_at);
+COMMENT ON TABLE billing.usage_event_keys IS 'idempotency_key of record_usage_batch events, per user, with the period each event counted in (a repeat returns it). cleanup_idempotency_keys deletes old keys.';
+
 -- Clawbacks: at most one per purchase.
 CREATE TABLE billing.clawbacks (
     user_id                 uuid NOT NULL,
@@ -302,6 +315,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.credit_transactions_id_seq',
 SELECT pg_catalog.pg_extension_config_dump('billing.credit_expiration_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.credit_expiration_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.idempotency_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_event_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.clawbacks', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.credit_grants', '');

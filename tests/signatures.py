@@ -110,8 +110,8 @@ def exported_symbols(so):
 # Args getters (src/boundary.rs) and the helpers that read one argument by position.
 GETTERS = {"uuid": "uuid", "int": "integer", "text": "text", "boolean": "boolean", "text_array": "text[]",
            "timestamptz": "timestamp with time zone", "timestamptz_micros": "timestamp with time zone",
-           "interval": "interval"}
-HELPER_GETTERS = {"date_arg": "date", "oid_arg": "oid"}
+           "interval": "interval", "bigint": "bigint", "numeric_text": "numeric"}
+HELPER_GETTERS = {"date_arg": "date", "oid_arg": "oid", "jsonb_arg": "jsonb"}
 COMPATIBLE = {"oid": {"oid", "regclass"}}   # a regclass argument is an oid datum
 
 TOP_FN = re.compile(r"^(?:pub(?:\([\w:]+\))? )?fn (\w+)(?:<[^>]*>)?\(([^)]*)\)", re.M)

@@ -106,6 +106,7 @@ pub const MONTHLY_METRICS: &[(&str, &str, &str)] = &[
     ("tokens_input", "tokens_input_per_month", "tokens_input_count"),
     ("tokens_output", "tokens_output_per_month", "tokens_output_count"),
     ("documents", "documents_per_month", "documents_processed_count"),
+    ("generations", "generations_per_month", "generations_count"),
 ];
 
 pub fn is_monthly_metric(metric: &str) -> bool {

@@ -5,6 +5,7 @@
 //! across the two credit pools, idempotency comparison, and how a request's caller is resolved
 //! from PostgREST's GUCs. The pgrx crate (`src/`) only parses arguments, runs SPI and maps errors.
 
+pub mod batch;
 pub mod credits;
 pub mod error;
 pub mod events;

@@ -62,13 +62,16 @@ SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
        - CASE WHEN a.next_hold_expiry_at <= pg_catalog.clock_timestamp() THEN 0 ELSE a.held END >= $2
    FOR UPDATE";
 
-/// The same, creating the account when there is none. $1 user.
+/// The same, creating the account when there is none. $1 user. (A new account, xmax = 0, is
+/// watched too: billing._account_created may have given it a balance rule after this row was
+/// read.)
 const LOCK_OR_CREATE: &str = "
 INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
           COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL";
+          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held,
+          a.alert_threshold IS NOT NULL OR a.xmax = 0";
 
 /// The general debit (any feature, several grants, overdraft), under the account lock: read the
 /// live grants in spending order with a fresh snapshot (taken after the lock, so nothing changes
@@ -439,6 +442,8 @@ const LOAD_KEY: &str =
     "SELECT request, response FROM billing.idempotency_keys WHERE user_id = $1 AND scope = $3 AND idempotency_key = $2";
 const STORE_KEY: &str =
     "UPDATE billing.idempotency_keys SET response = $3 WHERE user_id = $1 AND scope = $4 AND idempotency_key = $2";
+const FORGET_KEY: &str =
+    "DELETE FROM billing.idempotency_keys WHERE user_id = $1 AND scope = $3 AND idempotency_key = $2 AND response IS NULL";
 
 // ---------------------------------------------------------------------------------------------
 // Shared pieces
@@ -467,7 +472,7 @@ impl KeyScope {
             Caller::Service => KeyScope::Service,
         }
     }
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             KeyScope::User => "user",
             KeyScope::Service => "service",
@@ -486,14 +491,34 @@ pub fn idempotent(
     fingerprint: Value,
     op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Value>,
 ) -> BResult<Value> {
-    let Some(key) = key else { return op(client) };
+    idempotent_replayed(client, user, scope, key, fingerprint, op).map(|(v, _)| v)
+}
+
+/// [`idempotent`], also saying whether the result is a replay. When `op` fails, its key is
+/// forgotten again (0.6.0): a batch that goes on after a failed item leaves no key without a
+/// result behind (a single call's error rolls the key back with everything else anyway).
+pub fn idempotent_replayed(
+    client: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    scope: KeyScope,
+    key: Option<&str>,
+    fingerprint: Value,
+    op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Value>,
+) -> BResult<(Value, bool)> {
+    let Some(key) = key else { return op(client).map(|v| (v, false)) };
     let sc = scope.as_str();
     let claimed =
         spi::write(client, CLAIM_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&fingerprint), sc.into()])?;
     if !claimed.is_empty() {
-        let response = op(client)?;
+        let response = match op(client) {
+            Ok(r) => r,
+            Err(e) => {
+                spi::write(client, FORGET_KEY, &[UUID, TEXT, TEXT], &[uuid_arg(user), key.into(), sc.into()])?;
+                return Err(e);
+            }
+        };
         spi::write(client, STORE_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&response), sc.into()])?;
-        return Ok(response);
+        return Ok((response, false));
     }
     // The key exists and its transaction committed (we waited for it). Read it with a fresh
     // snapshot: a write-mode SPI statement takes one at READ COMMITTED.
@@ -502,7 +527,7 @@ pub fn idempotent(
     let stored = col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0).unwrap_or(Value::Null);
     match idempotency::compare(key, &stored, &fingerprint) {
         Replay::Same => col::<pgrx::JsonB>(&t, 2)?
-            .map(|j| j.0)
+            .map(|j| (j.0, true))
             .ok_or_else(|| BillingError::internal("an idempotency key has no stored response")),
         Replay::Conflict(e) => Err(e),
     }
@@ -936,7 +961,7 @@ fn general_debit(
             c,
             user,
             "overdraft.entered",
-            json!({"debt": debt, "overdraft_headroom_left": headroom - short, "subscription_credits_balance": sub, "purchased_credits_balance": pur}),
+            json!({"debt": debt, "overdraft_limit": headroom, "overdraft_headroom_left": headroom - short, "subscription_credits_balance": sub, "purchased_credits_balance": pur}),
         )?;
     }
     // Ledger rows in spending order; balance_after: the pool's stored balance after the row.
@@ -1052,7 +1077,7 @@ impl Debit {
     }
 
     /// consume_credits_v2's result as a JSON value.
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         json!({
             "success": true,
             "transaction_id": uuid_text(&self.op),

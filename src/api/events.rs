@@ -313,16 +313,18 @@ SELECT DISTINCT ON (l.metric, l.percent) l.metric, l.percent, pl.plan_id,
                                                     WHEN 'conversations' THEN 'conversations_per_month'
                                                     WHEN 'tokens_input' THEN 'tokens_input_per_month'
                                                     WHEN 'tokens_output' THEN 'tokens_output_per_month'
-                                                    WHEN 'documents' THEN 'documents_per_month' END),
+                                                    WHEN 'documents' THEN 'documents_per_month'
+                                                    WHEN 'generations' THEN 'generations_per_month' END),
        COALESCE(CASE l.metric WHEN 'messages' THEN u.messages_count
                               WHEN 'conversations' THEN u.conversations_count
                               WHEN 'tokens_input' THEN u.tokens_input_count
                               WHEN 'tokens_output' THEN u.tokens_output_count
-                              WHEN 'documents' THEN u.documents_processed_count END, 0)::bigint,
+                              WHEN 'documents' THEN u.documents_processed_count
+                              WHEN 'generations' THEN u.generations_count END, 0)::bigint,
        per.period_start, per.period_end
   FROM billing.limit_alerts AS l CROSS JOIN pl CROSS JOIN per
   LEFT JOIN billing.usage_metrics AS u ON u.user_id = $1 AND u.period_start = per.period_start
- WHERE l.metric IN ('messages', 'conversations', 'tokens_input', 'tokens_output', 'documents')
+ WHERE l.metric IN ('messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'generations')
    AND (l.plan_id = '' OR l.plan_id = pl.plan_id)
  ORDER BY l.metric, l.percent";
 
@@ -503,8 +505,9 @@ pub fn rate_limit_exceeded(
 // Delivery
 // ---------------------------------------------------------------------------------------------
 
-/// Make the consumer at its first claim. $1 consumer.
-const CONSUMER: &str = "INSERT INTO billing.event_consumers (consumer) VALUES ($1) ON CONFLICT DO NOTHING";
+/// Make the consumer at its first claim. $1 consumer. (Only when it is not there: ON CONFLICT
+/// alone would wait for any claim in flight that moved the consumer's horizon.)
+const CONSUMER: &str = "INSERT INTO billing.event_consumers (consumer) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM billing.event_consumers AS k WHERE k.consumer = $1) ON CONFLICT DO NOTHING";
 
 /// Events restored from a dump of another cluster carry that cluster's transaction ids, which
 /// may lie ahead of this one's: they are final, so mark them so (tx 0), and start a consumer whose
@@ -530,7 +533,7 @@ WITH k AS (
      GROUP BY e.user_id
 ), cur AS (
     INSERT INTO billing.event_cursors AS c (user_id, consumer, last_event_id, pending_from)
-    SELECT found.user_id, $1, found.last, found.first FROM found
+    SELECT found.user_id, $1, found.last, found.first FROM found ORDER BY found.user_id
     ON CONFLICT (user_id, consumer) DO UPDATE
        SET last_event_id = EXCLUDED.last_event_id,
            pending_from = CASE WHEN c.last_event_id > c.acked_id THEN c.pending_from
@@ -545,7 +548,7 @@ UPDATE billing.event_consumers AS k SET horizon = h.upto
 /// consumer, $2 limit, $3 claim id, $4 visibility timeout in microseconds.
 const CLAIM: &str = "
 WITH cur AS (
-    SELECT c.user_id, c.acked_id, c.last_event_id, c.deliveries
+    SELECT c.user_id, c.acked_id, c.last_event_id, c.deliveries, c.handed_up_to
       FROM billing.event_cursors AS c
      WHERE c.consumer = $1 AND c.last_event_id > c.acked_id
        AND (c.claimed_until IS NULL OR c.claimed_until <= pg_catalog.clock_timestamp())
@@ -553,7 +556,8 @@ WITH cur AS (
      LIMIT $2
        FOR UPDATE SKIP LOCKED
 ), ev AS (
-    SELECT e.user_id, e.id, e.type, e.payload, e.created_at, cur.deliveries + 1 AS deliveries
+    SELECT e.user_id, e.id, e.type, e.payload, e.created_at,
+           CASE WHEN e.id <= cur.handed_up_to THEN cur.deliveries + 1 ELSE 1 END AS deliveries
       FROM cur
      CROSS JOIN LATERAL (SELECT e.user_id, e.id, e.type, e.payload, e.created_at
                            FROM billing.events AS e
@@ -563,12 +567,13 @@ WITH cur AS (
      ORDER BY e.id
      LIMIT $2
 ), got AS (
-    SELECT ev.user_id, pg_catalog.max(ev.id) AS up_to FROM ev GROUP BY ev.user_id
+    SELECT ev.user_id, pg_catalog.max(ev.id) AS up_to, pg_catalog.max(ev.deliveries) AS deliveries FROM ev GROUP BY ev.user_id
 ), upd AS (
     UPDATE billing.event_cursors AS c
        SET claim_id = $3, claimed_up_to = got.up_to,
            claimed_until = pg_catalog.clock_timestamp() + $4::double precision * interval '1 microsecond',
-           deliveries = c.deliveries + 1
+           deliveries = got.deliveries,
+           handed_up_to = GREATEST(c.handed_up_to, got.up_to)
       FROM got
      WHERE c.user_id = got.user_id AND c.consumer = $1
 )
@@ -606,28 +611,36 @@ crate::billing_fn!(pg_finfo_pgb_claim_events, pgb_claim_events, claim_events);
 const CONSUMER_EXISTS: &str = "SELECT 1 FROM billing.event_consumers AS k WHERE k.consumer = $1";
 
 /// Acknowledge claimed events up to $2 (of claim $3, or of any claim). $1 consumer. Returns how
-/// many events it acknowledged.
+/// many events it acknowledged. The cursors are locked in user order (as discovery makes them),
+/// so an ack and a discovery never wait for each other in a cycle.
 const ACK: &str = "
 WITH before AS (
-    SELECT c.user_id, c.acked_id AS old
+    SELECT c.user_id, c.acked_id AS old, c.claim_id
       FROM billing.event_cursors AS c
      WHERE c.consumer = $1 AND c.claim_id IS NOT NULL AND ($3::uuid IS NULL OR c.claim_id = $3)
        AND c.acked_id < LEAST(c.claimed_up_to, $2)
+     ORDER BY c.user_id
+       FOR UPDATE
 ), acked AS (
     UPDATE billing.event_cursors AS c
        SET acked_id      = LEAST(c.claimed_up_to, $2),
            pending_from  = GREATEST(c.pending_from, LEAST(c.claimed_up_to, $2) + 1),
            claim_id      = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claim_id END,
            claimed_until = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_until END,
-           deliveries    = CASE WHEN $2 >= c.claimed_up_to THEN 0 ELSE c.deliveries END,
+           -- everything ever handed out acknowledged: what comes next is new
+           deliveries    = CASE WHEN LEAST(c.claimed_up_to, $2) >= c.handed_up_to THEN 0 ELSE c.deliveries END,
+           handed_up_to  = CASE WHEN LEAST(c.claimed_up_to, $2) >= c.handed_up_to THEN 0 ELSE c.handed_up_to END,
            claimed_up_to = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_up_to END
       FROM before
-     WHERE c.user_id = before.user_id AND c.consumer = $1 AND c.claim_id IS NOT NULL
-       AND ($3::uuid IS NULL OR c.claim_id = $3) AND c.acked_id < LEAST(c.claimed_up_to, $2)
-    RETURNING c.user_id, before.old, c.acked_id
+     WHERE c.user_id = before.user_id AND c.consumer = $1
+       -- again on the row as it is now: a claim that took the cursor while this ack waited for
+       -- its lock is another claim, and stays (the values of `before` are a copy from before the
+       -- wait when the update re-checks a row another transaction changed).
+       AND c.claim_id = before.claim_id AND c.acked_id < LEAST(c.claimed_up_to, $2)
+    RETURNING c.user_id, before.old, c.acked_id AS new
 )
 SELECT pg_catalog.count(e.id)::integer
-  FROM acked JOIN billing.events AS e ON e.user_id = acked.user_id AND e.id > acked.old AND e.id <= acked.acked_id";
+  FROM acked JOIN billing.events AS e ON e.user_id = acked.user_id AND e.id > acked.old AND e.id <= acked.new";
 
 /// ack_events(p_consumer, p_up_to_id, p_claim_id)
 fn ack_events(a: &Args) -> BResult<Ret> {

@@ -2,6 +2,7 @@
 //! arguments, checks the caller, runs SPI and returns; `billing_fn!` turns it into the C entry
 //! point that `sql/` declares.
 
+pub mod batch;
 pub mod credits;
 pub mod events;
 pub mod grants;

@@ -398,6 +398,16 @@ fn upsert_pending_profile(a: &Args) -> BResult<Ret> {
         let t = t.first();
         let cycle_start = col::<TimestampWithTimeZone>(&t, 1)?;
         let cycle_end = col::<TimestampWithTimeZone>(&t, 2)?;
+        // Without p_billing_cycle_start the cycle starts now: an end already past is refused
+        // here (22023), not by the table's CHECK (23514).
+        if let (Some(s), Some(e)) = (micros(cycle_start), micros(cycle_end)) {
+            if e < s {
+                return Err(BillingError::invalid_with_hint(
+                    "p_billing_cycle_end is before the cycle start",
+                    format!("the cycle starts {} (now, as p_billing_cycle_start is NULL) and ends {}", validate::iso_utc(s), validate::iso_utc(e)),
+                ));
+            }
+        }
         let identity = [email.as_str().into(), token.into(), provider.into(), provider_user.into()];
         let mut outcome = None;
         for _ in 0..3 {

@@ -20,11 +20,15 @@ const PLAN_IDS: &str = "SELECT pg_catalog.string_agg(p.plan_id, ', ' ORDER BY p.
 /// keep the stored one), $4 new period end.
 /// The period advances when the start or the end is later than the stored one; an event whose
 /// period starts before the stored one is about an older period, so it is stale too.
+/// end_before_start: without $3 the stored start stays, and $4 is before it (the stored start,
+/// for the message; NULL otherwise).
 const LOCK: &str = "
 SELECT (s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_event_created_at)
        OR COALESCE($3 < s.current_period_start, false) AS stale,
        COALESCE($3 > s.current_period_start, false) OR COALESCE($4 > s.current_period_end, false) AS new_period,
-       s.period_credits_granted
+       s.period_credits_granted,
+       (SELECT pg_catalog.to_char(s.current_period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+         WHERE $3 IS NULL AND $4 < s.current_period_start) AS end_before_start
   FROM billing.subscriptions AS s
  WHERE s.user_id = $1
    FOR UPDATE";
@@ -139,11 +143,15 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         }
         crate::api::lock_account(c, &user)?;
         let lock = spi::write(c, LOCK, &[UUID, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ], &[uuid_arg(&user), event_at.into(), start.into(), end.into()])?;
-        let (stale, new_period, granted_so_far) = if lock.is_empty() {
-            (false, true, 0)
+        let (stale, new_period, granted_so_far, end_before) = if lock.is_empty() {
+            // A new subscription without a period start starts now.
+            // SAFETY: reads the transaction's start time (now()).
+            let now = unsafe { pgrx::pg_sys::GetCurrentTransactionStartTimestamp() };
+            let early = matches!((a.timestamptz_micros(3), a.timestamptz_micros(4)), (None, Some(e)) if e < now);
+            (false, true, 0, early.then(|| validate::iso_utc(now)))
         } else {
             let l = lock.first();
-            (col::<bool>(&l, 1)?.unwrap_or(false), col::<bool>(&l, 2)?.unwrap_or(false), col::<i64>(&l, 3)?.unwrap_or(0))
+            (col::<bool>(&l, 1)?.unwrap_or(false), col::<bool>(&l, 2)?.unwrap_or(false), col::<i64>(&l, 3)?.unwrap_or(0), col::<String>(&l, 4)?)
         };
         let (grant, granted_after) = plans::period_grant(new_period, &status, monthly, granted_so_far);
         let log = |c: &mut SpiClient<'_>, applied: bool, reason: &str| {
@@ -158,6 +166,12 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         if stale {
             log(c, false, "stale")?;
             return Ok(json!({"applied": false, "reason": "stale_event"}));
+        }
+        if let Some(start) = end_before {
+            return Err(BillingError::invalid_with_hint(
+                "p_current_period_end is before the period start",
+                format!("p_current_period_start is NULL, so the period starts {start} (the stored start, or now for a new subscription); pass p_current_period_start"),
+            ));
         }
         let t = spi::write(
             c,

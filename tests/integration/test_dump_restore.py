@@ -120,7 +120,21 @@ def populate(conn):
         q(conn, "SELECT billing.reserve_credits(%s, 10, '24 hours', NULL, 'hold-a-1')", (a,))
         gone = q(conn, "SELECT billing.reserve_credits(%s, 20) ->> 'hold_id'", (a,))[0][0]
         q(conn, "SELECT billing.release_hold(%s, 'release-a-1')", (gone,))
+    # Events (0.6.0): a consumer has claimed and acknowledged every event so far; then a user
+    # with a balance rule runs out, so one event (balance.depleted) is pending for it.
+    if q(conn, "SELECT to_regclass('billing.events') IS NOT NULL")[0][0]:
+        f = EVENT_USER
+        q(conn, "SELECT billing.add_purchased_credits(%s, 50)", (f,))
+        q(conn, "SELECT billing.set_balance_alert(40, p_user_id := %s)", (f,))
+        q(conn, "SELECT billing.consume_credits_v2(%s, 15)", (f,))
+        claimed = q(conn, "SELECT id, claim_id FROM billing.claim_events('dump', 1000)")
+        assert claimed, "no event to claim before the dump"
+        assert q(conn, "SELECT billing.ack_events('dump', %s, %s)", (max(r[0] for r in claimed), claimed[0][1])) == [(len(claimed),)]
+        q(conn, "SELECT billing.consume_credits_v2(%s, 35)", (f,))
     return users, [pa, pb]
+
+
+EVENT_USER = uuid.uuid4()
 
 
 def check_restored(src_snap, dst, users, purchases):
@@ -180,6 +194,23 @@ def check_restored(src_snap, dst, users, purchases):
         assert (r["released"], r["already_resolved"]) == (20, False), r
         assert q(dst, "SELECT held FROM billing.accounts WHERE user_id = %s", (a,)) == [(0,)]
         assert q(dst, "SELECT count(*) FROM billing.verify_ledger()") == [(0,)]
+    # Events survive (0.6.0): the consumer gets exactly the one event it had not acknowledged,
+    # also when the rows carry transaction ids ahead of this cluster's (a dump of another
+    # cluster), and new events continue the id sequence.
+    if q(dst, "SELECT to_regclass('billing.events') IS NOT NULL")[0][0]:
+        f = EVENT_USER
+        (depleted,) = q(dst, "SELECT id FROM billing.events WHERE user_id = %s AND type = 'balance.depleted'", (f,))[0]
+        q(dst, "UPDATE billing.event_consumers SET horizon = '900000000000'")
+        q(dst, "UPDATE billing.events SET tx = '900000000001' WHERE id = %s", (depleted,))
+        got = q(dst, "SELECT id, user_id, type, payload->>'available' FROM billing.claim_events('dump', 1000)")
+        # f's unacknowledged event, and the ones written since the restore (above: c's expiry).
+        assert got[0] == (depleted, f, "balance.depleted", "0"), got
+        assert all(r[0] > depleted for r in got[1:]), got
+        assert [r[2] for r in got[1:]] == ["grant.expired"], got
+        max_event = q(dst, "SELECT max(id) FROM billing.events")[0][0]
+        q(dst, "SELECT billing.add_purchased_credits(%s, 100)", (f,))
+        got = q(dst, "SELECT id, type FROM billing.events WHERE user_id = %s AND id > %s", (f, max_event))
+        assert len(got) == 1 and got[0][1] == "balance.recovered" and got[0][0] > max_event, got
     # The restored extension is the real one (not plain tables): functions, RLS and grants exist.
     assert q(dst, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_billing'") == [(1,)]
     assert q(dst, "SELECT relrowsecurity FROM pg_class WHERE oid = 'billing.credit_transactions'::regclass") == [(True,)]

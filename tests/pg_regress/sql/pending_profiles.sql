@@ -191,6 +191,8 @@ SELECT count(*) AS frank_rows FROM billing.pending_profiles WHERE email = 'frank
 
 -- ===== errors =====
 SELECT pg_temp.err($$SELECT billing.upsert_pending_profile(NULL)$$);
+-- a cycle end already past, without a start (the cycle starts now): 22023, not the CHECK's 23514 (0.6.0)
+SELECT left(pg_temp.err($$SELECT billing.upsert_pending_profile('past-end@example.com', p_billing_cycle_start => NULL, p_billing_cycle_end => now() - interval '1 day')$$), 6) AS sqlstate;
 SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('nope')$$);
 SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_plan_id => 'gold')$$);
 SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_plan_duration => 'weekly')$$);

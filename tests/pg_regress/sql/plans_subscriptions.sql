@@ -138,6 +138,10 @@ SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000
 SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000009', 'platinum', 'active', p_event_id => 'evt_bad')$$);
 -- a period that ends before it starts is a bad argument too (SPEC 3: 22023, not a constraint error)
 SELECT left(pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', now(), now() - interval '1 day')$$), 6) AS sqlstate;
+-- ... also when p_current_period_start is omitted: a new subscription would start now, an
+-- existing one keeps its stored start (0.6.0; was 23514 from the table's CHECK)
+SELECT left(pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', NULL, now() - interval '1 day')$$), 6) AS sqlstate;
+SELECT left(pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000077', 'ultra', 'active', NULL, now() - interval '1 day')$$), 6) AS sqlstate;
 SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
 SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
 SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000009');
