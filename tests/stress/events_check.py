@@ -31,7 +31,8 @@ rule's state as it was set.
     for a hold resolved before its expiry, at most one per hold;
   - overdraft.entered: exactly one per debt row that took the debt from 0 above 0, by its
     transaction, with that debt;
-  - per user, events commit in id order: along event ids, their transactions come in ledger order;
+  - per user, one transaction's events are consecutive in id order, and events commit in id
+    order: along event ids, their transactions come in ledger order;
   - the rollback probe: no event has the transaction id of a probe transaction that rolled back
     (ROLLBACK, an error after the crossing, ROLLBACK TO SAVEPOINT, or killed in flight), though
     inside each the crossing had written its events (the control); the probe users have no event
@@ -357,7 +358,17 @@ def check(conn, rules, users, hold_users=(), probe=None, stats=None):
             if str(p.get("user_id")) != str(u):
                 bad.append(f"user {u}: event {i} ({t}) names user {p.get('user_id')}")
 
-    # Per user, events commit in id order.
+    # Per user, one transaction's events are consecutive (it holds the account lock until it
+    # commits), and events commit in id order.
+    for u in everyone:
+        seen, last = set(), None
+        for i, t, p, tx in events.get(u, []):
+            if tx != last and tx in seen:
+                bad.append(f"user {u}: event {i} ({t}) of transaction {tx} comes after another transaction's events "
+                           f"that followed that transaction's earlier ones")
+                break
+            seen.add(tx)
+            last = tx
     for u in everyone:
         first = {}
         for r in ledger.get(u, []):
