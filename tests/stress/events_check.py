@@ -31,7 +31,8 @@ rule's state as it was set.
     for a hold resolved before its expiry, at most one per hold;
   - overdraft.entered: exactly one per debt row that took the debt from 0 above 0, by its
     transaction, with that debt;
-  - per user, events commit in id order: along event ids, their transactions come in ledger order;
+  - per user, one transaction's events are consecutive in id order, and events commit in id
+    order: along event ids, their transactions come in ledger order;
   - the rollback probe: no event has the transaction id of a probe transaction that rolled back
     (ROLLBACK, an error after the crossing, ROLLBACK TO SAVEPOINT, or killed in flight), though
     inside each the crossing had written its events (the control); the probe users have no event
@@ -357,7 +358,17 @@ def check(conn, rules, users, hold_users=(), probe=None, stats=None):
             if str(p.get("user_id")) != str(u):
                 bad.append(f"user {u}: event {i} ({t}) names user {p.get('user_id')}")
 
-    # Per user, events commit in id order.
+    # Per user, one transaction's events are consecutive (it holds the account lock until it
+    # commits), and events commit in id order.
+    for u in everyone:
+        seen, last = set(), None
+        for i, t, p, tx in events.get(u, []):
+            if tx != last and tx in seen:
+                bad.append(f"user {u}: event {i} ({t}) of transaction {tx} comes after another transaction's events "
+                           f"that followed that transaction's earlier ones")
+                break
+            seen.add(tx)
+            last = tx
     for u in everyone:
         first = {}
         for r in ledger.get(u, []):
@@ -651,12 +662,14 @@ class DeliveryWorkers:
                         self.last_drop = time.time()
                 else:
                     c.ack_t0 = time.time()
-                    try:
-                        c.acked = q(conn, "SELECT billing.ack_events(%s, %s, %s)",
-                                    (self.consumer, max(e[0] for e in c.events), c.claim_id))[0][0]
-                    except psycopg2.Error as e:
-                        with self.lock:
-                            self.errors.append(f"ack_events raised {e.pgcode}: {str(e).strip().splitlines()[0]}")
+                    for _attempt in range(5):       # (a worker retries a failed acknowledgement)
+                        try:
+                            c.acked = q(conn, "SELECT billing.ack_events(%s, %s, %s)",
+                                        (self.consumer, max(e[0] for e in c.events), c.claim_id))[0][0]
+                            break
+                        except psycopg2.Error as e:
+                            with self.lock:
+                                self.errors.append(f"ack_events raised {e.pgcode}: {str(e).strip().splitlines()[0]}")
                     c.ack_t1 = time.time()
                 with self.lock:
                     self.claims.append(c)
@@ -692,11 +705,12 @@ def describe(c):
     return t + (" dropped" if c.dropped else f", ack [{c.ack_t0:.3f}, {c.ack_t1:.3f}] acknowledged {c.acked} of {len(c.events)}")
 
 
-def check_delivery(conn, dw, stats=None):
-    """The delivery checks of the module's doc, for the claims `dw` recorded."""
+def check_delivery(conn, dw, stats=None, since=0):
+    """The delivery checks of the module's doc, for the claims `dw` recorded (over the events with
+    ids above `since`)."""
     bad = list(dw.errors)
     user_events = defaultdict(list)
-    for u, i in q(conn, "SELECT user_id, id FROM billing.events ORDER BY user_id, id"):
+    for u, i in q(conn, "SELECT user_id, id FROM billing.events WHERE id > %s ORDER BY user_id, id", (since,)):
         user_events[u].append(i)
     index = {(u, i): k for u, ids in user_events.items() for k, i in enumerate(ids)}
     handed = defaultdict(list)          # event id -> [claim]
