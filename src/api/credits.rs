@@ -733,7 +733,15 @@ fn expire_grants(
         dpur: col::<i64>(&t, 4)?.unwrap_or(0),
     };
     if let Some(Value::Array(gone)) = col::<pgrx::JsonB>(&t, 5)?.map(|j| j.0) {
+        // What a renewal rolls over comes back as a rollover grant: attributed to the ended
+        // grants in their order, the rest of each is lost.
+        let mut roll = rolled_over.max(0);
         for mut g in gone {
+            let amount = g["expired_amount"].as_i64().unwrap_or(0);
+            let r = roll.min(amount);
+            roll -= r;
+            g["rolled_over"] = json!(r);
+            g["lost"] = json!(amount - r);
             g["ended_by"] = json!(if only_expired { "expiry" } else { "period_end" });
             g["subscription_credits_balance"] = json!(s.sub);
             g["purchased_credits_balance"] = json!(s.pur);

@@ -126,7 +126,9 @@ RETURNING nxt.s, nxt.n, nxt.av, nxt.t, nxt.r, a.subscription_credits_balance, a.
 
 fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<()> {
     if new {
-        // A new account: its rule (the user's or its plan's), armed (SPEC 12: no trigger does it).
+        // A new account (its rule, the user's or its plan's, armed), or one whose plan changed
+        // (the new plan's rule, its state from the balance as it is now, no event): SPEC 12
+        // allows no trigger to do it.
         spi::write(c, SYNC, &[UUID], &[uuid_arg(user)])?;
     }
     let t = spi::write(c, BALANCE_CHECK, &[UUID], &[uuid_arg(user)])?;
@@ -195,8 +197,10 @@ pub fn subscription_written(c: &mut SpiClient<'_>, user: &[u8; 16], before: Opti
     after["previous_plan_id"] = before.as_ref().map(|b| b["plan_id"].clone()).unwrap_or(Value::Null);
     after["previous_status"] = before.as_ref().map(|b| b["status"].clone()).unwrap_or(Value::Null);
     emit(c, user, "subscription.changed", after)?;
+    // The new plan's rule is looked up when the call ends (with the balance the call leaves:
+    // credits a renewal grants in this call fire nothing, they are where the rule starts from).
     if col::<bool>(&spi::write(c, ANY_PLAN_RULE, &[], &[])?.first(), 1)?.unwrap_or(false) {
-        spi::write(c, SYNC, &[UUID], &[uuid_arg(user)])?;
+        watch_if(user, false, true);
     }
     Ok(())
 }
@@ -221,6 +225,7 @@ ON CONFLICT (plan_id) DO UPDATE SET threshold = EXCLUDED.threshold, hysteresis =
 RETURNING pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint";
 const DROP_PLAN_RULE: &str = "DELETE FROM billing.plan_balance_alerts AS p WHERE p.plan_id = $1";
 const SYNC: &str = "SELECT billing._sync_balance_alerts($1)";
+const HYSTERESIS_IN_RANGE: &str = "SELECT $1::numeric BETWEEN 0 AND 10";
 
 fn require_plan(c: &mut SpiClient<'_>, plan: &str) -> BResult<()> {
     if spi::write(c, PLAN_EXISTS, &[TEXT], &[plan.into()])?.is_empty() {
@@ -245,6 +250,11 @@ fn set_balance_alert(a: &Args) -> BResult<Ret> {
         None => None,
     })?;
     let h = hysteresis_text.unwrap_or_default();
+    // (The float check above reads the decimal approximately; the exact bound is checked in SQL.)
+    let exact = Spi::connect_mut(|c| col::<bool>(&spi::write(c, HYSTERESIS_IN_RANGE, &[TEXT], &[h.as_str().into()])?.first(), 1))?;
+    if exact != Some(true) {
+        ev::hysteresis(Some(f64::NAN))?;
+    }
     if user.is_some() == plan.is_some() {
         return Err(BillingError::invalid_with_hint(
             "pass exactly one of p_user_id and p_plan_id",
