@@ -255,6 +255,17 @@ SELECT count(*) FILTER (WHERE r.allowed) AS allowed
   FROM generate_series(1, 60) AS g CROSS JOIN LATERAL billing.check_api_rate_limit('00000000-0000-0000-0000-000000150213', CASE WHEN g > 0 THEN '/v1/x' END) AS r;
 SELECT count(*) AS rate_events FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150213' AND type = 'rate_limit.exceeded';
 
+-- ===== a renewal with rollover: grant.expired says what rolled over and what was lost =====
+INSERT INTO billing.plans (plan_id, display_name, monthly_credits, rollover_max) VALUES ('ev_roll', 'Rolls 30 over', 100, 30);
+SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000150214', 'ev_roll', 'active', now(), now() + interval '30 days') ->> 'credits_granted' AS granted;
+SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000150214', 20) ->> 'total_balance' AS total;
+SELECT count(*) AS before_renewal FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150214' AND type = 'grant.expired';
+SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000150214', 100, now() + interval '60 days') ->> 'success' AS renewed;
+SELECT payload ->> 'expired_amount' AS expired_amount, payload ->> 'rolled_over' AS rolled_over, payload ->> 'lost' AS lost,
+       payload ->> 'ended_by' AS ended_by
+  FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150214' AND type = 'grant.expired';
+SELECT sum(expired_amount) AS expiration_events FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000150214';
+
 -- ===== every event of this file: payload.user_id is the row's user; the types seen =====
 SELECT type, count(*) AS events,
        count(*) FILTER (WHERE payload ->> 'user_id' IS DISTINCT FROM user_id::text) AS wrong_user
@@ -263,4 +274,4 @@ SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 -- leave no plan, subscription or API bucket behind (other tests list plans and count buckets)
 DELETE FROM billing.api_usage WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001502%';
 DELETE FROM billing.subscriptions WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001502%';
-DELETE FROM billing.plans WHERE plan_id IN ('ev_rl_two', 'ev_rl_none');
+DELETE FROM billing.plans WHERE plan_id IN ('ev_rl_two', 'ev_rl_none', 'ev_roll');
