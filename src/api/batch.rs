@@ -268,14 +268,7 @@ crate::billing_fn!(pg_finfo_pgb_consume_credits_batch, pgb_consume_credits_batch
 /// One item, as consume_credits_v2 with the service's key namespace.
 fn consume_one(c: &mut SpiClient<'_>, it: &b::ConsumeItem) -> BResult<(Value, bool)> {
     let (d, r, k) = (it.description.as_deref(), it.reference.as_deref(), it.key.as_deref());
-    let fp = pg_billing_core::idempotency::fingerprint(
-        "consume_credits_v2",
-        &[
-            ("p_amount", json!(it.amount)),
-            ("p_description", d.map(|s| json!(s)).unwrap_or(Value::Null)),
-            ("p_reference_id", r.map(|s| json!(s)).unwrap_or(Value::Null)),
-        ],
-    );
+    let fp = credits::consume_v2_fingerprint(it.amount, d, r);
     credits::idempotent_replayed(c, &it.user, KeyScope::Service, k, fp, |c| {
         credits::consume(c, &it.user, it.amount, "usage", d, r, k)
     })

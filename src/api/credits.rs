@@ -1285,6 +1285,15 @@ fn legacy_total(v: &Value) -> BResult<Ret> {
 // SQL functions
 // ---------------------------------------------------------------------------------------------
 
+/// The request a consume_credits_v2 key stands for (consume_credits_batch items use the same, so
+/// a key replays across the two).
+pub fn consume_v2_fingerprint(amount: i64, description: Option<&str>, reference: Option<&str>) -> Value {
+    idempotency::fingerprint(
+        "consume_credits_v2",
+        &[("p_amount", json!(amount)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
+    )
+}
+
 /// consume_credits_v2(p_user_id, p_amount, p_description, p_reference_id, p_idempotency_key)
 fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
@@ -1298,10 +1307,7 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
         let d = Spi::connect_mut(|c| debit(c, &user, amount, None, false, "usage", description, reference, None))?;
         return Ok(Ret::Datum(d.to_jsonb()));
     }
-    let fp = idempotency::fingerprint(
-        "consume_credits_v2",
-        &[("p_amount", json!(amount)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
-    );
+    let fp = consume_v2_fingerprint(amount, description, reference);
     Spi::connect_mut(|c| {
         idempotent(c, &user, KeyScope::of(&caller), key, fp, |c| consume(c, &user, amount, "usage", description, reference, key))
     })
