@@ -335,12 +335,38 @@ def setup_seed():
 
 def wal_per_call(script, calls):
     """WAL bytes per call in steady state without full-page images: full_page_writes off for the
-    measurement, a first pass to warm the pages, then the measured pass (one client)."""
+    measurement, a first pass to warm the pages, then the measured pass (one client). Also what
+    those bytes are: pg_waldump --stats=record over the measured pass, as {record type: (records
+    per call, bytes per call)} (what bounds the figure: the records each call writes)."""
     pgbench(script, 1, None, {"users": USERS}, "-c synchronous_commit=off", transactions=calls)
     a = sql("SELECT pg_current_wal_insert_lsn()")[0][0]
     pgbench(script, 1, None, {"users": USERS}, "-c synchronous_commit=off", transactions=calls)
     b = sql("SELECT pg_current_wal_insert_lsn()")[0][0]
-    return float(sql("SELECT pg_wal_lsn_diff(%s, %s)", (b, a))[0][0]) / calls
+    sql("SELECT pg_switch_wal()")   # the measured range is then in closed segments pg_waldump reads whole
+    bindir = sql("SELECT setting FROM pg_catalog.pg_config WHERE name = 'BINDIR'")[0][0]
+    waldir = os.path.join(sql("SHOW data_directory")[0][0], "pg_wal")
+    out = subprocess.run([os.path.join(bindir, "pg_waldump"), "--stats=record", "-p", waldir, "-s", a, "-e", b],
+                         capture_output=True, text=True)
+    kinds = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"^(\S+/\S+)\s+(\d+)\s+\(\s*[\d.]+\)\s+(\d+)\s+\(\s*[\d.]+\)\s+(\d+)\s+\(\s*[\d.]+\)\s+(\d+)", line)
+        if m and int(m.group(2)) > 0:
+            kinds[m.group(1)] = (int(m.group(2)) / calls, int(m.group(5)) / calls)
+    if not kinds:
+        raise RuntimeError(f"pg_waldump printed no records:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(sql("SELECT pg_wal_lsn_diff(%s, %s)", (b, a))[0][0]) / calls, kinds
+
+
+def wal_table(kinds):
+    """The per-call WAL records of each implementation side by side (records and bytes per call)."""
+    names = list(kinds)
+    types = sorted({t for k in kinds.values() for t in k}, key=lambda t: -max(k.get(t, (0, 0))[1] for k in kinds.values()))
+    rows = [f"| {t} | " + " | ".join(f"{kinds[n].get(t, (0, 0))[0]:.2f} | {kinds[n].get(t, (0, 0))[1]:,.0f}" for n in names) + " |"
+            for t in types if max(kinds[n].get(t, (0, 0))[0] for n in names) >= 0.01]
+    total = "| **total** | " + " | ".join(f"{sum(v[0] for v in kinds[n].values()):.2f} | {sum(v[1] for v in kinds[n].values()):,.0f}"
+                                      for n in names) + " |"
+    head = "| record type | " + " | ".join(f"{n}: records | bytes" for n in names) + " |\n|---|" + "---|---|" * len(names)
+    return head + "\n" + "\n".join(rows + [total])
 
 
 def bench_seed():
@@ -353,15 +379,18 @@ def bench_seed():
     sql("ALTER SYSTEM SET full_page_writes = off")
     sql("SELECT pg_reload_conf()")
     try:
-        wal = {k: wal_per_call(v, calls) for k, v in SEED.items()}
+        measured = {k: wal_per_call(v, calls) for k, v in SEED.items()}
     finally:
         sql("ALTER SYSTEM RESET full_page_writes")
         sql("SELECT pg_reload_conf()")
+    wal = {k: v[0] for k, v in measured.items()}
     rw = wal["pg_billing (Rust)"] / wal["seed-style PL/pgSQL (own tables)"]
     results.append(("WAL bytes per call (steady state, full_page_writes off, one client)",
                     "| implementation | WAL bytes per call |\n|---|---|\n"
                     + "\n".join(f"| {k} | {v:,.0f} |" for k, v in wal.items())
-                    + f"\n\nratio pg_billing / seed-style: **{rw:.2f}x**"))
+                    + f"\n\nratio pg_billing / seed-style: **{rw:.2f}x**\n\n"
+                    + "What each call writes (pg_waldump --stats=record over the measured pass, per call):\n\n"
+                    + wal_table({k: v[1] for k, v in measured.items()})))
     targets.append(("WAL bytes per call <= 0.8x the seed-style function", rw <= 0.8, f"{rw:.2f}x"))
     print(f"  WAL per call: " + ", ".join(f"{k} {v:,.0f} B" for k, v in wal.items()), flush=True)
     m0 = interleaved("consume beside the seed-style function, 0 ledger rows, 4 clients, synchronous_commit=off", SEED, 4,

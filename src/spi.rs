@@ -59,6 +59,17 @@ pub const JSONB: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::JSONBOID);
 pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::TIMESTAMPTZOID);
 pub const BOOL: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::BOOLOID);
 
+/// The clock now (what `clock_timestamp()` returns), read in Rust: a write reads it once, after
+/// it holds the account lock, and uses that one value both to decide which grants are live and
+/// as its ledger rows' `created_at`, so no ledger row is dated after the expiry of a grant it
+/// spent (a decision at T1 and a row written at T2 > T1 would be, when the grant expired
+/// between the two).
+pub fn clock() -> BResult<pgrx::datum::TimestampWithTimeZone> {
+    // SAFETY: GetCurrentTimestamp reads the system clock; it has no preconditions.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    pgrx::datum::TimestampWithTimeZone::try_from(now).map_err(|_| BillingError::internal("the clock is out of range"))
+}
+
 /// A uuid argument for SPI.
 pub fn uuid_arg(bytes: &[u8; 16]) -> DatumWithOid<'static> {
     pgrx::Uuid::from_bytes(*bytes).into()

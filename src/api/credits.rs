@@ -79,15 +79,15 @@ RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
 /// [`LEDGER_ROWS`]. Simple statements with small plans cost far less per call than one statement
 /// that does it all (benches/grants_callgrind.sh).
 ///
-/// $1 user, $2 feature (NULL: only unscoped grants may pay). Every grant that counts now (for the
-/// live pools of consume_credits' result), in spending order, with whether the feature may
-/// spend it.
+/// $1 user, $2 feature (NULL: only unscoped grants may pay), $3 the clock ([`spi::clock`], read
+/// under the lock; also the ledger rows' time). Every grant that counts then (for the live pools
+/// of consume_credits' result), in spending order, with whether the feature may spend it.
 const LIVE_GRANTS: &str = "
 SELECT g.id, g.pool = 'subscription', g.remaining, g.category::text, (g.scope IS NULL OR g.scope @> ARRAY[$2])
   FROM billing.credit_grants AS g
  WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
-   AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
-   AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))
+   AND g.effective_at <= $3
+   AND (g.expires_at IS NULL OR g.expires_at > $3)
  ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id";
 
 /// $1 user, $2 grant, $3 credits it pays.
@@ -109,11 +109,12 @@ UPDATE billing.accounts AS a
 RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt";
 
 /// The ledger rows of one operation, in order. $1 user, $2 operation, $3 type, $4 description,
-/// $5 reference, $6 key, $7 pools, $8 amounts, $9 balances after, $10 grants (NULL for debt).
+/// $5 reference, $6 key, $7 pools, $8 amounts, $9 balances after, $10 grants (NULL for debt),
+/// $11 the clock the grants were found live at.
 const LEDGER_ROWS: &str = "
 INSERT INTO billing.credit_transactions
-       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
-SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r.grant_id
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, created_at)
+SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r.grant_id, $11
   FROM ROWS FROM (pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::bigint[]), pg_catalog.unnest($9::bigint[]),
                   pg_catalog.unnest($10::uuid[])) WITH ORDINALITY AS r(pool, amount, after, grant_id, ord)
  ORDER BY r.ord";
@@ -128,7 +129,7 @@ SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r
 //   2. [`FAST_GRANT`] takes the amount off that grant, checking again with the clock now that the
 //      lock is held (a lock held without an update keeps xmin; a grant may have expired while we
 //      waited). No row: [`FAST_UNDO`] puts the pool back, and the general path runs.
-//   3. [`LEDGER_ROW`] writes the one ledger row.
+//   3. [`LEDGER_ROW`] writes the one ledger row, dated with the clock step 2 checked.
 // The account lock is taken before the grant row, as everywhere (api/mod.rs).
 
 /// $1 user, $2 amount. (0.5.0: only when the head grant also covers what the active holds
@@ -155,12 +156,12 @@ UPDATE billing.accounts AS a
 RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription',
           a.alert_threshold IS NOT NULL, a.alert_state < 0";
 
-/// $1 user, $2 grant, $3 amount.
+/// $1 user, $2 grant, $3 amount, $4 the clock ([`spi::clock`], read under the lock).
 const FAST_GRANT: &str = "
 UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (g.remaining = $3)
  WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3 AND g.voided_at IS NULL
-   AND g.effective_at <= pg_catalog.clock_timestamp()
-   AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
+   AND g.effective_at <= $4
+   AND (g.expires_at IS NULL OR g.expires_at > $4)
 RETURNING 1";
 
 /// Undo [`FAST_ACCOUNT`]. $1 user, $2 amount, $3 it was the subscription pool.
@@ -171,11 +172,11 @@ UPDATE billing.accounts AS a
  WHERE a.user_id = $1";
 
 /// One ledger row. $1 user, $2 operation, $3 type, $4 pool, $5 amount, $6 balance after,
-/// $7 description, $8 reference, $9 idempotency key, $10 grant.
+/// $7 description, $8 reference, $9 idempotency key, $10 grant, $11 the clock it was found live at.
 const LEDGER_ROW: &str = "
 INSERT INTO billing.credit_transactions
-       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
-VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10)";
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, created_at)
+VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, $11)";
 
 /// One new grant and its ledger rows, under the account lock. $1 user, $2 operation, $3 grant id,
 /// $4 category, $5 amount, $6 priority, $7 effective_at (NULL: now), $8 expires_at, $9 scope,
@@ -927,7 +928,8 @@ fn general_debit(
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
     let mut live = Vec::new();
-    for row in spi::write(c, LIVE_GRANTS, &[UUID, TEXT], &[uuid_arg(user), feature.into()])? {
+    let clock = spi::clock()?;
+    for row in spi::write(c, LIVE_GRANTS, &[UUID, TEXT, TIMESTAMPTZ], &[uuid_arg(user), feature.into(), clock.into()])? {
         live.push(LiveGrant {
             id: row.get::<pgrx::Uuid>(1).or_internal()?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("grant without id"))?,
             subscription_pool: row.get::<bool>(2).or_internal()?.unwrap_or(false),
@@ -995,9 +997,9 @@ fn general_debit(
         spi::write(
             c,
             LEDGER_ROWS,
-            &[UUID, UUID, TEXT, TEXT, TEXT, TEXT, TEXTARRAY, INT8ARRAY, INT8ARRAY, UUIDARRAY],
+            &[UUID, UUID, TEXT, TEXT, TEXT, TEXT, TEXTARRAY, INT8ARRAY, INT8ARRAY, UUIDARRAY, TIMESTAMPTZ],
             &[uuid_arg(user), uuid_arg(op), ledger_type.into(), description.into(), reference.into(), key.into(),
-              pools.into(), amounts.into(), afters.into(), grants.into()],
+              pools.into(), amounts.into(), afters.into(), grants.into(), clock.into()],
         )?;
     }
     let live_sum = |pred: &dyn Fn(&LiveGrant) -> bool| live.iter().filter(|g| pred(g)).map(|g| g.remaining).sum::<i64>();
@@ -1043,7 +1045,10 @@ fn fast_debit(
     let grant = col::<pgrx::Uuid>(&t, 4)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("no grant"))?;
     let is_sub = col::<bool>(&t, 5)?.unwrap_or(false);
     crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
-    if spi::write(c, FAST_GRANT, &[UUID, UUID, INT8], &[uuid_arg(user), uuid_arg(&grant), amount.into()])?.is_empty() {
+    let clock = spi::clock()?;
+    if spi::write(c, FAST_GRANT, &[UUID, UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), uuid_arg(&grant), amount.into(), clock.into()])?
+        .is_empty()
+    {
         spi::write(c, FAST_UNDO, &[UUID, INT8, BOOL], &[uuid_arg(user), amount.into(), is_sub.into()])?;
         return Ok(None);
     }
@@ -1052,9 +1057,9 @@ fn fast_debit(
     spi::write(
         c,
         LEDGER_ROW,
-        &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID],
+        &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID, TIMESTAMPTZ],
         &[uuid_arg(user), uuid_arg(&op), ledger_type.into(), pool.into(), (-amount).into(), after.into(),
-          description.into(), reference.into(), key.into(), uuid_arg(&grant)],
+          description.into(), reference.into(), key.into(), uuid_arg(&grant), clock.into()],
     )?;
     let (dsub, dpur) = if is_sub { (amount, 0) } else { (0, amount) };
     Ok(Some(Debit { op, amount, dsub, dpur, short: 0, debt, sub, pur, admitted: 0, grants: None, live_sub: 0, live_pur: 0 }))
