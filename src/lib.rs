@@ -35,4 +35,5 @@ extension_sql_file!("../sql/members.sql", name = "members", requires = ["widgets
 extension_sql_file!("../sql/pending_profiles.sql", name = "pending_profiles", requires = ["members"]);
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["pending_profiles"]);
 extension_sql_file!("../sql/batch.sql", name = "batch", requires = ["events"]);
+extension_sql_file!("../sql/citus.sql", name = "citus", requires = ["batch"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
