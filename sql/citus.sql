@@ -140,3 +140,4 @@ BEGIN
     RETURN placed;
 END
 $$;
+COMMENT ON FUNCTION billing._citus_placed(text) IS 'Internal (billing.distribute): whether billing.<p_table> is already a Citus table.';

@@ -519,6 +519,7 @@ BEGIN
     RETURN placed;
 END
 $$;
+COMMENT ON FUNCTION billing._citus_placed(text) IS 'Internal (billing.distribute): whether billing.<p_table> is already a Citus table.';
 
 -- Nobody's but the owner's (a fresh install revokes every function from PUBLIC; neither is in
 -- billing.api_functions, so apply_grants() grants neither).

@@ -64,10 +64,28 @@ pub const BOOL: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::BOOLOID);
 /// as its ledger rows' `created_at`, so no ledger row is dated after the expiry of a grant it
 /// spent (a decision at T1 and a row written at T2 > T1 would be, when the grant expired
 /// between the two).
+///
+/// Statements take the clock as a parameter rather than calling `clock_timestamp()`, also because
+/// Citus refuses volatile functions in the WHERE and RETURNING of modifications (issue 17).
 pub fn clock() -> BResult<pgrx::datum::TimestampWithTimeZone> {
+    pgrx::datum::TimestampWithTimeZone::try_from(clock_us()).map_err(|_| BillingError::internal("the clock is out of range"))
+}
+
+/// [`clock`] as PostgreSQL's TimestampTz (microseconds since 2000-01-01), for comparisons in Rust.
+pub fn clock_us() -> pg_sys::TimestampTz {
     // SAFETY: GetCurrentTimestamp reads the system clock; it has no preconditions.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    pgrx::datum::TimestampWithTimeZone::try_from(now).map_err(|_| BillingError::internal("the clock is out of range"))
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// The transaction's start (what `now()` returns) and its UTC date, as parameters for statements
+/// Citus must route (it takes no `now()` in ON CONFLICT ... SET or RETURNING).
+pub fn tx_today_now() -> BResult<(pgrx::datum::Date, pgrx::datum::TimestampWithTimeZone)> {
+    // SAFETY: GetCurrentTransactionStartTimestamp only reads the transaction's start time.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let days = i32::try_from(now.div_euclid(86_400_000_000)).map_err(|_| BillingError::internal("the clock is out of range"))?;
+    let today = pgrx::datum::Date::try_from(days).map_err(|_| BillingError::internal("the clock is out of range"))?;
+    let now = pgrx::datum::TimestampWithTimeZone::try_from(now).map_err(|_| BillingError::internal("the clock is out of range"))?;
+    Ok((today, now))
 }
 
 /// A uuid argument for SPI.

@@ -37,40 +37,37 @@ const UUIDARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDARRAYOID);
 // while a grant expired) would otherwise not see the grant start (or would spend it expired).
 
 /// Step 2 of the lock order: lock the account and read what a write needs. $1 user. Returns the
-/// overdraft headroom (limit less debt, never below 0), the debt, whether a grant may have
-/// expired since the last write (then the caller settles first: [`SETTLE`]), whether a hold may
-/// have expired (then [`SETTLE_HOLDS`]), the credits the active holds reserve (0.5.0), and
-/// whether the account has a balance rule or is new, its rule not looked up yet (0.6.0: then
-/// `events::watch`).
+/// overdraft headroom (limit less debt, never below 0), the debt, the earliest time a grant may
+/// expire (once the clock, read after the lock, has passed it the caller settles first:
+/// [`SETTLE`]), the same for holds (then [`SETTLE_HOLDS`]), the credits the active holds reserve
+/// (0.5.0), and whether the account has a balance rule or is new, its rule not looked up yet
+/// (0.6.0: then `events::watch`). (No clock in the statement: Citus refuses non-immutable
+/// functions in RETURNING, and the clock is read after the lock is held.)
 const LOCK: &str = "
-SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0
+SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt, LEAST(a.next_expiry_at, a.subscription_credits_expire_at),
+       a.next_hold_expiry_at, a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0
   FROM billing.accounts AS a WHERE a.user_id = $1 FOR UPDATE";
 
 /// The same for a debit of $2: no row, and no lock taken (so no wait behind another writer),
 /// when what the committed account stores, less what its holds reserve, and may overdraw cannot
 /// pay $2 (stored pools hold at least what is spendable; the stored held sum is subtracted only
 /// while no hold may have expired, since it counts expired holds until a write settles them);
-/// the debit then fails as if it ran before the other writer.
+/// the debit then fails as if it ran before the other writer. $3 the clock.
 const LOCK_FOR_DEBIT: &str = "
-SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-       COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-       COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0
+SELECT GREATEST(a.overdraft_limit - a.debt, 0), a.debt, LEAST(a.next_expiry_at, a.subscription_credits_expire_at),
+       a.next_hold_expiry_at, a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0
   FROM billing.accounts AS a
  WHERE a.user_id = $1
    AND a.subscription_credits_balance + a.purchased_credits_balance + GREATEST(a.overdraft_limit - a.debt, 0)
-       - CASE WHEN a.next_hold_expiry_at <= pg_catalog.clock_timestamp() THEN 0 ELSE a.held END >= $2
+       - CASE WHEN a.next_hold_expiry_at <= $3 THEN 0 ELSE a.held END >= $2
    FOR UPDATE";
 
 /// The same, creating the account when there is none. $1 user.
 const LOCK_OR_CREATE: &str = "
 INSERT INTO billing.accounts AS a (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = a.updated_at
-RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt,
-          COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp() OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp(), false),
-          COALESCE(a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false), a.held,
-          a.alert_threshold IS NOT NULL, a.alert_state < 0";
+RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt, LEAST(a.next_expiry_at, a.subscription_credits_expire_at),
+          a.next_hold_expiry_at, a.held, a.alert_threshold IS NOT NULL, a.alert_state < 0";
 
 /// The general debit (any feature, several grants, overdraft), under the account lock: read the
 /// live grants in spending order with a fresh snapshot (taken after the lock, so nothing changes
@@ -132,8 +129,8 @@ SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r
 //   3. [`LEDGER_ROW`] writes the one ledger row, dated with the clock step 2 checked.
 // The account lock is taken before the grant row, as everywhere (api/mod.rs).
 
-/// $1 user, $2 amount. (0.5.0: only when the head grant also covers what the active holds
-/// reserve, and no hold may have expired; otherwise the general path decides.)
+/// $1 user, $2 amount, $3 the clock. (0.5.0: only when the head grant also covers what the
+/// active holds reserve, and no hold may have expired; otherwise the general path decides.)
 const FAST_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN head.pool = 'subscription' THEN $2 ELSE 0 END,
@@ -144,15 +141,13 @@ UPDATE billing.accounts AS a
   FROM (SELECT g.id, g.pool, g.remaining
           FROM billing.credit_grants AS g
          WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL AND g.scope IS NULL
-           AND g.effective_at <= pg_catalog.clock_timestamp()
-           AND (g.expires_at IS NULL OR g.expires_at > pg_catalog.clock_timestamp())
+           AND g.effective_at <= $3
+           AND (g.expires_at IS NULL OR g.expires_at > $3)
          ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id
          LIMIT 1) AS head
  WHERE a.user_id = $1 AND head.remaining >= $2 + a.held
    AND a.xmin = (SELECT s.xmin FROM billing.accounts AS s WHERE s.user_id = $1)
-   AND NOT COALESCE(a.next_expiry_at <= pg_catalog.clock_timestamp()
-                    OR a.subscription_credits_expire_at <= pg_catalog.clock_timestamp()
-                    OR a.next_hold_expiry_at <= pg_catalog.clock_timestamp(), false)
+   AND NOT COALESCE(a.next_expiry_at <= $3 OR a.subscription_credits_expire_at <= $3 OR a.next_hold_expiry_at <= $3, false)
 RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription',
           a.alert_threshold IS NOT NULL, a.alert_state < 0";
 
@@ -230,9 +225,10 @@ SELECT acct.sub, acct.pur, acct.debt FROM acct";
 /// credit_expiration_events row. Afterwards the subscription period end is cleared when it has
 /// passed (or always, with $3 false), and next_expiry_at is the earliest expiry left. Returns the
 /// pools after, what left each, and the grants ended with credits left (for grant.expired).
+/// $7 the clock.
 const SETTLE: &str = "
 WITH clock AS MATERIALIZED (
-    SELECT pg_catalog.clock_timestamp() AS at
+    SELECT $7::timestamptz AS at
 ), gone AS (
     SELECT g.id, g.pool, g.remaining, g.category, g.expires_at,
            pg_catalog.row_number() OVER (ORDER BY g.priority, g.expires_at, g.effective_at, g.created_at, g.id) AS ord
@@ -292,28 +288,31 @@ SELECT acct.sub, acct.pur, acct.dsub, acct.dpur,
 /// Holds past their expiry (0.5.0), under the account lock: they become `expired` (resolved at
 /// their expiry), their credits leave the account's held sum, and next_hold_expiry_at becomes
 /// the earliest expiry of the holds left (NULL: none). Returns the held sum after and the holds
-/// that expired (for hold.expired). $1 user.
+/// that expired (for hold.expired). $1 user, $2 the clock.
 const SETTLE_HOLDS: &str = "
 WITH clock AS MATERIALIZED (
-    SELECT pg_catalog.clock_timestamp() AS at
+    SELECT $2::timestamptz AS at
 ), gone AS (
     UPDATE billing.credit_holds AS h
        SET status = 'expired', resolved_at = h.expires_at
       FROM clock
      WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at <= clock.at
  RETURNING h.id, h.amount, h.feature, h.expires_at
+), acct AS (
+    UPDATE billing.accounts AS a
+       SET held = a.held - COALESCE((SELECT pg_catalog.sum(gone.amount) FROM gone), 0),
+           next_hold_expiry_at = (SELECT pg_catalog.min(h.expires_at) FROM billing.credit_holds AS h CROSS JOIN clock
+                                   WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at > clock.at)
+     WHERE a.user_id = $1
+ RETURNING a.held
 )
-UPDATE billing.accounts AS a
-   SET held = a.held - COALESCE((SELECT pg_catalog.sum(gone.amount) FROM gone), 0),
-       next_hold_expiry_at = (SELECT pg_catalog.min(h.expires_at) FROM billing.credit_holds AS h CROSS JOIN clock
-                               WHERE h.user_id = $1 AND h.status = 'active' AND h.expires_at > clock.at)
- WHERE a.user_id = $1
-RETURNING a.held,
-          (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-                      'hold_id', gone.id, 'amount', gone.amount, 'feature', gone.feature,
-                      'expires_at', pg_catalog.to_char(gone.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
-                    ORDER BY gone.expires_at, gone.id)
-             FROM gone)";
+SELECT acct.held,
+       (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                   'hold_id', gone.id, 'amount', gone.amount, 'feature', gone.feature,
+                   'expires_at', pg_catalog.to_char(gone.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
+                 ORDER BY gone.expires_at, gone.id)
+          FROM gone)
+  FROM acct";
 
 /// Void what remains of one grant, under the account lock. $1 user, $2 grant, $3 operation,
 /// $4 reason, $5 ledger type, $6 key, $7 reference. No row: the grant is void already.
@@ -614,11 +613,14 @@ fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
     }
     let t = t.first();
     crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
+    // The clock after the lock is held: what expired while we waited for it is due too.
+    let now = spi::clock_us();
+    let passed = |i| col::<TimestampWithTimeZone>(&t, i).map(|v| v.is_some_and(|at| at.into_inner() <= now));
     Ok(Some(Locked {
         headroom: col::<i64>(&t, 1)?.unwrap_or(0),
         debt: col::<i64>(&t, 2)?.unwrap_or(0),
-        due: col::<bool>(&t, 3)?.unwrap_or(false),
-        holds_due: col::<bool>(&t, 4)?.unwrap_or(false),
+        due: passed(3)?,
+        holds_due: passed(4)?,
         held: col::<i64>(&t, 5)?.unwrap_or(0),
     }))
 }
@@ -626,7 +628,7 @@ fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
 /// Expire the holds past their expiry (the caller holds the account lock): [`SETTLE_HOLDS`].
 /// Returns what the active holds reserve afterwards.
 pub fn settle_holds(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
-    let t = spi::write(c, SETTLE_HOLDS, &[UUID], &[uuid_arg(user)])?;
+    let t = spi::write(c, SETTLE_HOLDS, &[UUID, TIMESTAMPTZ], &[uuid_arg(user), spi::clock()?.into()])?;
     if t.is_empty() {
         return Err(unknown_account(user));
     }
@@ -720,8 +722,8 @@ fn expire_grants(
     let t = spi::write(
         c,
         SETTLE,
-        &[UUID, UUID, BOOL, TEXT, TEXT, INT8],
-        &[uuid_arg(user), uuid_arg(op), only_expired.into(), description.into(), key.into(), rolled_over.into()],
+        &[UUID, UUID, BOOL, TEXT, TEXT, INT8, TIMESTAMPTZ],
+        &[uuid_arg(user), uuid_arg(op), only_expired.into(), description.into(), key.into(), rolled_over.into(), spi::clock()?.into()],
     )?;
     if t.is_empty() {
         return Err(unknown_account(user));
@@ -862,7 +864,7 @@ pub fn debit(
             return Ok(d);
         }
     }
-    let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
+    let t = spi::write(client, LOCK_FOR_DEBIT, &[UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), amount.into(), spi::clock()?.into()])?;
     let mut l = match locked(t, user)? {
         Some(l) => l,
         None => {
@@ -1035,7 +1037,7 @@ fn fast_debit(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
-    let t = spi::write(c, FAST_ACCOUNT, &[UUID, INT8], &[uuid_arg(user), amount.into()])?;
+    let t = spi::write(c, FAST_ACCOUNT, &[UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), amount.into(), spi::clock()?.into()])?;
     if t.is_empty() {
         return Ok(None);
     }

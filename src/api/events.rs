@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, OrInternal, INT4, INT8, JSONB, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, OrInternal, INT4, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 // ---------------------------------------------------------------------------------------------
@@ -121,8 +121,13 @@ WITH cur AS (
 UPDATE billing.accounts AS a SET alert_state = nxt.n
   FROM nxt
  WHERE a.user_id = $1 AND nxt.n <> nxt.s
-RETURNING nxt.s, nxt.n, nxt.av, nxt.t, nxt.r, a.subscription_credits_balance, a.purchased_credits_balance, a.held, a.debt,
-          EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = $1), billing.user_effective_plan($1)";
+RETURNING nxt.s, nxt.n, nxt.av, nxt.t, nxt.r, a.subscription_credits_balance, a.purchased_credits_balance, a.held, a.debt";
+
+/// Whose rule fired (the user's, else its plan's) and the user's effective plan, read only when
+/// [`BALANCE_CHECK`] changed the state (Citus allows no subquery or non-immutable function in a
+/// modification's RETURNING). $1 user.
+const RULE_OWNER: &str = "
+SELECT EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = $1), billing.user_effective_plan($1)";
 
 fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<()> {
     if new {
@@ -139,6 +144,8 @@ fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<(
     let from = AlertState::from_i16(col::<i16>(&t, 1)?.unwrap_or(0));
     let to = AlertState::from_i16(col::<i16>(&t, 2)?.unwrap_or(0));
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
+    let owner = spi::write(c, RULE_OWNER, &[UUID], &[uuid_arg(user)])?;
+    let owner = owner.first();
     let payload = json!({
         "available": n(3)?,
         "threshold": n(4)?,
@@ -147,8 +154,8 @@ fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<(
         "purchased_credits_balance": n(7)?,
         "held": n(8)?,
         "debt": n(9)?,
-        "rule": if col::<bool>(&t, 10)?.unwrap_or(false) { "user" } else { "plan" },
-        "plan_id": col::<String>(&t, 11)?,
+        "rule": if col::<bool>(&owner, 1)?.unwrap_or(false) { "user" } else { "plan" },
+        "plan_id": col::<String>(&owner, 2)?,
     });
     for e in ev::transition_events(from, to) {
         emit(c, user, e, payload.clone())?;
@@ -167,8 +174,8 @@ SELECT pg_catalog.jsonb_build_object(
          'current_period_start', pg_catalog.to_char(s.current_period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
          'current_period_end', pg_catalog.to_char(s.current_period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
          'trial_ends_at', pg_catalog.to_char(s.trial_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-         'expires_at', pg_catalog.to_char(s.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-         'effective_plan_id', billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at))
+         'expires_at', pg_catalog.to_char(s.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')),
+       s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at
   FROM billing.subscriptions AS s WHERE s.user_id = $1";
 const ANY_PLAN_RULE: &str = "SELECT EXISTS (SELECT 1 FROM billing.plan_balance_alerts)";
 const SUBSCRIPTION_FIELDS: [&str; 6] = ["plan_id", "status", "current_period_start", "current_period_end", "trial_ends_at", "expires_at"];
@@ -180,7 +187,11 @@ pub fn subscription_state(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Opt
     if t.is_empty() {
         return Ok(None);
     }
-    Ok(col::<pgrx::JsonB>(&t.first(), 1)?.map(|j| j.0))
+    let t = t.first();
+    let Some(mut v) = col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0) else { return Ok(None) };
+    // (its own statement: see plans::EFFECTIVE)
+    v["effective_plan_id"] = json!(crate::api::plans::effective_plan(c, &t, 2)?);
+    Ok(Some(v))
 }
 
 /// After a write to the user's subscription (`before`: [`subscription_state`] before it; the
@@ -212,16 +223,17 @@ pub fn subscription_written(c: &mut SpiClient<'_>, user: &[u8; 16], before: Opti
 const PLAN_EXISTS: &str = "SELECT 1 FROM billing.plans AS p WHERE p.plan_id = $1";
 const PLAN_IDS: &str = "SELECT COALESCE(pg_catalog.string_agg(p.plan_id, ', ' ORDER BY p.plan_id), '(none)') FROM billing.plans AS p";
 
-/// $1 user, $2 threshold, $3 hysteresis (numeric as text). Returns the re-arm level.
+/// $1 user, $2 threshold, $3 hysteresis (numeric as text), $4 now() (Citus takes no now() in
+/// ON CONFLICT ... SET). Returns the re-arm level.
 const SET_USER_RULE: &str = "
 INSERT INTO billing.user_balance_alerts AS u (user_id, threshold, hysteresis) VALUES ($1, $2, $3::numeric)
-ON CONFLICT (user_id) DO UPDATE SET threshold = EXCLUDED.threshold, hysteresis = EXCLUDED.hysteresis, updated_at = pg_catalog.now()
+ON CONFLICT (user_id) DO UPDATE SET threshold = EXCLUDED.threshold, hysteresis = EXCLUDED.hysteresis, updated_at = $4
 RETURNING pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint";
 const DROP_USER_RULE: &str = "DELETE FROM billing.user_balance_alerts AS u WHERE u.user_id = $1";
-/// $1 plan, $2 threshold, $3 hysteresis (numeric as text).
+/// $1 plan, $2 threshold, $3 hysteresis (numeric as text), $4 now().
 const SET_PLAN_RULE: &str = "
 INSERT INTO billing.plan_balance_alerts AS p (plan_id, threshold, hysteresis) VALUES ($1, $2, $3::numeric)
-ON CONFLICT (plan_id) DO UPDATE SET threshold = EXCLUDED.threshold, hysteresis = EXCLUDED.hysteresis, updated_at = pg_catalog.now()
+ON CONFLICT (plan_id) DO UPDATE SET threshold = EXCLUDED.threshold, hysteresis = EXCLUDED.hysteresis, updated_at = $4
 RETURNING pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint";
 const DROP_PLAN_RULE: &str = "DELETE FROM billing.plan_balance_alerts AS p WHERE p.plan_id = $1";
 const SYNC: &str = "SELECT billing._sync_balance_alerts($1)";
@@ -265,7 +277,7 @@ fn set_balance_alert(a: &Args) -> BResult<Ret> {
         let (rearm, who) = if let Some(user) = user {
             crate::api::lock_account(c, &user)?;
             let rearm = match threshold {
-                Some(t) => col::<i64>(&spi::write(c, SET_USER_RULE, &[UUID, INT8, TEXT], &[uuid_arg(&user), t.into(), h.as_str().into()])?.first(), 1)?,
+                Some(t) => col::<i64>(&spi::write(c, SET_USER_RULE, &[UUID, INT8, TEXT, TIMESTAMPTZ], &[uuid_arg(&user), t.into(), h.as_str().into(), spi::tx_today_now()?.1.into()])?.first(), 1)?,
                 None => {
                     spi::write(c, DROP_USER_RULE, &[UUID], &[uuid_arg(&user)])?;
                     None
@@ -276,7 +288,7 @@ fn set_balance_alert(a: &Args) -> BResult<Ret> {
             let plan = plan.unwrap_or_default();
             require_plan(c, &plan)?;
             let rearm = match threshold {
-                Some(t) => col::<i64>(&spi::write(c, SET_PLAN_RULE, &[TEXT, INT8, TEXT], &[plan.as_str().into(), t.into(), h.as_str().into()])?.first(), 1)?,
+                Some(t) => col::<i64>(&spi::write(c, SET_PLAN_RULE, &[TEXT, INT8, TEXT, TIMESTAMPTZ], &[plan.as_str().into(), t.into(), h.as_str().into(), spi::tx_today_now()?.1.into()])?.first(), 1)?,
                 None => {
                     spi::write(c, DROP_PLAN_RULE, &[TEXT], &[plan.as_str().into()])?;
                     None

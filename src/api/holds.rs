@@ -15,13 +15,14 @@ use pg_billing_core::grants as g;
 use pg_billing_core::holds::{self as h, Over};
 use pg_billing_core::idempotency;
 use pg_billing_core::BillingError;
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::{Spi, SpiClient};
 use serde_json::{json, Value};
 
 use crate::api::credits::{self, KeyScope};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, INT4, INT8, JSONB, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, INT4, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 /// The user a hold belongs to. $1 hold.
@@ -38,13 +39,13 @@ SELECT a.max_active_holds,
   FROM billing.accounts AS a WHERE a.user_id = $1";
 
 /// A new hold and the account's held sum, under the account lock. $1 user, $2 hold id,
-/// $3 amount, $4 feature, $5 TTL in microseconds, $6 key. Returns the held sum after and the
-/// expiry (PostgreSQL microseconds).
+/// $3 amount, $4 feature, $5 TTL in microseconds, $6 key, $7 the clock. Returns the held sum
+/// after and the expiry. (Times come as parameters and leave raw: Citus refuses non-immutable
+/// functions in a modification's RETURNING and volatile ones in its WHERE.)
 const CREATE_HOLD: &str = "
 WITH hold AS (
     INSERT INTO billing.credit_holds AS h (user_id, id, amount, feature, expires_at, status, idempotency_key, created_at)
-    SELECT $1, $2, $3, $4, c.at + $5::double precision * interval '1 microsecond', 'active', $6, c.at
-      FROM (SELECT pg_catalog.clock_timestamp() AS at) AS c
+    VALUES ($1, $2, $3, $4, $7 + $5::double precision * interval '1 microsecond', 'active', $6, $7)
  RETURNING h.expires_at
 )
 UPDATE billing.accounts AS a
@@ -53,7 +54,7 @@ UPDATE billing.accounts AS a
        updated_at = pg_catalog.now()
   FROM hold
  WHERE a.user_id = $1
-RETURNING a.held, (pg_catalog.extract('epoch', hold.expires_at) * 1000000)::bigint - 946684800000000";
+RETURNING a.held, hold.expires_at";
 
 /// One hold, locked (its account is locked already). $1 user, $2 hold, $3 the capture grace in
 /// microseconds.
@@ -68,12 +69,12 @@ SELECT h.amount, h.feature, h.status::text, h.resolution,
 
 /// Resolve a hold (captured or released), under the account lock. $1 user, $2 hold, $3 status,
 /// $4 captured amount (NULL for a release), $5 the result a repeat replays, $6 the credits it
-/// stops reserving (its amount when it was active; 0 when it had expired). When no active hold
-/// is left, next_hold_expiry_at becomes NULL (nothing to settle).
+/// stops reserving (its amount when it was active; 0 when it had expired), $7 the clock. When no
+/// active hold is left, next_hold_expiry_at becomes NULL (nothing to settle).
 const RESOLVE: &str = "
 WITH hold AS (
     UPDATE billing.credit_holds AS h
-       SET status = $3::billing.hold_status, captured_amount = $4, resolved_at = pg_catalog.clock_timestamp(), resolution = $5
+       SET status = $3::billing.hold_status, captured_amount = $4, resolved_at = $7, resolution = $5
      WHERE h.user_id = $1 AND h.id = $2
  RETURNING 1
 )
@@ -85,32 +86,38 @@ UPDATE billing.accounts AS a
 RETURNING a.held";
 
 /// A later expiry for an active hold (never an earlier one). $1 user, $2 hold, $3 TTL in
-/// microseconds from now. next_hold_expiry_at stays: it may stay before the earliest expiry.
+/// microseconds from $4, the clock. next_hold_expiry_at stays: it may stay before the earliest
+/// expiry.
 const EXTEND: &str = "
 UPDATE billing.credit_holds AS h
-   SET expires_at = GREATEST(h.expires_at, pg_catalog.clock_timestamp() + $3::double precision * interval '1 microsecond')
+   SET expires_at = GREATEST(h.expires_at, $4 + $3::double precision * interval '1 microsecond')
  WHERE h.user_id = $1 AND h.id = $2
-RETURNING (pg_catalog.extract('epoch', h.expires_at) * 1000000)::bigint - 946684800000000";
+RETURNING h.expires_at";
 
 /// More credits on an active hold. $1 user, $2 hold, $3 delta.
 const INCREASE: &str = "
 WITH hold AS (
     UPDATE billing.credit_holds AS h SET amount = h.amount + $3
      WHERE h.user_id = $1 AND h.id = $2
- RETURNING h.amount, (pg_catalog.extract('epoch', h.expires_at) * 1000000)::bigint - 946684800000000 AS exp
+ RETURNING h.amount, h.expires_at AS exp
 )
 UPDATE billing.accounts AS a SET held = a.held + $3, updated_at = pg_catalog.now()
   FROM hold
  WHERE a.user_id = $1
 RETURNING a.held, hold.amount, hold.exp";
 
-/// The cap on active holds. $1 user, $2 cap (NULL: none).
+/// The cap on active holds. $1 user, $2 cap (NULL: none). [`HOLD_CAP`] then reads it back.
 const SET_MAX: &str = "
-UPDATE billing.accounts AS a SET max_active_holds = $2, updated_at = pg_catalog.now()
- WHERE a.user_id = $1
-RETURNING a.max_active_holds,
-          (SELECT pg_catalog.count(*) FROM billing.credit_holds AS h
-            WHERE h.user_id = $1 AND h.status = 'active')::bigint";
+UPDATE billing.accounts AS a SET max_active_holds = $2, updated_at = pg_catalog.now() WHERE a.user_id = $1";
+
+/// How many holds of the user are active. $1 user.
+const ACTIVE_HOLDS: &str = "
+SELECT pg_catalog.count(*) FROM billing.credit_holds AS h WHERE h.user_id = $1 AND h.status = 'active'";
+
+/// A timestamp as PostgreSQL microseconds (since 2000-01-01 UTC), as validate::iso_utc takes it.
+fn pg_micros(t: Option<TimestampWithTimeZone>) -> i64 {
+    t.map(|t| t.into_inner()).unwrap_or(0)
+}
 
 fn opt(s: Option<&str>) -> Value {
     s.map(|s| Value::String(s.to_string())).unwrap_or(Value::Null)
@@ -259,13 +266,13 @@ fn reserve_credits(a: &Args) -> BResult<Ret> {
             let t = spi::write(
                 c,
                 CREATE_HOLD,
-                &[UUID, UUID, INT8, TEXT, INT8, TEXT],
-                &[uuid_arg(&user), uuid_arg(&id), n.into(), feature.into(), ttl.into(), key.into()],
+                &[UUID, UUID, INT8, TEXT, INT8, TEXT, TIMESTAMPTZ],
+                &[uuid_arg(&user), uuid_arg(&id), n.into(), feature.into(), ttl.into(), key.into(), spi::clock()?.into()],
             )?;
             if t.is_empty() {
                 return Err(BillingError::internal("the account vanished under its lock"));
             }
-            let expires = col::<i64>(&t.first(), 2)?.unwrap_or(0);
+            let expires = pg_micros(col::<TimestampWithTimeZone>(&t.first(), 2)?);
             Ok(json!({
                 "success": true,
                 "hold_id": uuid_text(&id),
@@ -349,8 +356,9 @@ fn capture_hold(a: &Args) -> BResult<Ret> {
             spi::write(
                 c,
                 RESOLVE,
-                &[UUID, UUID, TEXT, INT8, JSONB, INT8],
-                &[uuid_arg(&user), uuid_arg(&hold), "captured".into(), Some(plan.debit).into(), pgrx::JsonB(v.clone()).into(), counted.into()],
+                &[UUID, UUID, TEXT, INT8, JSONB, INT8, TIMESTAMPTZ],
+                &[uuid_arg(&user), uuid_arg(&hold), "captured".into(), Some(plan.debit).into(), pgrx::JsonB(v.clone()).into(), counted.into(),
+                  spi::clock()?.into()],
             )?;
             Ok(v)
         })
@@ -394,8 +402,9 @@ fn release_hold(a: &Args) -> BResult<Ret> {
             spi::write(
                 c,
                 RESOLVE,
-                &[UUID, UUID, TEXT, INT8, JSONB, INT8],
-                &[uuid_arg(&user), uuid_arg(&hold), "released".into(), None::<i64>.into(), pgrx::JsonB(v.clone()).into(), counted.into()],
+                &[UUID, UUID, TEXT, INT8, JSONB, INT8, TIMESTAMPTZ],
+                &[uuid_arg(&user), uuid_arg(&hold), "released".into(), None::<i64>.into(), pgrx::JsonB(v.clone()).into(), counted.into(),
+                  spi::clock()?.into()],
             )?;
             Ok(v)
         })
@@ -415,8 +424,8 @@ fn extend_hold(a: &Args) -> BResult<Ret> {
         credits::lock(c, &user, false)?;
         let hr = load(c, &user, &hold)?;
         require_active(&hold, &hr)?;
-        let t = spi::write(c, EXTEND, &[UUID, UUID, INT8], &[uuid_arg(&user), uuid_arg(&hold), ttl.into()])?;
-        let expires = col::<i64>(&t.first(), 1)?.unwrap_or(0);
+        let t = spi::write(c, EXTEND, &[UUID, UUID, INT8, TIMESTAMPTZ], &[uuid_arg(&user), uuid_arg(&hold), ttl.into(), spi::clock()?.into()])?;
+        let expires = pg_micros(col::<TimestampWithTimeZone>(&t.first(), 1)?);
         Ok(json!({
             "success": true,
             "hold_id": uuid_text(&hold),
@@ -459,7 +468,7 @@ fn increase_hold(a: &Args) -> BResult<Ret> {
                 "user_id": uuid_text(&user),
                 "added": delta,
                 "held": col::<i64>(&t, 2)?.unwrap_or(0),
-                "expires_at": validate::iso_utc(col::<i64>(&t, 3)?.unwrap_or(0)),
+                "expires_at": validate::iso_utc(pg_micros(col::<TimestampWithTimeZone>(&t, 3)?)),
                 "available": free.saturating_sub(delta).saturating_sub(l.debt),
             }))
         })
@@ -481,13 +490,13 @@ fn set_max_active_holds(a: &Args) -> BResult<Ret> {
     }
     Spi::connect_mut(|c| {
         credits::lock(c, &user, true)?;
-        let t = spi::write(c, SET_MAX, &[UUID, INT4], &[uuid_arg(&user), max.into()])?;
-        let t = t.first();
+        spi::write(c, SET_MAX, &[UUID, INT4], &[uuid_arg(&user), max.into()])?;
+        let t = spi::write(c, ACTIVE_HOLDS, &[UUID], &[uuid_arg(&user)])?;
         Ok(json!({
             "success": true,
             "user_id": uuid_text(&user),
-            "max_active_holds": col::<i32>(&t, 1)?,
-            "active_holds": col::<i64>(&t, 2)?.unwrap_or(0),
+            "max_active_holds": max,
+            "active_holds": col::<i64>(&t.first(), 1)?.unwrap_or(0),
         }))
     })
     .map(Ret::Json)

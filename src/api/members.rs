@@ -23,7 +23,7 @@ use crate::api::credits::{self, Pool};
 use crate::api::{usage, webhooks};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, uuid_text, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
 pub const DATE: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::DATEOID);
@@ -62,18 +62,16 @@ SELECT m.plan_id, COALESCE(p.monthly_credits, 0)::bigint, m.period_granted
 
 /// Create or update the member. $1 member, $2 e-mail, $3 plan in effect now, $4 renewal date
 /// (NULL: keep, or one month from today for a new member), $5 the plan scheduled for the next
-/// renewal (a downgrade), $6 what plans granted this period. Returns whether it was inserted,
-/// the previous plan, the renewal date as ISO text, and the period end. A plan change keeps the
+/// renewal (a downgrade), $6 what plans granted this period, $7 today, $8 now() (both from
+/// [`spi::tx_today_now`]; Citus takes no now() in ON CONFLICT ... SET). Returns whether it was
+/// inserted, the previous plan, the renewal date, and the period end. A plan change keeps the
 /// period's usage (issue 11 item 4). "Today" is the UTC date of now() (not CURRENT_DATE, which
 /// follows the session's TimeZone): renewals fall at UTC midnight.
 const UPSERT_MEMBER: &str = "
-WITH r AS (
-    SELECT COALESCE($4, (t.today + '1 month'::interval)::date) AS d, t.today
-      FROM (SELECT (pg_catalog.now() AT TIME ZONE 'UTC')::date AS today) AS t
-)
 INSERT INTO billing.members AS m (user_id, email, plan_id, renewal_date, anchor_day, period_start, period_granted, next_plan_id)
-SELECT $1, $2, $3, r.d, pg_catalog.date_part('day', r.d)::smallint,
-       LEAST(r.today, (r.d - '1 month'::interval)::date), $6, $5 FROM r
+VALUES ($1, $2, $3, COALESCE($4, ($7 + '1 month'::interval)::date),
+        pg_catalog.date_part('day', COALESCE($4, ($7 + '1 month'::interval)::date))::smallint,
+        LEAST($7, (COALESCE($4, ($7 + '1 month'::interval)::date) - '1 month'::interval)::date), $6, $5)
 ON CONFLICT (user_id) DO UPDATE
    SET email            = EXCLUDED.email,
        plan_id          = EXCLUDED.plan_id,
@@ -83,9 +81,8 @@ ON CONFLICT (user_id) DO UPDATE
        -- The current period never gets shorter (issue 11 item 2): an earlier date is ignored.
        renewal_date     = CASE WHEN $4 IS NULL OR $4 < m.renewal_date THEN m.renewal_date ELSE EXCLUDED.renewal_date END,
        anchor_day       = CASE WHEN $4 IS NULL OR $4 < m.renewal_date THEN m.anchor_day ELSE EXCLUDED.anchor_day END,
-       updated_at       = pg_catalog.now()
-RETURNING (m.xmax = 0) AS inserted, m.previous_plan_id, pg_catalog.to_char(m.renewal_date, 'YYYY-MM-DD'),
-          (m.renewal_date::timestamp AT TIME ZONE 'UTC')";
+       updated_at       = $8
+RETURNING (m.xmax = 0) AS inserted, m.previous_plan_id, m.renewal_date, (m.renewal_date::timestamp AT TIME ZONE 'UTC')";
 
 /// Give the account its e-mail. $1 user, $2 e-mail.
 const SET_EMAIL: &str = "
@@ -288,10 +285,11 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
             }
             Some((cur, _, granted)) => (cur.clone(), Some(plan_id.clone()), 0, *granted),
         };
+        let (today, now) = spi::tx_today_now()?;
         let t = spi::write(
             c,
             UPSERT_MEMBER,
-            &[UUID, TEXT, TEXT, DATE, TEXT, INT8],
+            &[UUID, TEXT, TEXT, DATE, TEXT, INT8, DATE, TIMESTAMPTZ],
             &[
                 uuid_arg(&user),
                 email.as_str().into(),
@@ -299,12 +297,14 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
                 renewal.into(),
                 scheduled.as_deref().into(),
                 granted_after.into(),
+                today.into(),
+                now.into(),
             ],
         )?;
         let t = t.first();
         let inserted = col::<bool>(&t, 1)?.unwrap_or(false);
         let previous = col::<String>(&t, 2)?;
-        let renewal_text = col::<String>(&t, 3)?;
+        let renewal_text = col::<pgrx::datum::Date>(&t, 3)?.map(|d| format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()));
         let period_end = col::<TimestampWithTimeZone>(&t, 4)?;
         let plan_changed = !inserted && previous.as_deref() != Some(plan_now.as_str());
         // The account (step 2 of the lock order) and its live subscription pool.

@@ -2,7 +2,8 @@
 
 use pg_billing_core::plans::{self, PeriodGrant, SUBSCRIPTION_STATUSES};
 use pg_billing_core::BillingError;
-use pgrx::spi::{Spi, SpiClient};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::spi::{Spi, SpiClient, SpiTupleTable};
 use serde_json::json;
 
 use crate::api::credits::{self, Pool};
@@ -56,7 +57,31 @@ ON CONFLICT (user_id) DO UPDATE
        expires_at               = CASE WHEN EXCLUDED.status = 'expired' THEN COALESCE(s.expires_at, pg_catalog.now()) END,
        updated_at               = pg_catalog.now()
  WHERE $11 IS NULL OR s.last_event_created_at IS NULL OR $11 >= s.last_event_created_at
-RETURNING s.id, billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)";
+RETURNING s.id, s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at";
+
+/// The effective plan of a subscription's fields ($1 plan, $2 status, $3 period end, $4 trial end,
+/// $5 expiry), in a statement of its own: billing.effective_plan_id reads billing.plans, and on
+/// Citus a function that reads a table cannot run inside a statement on a distributed table (nor
+/// may a modification's RETURNING call it).
+const EFFECTIVE: &str = "SELECT billing.effective_plan_id($1, $2, $3, $4, $5)";
+
+/// [`EFFECTIVE`] on the columns `first..first + 4` of the first row of `t` (plan, status, period
+/// end, trial end, expiry).
+pub fn effective_plan(c: &mut SpiClient<'_>, t: &SpiTupleTable<'_>, first: usize) -> BResult<Option<String>> {
+    let (plan, status) = (col::<String>(t, first)?, col::<String>(t, first + 1)?);
+    let (end, trial, expires) = (
+        col::<TimestampWithTimeZone>(t, first + 2)?,
+        col::<TimestampWithTimeZone>(t, first + 3)?,
+        col::<TimestampWithTimeZone>(t, first + 4)?,
+    );
+    let e = spi::write(
+        c,
+        EFFECTIVE,
+        &[TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ],
+        &[plan.into(), status.into(), end.into(), trial.into(), expires.into()],
+    )?;
+    col::<String>(&e.first(), 1)
+}
 
 /// $1 user, $2 event id, $3 event time, $4 applied, $5 reason, $6 plan, $7 status.
 const LOG_EVENT: &str = "
@@ -190,7 +215,7 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         }
         let t = t.first();
         let id = col::<pgrx::Uuid>(&t, 1)?.map(|u| uuid_text(u.as_bytes()));
-        let effective = col::<String>(&t, 2)?;
+        let effective = effective_plan(c, &t, 2)?;
         crate::api::events::subscription_written(c, &user, before)?;
         log(c, true, "applied")?;
         let granted = match grant {
