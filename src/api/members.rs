@@ -42,14 +42,19 @@ const KNOWN_PLANS: &str =
 /// The member id of an e-mail: the existing member, else an existing account with that e-mail
 /// (compared the one way e-mails are: ASCII letters lower-cased, nothing else folded), else a new
 /// id. The upsert locks the e-mail row, so concurrent upserts of one e-mail agree.
+/// $1 e-mail, $2 the account [`ACCOUNT_BY_EMAIL`] found (NULL: none). (Two statements: Citus takes
+/// no subquery in INSERT ... VALUES.)
 const MEMBER_ID: &str = "
 INSERT INTO billing.member_emails AS e (email, user_id)
-VALUES ($1, COALESCE((SELECT a.user_id FROM billing.accounts AS a
-                       WHERE pg_catalog.translate(a.email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') = $1
-                       ORDER BY a.created_at, a.user_id LIMIT 1),
-                     pg_catalog.gen_random_uuid()))
+VALUES ($1, COALESCE($2, pg_catalog.gen_random_uuid()))
 ON CONFLICT (email) DO UPDATE SET email = EXCLUDED.email
 RETURNING e.user_id";
+
+/// The oldest account with e-mail $1 (compared as [`MEMBER_ID`] says).
+const ACCOUNT_BY_EMAIL: &str = "
+SELECT a.user_id FROM billing.accounts AS a
+ WHERE pg_catalog.translate(a.email, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') = $1
+ ORDER BY a.created_at, a.user_id LIMIT 1";
 
 /// Lock an existing member (after its e-mail row, before its account) and read what a plan
 /// change needs: its plan, that plan's credits, what plans granted this period. $1 member.
@@ -260,7 +265,9 @@ fn upsert_member(a: &Args) -> BResult<Ret> {
         if let Some(replay) = claim_event(c, event_id, "upsert_member", None)? {
             return Ok(replay);
         }
-        let t = spi::write(c, MEMBER_ID, &[TEXT], &[email.as_str().into()])?;
+        let known = spi::write(c, ACCOUNT_BY_EMAIL, &[TEXT], &[email.as_str().into()])?;
+        let known = if known.is_empty() { None } else { col::<pgrx::Uuid>(&known.first(), 1)? };
+        let t = spi::write(c, MEMBER_ID, &[TEXT, UUID], &[email.as_str().into(), known.into()])?;
         let user = col::<pgrx::Uuid>(&t.first(), 1)?
             .map(|u| *u.as_bytes())
             .ok_or_else(|| BillingError::internal("member e-mail row without id"))?;

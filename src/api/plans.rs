@@ -36,12 +36,13 @@ SELECT (s.last_event_created_at IS NOT NULL AND $2 IS NOT NULL AND $2 < s.last_e
 
 /// $1 user, $2 plan, $3 status, $4 period start (NULL: the stored one, or now for a new
 /// subscription), $5 period end, $6 trial end, $7 cancel at period end, $8 provider, $9 provider
-/// subscription id, $10 event id, $11 event time, $12 credits the period has granted.
+/// subscription id, $10 event id, $11 event time, $12 credits the period has granted, $13 now()
+/// (a parameter: Citus takes no now() in ON CONFLICT ... SET).
 const UPSERT: &str = "
 INSERT INTO billing.subscriptions AS s
        (user_id, plan_id, status, current_period_start, current_period_end, trial_ends_at, cancel_at_period_end,
         provider, provider_subscription_id, last_event_id, last_event_created_at, expires_at, period_credits_granted)
-VALUES ($1, $2, $3, COALESCE($4, pg_catalog.now()), $5, $6, $7, $8, $9, $10, $11, CASE WHEN $3 = 'expired' THEN pg_catalog.now() END, $12)
+VALUES ($1, $2, $3, COALESCE($4, $13), $5, $6, $7, $8, $9, $10, $11, CASE WHEN $3 = 'expired' THEN $13 END, $12)
 ON CONFLICT (user_id) DO UPDATE
    SET plan_id                  = EXCLUDED.plan_id,
        status                   = EXCLUDED.status,
@@ -54,8 +55,8 @@ ON CONFLICT (user_id) DO UPDATE
        provider_subscription_id = COALESCE(EXCLUDED.provider_subscription_id, s.provider_subscription_id),
        last_event_id            = COALESCE(EXCLUDED.last_event_id, s.last_event_id),
        last_event_created_at    = GREATEST(EXCLUDED.last_event_created_at, s.last_event_created_at),
-       expires_at               = CASE WHEN EXCLUDED.status = 'expired' THEN COALESCE(s.expires_at, pg_catalog.now()) END,
-       updated_at               = pg_catalog.now()
+       expires_at               = CASE WHEN EXCLUDED.status = 'expired' THEN COALESCE(s.expires_at, $13) END,
+       updated_at               = $13
  WHERE $11 IS NULL OR s.last_event_created_at IS NULL OR $11 >= s.last_event_created_at
 RETURNING s.id, s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at";
 
@@ -88,30 +89,41 @@ const LOG_EVENT: &str = "
 INSERT INTO billing.subscription_events (user_id, event_id, event_created_at, applied, reason, plan_id, status)
 VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-/// The lapse condition: subscriptions whose entitlement has become the free plan.
-macro_rules! lapsed {
+/// The subscriptions that still have a paid plan; a lapse is where their effective plan has become
+/// the free plan.
+macro_rules! paid {
     () => {
-        "s.status IN ('active', 'trialing', 'canceled', 'past_due')
-       AND s.plan_id <> 'free'
-       AND billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at) = 'free'"
+        "s.status IN ('active', 'trialing', 'canceled', 'past_due') AND s.plan_id <> 'free'"
     };
 }
 
-/// Subscriptions whose entitlement has lapsed (read without locks).
-const DUE: &str = concat!("SELECT s.user_id FROM billing.subscriptions AS s WHERE ", lapsed!());
-
-/// Set one lapsed subscription expired on the free plan; $1 user. Its account is locked first
-/// (the lock order); a subscription row another transaction holds is skipped, never waited for.
-const EXPIRE_ONE: &str = concat!(
-    "WITH due AS (SELECT s.user_id FROM billing.subscriptions AS s WHERE s.user_id = $1 AND ",
-    lapsed!(),
-    " FOR UPDATE SKIP LOCKED)
-UPDATE billing.subscriptions AS s
-   SET status = 'expired', plan_id = 'free', expires_at = COALESCE(s.expires_at, pg_catalog.now()), updated_at = pg_catalog.now()
-  FROM due
- WHERE s.user_id = due.user_id
-RETURNING s.user_id"
+/// Subscriptions whose entitlement has lapsed (read without locks). The rows are read first and
+/// billing.effective_plan_id runs on what they return: on Citus the CTE is a multi-shard read and
+/// the function runs on the coordinator (it reads billing.plans, which no statement on a shard
+/// may do).
+const DUE: &str = concat!(
+    "WITH c AS MATERIALIZED (SELECT s.user_id, s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at
+                              FROM billing.subscriptions AS s WHERE ",
+    paid!(),
+    ")
+SELECT c.user_id FROM c
+ WHERE billing.effective_plan_id(c.plan_id, c.status, c.current_period_end, c.trial_ends_at, c.expires_at) = 'free'"
 );
+
+/// One paid subscription, locked; a row another transaction holds is skipped, never waited for.
+/// $1 user. Its account is locked first (the lock order). [`EFFECTIVE`] then decides.
+const LOCK_PAID: &str = concat!(
+    "SELECT s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at
+  FROM billing.subscriptions AS s WHERE s.user_id = $1 AND ",
+    paid!(),
+    " FOR UPDATE SKIP LOCKED"
+);
+
+/// Set one lapsed subscription expired on the free plan. $1 user, $2 now().
+const EXPIRE_ONE: &str = "
+UPDATE billing.subscriptions AS s
+   SET status = 'expired', plan_id = 'free', expires_at = COALESCE(s.expires_at, $2), updated_at = $2
+ WHERE s.user_id = $1";
 
 fn unknown_plan(c: &SpiClient<'_>, plan: &str) -> BResult<BillingError> {
     let t = spi::read(c, PLAN_IDS, &[], &[])?;
@@ -202,10 +214,11 @@ fn upsert_subscription(a: &Args) -> BResult<Ret> {
         let t = spi::write(
             c,
             UPSERT,
-            &[UUID, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, TEXT, TEXT, TEXT, TIMESTAMPTZ, INT8],
+            &[UUID, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, TEXT, TEXT, TEXT, TIMESTAMPTZ, INT8, TIMESTAMPTZ],
             &[
                 uuid_arg(&user), plan.as_str().into(), status.as_str().into(), start.into(), end.into(), trial.into(),
                 cancel.into(), provider.into(), provider_sub.into(), event_id.into(), event_at.into(), granted_after.into(),
+                spi::tx_today_now()?.1.into(),
             ],
         )?;
         if t.is_empty() {
@@ -258,9 +271,11 @@ fn process_expired_subscriptions(_a: &Args) -> BResult<Ret> {
                 continue;
             }
             let before = crate::api::events::subscription_state(c, user)?;
-            if spi::write(c, EXPIRE_ONE, &[UUID], &[uuid_arg(user)])?.is_empty() {
+            let t = spi::write(c, LOCK_PAID, &[UUID], &[uuid_arg(user)])?;
+            if t.is_empty() || effective_plan(c, &t.first(), 1)?.as_deref() != Some("free") {
                 continue;
             }
+            spi::write(c, EXPIRE_ONE, &[UUID, TIMESTAMPTZ], &[uuid_arg(user), spi::tx_today_now()?.1.into()])?;
             crate::api::events::subscription_written(c, user, before)?;
             n += 1;
             match credits::expire(c, user, Some("subscription expired"), None) {
