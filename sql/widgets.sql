@@ -94,8 +94,10 @@ RETURNS TABLE (plan text, plan_display_name text, status text,
                messages_count bigint, conversations_count bigint, tokens_input_count bigint, tokens_output_count bigint,
                api_calls_count bigint, documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint,
                resources jsonb, limits jsonb, available bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT s.plan_name, s.plan_display_name, s.status,
            c.subscription_credits_balance, c.purchased_credits_balance, c.total_balance,
            u.period_start, u.period_end, u.messages_count, u.conversations_count, u.tokens_input_count,
@@ -103,6 +105,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            u.generations_count, billing._resource_usage(p_user_id), s.limits, c.available
       FROM billing.get_user_subscription(p_user_id) AS s,
            billing.get_user_credits(p_user_id) AS c,
-           billing.get_user_current_usage(p_user_id) AS u
+           billing.get_user_current_usage(p_user_id) AS u;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_dashboard_stats(uuid) IS 'One call for a dashboard: effective plan and status, both credit pools and their total, this period''s usage counters, each registered resource''s count and limit (resources: {type: {count, limit, allowed}}), and (0.5.0) available: what any spending may use now, less the debt and the credits active holds reserve (as get_user_credits). End users: own only.';
