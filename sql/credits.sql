@@ -88,20 +88,38 @@ COMMENT ON FUNCTION billing.record_webhook_event(text, text, uuid) IS
 -- Retention (0.2.0). A key or event id is remembered for at least a day, so a client's or a
 -- provider's retries within a day can never apply twice.
 CREATE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
-    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1),
-         usage AS (DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT ((SELECT pg_catalog.count(*) FROM gone) + (SELECT pg_catalog.count(*) FROM usage))::integer;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n_keys bigint;
+    n_usage bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    -- The cut-off is a value, not an expression of now(): Citus refuses non-IMMUTABLE functions
+    -- in the WHERE of a DELETE on a distributed table.
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < v_cutoff;
+    GET DIAGNOSTICS n_keys = ROW_COUNT;
+    DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < v_cutoff;
+    GET DIAGNOSTICS n_usage = ROW_COUNT;
+    RETURN (n_keys + n_usage)::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
 'Service-only maintenance: forgets idempotency keys (of the credit functions and, 0.6.0, of record_usage_batch events) older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
 
 CREATE FUNCTION billing.cleanup_webhook_events(p_older_than interval DEFAULT '90 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
-    WITH gone AS (DELETE FROM billing.webhook_events AS e WHERE e.processed_at < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.webhook_events AS e WHERE e.processed_at < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 'Service-only maintenance: forgets webhook event ids processed more than p_older_than ago (default 90 days, at least 1 day); returns ids deleted. A redelivery of a forgotten event is applied again (upsert_subscription given p_event_created_at still ignores an event older than the last one it applied).';
@@ -109,26 +127,31 @@ COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 CREATE FUNCTION billing.get_user_credits(p_user_id uuid)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint,
                available bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT p_user_id,
            COALESCE(c.subscription_credits_balance, 0),
            COALESCE(c.purchased_credits_balance, 0),
            COALESCE(c.total_balance, 0),
            COALESCE(c.available, 0)
       FROM (SELECT 1) AS one
-      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id
+      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
 'The user''s two pools, their total less the debt, and available: the credits any spending may use now, less the debt (zeros when the user has no account yet); expired, voided and not yet started grants count as 0. End users: own only.';
 
 CREATE FUNCTION billing.get_credit_history(p_user_id uuid, p_limit integer DEFAULT 50, p_before timestamptz DEFAULT NULL)
 RETURNS SETOF billing.credit_transactions
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
     -- Rows carry their clock time; the rare rows written in the same microsecond are all
     -- included (WITH TIES), so paging with p_before = the last row's created_at never skips one.
+    RETURN QUERY
     SELECT p.*
       FROM (SELECT t.*
               FROM billing.credit_transactions AS t
@@ -136,7 +159,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                AND t.created_at < COALESCE(p_before, 'infinity'::timestamptz)
              ORDER BY t.created_at DESC
              FETCH FIRST COALESCE(p_limit, 50) ROWS WITH TIES) AS p
-     ORDER BY p.created_at DESC, p.id DESC
+     ORDER BY p.created_at DESC, p.id DESC;
+END
 $$;
 COMMENT ON FUNCTION billing.get_credit_history(uuid, integer, timestamptz) IS
 'The user''s ledger rows, newest first: p_limit (1..1000, default 50) rows, older than p_before when given; rows written in the same microsecond are never split across pages (a page may then hold one or two more than p_limit). Page with p_before = the last row''s created_at. End users: own only.';
@@ -144,10 +168,12 @@ COMMENT ON FUNCTION billing.get_credit_history(uuid, integer, timestamptz) IS
 CREATE FUNCTION billing.verify_ledger(p_user_id uuid DEFAULT NULL)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_ledger_sum bigint,
                purchased_credits_balance bigint, purchased_ledger_sum bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.require_service('billing.verify_ledger');
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.require_service('billing.verify_ledger');
     -- (pool::text: the upgrade to 0.4.0 adds the value 'debt' and creates this function in one
     -- transaction, where the new value cannot be named as a constant.)
+    RETURN QUERY
     WITH ledger AS (
         SELECT t.user_id,
                pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'subscription')::bigint AS sub,
@@ -207,7 +233,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         OR acct.debt < 0
         OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
-        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b);
+END
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
 'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured). Empty means consistent.';

@@ -154,29 +154,53 @@ COMMENT ON FUNCTION billing._emit_event(uuid, text, jsonb) IS 'Internal: writes 
 -- threshold fires balance.low (src/api/events.rs runs this at an account's first write; SPEC 12
 -- allows no triggers on billing tables).
 CREATE FUNCTION billing._sync_balance_alerts(p_user_id uuid) RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH r AS (
-        SELECT a.user_id,
-               COALESCE(u.threshold, p.threshold) AS threshold,
-               CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
-                    WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
-               a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
-          FROM billing.accounts AS a
-          LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
-          LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)
-         WHERE (p_user_id IS NULL OR a.user_id = p_user_id)
-    ), changed AS (
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    n bigint;
+BEGIN
+    IF p_user_id IS NOT NULL THEN
+        -- One account (its first write): its effective plan first (user_effective_plan reads
+        -- billing.subscriptions and billing.plans, so it is evaluated here, never inside the
+        -- statement on billing.accounts: on Citus a shard's).
+        v_plan := billing.user_effective_plan(p_user_id);
         UPDATE billing.accounts AS a
            SET alert_threshold = r.threshold,
                alert_rearm = r.rearm,
                alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
                                   WHEN r.available > 0 THEN 1 ELSE 2 END
-          FROM r
+          FROM (SELECT a.user_id,
+                       COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                  FROM billing.accounts AS a
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = v_plan
+                 WHERE a.user_id = p_user_id) AS r
+         WHERE a.user_id = r.user_id AND a.user_id = p_user_id
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+    ELSE
+        -- Every account (a plan's rule changed).
+        UPDATE billing.accounts AS a
+           SET alert_threshold = r.threshold,
+               alert_rearm = r.rearm,
+               alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
+                                  WHEN r.available > 0 THEN 1 ELSE 2 END
+          FROM (SELECT a.user_id,
+                       COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                  FROM billing.accounts AS a
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)) AS r
          WHERE a.user_id = r.user_id
-           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0)
-        RETURNING 1
-    )
-    SELECT pg_catalog.count(*)::integer FROM changed
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
 
@@ -200,10 +224,13 @@ COMMENT ON FUNCTION billing._claim_events(text, integer, interval) IS 'Internal:
 
 CREATE FUNCTION billing.claim_events(p_consumer text, p_limit integer DEFAULT 100, p_visibility_timeout interval DEFAULT '30 seconds')
 RETURNS TABLE (claim_id uuid, id bigint, user_id uuid, type text, payload jsonb, created_at timestamptz, deliveries integer)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (e ->> 'claim_id')::uuid, (e ->> 'id')::bigint, (e ->> 'user_id')::uuid, e ->> 'type', e -> 'payload',
            (e ->> 'created_at')::timestamptz, (e ->> 'deliveries')::integer
-      FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e
+      FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e;
+END
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
 'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
@@ -215,17 +242,31 @@ COMMENT ON FUNCTION billing.ack_events(text, bigint, uuid) IS
 'Service-only. Acknowledge consumer p_consumer''s claimed events with id <= p_up_to_id (with p_claim_id: only those of that claim, so one worker never acknowledges another''s); they are never handed out to it again. Returns how many events it acknowledged (0 for a claim that timed out and was handed out again). Unknown consumer: P0002.';
 
 CREATE FUNCTION billing.cleanup_events(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
-    WITH gone AS (
-        DELETE FROM billing.events AS e
-         WHERE e.created_at < pg_catalog.now() - p_older_than
-           AND NOT EXISTS (SELECT 1 FROM billing.event_consumers AS k
-                            WHERE k.horizon <= e.tx
-                               OR NOT EXISTS (SELECT 1 FROM billing.event_cursors AS c
-                                               WHERE c.user_id = e.user_id AND c.consumer = k.consumer AND c.acked_id >= e.id))
-        RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    v_consumers text[];
+    v_horizon pg_catalog.xid8;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    -- The consumers first (on Citus a reference table, which a correlated subquery of a
+    -- statement on a distributed table may not read): an event goes when it is older than the
+    -- cut-off and, for every consumer, the consumer's horizon is past its transaction and the
+    -- consumer's cursor of its user has acknowledged it (with no consumer: every such event).
+    SELECT pg_catalog.array_agg(k.consumer), pg_catalog.min(k.horizon) INTO v_consumers, v_horizon
+      FROM billing.event_consumers AS k;
+    DELETE FROM billing.events AS e
+     WHERE e.created_at < v_cutoff
+       AND (v_consumers IS NULL
+            OR (e.tx < v_horizon
+                AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                      WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                    = pg_catalog.cardinality(v_consumers)));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_events(interval) IS
 'Service-only maintenance: deletes events older than p_older_than (default 7 days, at least 1 hour) that every consumer has acknowledged (with no consumer: every such event). Returns events deleted.';

@@ -41,8 +41,10 @@ CREATE FUNCTION billing.get_credit_grants(p_user_id uuid, p_include_spent boolea
 RETURNS TABLE (grant_id uuid, category text, amount bigint, remaining bigint, priority integer, effective_at timestamptz,
                expires_at timestamptz, scope text[], status text, voided_at timestamptz, source_transaction_id uuid,
                description text, reference_id text, created_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT s.id, s.category::text, s.amount, CASE WHEN s.status IN ('active', 'scheduled') THEN s.remaining ELSE 0 END,
            s.priority, s.effective_at, s.expires_at, s.scope, s.status, s.voided_at, s.source_transaction_id,
            s.description, s.reference_id, s.created_at
@@ -55,16 +57,20 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
               FROM billing.credit_grants AS g
              WHERE g.user_id = p_user_id) AS s
      WHERE COALESCE(p_include_spent, false) OR s.status IN ('active', 'scheduled')
-     ORDER BY s.priority, (s.scope IS NULL), s.expires_at, s.effective_at, s.created_at, s.id
+     ORDER BY s.priority, (s.scope IS NULL), s.expires_at, s.effective_at, s.created_at, s.id;
+END
 $$;
 COMMENT ON FUNCTION billing.get_credit_grants(uuid, boolean) IS
 'The user''s grants in spending order, with status active, scheduled (starts later), expired (also when a renewal or expire_subscription_credits ended it early: settled_at), voided or spent; remaining counts only for active and scheduled grants. Without p_include_spent only active and scheduled grants. End users: own only.';
 
 CREATE FUNCTION billing.balance_at(p_user_id uuid, p_at timestamptz)
 RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.check_argument('p_at', CASE WHEN p_at IS NULL THEN NULL ELSE 0 END, 0, 0);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_result jsonb;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_argument('p_at', CASE WHEN p_at IS NULL THEN NULL ELSE 0 END, 0, 0);
     -- From the ledger: each grant's remaining is the sum of its rows written by p_at; rows
     -- without a grant are the pools' history from before 0.4.0 (converted to grants by the
     -- upgrade with rows that bring them to 0) and the debt.
@@ -107,7 +113,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                                               'spendable', g.spendable)
                                           ORDER BY g.priority, (NOT g.unscoped) DESC, g.expires_at, g.effective_at, g.created_at, g.id)
                                      FROM grants AS g), '[]'::jsonb))
-      FROM pools CROSS JOIN live
+      INTO v_result
+      FROM pools CROSS JOIN live;
+    RETURN v_result;
+END
 $$;
 COMMENT ON FUNCTION billing.balance_at(uuid, timestamptz) IS
 'The user''s balances as they were at p_at, from the ledger: {user_id, at, subscription_credits_balance, purchased_credits_balance, debt, total_balance, available, grants: [{grant_id, category, remaining, spendable}]}; a grant counts in the balances when it was spendable at p_at (started, not expired, not voided). End users: own only.';

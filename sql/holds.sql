@@ -52,12 +52,15 @@ COMMENT ON FUNCTION billing.set_max_active_holds(uuid, integer) IS
 
 CREATE FUNCTION billing.get_active_holds(p_user_id uuid)
 RETURNS TABLE (hold_id uuid, amount bigint, feature text, expires_at timestamptz, created_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT h.id, h.amount, h.feature, h.expires_at, h.created_at
       FROM billing.credit_holds AS h
      WHERE h.user_id = p_user_id AND h.status = 'active' AND h.expires_at > pg_catalog.now()
-     ORDER BY h.expires_at, h.created_at, h.id
+     ORDER BY h.expires_at, h.created_at, h.id;
+END
 $$;
 COMMENT ON FUNCTION billing.get_active_holds(uuid) IS
 'The user''s active holds (not captured, released or past their expiry), earliest expiry first. End users: own only.';
@@ -65,13 +68,18 @@ COMMENT ON FUNCTION billing.get_active_holds(uuid) IS
 -- Retention: resolved holds (captured, released, expired and settled) are kept for at least a day,
 -- so a repeated capture or release within a day still finds its first result.
 CREATE FUNCTION billing.cleanup_holds(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_holds', p_older_than, interval '1 day', 'a repeated capture or release of a deleted hold fails with P0002');
-    WITH gone AS (
-        DELETE FROM billing.credit_holds AS h
-         WHERE h.status <> 'active' AND h.resolved_at < pg_catalog.now() - p_older_than
-        RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_holds', p_older_than, interval '1 day', 'a repeated capture or release of a deleted hold fails with P0002');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.credit_holds AS h
+     WHERE h.status <> 'active' AND h.resolved_at < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_holds(interval) IS
 'Service-only maintenance: deletes holds resolved (captured, released, or expired and settled by a later write) more than p_older_than ago (default 30 days, at least 1 day); returns holds deleted. Active rows are never deleted (an expired one is settled by its account''s next write). Nothing depends on it running.';

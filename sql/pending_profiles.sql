@@ -172,8 +172,10 @@ COMMENT ON FUNCTION billing._migrate_single_pool(oid, text, text, oid) IS
 
 CREATE FUNCTION billing.migrate_single_pool(p_table regclass, p_user_column name, p_balance_column name,
                                             p_purchases regclass DEFAULT NULL)
-RETURNS integer LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid)
+RETURNS integer LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid);
+END
 $$;
 COMMENT ON FUNCTION billing.migrate_single_pool(regclass, name, name, regclass) IS
 'Service-only DBA function. Imports legacy single-pool balances: p_table has one balance per user (p_user_column uuid, p_balance_column integer/bigint/numeric; several rows of one user are summed). p_purchases, when given, is the legacy credit history (S4''s credit_transactions): a uuid user column (p_user_column when the history has a uuid column of that name, else user_id), amount, and type; rows with type = ''purchase'' and amount > 0 count as purchases. Each user gets purchased = least(balance, sum of purchases) and subscription = the rest, so no credits are created; an existing account gets them added. Ledger rows of type ''migration'' record the opening balances (verify_ledger stays empty). Each (user, table) is imported once (billing.legacy_imports), so re-running imports nothing twice. p_table and p_purchases are locked and read as their owners (never as the extension owner), so code in them (a view''s functions) runs with no more rights than its owner has. Returns the number of users imported.';

@@ -41,11 +41,22 @@ BEGIN
 END
 $$;
 CREATE OR REPLACE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
-    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1),
-         usage AS (DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT ((SELECT pg_catalog.count(*) FROM gone) + (SELECT pg_catalog.count(*) FROM usage))::integer;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n_keys bigint;
+    n_usage bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    -- The cut-off is a value, not an expression of now(): Citus refuses non-IMMUTABLE functions
+    -- in the WHERE of a DELETE on a distributed table.
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < v_cutoff;
+    GET DIAGNOSTICS n_keys = ROW_COUNT;
+    DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < v_cutoff;
+    GET DIAGNOSTICS n_usage = ROW_COUNT;
+    RETURN (n_keys + n_usage)::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
 'Service-only maintenance: forgets idempotency keys (of the credit functions and, 0.6.0, of record_usage_batch events) older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
@@ -259,29 +270,53 @@ COMMENT ON FUNCTION billing._emit_event(uuid, text, jsonb) IS 'Internal: writes 
 -- threshold fires balance.low (src/api/events.rs runs this at an account's first write; SPEC 12
 -- allows no triggers on billing tables).
 CREATE OR REPLACE FUNCTION billing._sync_balance_alerts(p_user_id uuid) RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH r AS (
-        SELECT a.user_id,
-               COALESCE(u.threshold, p.threshold) AS threshold,
-               CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
-                    WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
-               a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
-          FROM billing.accounts AS a
-          LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
-          LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)
-         WHERE (p_user_id IS NULL OR a.user_id = p_user_id)
-    ), changed AS (
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    n bigint;
+BEGIN
+    IF p_user_id IS NOT NULL THEN
+        -- One account (its first write): its effective plan first (user_effective_plan reads
+        -- billing.subscriptions and billing.plans, so it is evaluated here, never inside the
+        -- statement on billing.accounts: on Citus a shard's).
+        v_plan := billing.user_effective_plan(p_user_id);
         UPDATE billing.accounts AS a
            SET alert_threshold = r.threshold,
                alert_rearm = r.rearm,
                alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
                                   WHEN r.available > 0 THEN 1 ELSE 2 END
-          FROM r
+          FROM (SELECT a.user_id,
+                       COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                  FROM billing.accounts AS a
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = v_plan
+                 WHERE a.user_id = p_user_id) AS r
+         WHERE a.user_id = r.user_id AND a.user_id = p_user_id
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+    ELSE
+        -- Every account (a plan's rule changed).
+        UPDATE billing.accounts AS a
+           SET alert_threshold = r.threshold,
+               alert_rearm = r.rearm,
+               alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
+                                  WHEN r.available > 0 THEN 1 ELSE 2 END
+          FROM (SELECT a.user_id,
+                       COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                  FROM billing.accounts AS a
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)) AS r
          WHERE a.user_id = r.user_id
-           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0)
-        RETURNING 1
-    )
-    SELECT pg_catalog.count(*)::integer FROM changed
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
 
@@ -305,10 +340,13 @@ COMMENT ON FUNCTION billing._claim_events(text, integer, interval) IS 'Internal:
 
 CREATE OR REPLACE FUNCTION billing.claim_events(p_consumer text, p_limit integer DEFAULT 100, p_visibility_timeout interval DEFAULT '30 seconds')
 RETURNS TABLE (claim_id uuid, id bigint, user_id uuid, type text, payload jsonb, created_at timestamptz, deliveries integer)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (e ->> 'claim_id')::uuid, (e ->> 'id')::bigint, (e ->> 'user_id')::uuid, e ->> 'type', e -> 'payload',
            (e ->> 'created_at')::timestamptz, (e ->> 'deliveries')::integer
-      FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e
+      FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e;
+END
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
 'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
@@ -320,17 +358,31 @@ COMMENT ON FUNCTION billing.ack_events(text, bigint, uuid) IS
 'Service-only. Acknowledge consumer p_consumer''s claimed events with id <= p_up_to_id (with p_claim_id: only those of that claim, so one worker never acknowledges another''s); they are never handed out to it again. Returns how many events it acknowledged (0 for a claim that timed out and was handed out again). Unknown consumer: P0002.';
 
 CREATE OR REPLACE FUNCTION billing.cleanup_events(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
-    WITH gone AS (
-        DELETE FROM billing.events AS e
-         WHERE e.created_at < pg_catalog.now() - p_older_than
-           AND NOT EXISTS (SELECT 1 FROM billing.event_consumers AS k
-                            WHERE k.horizon <= e.tx
-                               OR NOT EXISTS (SELECT 1 FROM billing.event_cursors AS c
-                                               WHERE c.user_id = e.user_id AND c.consumer = k.consumer AND c.acked_id >= e.id))
-        RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    v_consumers text[];
+    v_horizon pg_catalog.xid8;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    -- The consumers first (on Citus a reference table, which a correlated subquery of a
+    -- statement on a distributed table may not read): an event goes when it is older than the
+    -- cut-off and, for every consumer, the consumer's horizon is past its transaction and the
+    -- consumer's cursor of its user has acknowledged it (with no consumer: every such event).
+    SELECT pg_catalog.array_agg(k.consumer), pg_catalog.min(k.horizon) INTO v_consumers, v_horizon
+      FROM billing.event_consumers AS k;
+    DELETE FROM billing.events AS e
+     WHERE e.created_at < v_cutoff
+       AND (v_consumers IS NULL
+            OR (e.tx < v_horizon
+                AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                      WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                    = pg_catalog.cardinality(v_consumers)));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_events(interval) IS
 'Service-only maintenance: deletes events older than p_older_than (default 7 days, at least 1 hour) that every consumer has acknowledged (with no consumer: every such event). Returns events deleted.';
@@ -361,10 +413,13 @@ COMMENT ON FUNCTION billing._check_resource_limit(uuid, text) IS 'Internal: chec
 
 CREATE OR REPLACE FUNCTION billing.check_resource_limit(p_user_id uuid, p_resource_type text)
 RETURNS TABLE (allowed boolean, current_count integer, max_allowed integer, resource_type text)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (r ->> 'allowed')::boolean, (r ->> 'current_count')::integer,
            LEAST((r ->> 'max_allowed')::bigint, 2147483647)::integer, r ->> 'resource_type'
-      FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r
+      FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r;
+END
 $$;
 COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
 
@@ -526,6 +581,477 @@ COMMENT ON FUNCTION billing._citus_placed(text) IS 'Internal (billing.distribute
 REVOKE ALL ON FUNCTION billing.distribute(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing._citus_placed(text) FROM PUBLIC;
 -- ===== end of scale-out on Citus =====
+
+-- ===== Citus-routable SQL functions (issue 17): from sql/*.sql =====
+-- On Citus a LANGUAGE sql function cannot pass its parameters to a statement on a distributed
+-- table (Citus plans such statements only with their parameters bound, as PL/pgSQL does), a
+-- DELETE on one may not compute now() in its WHERE, and a function that reads a billing table may
+-- not run inside a statement on a shard. These functions are PL/pgSQL now: same parameters,
+-- results, errors, volatility, comments and grants.
+CREATE OR REPLACE FUNCTION billing.cleanup_webhook_events(p_older_than interval DEFAULT '90 days') RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.webhook_events AS e WHERE e.processed_at < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_user_credits(p_user_id uuid)
+RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint,
+               available bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
+    SELECT p_user_id,
+           COALESCE(c.subscription_credits_balance, 0),
+           COALESCE(c.purchased_credits_balance, 0),
+           COALESCE(c.total_balance, 0),
+           COALESCE(c.available, 0)
+      FROM (SELECT 1) AS one
+      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_credit_history(p_user_id uuid, p_limit integer DEFAULT 50, p_before timestamptz DEFAULT NULL)
+RETURNS SETOF billing.credit_transactions
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
+    -- Rows carry their clock time; the rare rows written in the same microsecond are all
+    -- included (WITH TIES), so paging with p_before = the last row's created_at never skips one.
+    RETURN QUERY
+    SELECT p.*
+      FROM (SELECT t.*
+              FROM billing.credit_transactions AS t
+             WHERE t.user_id = p_user_id
+               AND t.created_at < COALESCE(p_before, 'infinity'::timestamptz)
+             ORDER BY t.created_at DESC
+             FETCH FIRST COALESCE(p_limit, 50) ROWS WITH TIES) AS p
+     ORDER BY p.created_at DESC, p.id DESC;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.verify_ledger(p_user_id uuid DEFAULT NULL)
+RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_ledger_sum bigint,
+               purchased_credits_balance bigint, purchased_ledger_sum bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.require_service('billing.verify_ledger');
+    -- (pool::text: the upgrade to 0.4.0 adds the value 'debt' and creates this function in one
+    -- transaction, where the new value cannot be named as a constant.)
+    RETURN QUERY
+    WITH ledger AS (
+        SELECT t.user_id,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'subscription')::bigint AS sub,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'purchased')::bigint AS pur,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'debt')::bigint AS debt
+          FROM billing.credit_transactions AS t
+         WHERE p_user_id IS NULL OR t.user_id = p_user_id
+         GROUP BY t.user_id
+    ), acct AS (
+        SELECT a.user_id, a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, a.held
+          FROM billing.accounts AS a
+         WHERE p_user_id IS NULL OR a.user_id = p_user_id
+    ), hold_sums AS (
+        -- Per user (0.5.0): the stored held sum must be the sum of the active holds' amounts.
+        SELECT h.user_id,
+               COALESCE(pg_catalog.sum(h.amount) FILTER (WHERE h.status::text = 'active'), 0)::bigint AS held,
+               pg_catalog.bool_or(h.amount <= 0 OR (h.status::text = 'captured') <> (h.captured_amount IS NOT NULL)) AS bad
+          FROM billing.credit_holds AS h
+         WHERE p_user_id IS NULL OR h.user_id = p_user_id
+         GROUP BY h.user_id
+    ), grant_sums AS (
+        -- Per user: the stored pools must be the sums of the grants' remaining.
+        SELECT g.user_id,
+               pg_catalog.sum(g.remaining) FILTER (WHERE g.pool::text = 'subscription')::bigint AS sub,
+               pg_catalog.sum(g.remaining) FILTER (WHERE g.pool::text = 'purchased')::bigint AS pur
+          FROM billing.credit_grants AS g
+         WHERE p_user_id IS NULL OR g.user_id = p_user_id
+         GROUP BY g.user_id
+    ), bad_grants AS (
+        -- Per grant: its ledger rows must sum to its remaining.
+        SELECT DISTINCT g.user_id
+          FROM billing.credit_grants AS g
+          LEFT JOIN (SELECT t.user_id, t.grant_id, pg_catalog.sum(t.amount)::bigint AS s
+                       FROM billing.credit_transactions AS t
+                      WHERE t.grant_id IS NOT NULL AND (p_user_id IS NULL OR t.user_id = p_user_id)
+                      GROUP BY t.user_id, t.grant_id) AS l
+            ON l.user_id = g.user_id AND l.grant_id = g.id
+         WHERE (p_user_id IS NULL OR g.user_id = p_user_id)
+           AND (g.remaining <> COALESCE(l.s, 0)
+                -- and what the table has no CHECK for (see schema.sql)
+                OR g.remaining < 0 OR g.remaining > g.amount OR g.amount <= 0
+                OR g.priority NOT BETWEEN 0 AND 100
+                OR g.depleted <> (g.remaining = 0)
+                OR g.pool::text <> CASE WHEN g.category::text IN ('subscription', 'rollover') THEN 'subscription' ELSE 'purchased' END)
+    )
+    SELECT COALESCE(acct.user_id, ledger.user_id),
+           COALESCE(acct.sub, 0), COALESCE(ledger.sub, 0),
+           COALESCE(acct.pur, 0), COALESCE(ledger.pur, 0)
+      FROM acct
+      FULL JOIN ledger ON ledger.user_id = acct.user_id
+      LEFT JOIN grant_sums AS gs ON gs.user_id = COALESCE(acct.user_id, ledger.user_id)
+      LEFT JOIN hold_sums AS hs ON hs.user_id = COALESCE(acct.user_id, ledger.user_id)
+     WHERE COALESCE(acct.held, 0) <> COALESCE(hs.held, 0) OR COALESCE(hs.bad, false)
+        OR COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
+        OR COALESCE(acct.pur, 0) <> COALESCE(ledger.pur, 0)
+        OR COALESCE(acct.debt, 0) <> -COALESCE(ledger.debt, 0)
+        OR acct.debt < 0
+        OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
+        OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b);
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_credit_grants(p_user_id uuid, p_include_spent boolean DEFAULT false)
+RETURNS TABLE (grant_id uuid, category text, amount bigint, remaining bigint, priority integer, effective_at timestamptz,
+               expires_at timestamptz, scope text[], status text, voided_at timestamptz, source_transaction_id uuid,
+               description text, reference_id text, created_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
+    SELECT s.id, s.category::text, s.amount, CASE WHEN s.status IN ('active', 'scheduled') THEN s.remaining ELSE 0 END,
+           s.priority, s.effective_at, s.expires_at, s.scope, s.status, s.voided_at, s.source_transaction_id,
+           s.description, s.reference_id, s.created_at
+      FROM (SELECT g.*,
+                   CASE WHEN g.voided_at IS NOT NULL THEN 'voided'
+                        WHEN g.expires_at <= pg_catalog.now() OR g.settled_at IS NOT NULL THEN 'expired'
+                        WHEN g.remaining = 0 THEN 'spent'
+                        WHEN g.effective_at > pg_catalog.now() THEN 'scheduled'
+                        ELSE 'active' END AS status
+              FROM billing.credit_grants AS g
+             WHERE g.user_id = p_user_id) AS s
+     WHERE COALESCE(p_include_spent, false) OR s.status IN ('active', 'scheduled')
+     ORDER BY s.priority, (s.scope IS NULL), s.expires_at, s.effective_at, s.created_at, s.id;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.balance_at(p_user_id uuid, p_at timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_result jsonb;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_argument('p_at', CASE WHEN p_at IS NULL THEN NULL ELSE 0 END, 0, 0);
+    -- From the ledger: each grant's remaining is the sum of its rows written by p_at; rows
+    -- without a grant are the pools' history from before 0.4.0 (converted to grants by the
+    -- upgrade with rows that bring them to 0) and the debt.
+    WITH rows AS (
+        SELECT t.grant_id, t.pool::text AS pool, t.amount
+          FROM billing.credit_transactions AS t
+         WHERE t.user_id = p_user_id AND t.created_at <= p_at
+    ), per_grant AS (
+        SELECT r.grant_id, pg_catalog.sum(r.amount)::bigint AS remaining
+          FROM rows AS r WHERE r.grant_id IS NOT NULL GROUP BY r.grant_id
+    ), grants AS (
+        SELECT g.id, g.category, g.pool::text AS pool, p.remaining, g.scope IS NULL AS unscoped,
+               g.effective_at <= p_at AND (g.expires_at IS NULL OR p_at < g.expires_at)
+                 AND (g.voided_at IS NULL OR g.voided_at > p_at)
+                 AND (g.settled_at IS NULL OR g.settled_at > p_at) AS spendable,
+               g.priority, g.expires_at, g.effective_at, g.created_at
+          FROM per_grant AS p
+          JOIN billing.credit_grants AS g ON g.user_id = p_user_id AND g.id = p.grant_id
+    ), pools AS (
+        SELECT COALESCE(pg_catalog.sum(r.amount) FILTER (WHERE r.pool = 'subscription'), 0)::bigint AS sub,
+               COALESCE(pg_catalog.sum(r.amount) FILTER (WHERE r.pool = 'purchased'), 0)::bigint AS pur,
+               COALESCE(-pg_catalog.sum(r.amount) FILTER (WHERE r.pool = 'debt'), 0)::bigint AS debt
+          FROM rows AS r WHERE r.grant_id IS NULL
+    ), live AS (
+        SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.spendable AND g.pool = 'subscription'), 0)::bigint AS sub,
+               COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.spendable AND g.pool = 'purchased'), 0)::bigint AS pur,
+               COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.spendable AND g.unscoped), 0)::bigint AS unscoped
+          FROM grants AS g
+    )
+    SELECT pg_catalog.jsonb_build_object(
+               'user_id', p_user_id,
+               'at', p_at,
+               'subscription_credits_balance', pools.sub + live.sub,
+               'purchased_credits_balance', pools.pur + live.pur,
+               'debt', pools.debt,
+               'total_balance', pools.sub + live.sub + pools.pur + live.pur - pools.debt,
+               'available', pools.sub + pools.pur + live.unscoped - pools.debt,
+               'grants', COALESCE((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                                              'grant_id', g.id, 'category', g.category, 'remaining', g.remaining,
+                                              'spendable', g.spendable)
+                                          ORDER BY g.priority, (NOT g.unscoped) DESC, g.expires_at, g.effective_at, g.created_at, g.id)
+                                     FROM grants AS g), '[]'::jsonb))
+      INTO v_result
+      FROM pools CROSS JOIN live;
+    RETURN v_result;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_active_holds(p_user_id uuid)
+RETURNS TABLE (hold_id uuid, amount bigint, feature text, expires_at timestamptz, created_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
+    SELECT h.id, h.amount, h.feature, h.expires_at, h.created_at
+      FROM billing.credit_holds AS h
+     WHERE h.user_id = p_user_id AND h.status = 'active' AND h.expires_at > pg_catalog.now()
+     ORDER BY h.expires_at, h.created_at, h.id;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.cleanup_holds(p_older_than interval DEFAULT '30 days') RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_holds', p_older_than, interval '1 day', 'a repeated capture or release of a deleted hold fails with P0002');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.credit_holds AS h
+     WHERE h.status <> 'active' AND h.resolved_at < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
+                                          p_trial_ends_at timestamptz, p_expires_at timestamptz)
+RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN CASE
+        WHEN p_plan_id IS NULL THEN 'free'
+        WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
+        WHEN p_status IN ('expired', 'paused', 'pending') THEN 'free'
+        WHEN p_status IN ('canceled', 'past_due')
+             AND (p_current_period_end IS NULL
+                  OR pg_catalog.now() > ((p_current_period_end AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC') THEN 'free'
+        WHEN p_status = 'trialing' AND p_trial_ends_at IS NOT NULL
+             AND pg_catalog.now() > ((p_trial_ends_at AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC' THEN 'free'
+        WHEN NOT EXISTS (SELECT 1 FROM billing.plans AS p WHERE p.plan_id = p_plan_id) THEN 'free'
+        ELSE p_plan_id
+    END;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_effective_plan(p_user_id uuid) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN billing.user_effective_plan(p_user_id);
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_user_limits(p_user_id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    v_limits jsonb;
+BEGIN
+    -- (checks the caller)
+    v_plan := billing.get_effective_plan(p_user_id);
+    SELECT p.limits INTO v_limits FROM billing.plans AS p WHERE p.plan_id = v_plan;
+    RETURN v_limits;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_user_subscription(p_user_id uuid)
+RETURNS TABLE (id uuid, user_id uuid, plan_name text, plan_display_name text, status text, limits jsonb,
+               current_period_start timestamptz, current_period_end timestamptz, trial_ends_at timestamptz,
+               cancel_at_period_end boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_sub billing.subscriptions;
+    v_plan text;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    -- The subscription first, then its effective plan: effective_plan_id reads billing.plans, so
+    -- it is evaluated here, never inside the statement on billing.subscriptions (on Citus that
+    -- statement runs on a shard, where no other distributed statement may run).
+    SELECT s.* INTO v_sub FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    v_plan := billing.effective_plan_id(v_sub.plan_id, v_sub.status, v_sub.current_period_end, v_sub.trial_ends_at, v_sub.expires_at);
+    RETURN QUERY
+    SELECT v_sub.id, p_user_id, p.plan_id, p.display_name, COALESCE(v_sub.status, 'free'), p.limits,
+           v_sub.current_period_start, v_sub.current_period_end, v_sub.trial_ends_at, COALESCE(v_sub.cancel_at_period_end, false)
+      FROM billing.plans AS p
+     WHERE p.plan_id = v_plan;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.user_effective_plan(p_user_id uuid) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_sub billing.subscriptions;
+BEGIN
+    -- effective_plan_id reads billing.plans: evaluated here, not inside the statement on
+    -- billing.subscriptions (see get_user_subscription). No subscription: all NULL, free.
+    SELECT s.* INTO v_sub FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    RETURN billing.effective_plan_id(v_sub.plan_id, v_sub.status, v_sub.current_period_end, v_sub.trial_ends_at, v_sub.expires_at);
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.user_plan_limits(p_user_id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    v_limits jsonb;
+BEGIN
+    v_plan := billing.user_effective_plan(p_user_id);
+    SELECT p.limits INTO v_limits FROM billing.plans AS p WHERE p.plan_id = v_plan;
+    RETURN COALESCE(v_limits, '{}'::jsonb);
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.current_usage_period(p_user_id uuid, OUT period_start timestamptz, OUT period_end timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    SELECT s.current_period_start, s.current_period_end INTO v_start, v_end
+      FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    IF v_start IS NOT NULL AND v_end IS NOT NULL AND pg_catalog.now() >= v_start AND pg_catalog.now() < v_end THEN
+        period_start := v_start;
+        period_end := v_end;
+    ELSE
+        period_start := pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+        period_end := (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_user_current_usage(p_user_id uuid)
+RETURNS TABLE (period_start timestamptz, period_end timestamptz, messages_count bigint, conversations_count bigint,
+               tokens_input_count bigint, tokens_output_count bigint, api_calls_count bigint,
+               documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    -- The period first: current_usage_period reads billing.subscriptions, so it is evaluated
+    -- here, never inside the statement on billing.usage_metrics (on Citus a shard's).
+    SELECT p.period_start, p.period_end INTO v_start, v_end FROM billing.current_usage_period(p_user_id) AS p;
+    RETURN QUERY
+    SELECT v_start, v_end,
+           COALESCE(u.messages_count, 0), COALESCE(u.conversations_count, 0),
+           COALESCE(u.tokens_input_count, 0), COALESCE(u.tokens_output_count, 0), COALESCE(u.api_calls_count, 0),
+           COALESCE(u.documents_processed_count, 0), COALESCE(u.chunks_stored_count, 0), COALESCE(u.generations_count, 0)
+      FROM (SELECT 1) AS one
+      LEFT JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = v_start;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.check_monthly_limit(p_user_id uuid, p_metric text)
+RETURNS TABLE (allowed boolean, current_usage bigint, limit_value bigint, metric text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_limit bigint;
+    v_current bigint;
+    v_start timestamptz;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_choice('p_metric', p_metric,
+        ARRAY['messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'api_calls', 'generations']);
+    v_limit := billing.limit_value(billing.user_plan_limits(p_user_id),
+                   CASE p_metric WHEN 'messages' THEN 'messages_per_month'
+                                 WHEN 'conversations' THEN 'conversations_per_month'
+                                 WHEN 'tokens_input' THEN 'tokens_input_per_month'
+                                 WHEN 'tokens_output' THEN 'tokens_output_per_month'
+                                 WHEN 'documents' THEN 'documents_per_month'
+                                 WHEN 'api_calls' THEN 'api_calls_per_day'
+                                 WHEN 'generations' THEN 'generations_per_month' END);
+    IF p_metric = 'api_calls' THEN
+        SELECT COALESCE(pg_catalog.sum(a.request_count), 0)::bigint INTO v_current
+          FROM billing.api_usage AS a
+         WHERE a.user_id = p_user_id
+           AND a.bucket_start >= pg_catalog.date_trunc('day', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    ELSE
+        -- The period first (current_usage_period reads billing.subscriptions; see get_user_current_usage).
+        SELECT p.period_start INTO v_start FROM billing.current_usage_period(p_user_id) AS p;
+        SELECT CASE p_metric WHEN 'messages' THEN u.messages_count
+                             WHEN 'conversations' THEN u.conversations_count
+                             WHEN 'tokens_input' THEN u.tokens_input_count
+                             WHEN 'tokens_output' THEN u.tokens_output_count
+                             WHEN 'documents' THEN u.documents_processed_count
+                             WHEN 'generations' THEN u.generations_count END INTO v_current
+          FROM billing.usage_metrics AS u
+         WHERE u.user_id = p_user_id AND u.period_start = v_start;
+    END IF;
+    RETURN QUERY SELECT v_limit < 0 OR COALESCE(v_current, 0) < v_limit, COALESCE(v_current, 0), v_limit, p_metric;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.check_api_rate_limit(p_user_id uuid, p_endpoint text DEFAULT NULL)
+RETURNS TABLE (allowed boolean, limit_value integer, remaining integer, reset_at timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT (r ->> 'allowed')::boolean, (r ->> 'limit_value')::integer, (r ->> 'remaining')::integer, (r ->> 'reset_at')::timestamptz
+      FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_api_usage', p_older_than, interval '1 day', NULL);
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.api_usage AS a WHERE a.bucket_start < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.reset_monthly_usage() RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := pg_catalog.now();
+    n bigint;
+BEGIN
+    PERFORM billing.require_service('reset_monthly_usage');
+    INSERT INTO billing.usage_metrics (user_id, period_start, period_end)
+    SELECT l.user_id, p.period_start, p.period_end
+      FROM (SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end
+              FROM billing.usage_metrics AS u
+             ORDER BY u.user_id, u.period_start DESC) AS l
+      CROSS JOIN LATERAL billing.current_usage_period(l.user_id) AS p
+     WHERE l.period_end <= v_now
+    ON CONFLICT (user_id, period_start) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_user_dashboard_stats(p_user_id uuid)
+RETURNS TABLE (plan text, plan_display_name text, status text,
+               subscription_credits_balance bigint, purchased_credits_balance bigint, total_credits bigint,
+               period_start timestamptz, period_end timestamptz,
+               messages_count bigint, conversations_count bigint, tokens_input_count bigint, tokens_output_count bigint,
+               api_calls_count bigint, documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint,
+               resources jsonb, limits jsonb, available bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
+    SELECT s.plan_name, s.plan_display_name, s.status,
+           c.subscription_credits_balance, c.purchased_credits_balance, c.total_balance,
+           u.period_start, u.period_end, u.messages_count, u.conversations_count, u.tokens_input_count,
+           u.tokens_output_count, u.api_calls_count, u.documents_processed_count, u.chunks_stored_count,
+           u.generations_count, billing._resource_usage(p_user_id), s.limits, c.available
+      FROM billing.get_user_subscription(p_user_id) AS s,
+           billing.get_user_credits(p_user_id) AS c,
+           billing.get_user_current_usage(p_user_id) AS u;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.get_user_widgets_ordered(p_user_id uuid, p_active_only boolean DEFAULT true)
+RETURNS TABLE (id uuid, widget_type text, "position" integer, is_active boolean, data jsonb,
+               created_at timestamptz, updated_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT (w.e ->> 'id')::uuid, w.e ->> 'widget_type', (w.e ->> 'position')::integer, (w.e ->> 'is_active')::boolean,
+           w.e -> 'data', (w.e ->> 'created_at')::timestamptz, (w.e ->> 'updated_at')::timestamptz
+      FROM pg_catalog.jsonb_array_elements(billing._user_widgets(p_user_id, p_active_only)) WITH ORDINALITY AS w(e, n)
+     ORDER BY w.n;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.migrate_single_pool(p_table regclass, p_user_column name, p_balance_column name,
+                                            p_purchases regclass DEFAULT NULL)
+RETURNS integer LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid);
+END
+$$;
+-- ===== end of Citus-routable SQL functions =====
 
 -- ===== Grants (last: apply_grants() grants every function above; end users may read their own events) =====
 CREATE OR REPLACE FUNCTION billing.apply_grants() RETURNS void

@@ -70,8 +70,9 @@ COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an
 -- TimeZone: '1 day' across a daylight-saving change would be 23 or 25 hours).
 CREATE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
                                           p_trial_ends_at timestamptz, p_expires_at timestamptz)
-RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
+RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN CASE
         WHEN p_plan_id IS NULL THEN 'free'
         WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
         WHEN p_status IN ('expired', 'paused', 'pending') THEN 'free'
@@ -82,28 +83,33 @@ RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, 
              AND pg_catalog.now() > ((p_trial_ends_at AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC' THEN 'free'
         WHEN NOT EXISTS (SELECT 1 FROM billing.plans AS p WHERE p.plan_id = p_plan_id) THEN 'free'
         ELSE p_plan_id
-    END
+    END;
+END
 $$;
 COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamptz, timestamptz) IS
 'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan. The grace period is added in UTC, whatever the session''s TimeZone (''1 day'' is always 24 hours).';
 
 CREATE FUNCTION billing.get_effective_plan(p_user_id uuid) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN billing.user_effective_plan(p_user_id);
+END
 $$;
 COMMENT ON FUNCTION billing.get_effective_plan(uuid) IS
 'The plan the user is entitled to now (see billing.effective_plan_id): free when expired, or canceled/past_due past the period end plus pg_billing.grace_period. End users: own only.';
 
 CREATE FUNCTION billing.get_user_limits(p_user_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.get_effective_plan(p_user_id);
-    SELECT p.limits
-      FROM billing.plans AS p
-     WHERE p.plan_id = (SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
-                          FROM (SELECT 1) AS one LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    v_limits jsonb;
+BEGIN
+    -- (checks the caller)
+    v_plan := billing.get_effective_plan(p_user_id);
+    SELECT p.limits INTO v_limits FROM billing.plans AS p WHERE p.plan_id = v_plan;
+    RETURN v_limits;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_limits(uuid) IS
 'The limits (jsonb) of the user''s effective plan; -1 means unlimited. End users: own only.';
@@ -112,14 +118,23 @@ CREATE FUNCTION billing.get_user_subscription(p_user_id uuid)
 RETURNS TABLE (id uuid, user_id uuid, plan_name text, plan_display_name text, status text, limits jsonb,
                current_period_start timestamptz, current_period_end timestamptz, trial_ends_at timestamptz,
                cancel_at_period_end boolean)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT s.id, p_user_id, p.plan_id, p.display_name, COALESCE(s.status, 'free'), p.limits,
-           s.current_period_start, s.current_period_end, s.trial_ends_at, COALESCE(s.cancel_at_period_end, false)
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
-      JOIN billing.plans AS p
-        ON p.plan_id = billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_sub billing.subscriptions;
+    v_plan text;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    -- The subscription first, then its effective plan: effective_plan_id reads billing.plans, so
+    -- it is evaluated here, never inside the statement on billing.subscriptions (on Citus that
+    -- statement runs on a shard, where no other distributed statement may run).
+    SELECT s.* INTO v_sub FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    v_plan := billing.effective_plan_id(v_sub.plan_id, v_sub.status, v_sub.current_period_end, v_sub.trial_ends_at, v_sub.expires_at);
+    RETURN QUERY
+    SELECT v_sub.id, p_user_id, p.plan_id, p.display_name, COALESCE(v_sub.status, 'free'), p.limits,
+           v_sub.current_period_start, v_sub.current_period_end, v_sub.trial_ends_at, COALESCE(v_sub.cancel_at_period_end, false)
+      FROM billing.plans AS p
+     WHERE p.plan_id = v_plan;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_subscription(uuid) IS
 'The user''s subscription with its effective plan (name, display name, limits); users without a subscription get the free plan row (id NULL, status free). End users: own only.';

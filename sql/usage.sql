@@ -71,16 +71,28 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
 
 -- Internal helpers (no caller check: EXECUTE is revoked from PUBLIC; callers check first).
 CREATE FUNCTION billing.user_effective_plan(p_user_id uuid) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_sub billing.subscriptions;
+BEGIN
+    -- effective_plan_id reads billing.plans: evaluated here, not inside the statement on
+    -- billing.subscriptions (see get_user_subscription). No subscription: all NULL, free.
+    SELECT s.* INTO v_sub FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    RETURN billing.effective_plan_id(v_sub.plan_id, v_sub.status, v_sub.current_period_end, v_sub.trial_ends_at, v_sub.expires_at);
+END
 $$;
 COMMENT ON FUNCTION billing.user_effective_plan(uuid) IS 'Internal: the effective plan of a user, without a caller check.';
 
 CREATE FUNCTION billing.user_plan_limits(p_user_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT COALESCE((SELECT p.limits FROM billing.plans AS p WHERE p.plan_id = billing.user_effective_plan(p_user_id)), '{}'::jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    v_limits jsonb;
+BEGIN
+    v_plan := billing.user_effective_plan(p_user_id);
+    SELECT p.limits INTO v_limits FROM billing.plans AS p WHERE p.plan_id = v_plan;
+    RETURN COALESCE(v_limits, '{}'::jsonb);
+END
 $$;
 COMMENT ON FUNCTION billing.user_plan_limits(uuid) IS 'Internal: the limits of a user''s effective plan, without a caller check.';
 
@@ -93,16 +105,21 @@ $$;
 COMMENT ON FUNCTION billing.limit_value(jsonb, text) IS 'A limit from a plan''s limits: the number under p_key; -1 (unlimited) when the key is missing or not a number.';
 
 CREATE FUNCTION billing.current_usage_period(p_user_id uuid, OUT period_start timestamptz, OUT period_end timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE WHEN ok THEN s.current_period_start
-                ELSE pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END,
-           CASE WHEN ok THEN s.current_period_end
-                ELSE (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
-      CROSS JOIN LATERAL (SELECT s.current_period_start IS NOT NULL AND s.current_period_end IS NOT NULL
-                                 AND pg_catalog.now() >= s.current_period_start
-                                 AND pg_catalog.now() < s.current_period_end AS ok) AS k
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    SELECT s.current_period_start, s.current_period_end INTO v_start, v_end
+      FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    IF v_start IS NOT NULL AND v_end IS NOT NULL AND pg_catalog.now() >= v_start AND pg_catalog.now() < v_end THEN
+        period_start := v_start;
+        period_end := v_end;
+    ELSE
+        period_start := pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+        period_end := (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
+    END IF;
+END
 $$;
 COMMENT ON FUNCTION billing.current_usage_period(uuid) IS 'The user''s current usage period: the subscription period when now() is inside it, else the UTC calendar month.';
 
@@ -134,50 +151,64 @@ CREATE FUNCTION billing.get_user_current_usage(p_user_id uuid)
 RETURNS TABLE (period_start timestamptz, period_end timestamptz, messages_count bigint, conversations_count bigint,
                tokens_input_count bigint, tokens_output_count bigint, api_calls_count bigint,
                documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT p.period_start, p.period_end,
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    -- The period first: current_usage_period reads billing.subscriptions, so it is evaluated
+    -- here, never inside the statement on billing.usage_metrics (on Citus a shard's).
+    SELECT p.period_start, p.period_end INTO v_start, v_end FROM billing.current_usage_period(p_user_id) AS p;
+    RETURN QUERY
+    SELECT v_start, v_end,
            COALESCE(u.messages_count, 0), COALESCE(u.conversations_count, 0),
            COALESCE(u.tokens_input_count, 0), COALESCE(u.tokens_output_count, 0), COALESCE(u.api_calls_count, 0),
            COALESCE(u.documents_processed_count, 0), COALESCE(u.chunks_stored_count, 0), COALESCE(u.generations_count, 0)
-      FROM billing.current_usage_period(p_user_id) AS p
-      LEFT JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = p.period_start
+      FROM (SELECT 1) AS one
+      LEFT JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = v_start;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_current_usage(uuid) IS 'The user''s usage counters for the current period (zeros when nothing was recorded). End users: own only.';
 
 CREATE FUNCTION billing.check_monthly_limit(p_user_id uuid, p_metric text)
 RETURNS TABLE (allowed boolean, current_usage bigint, limit_value bigint, metric text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.check_choice('p_metric', p_metric,
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_limit bigint;
+    v_current bigint;
+    v_start timestamptz;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_choice('p_metric', p_metric,
         ARRAY['messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'api_calls', 'generations']);
-    WITH lim AS (
-        SELECT billing.limit_value(billing.user_plan_limits(p_user_id),
+    v_limit := billing.limit_value(billing.user_plan_limits(p_user_id),
                    CASE p_metric WHEN 'messages' THEN 'messages_per_month'
                                  WHEN 'conversations' THEN 'conversations_per_month'
                                  WHEN 'tokens_input' THEN 'tokens_input_per_month'
                                  WHEN 'tokens_output' THEN 'tokens_output_per_month'
                                  WHEN 'documents' THEN 'documents_per_month'
                                  WHEN 'api_calls' THEN 'api_calls_per_day'
-                                 WHEN 'generations' THEN 'generations_per_month' END) AS l
-    ), cur AS (
-        SELECT CASE WHEN p_metric = 'api_calls' THEN
-                   (SELECT COALESCE(pg_catalog.sum(a.request_count), 0)::bigint
-                      FROM billing.api_usage AS a
-                     WHERE a.user_id = p_user_id
-                       AND a.bucket_start >= pg_catalog.date_trunc('day', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
-               ELSE
-                   (SELECT CASE p_metric WHEN 'messages' THEN u.messages_count
-                                         WHEN 'conversations' THEN u.conversations_count
-                                         WHEN 'tokens_input' THEN u.tokens_input_count
-                                         WHEN 'tokens_output' THEN u.tokens_output_count
-                                         WHEN 'documents' THEN u.documents_processed_count
-                                         WHEN 'generations' THEN u.generations_count END
-                      FROM billing.current_usage_period(p_user_id) AS p
-                      JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = p.period_start)
-               END AS c
-    )
-    SELECT lim.l < 0 OR COALESCE(cur.c, 0) < lim.l, COALESCE(cur.c, 0), lim.l, p_metric FROM lim, cur
+                                 WHEN 'generations' THEN 'generations_per_month' END);
+    IF p_metric = 'api_calls' THEN
+        SELECT COALESCE(pg_catalog.sum(a.request_count), 0)::bigint INTO v_current
+          FROM billing.api_usage AS a
+         WHERE a.user_id = p_user_id
+           AND a.bucket_start >= pg_catalog.date_trunc('day', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    ELSE
+        -- The period first (current_usage_period reads billing.subscriptions; see get_user_current_usage).
+        SELECT p.period_start INTO v_start FROM billing.current_usage_period(p_user_id) AS p;
+        SELECT CASE p_metric WHEN 'messages' THEN u.messages_count
+                             WHEN 'conversations' THEN u.conversations_count
+                             WHEN 'tokens_input' THEN u.tokens_input_count
+                             WHEN 'tokens_output' THEN u.tokens_output_count
+                             WHEN 'documents' THEN u.documents_processed_count
+                             WHEN 'generations' THEN u.generations_count END INTO v_current
+          FROM billing.usage_metrics AS u
+         WHERE u.user_id = p_user_id AND u.period_start = v_start;
+    END IF;
+    RETURN QUERY SELECT v_limit < 0 OR COALESCE(v_current, 0) < v_limit, COALESCE(v_current, 0), v_limit, p_metric;
+END
 $$;
 COMMENT ON FUNCTION billing.check_monthly_limit(uuid, text) IS 'Whether the user is under their plan''s limit for p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period; api_calls: today, UTC). limit_value -1 = unlimited. Unknown metric: 22023. End users: own only.';
 
@@ -187,10 +218,13 @@ COMMENT ON FUNCTION billing._check_resource_limit(uuid, text) IS 'Internal: chec
 
 CREATE FUNCTION billing.check_resource_limit(p_user_id uuid, p_resource_type text)
 RETURNS TABLE (allowed boolean, current_count integer, max_allowed integer, resource_type text)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (r ->> 'allowed')::boolean, (r ->> 'current_count')::integer,
            LEAST((r ->> 'max_allowed')::bigint, 2147483647)::integer, r ->> 'resource_type'
-      FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r
+      FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r;
+END
 $$;
 COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
 
@@ -250,35 +284,47 @@ COMMENT ON FUNCTION billing._check_api_rate_limit(uuid, text) IS 'Internal: chec
 
 CREATE FUNCTION billing.check_api_rate_limit(p_user_id uuid, p_endpoint text DEFAULT NULL)
 RETURNS TABLE (allowed boolean, limit_value integer, remaining integer, reset_at timestamptz)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (r ->> 'allowed')::boolean, (r ->> 'limit_value')::integer, (r ->> 'remaining')::integer, (r ->> 'reset_at')::timestamptz
-      FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r
+      FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r;
+END
 $$;
 COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. The bucket counts requests per endpoint too: the first 32 distinct endpoints of the hour by name (their first 64 characters), any further one under (other); p_endpoint longer than 255 characters is 22023. End users: own only.';
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_api_usage', p_older_than, interval '1 day', NULL);
-    WITH gone AS (DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_api_usage', p_older_than, interval '1 day', NULL);
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.api_usage AS a WHERE a.bucket_start < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days, at least 1 day: a shorter interval is 22023 and deletes nothing, so the current hour''s bucket is never deleted); returns rows deleted.';
 
 CREATE FUNCTION billing.reset_monthly_usage() RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.require_service('reset_monthly_usage');
-    WITH latest AS (
-        SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end
-          FROM billing.usage_metrics AS u
-         ORDER BY u.user_id, u.period_start DESC
-    ), opened AS (
-        INSERT INTO billing.usage_metrics (user_id, period_start, period_end)
-        SELECT l.user_id, p.period_start, p.period_end
-          FROM latest AS l CROSS JOIN LATERAL billing.current_usage_period(l.user_id) AS p
-         WHERE l.period_end <= pg_catalog.now()
-        ON CONFLICT (user_id, period_start) DO NOTHING
-        RETURNING 1
-    )
-    SELECT pg_catalog.count(*)::integer FROM opened
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := pg_catalog.now();
+    n bigint;
+BEGIN
+    PERFORM billing.require_service('reset_monthly_usage');
+    INSERT INTO billing.usage_metrics (user_id, period_start, period_end)
+    SELECT l.user_id, p.period_start, p.period_end
+      FROM (SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end
+              FROM billing.usage_metrics AS u
+             ORDER BY u.user_id, u.period_start DESC) AS l
+      CROSS JOIN LATERAL billing.current_usage_period(l.user_id) AS p
+     WHERE l.period_end <= v_now
+    ON CONFLICT (user_id, period_start) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.reset_monthly_usage() IS 'Service-only maintenance: opens the current period''s (zeroed) usage row for every user whose latest period has ended; returns how many periods it opened. Old periods are kept for history.';

@@ -71,11 +71,14 @@ COMMENT ON FUNCTION billing._user_widgets(uuid, boolean) IS 'Internal: get_user_
 CREATE FUNCTION billing.get_user_widgets_ordered(p_user_id uuid, p_active_only boolean DEFAULT true)
 RETURNS TABLE (id uuid, widget_type text, "position" integer, is_active boolean, data jsonb,
                created_at timestamptz, updated_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT (e ->> 'id')::uuid, e ->> 'widget_type', (e ->> 'position')::integer, (e ->> 'is_active')::boolean,
-           e -> 'data', (e ->> 'created_at')::timestamptz, (e ->> 'updated_at')::timestamptz
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT (w.e ->> 'id')::uuid, w.e ->> 'widget_type', (w.e ->> 'position')::integer, (w.e ->> 'is_active')::boolean,
+           w.e -> 'data', (w.e ->> 'created_at')::timestamptz, (w.e ->> 'updated_at')::timestamptz
       FROM pg_catalog.jsonb_array_elements(billing._user_widgets(p_user_id, p_active_only)) WITH ORDINALITY AS w(e, n)
-     ORDER BY w.n
+     ORDER BY w.n;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the row as JSON, with the columns the reading role may SELECT. End users (anon too) read with their own role: the tables'' RLS and column grants decide which rows and columns they get (a table whose widget columns they cannot read is skipped). Service callers read each table as its owner (every row and column). Anyone may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
 
@@ -94,8 +97,10 @@ RETURNS TABLE (plan text, plan_display_name text, status text,
                messages_count bigint, conversations_count bigint, tokens_input_count bigint, tokens_output_count bigint,
                api_calls_count bigint, documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint,
                resources jsonb, limits jsonb, available bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT s.plan_name, s.plan_display_name, s.status,
            c.subscription_credits_balance, c.purchased_credits_balance, c.total_balance,
            u.period_start, u.period_end, u.messages_count, u.conversations_count, u.tokens_input_count,
@@ -103,6 +108,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            u.generations_count, billing._resource_usage(p_user_id), s.limits, c.available
       FROM billing.get_user_subscription(p_user_id) AS s,
            billing.get_user_credits(p_user_id) AS c,
-           billing.get_user_current_usage(p_user_id) AS u
+           billing.get_user_current_usage(p_user_id) AS u;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_dashboard_stats(uuid) IS 'One call for a dashboard: effective plan and status, both credit pools and their total, this period''s usage counters, each registered resource''s count and limit (resources: {type: {count, limit, allowed}}), and (0.5.0) available: what any spending may use now, less the debt and the credits active holds reserve (as get_user_credits). End users: own only.';

@@ -710,20 +710,38 @@ COMMENT ON FUNCTION billing.record_webhook_event(text, text, uuid) IS
 -- Retention (0.2.0). A key or event id is remembered for at least a day, so a client's or a
 -- provider's retries within a day can never apply twice.
 CREATE FUNCTION billing.cleanup_idempotency_keys(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
-    WITH gone AS (DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < pg_catalog.now() - p_older_than RETURNING 1),
-         usage AS (DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT ((SELECT pg_catalog.count(*) FROM gone) + (SELECT pg_catalog.count(*) FROM usage))::integer;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n_keys bigint;
+    n_usage bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_idempotency_keys', p_older_than, interval '1 day', 'a repeat of a call whose key was deleted is applied again');
+    -- The cut-off is a value, not an expression of now(): Citus refuses non-IMMUTABLE functions
+    -- in the WHERE of a DELETE on a distributed table.
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.idempotency_keys AS k WHERE k.created_at < v_cutoff;
+    GET DIAGNOSTICS n_keys = ROW_COUNT;
+    DELETE FROM billing.usage_event_keys AS u WHERE u.created_at < v_cutoff;
+    GET DIAGNOSTICS n_usage = ROW_COUNT;
+    RETURN (n_keys + n_usage)::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_idempotency_keys(interval) IS
 'Service-only maintenance: forgets idempotency keys (of the credit functions and, 0.6.0, of record_usage_batch events) older than p_older_than (default 30 days, at least 1 day); returns keys deleted. A repeat with a forgotten key is applied again; the ledger keeps the key of every row.';
 
 CREATE FUNCTION billing.cleanup_webhook_events(p_older_than interval DEFAULT '90 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
-    WITH gone AS (DELETE FROM billing.webhook_events AS e WHERE e.processed_at < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_webhook_events', p_older_than, interval '1 day', 'a redelivered event whose id was deleted is applied again');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.webhook_events AS e WHERE e.processed_at < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 'Service-only maintenance: forgets webhook event ids processed more than p_older_than ago (default 90 days, at least 1 day); returns ids deleted. A redelivery of a forgotten event is applied again (upsert_subscription given p_event_created_at still ignores an event older than the last one it applied).';
@@ -731,26 +749,31 @@ COMMENT ON FUNCTION billing.cleanup_webhook_events(interval) IS
 CREATE FUNCTION billing.get_user_credits(p_user_id uuid)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, purchased_credits_balance bigint, total_balance bigint,
                available bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT p_user_id,
            COALESCE(c.subscription_credits_balance, 0),
            COALESCE(c.purchased_credits_balance, 0),
            COALESCE(c.total_balance, 0),
            COALESCE(c.available, 0)
       FROM (SELECT 1) AS one
-      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id
+      LEFT JOIN billing.user_credits AS c ON c.user_id = p_user_id;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_credits(uuid) IS
 'The user''s two pools, their total less the debt, and available: the credits any spending may use now, less the debt (zeros when the user has no account yet); expired, voided and not yet started grants count as 0. End users: own only.';
 
 CREATE FUNCTION billing.get_credit_history(p_user_id uuid, p_limit integer DEFAULT 50, p_before timestamptz DEFAULT NULL)
 RETURNS SETOF billing.credit_transactions
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_argument('p_limit', COALESCE(p_limit, 50), 1, 1000);
     -- Rows carry their clock time; the rare rows written in the same microsecond are all
     -- included (WITH TIES), so paging with p_before = the last row's created_at never skips one.
+    RETURN QUERY
     SELECT p.*
       FROM (SELECT t.*
               FROM billing.credit_transactions AS t
@@ -758,7 +781,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                AND t.created_at < COALESCE(p_before, 'infinity'::timestamptz)
              ORDER BY t.created_at DESC
              FETCH FIRST COALESCE(p_limit, 50) ROWS WITH TIES) AS p
-     ORDER BY p.created_at DESC, p.id DESC
+     ORDER BY p.created_at DESC, p.id DESC;
+END
 $$;
 COMMENT ON FUNCTION billing.get_credit_history(uuid, integer, timestamptz) IS
 'The user''s ledger rows, newest first: p_limit (1..1000, default 50) rows, older than p_before when given; rows written in the same microsecond are never split across pages (a page may then hold one or two more than p_limit). Page with p_before = the last row''s created_at. End users: own only.';
@@ -766,10 +790,12 @@ COMMENT ON FUNCTION billing.get_credit_history(uuid, integer, timestamptz) IS
 CREATE FUNCTION billing.verify_ledger(p_user_id uuid DEFAULT NULL)
 RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_ledger_sum bigint,
                purchased_credits_balance bigint, purchased_ledger_sum bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.require_service('billing.verify_ledger');
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.require_service('billing.verify_ledger');
     -- (pool::text: the upgrade to 0.4.0 adds the value 'debt' and creates this function in one
     -- transaction, where the new value cannot be named as a constant.)
+    RETURN QUERY
     WITH ledger AS (
         SELECT t.user_id,
                pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'subscription')::bigint AS sub,
@@ -829,7 +855,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         OR acct.debt < 0
         OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
-        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b);
+END
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
 'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured). Empty means consistent.';
@@ -883,8 +910,10 @@ CREATE FUNCTION billing.get_credit_grants(p_user_id uuid, p_include_spent boolea
 RETURNS TABLE (grant_id uuid, category text, amount bigint, remaining bigint, priority integer, effective_at timestamptz,
                expires_at timestamptz, scope text[], status text, voided_at timestamptz, source_transaction_id uuid,
                description text, reference_id text, created_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT s.id, s.category::text, s.amount, CASE WHEN s.status IN ('active', 'scheduled') THEN s.remaining ELSE 0 END,
            s.priority, s.effective_at, s.expires_at, s.scope, s.status, s.voided_at, s.source_transaction_id,
            s.description, s.reference_id, s.created_at
@@ -897,16 +926,20 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
               FROM billing.credit_grants AS g
              WHERE g.user_id = p_user_id) AS s
      WHERE COALESCE(p_include_spent, false) OR s.status IN ('active', 'scheduled')
-     ORDER BY s.priority, (s.scope IS NULL), s.expires_at, s.effective_at, s.created_at, s.id
+     ORDER BY s.priority, (s.scope IS NULL), s.expires_at, s.effective_at, s.created_at, s.id;
+END
 $$;
 COMMENT ON FUNCTION billing.get_credit_grants(uuid, boolean) IS
 'The user''s grants in spending order, with status active, scheduled (starts later), expired (also when a renewal or expire_subscription_credits ended it early: settled_at), voided or spent; remaining counts only for active and scheduled grants. Without p_include_spent only active and scheduled grants. End users: own only.';
 
 CREATE FUNCTION billing.balance_at(p_user_id uuid, p_at timestamptz)
 RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.check_argument('p_at', CASE WHEN p_at IS NULL THEN NULL ELSE 0 END, 0, 0);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_result jsonb;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_argument('p_at', CASE WHEN p_at IS NULL THEN NULL ELSE 0 END, 0, 0);
     -- From the ledger: each grant's remaining is the sum of its rows written by p_at; rows
     -- without a grant are the pools' history from before 0.4.0 (converted to grants by the
     -- upgrade with rows that bring them to 0) and the debt.
@@ -949,7 +982,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                                               'spendable', g.spendable)
                                           ORDER BY g.priority, (NOT g.unscoped) DESC, g.expires_at, g.effective_at, g.created_at, g.id)
                                      FROM grants AS g), '[]'::jsonb))
-      FROM pools CROSS JOIN live
+      INTO v_result
+      FROM pools CROSS JOIN live;
+    RETURN v_result;
+END
 $$;
 COMMENT ON FUNCTION billing.balance_at(uuid, timestamptz) IS
 'The user''s balances as they were at p_at, from the ledger: {user_id, at, subscription_credits_balance, purchased_credits_balance, debt, total_balance, available, grants: [{grant_id, category, remaining, spendable}]}; a grant counts in the balances when it was spendable at p_at (started, not expired, not voided). End users: own only.';
@@ -1014,12 +1050,15 @@ COMMENT ON FUNCTION billing.set_max_active_holds(uuid, integer) IS
 
 CREATE FUNCTION billing.get_active_holds(p_user_id uuid)
 RETURNS TABLE (hold_id uuid, amount bigint, feature text, expires_at timestamptz, created_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT h.id, h.amount, h.feature, h.expires_at, h.created_at
       FROM billing.credit_holds AS h
      WHERE h.user_id = p_user_id AND h.status = 'active' AND h.expires_at > pg_catalog.now()
-     ORDER BY h.expires_at, h.created_at, h.id
+     ORDER BY h.expires_at, h.created_at, h.id;
+END
 $$;
 COMMENT ON FUNCTION billing.get_active_holds(uuid) IS
 'The user''s active holds (not captured, released or past their expiry), earliest expiry first. End users: own only.';
@@ -1027,13 +1066,18 @@ COMMENT ON FUNCTION billing.get_active_holds(uuid) IS
 -- Retention: resolved holds (captured, released, expired and settled) are kept for at least a day,
 -- so a repeated capture or release within a day still finds its first result.
 CREATE FUNCTION billing.cleanup_holds(p_older_than interval DEFAULT '30 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_holds', p_older_than, interval '1 day', 'a repeated capture or release of a deleted hold fails with P0002');
-    WITH gone AS (
-        DELETE FROM billing.credit_holds AS h
-         WHERE h.status <> 'active' AND h.resolved_at < pg_catalog.now() - p_older_than
-        RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_holds', p_older_than, interval '1 day', 'a repeated capture or release of a deleted hold fails with P0002');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.credit_holds AS h
+     WHERE h.status <> 'active' AND h.resolved_at < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_holds(interval) IS
 'Service-only maintenance: deletes holds resolved (captured, released, or expired and settled by a later write) more than p_older_than ago (default 30 days, at least 1 day); returns holds deleted. Active rows are never deleted (an expired one is settled by its account''s next write). Nothing depends on it running.';
@@ -1116,8 +1160,9 @@ COMMENT ON FUNCTION billing.grace_period() IS 'GUC pg_billing.grace_period as an
 -- TimeZone: '1 day' across a daylight-saving change would be 23 or 25 hours).
 CREATE FUNCTION billing.effective_plan_id(p_plan_id text, p_status text, p_current_period_end timestamptz,
                                           p_trial_ends_at timestamptz, p_expires_at timestamptz)
-RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
+RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN CASE
         WHEN p_plan_id IS NULL THEN 'free'
         WHEN p_expires_at IS NOT NULL AND p_expires_at <= pg_catalog.now() THEN 'free'
         WHEN p_status IN ('expired', 'paused', 'pending') THEN 'free'
@@ -1128,28 +1173,33 @@ RETURNS text LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, 
              AND pg_catalog.now() > ((p_trial_ends_at AT TIME ZONE 'UTC') + billing.grace_period()) AT TIME ZONE 'UTC' THEN 'free'
         WHEN NOT EXISTS (SELECT 1 FROM billing.plans AS p WHERE p.plan_id = p_plan_id) THEN 'free'
         ELSE p_plan_id
-    END
+    END;
+END
 $$;
 COMMENT ON FUNCTION billing.effective_plan_id(text, text, timestamptz, timestamptz, timestamptz) IS
 'The plan a subscription entitles to now: free when there is none, when it is expired, paused or pending, past expires_at, canceled or past_due past the period end plus pg_billing.grace_period, a trial past its end plus the grace period, or its plan no longer exists; otherwise its plan. The grace period is added in UTC, whatever the session''s TimeZone (''1 day'' is always 24 hours).';
 
 CREATE FUNCTION billing.get_effective_plan(p_user_id uuid) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN billing.user_effective_plan(p_user_id);
+END
 $$;
 COMMENT ON FUNCTION billing.get_effective_plan(uuid) IS
 'The plan the user is entitled to now (see billing.effective_plan_id): free when expired, or canceled/past_due past the period end plus pg_billing.grace_period. End users: own only.';
 
 CREATE FUNCTION billing.get_user_limits(p_user_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.get_effective_plan(p_user_id);
-    SELECT p.limits
-      FROM billing.plans AS p
-     WHERE p.plan_id = (SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
-                          FROM (SELECT 1) AS one LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    v_limits jsonb;
+BEGIN
+    -- (checks the caller)
+    v_plan := billing.get_effective_plan(p_user_id);
+    SELECT p.limits INTO v_limits FROM billing.plans AS p WHERE p.plan_id = v_plan;
+    RETURN v_limits;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_limits(uuid) IS
 'The limits (jsonb) of the user''s effective plan; -1 means unlimited. End users: own only.';
@@ -1158,14 +1208,23 @@ CREATE FUNCTION billing.get_user_subscription(p_user_id uuid)
 RETURNS TABLE (id uuid, user_id uuid, plan_name text, plan_display_name text, status text, limits jsonb,
                current_period_start timestamptz, current_period_end timestamptz, trial_ends_at timestamptz,
                cancel_at_period_end boolean)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT s.id, p_user_id, p.plan_id, p.display_name, COALESCE(s.status, 'free'), p.limits,
-           s.current_period_start, s.current_period_end, s.trial_ends_at, COALESCE(s.cancel_at_period_end, false)
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
-      JOIN billing.plans AS p
-        ON p.plan_id = billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_sub billing.subscriptions;
+    v_plan text;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    -- The subscription first, then its effective plan: effective_plan_id reads billing.plans, so
+    -- it is evaluated here, never inside the statement on billing.subscriptions (on Citus that
+    -- statement runs on a shard, where no other distributed statement may run).
+    SELECT s.* INTO v_sub FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    v_plan := billing.effective_plan_id(v_sub.plan_id, v_sub.status, v_sub.current_period_end, v_sub.trial_ends_at, v_sub.expires_at);
+    RETURN QUERY
+    SELECT v_sub.id, p_user_id, p.plan_id, p.display_name, COALESCE(v_sub.status, 'free'), p.limits,
+           v_sub.current_period_start, v_sub.current_period_end, v_sub.trial_ends_at, COALESCE(v_sub.cancel_at_period_end, false)
+      FROM billing.plans AS p
+     WHERE p.plan_id = v_plan;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_subscription(uuid) IS
 'The user''s subscription with its effective plan (name, display name, limits); users without a subscription get the free plan row (id NULL, status free). End users: own only.';
@@ -1269,16 +1328,28 @@ INSERT INTO billing.api_functions (function_name, access) VALUES
 
 -- Internal helpers (no caller check: EXECUTE is revoked from PUBLIC; callers check first).
 CREATE FUNCTION billing.user_effective_plan(p_user_id uuid) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.effective_plan_id(s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at)
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_sub billing.subscriptions;
+BEGIN
+    -- effective_plan_id reads billing.plans: evaluated here, not inside the statement on
+    -- billing.subscriptions (see get_user_subscription). No subscription: all NULL, free.
+    SELECT s.* INTO v_sub FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    RETURN billing.effective_plan_id(v_sub.plan_id, v_sub.status, v_sub.current_period_end, v_sub.trial_ends_at, v_sub.expires_at);
+END
 $$;
 COMMENT ON FUNCTION billing.user_effective_plan(uuid) IS 'Internal: the effective plan of a user, without a caller check.';
 
 CREATE FUNCTION billing.user_plan_limits(p_user_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT COALESCE((SELECT p.limits FROM billing.plans AS p WHERE p.plan_id = billing.user_effective_plan(p_user_id)), '{}'::jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    v_limits jsonb;
+BEGIN
+    v_plan := billing.user_effective_plan(p_user_id);
+    SELECT p.limits INTO v_limits FROM billing.plans AS p WHERE p.plan_id = v_plan;
+    RETURN COALESCE(v_limits, '{}'::jsonb);
+END
 $$;
 COMMENT ON FUNCTION billing.user_plan_limits(uuid) IS 'Internal: the limits of a user''s effective plan, without a caller check.';
 
@@ -1291,16 +1362,21 @@ $$;
 COMMENT ON FUNCTION billing.limit_value(jsonb, text) IS 'A limit from a plan''s limits: the number under p_key; -1 (unlimited) when the key is missing or not a number.';
 
 CREATE FUNCTION billing.current_usage_period(p_user_id uuid, OUT period_start timestamptz, OUT period_end timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE WHEN ok THEN s.current_period_start
-                ELSE pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END,
-           CASE WHEN ok THEN s.current_period_end
-                ELSE (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' END
-      FROM (SELECT 1) AS one
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = p_user_id
-      CROSS JOIN LATERAL (SELECT s.current_period_start IS NOT NULL AND s.current_period_end IS NOT NULL
-                                 AND pg_catalog.now() >= s.current_period_start
-                                 AND pg_catalog.now() < s.current_period_end AS ok) AS k
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    SELECT s.current_period_start, s.current_period_end INTO v_start, v_end
+      FROM billing.subscriptions AS s WHERE s.user_id = p_user_id;
+    IF v_start IS NOT NULL AND v_end IS NOT NULL AND pg_catalog.now() >= v_start AND pg_catalog.now() < v_end THEN
+        period_start := v_start;
+        period_end := v_end;
+    ELSE
+        period_start := pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+        period_end := (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
+    END IF;
+END
 $$;
 COMMENT ON FUNCTION billing.current_usage_period(uuid) IS 'The user''s current usage period: the subscription period when now() is inside it, else the UTC calendar month.';
 
@@ -1332,50 +1408,64 @@ CREATE FUNCTION billing.get_user_current_usage(p_user_id uuid)
 RETURNS TABLE (period_start timestamptz, period_end timestamptz, messages_count bigint, conversations_count bigint,
                tokens_input_count bigint, tokens_output_count bigint, api_calls_count bigint,
                documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT p.period_start, p.period_end,
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    -- The period first: current_usage_period reads billing.subscriptions, so it is evaluated
+    -- here, never inside the statement on billing.usage_metrics (on Citus a shard's).
+    SELECT p.period_start, p.period_end INTO v_start, v_end FROM billing.current_usage_period(p_user_id) AS p;
+    RETURN QUERY
+    SELECT v_start, v_end,
            COALESCE(u.messages_count, 0), COALESCE(u.conversations_count, 0),
            COALESCE(u.tokens_input_count, 0), COALESCE(u.tokens_output_count, 0), COALESCE(u.api_calls_count, 0),
            COALESCE(u.documents_processed_count, 0), COALESCE(u.chunks_stored_count, 0), COALESCE(u.generations_count, 0)
-      FROM billing.current_usage_period(p_user_id) AS p
-      LEFT JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = p.period_start
+      FROM (SELECT 1) AS one
+      LEFT JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = v_start;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_current_usage(uuid) IS 'The user''s usage counters for the current period (zeros when nothing was recorded). End users: own only.';
 
 CREATE FUNCTION billing.check_monthly_limit(p_user_id uuid, p_metric text)
 RETURNS TABLE (allowed boolean, current_usage bigint, limit_value bigint, metric text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
-    SELECT billing.check_choice('p_metric', p_metric,
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_limit bigint;
+    v_current bigint;
+    v_start timestamptz;
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    PERFORM billing.check_choice('p_metric', p_metric,
         ARRAY['messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'api_calls', 'generations']);
-    WITH lim AS (
-        SELECT billing.limit_value(billing.user_plan_limits(p_user_id),
+    v_limit := billing.limit_value(billing.user_plan_limits(p_user_id),
                    CASE p_metric WHEN 'messages' THEN 'messages_per_month'
                                  WHEN 'conversations' THEN 'conversations_per_month'
                                  WHEN 'tokens_input' THEN 'tokens_input_per_month'
                                  WHEN 'tokens_output' THEN 'tokens_output_per_month'
                                  WHEN 'documents' THEN 'documents_per_month'
                                  WHEN 'api_calls' THEN 'api_calls_per_day'
-                                 WHEN 'generations' THEN 'generations_per_month' END) AS l
-    ), cur AS (
-        SELECT CASE WHEN p_metric = 'api_calls' THEN
-                   (SELECT COALESCE(pg_catalog.sum(a.request_count), 0)::bigint
-                      FROM billing.api_usage AS a
-                     WHERE a.user_id = p_user_id
-                       AND a.bucket_start >= pg_catalog.date_trunc('day', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
-               ELSE
-                   (SELECT CASE p_metric WHEN 'messages' THEN u.messages_count
-                                         WHEN 'conversations' THEN u.conversations_count
-                                         WHEN 'tokens_input' THEN u.tokens_input_count
-                                         WHEN 'tokens_output' THEN u.tokens_output_count
-                                         WHEN 'documents' THEN u.documents_processed_count
-                                         WHEN 'generations' THEN u.generations_count END
-                      FROM billing.current_usage_period(p_user_id) AS p
-                      JOIN billing.usage_metrics AS u ON u.user_id = p_user_id AND u.period_start = p.period_start)
-               END AS c
-    )
-    SELECT lim.l < 0 OR COALESCE(cur.c, 0) < lim.l, COALESCE(cur.c, 0), lim.l, p_metric FROM lim, cur
+                                 WHEN 'generations' THEN 'generations_per_month' END);
+    IF p_metric = 'api_calls' THEN
+        SELECT COALESCE(pg_catalog.sum(a.request_count), 0)::bigint INTO v_current
+          FROM billing.api_usage AS a
+         WHERE a.user_id = p_user_id
+           AND a.bucket_start >= pg_catalog.date_trunc('day', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    ELSE
+        -- The period first (current_usage_period reads billing.subscriptions; see get_user_current_usage).
+        SELECT p.period_start INTO v_start FROM billing.current_usage_period(p_user_id) AS p;
+        SELECT CASE p_metric WHEN 'messages' THEN u.messages_count
+                             WHEN 'conversations' THEN u.conversations_count
+                             WHEN 'tokens_input' THEN u.tokens_input_count
+                             WHEN 'tokens_output' THEN u.tokens_output_count
+                             WHEN 'documents' THEN u.documents_processed_count
+                             WHEN 'generations' THEN u.generations_count END INTO v_current
+          FROM billing.usage_metrics AS u
+         WHERE u.user_id = p_user_id AND u.period_start = v_start;
+    END IF;
+    RETURN QUERY SELECT v_limit < 0 OR COALESCE(v_current, 0) < v_limit, COALESCE(v_current, 0), v_limit, p_metric;
+END
 $$;
 COMMENT ON FUNCTION billing.check_monthly_limit(uuid, text) IS 'Whether the user is under their plan''s limit for p_metric (messages, conversations, tokens_input, tokens_output, documents, generations: this period; api_calls: today, UTC). limit_value -1 = unlimited. Unknown metric: 22023. End users: own only.';
 
@@ -1385,10 +1475,13 @@ COMMENT ON FUNCTION billing._check_resource_limit(uuid, text) IS 'Internal: chec
 
 CREATE FUNCTION billing.check_resource_limit(p_user_id uuid, p_resource_type text)
 RETURNS TABLE (allowed boolean, current_count integer, max_allowed integer, resource_type text)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (r ->> 'allowed')::boolean, (r ->> 'current_count')::integer,
            LEAST((r ->> 'max_allowed')::bigint, 2147483647)::integer, r ->> 'resource_type'
-      FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r
+      FROM billing._check_resource_limit(p_user_id, p_resource_type) AS r;
+END
 $$;
 COMMENT ON FUNCTION billing.check_resource_limit(uuid, text) IS 'Counts the user''s rows in the table registered for p_resource_type (billing.register_resource) against the effective plan''s limit: allowed = unlimited (-1) or count < max. The count runs as the table''s owner on exactly the registered table (P0002 when it was dropped or replaced since). Unknown type: 22023 listing the known ones. End users: own only.';
 
@@ -1448,36 +1541,48 @@ COMMENT ON FUNCTION billing._check_api_rate_limit(uuid, text) IS 'Internal: chec
 
 CREATE FUNCTION billing.check_api_rate_limit(p_user_id uuid, p_endpoint text DEFAULT NULL)
 RETURNS TABLE (allowed boolean, limit_value integer, remaining integer, reset_at timestamptz)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (r ->> 'allowed')::boolean, (r ->> 'limit_value')::integer, (r ->> 'remaining')::integer, (r ->> 'reset_at')::timestamptz
-      FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r
+      FROM billing._check_api_rate_limit(p_user_id, p_endpoint) AS r;
+END
 $$;
 COMMENT ON FUNCTION billing.check_api_rate_limit(uuid, text) IS 'Counts one API request in the current UTC hour when the effective plan''s api_rate_limit_hourly allows it, in one statement (with limit N, exactly N concurrent callers are allowed). Returns what X-RateLimit-* headers need: allowed, limit_value (-1 unlimited), remaining, reset_at. The bucket counts requests per endpoint too: the first 32 distinct endpoints of the hour by name (their first 64 characters), any further one under (other); p_endpoint longer than 255 characters is 22023. End users: own only.';
 
 CREATE FUNCTION billing.cleanup_api_usage(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_api_usage', p_older_than, interval '1 day', NULL);
-    WITH gone AS (DELETE FROM billing.api_usage AS a WHERE a.bucket_start < pg_catalog.now() - p_older_than RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_api_usage', p_older_than, interval '1 day', NULL);
+    v_cutoff := pg_catalog.now() - p_older_than;
+    DELETE FROM billing.api_usage AS a WHERE a.bucket_start < v_cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_api_usage(interval) IS 'Service-only maintenance: deletes API usage buckets older than p_older_than (default 7 days, at least 1 day: a shorter interval is 22023 and deletes nothing, so the current hour''s bucket is never deleted); returns rows deleted.';
 
 CREATE FUNCTION billing.reset_monthly_usage() RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.require_service('reset_monthly_usage');
-    WITH latest AS (
-        SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end
-          FROM billing.usage_metrics AS u
-         ORDER BY u.user_id, u.period_start DESC
-    ), opened AS (
-        INSERT INTO billing.usage_metrics (user_id, period_start, period_end)
-        SELECT l.user_id, p.period_start, p.period_end
-          FROM latest AS l CROSS JOIN LATERAL billing.current_usage_period(l.user_id) AS p
-         WHERE l.period_end <= pg_catalog.now()
-        ON CONFLICT (user_id, period_start) DO NOTHING
-        RETURNING 1
-    )
-    SELECT pg_catalog.count(*)::integer FROM opened
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now timestamptz := pg_catalog.now();
+    n bigint;
+BEGIN
+    PERFORM billing.require_service('reset_monthly_usage');
+    INSERT INTO billing.usage_metrics (user_id, period_start, period_end)
+    SELECT l.user_id, p.period_start, p.period_end
+      FROM (SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end
+              FROM billing.usage_metrics AS u
+             ORDER BY u.user_id, u.period_start DESC) AS l
+      CROSS JOIN LATERAL billing.current_usage_period(l.user_id) AS p
+     WHERE l.period_end <= v_now
+    ON CONFLICT (user_id, period_start) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.reset_monthly_usage() IS 'Service-only maintenance: opens the current period''s (zeroed) usage row for every user whose latest period has ended; returns how many periods it opened. Old periods are kept for history.';
 /* </end connected objects> */
@@ -1560,11 +1665,14 @@ COMMENT ON FUNCTION billing._user_widgets(uuid, boolean) IS 'Internal: get_user_
 CREATE FUNCTION billing.get_user_widgets_ordered(p_user_id uuid, p_active_only boolean DEFAULT true)
 RETURNS TABLE (id uuid, widget_type text, "position" integer, is_active boolean, data jsonb,
                created_at timestamptz, updated_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT (e ->> 'id')::uuid, e ->> 'widget_type', (e ->> 'position')::integer, (e ->> 'is_active')::boolean,
-           e -> 'data', (e ->> 'created_at')::timestamptz, (e ->> 'updated_at')::timestamptz
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT (w.e ->> 'id')::uuid, w.e ->> 'widget_type', (w.e ->> 'position')::integer, (w.e ->> 'is_active')::boolean,
+           w.e -> 'data', (w.e ->> 'created_at')::timestamptz, (w.e ->> 'updated_at')::timestamptz
       FROM pg_catalog.jsonb_array_elements(billing._user_widgets(p_user_id, p_active_only)) WITH ORDINALITY AS w(e, n)
-     ORDER BY w.n
+     ORDER BY w.n;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_widgets_ordered(uuid, boolean) IS 'The user''s widgets across every widget table, ordered by position, then type, then id; data is the row as JSON, with the columns the reading role may SELECT. End users (anon too) read with their own role: the tables'' RLS and column grants decide which rows and columns they get (a table whose widget columns they cannot read is skipped). Service callers read each table as its owner (every row and column). Anyone may read active widgets; inactive ones (p_active_only = false) only the owner or a service caller.';
 
@@ -1583,8 +1691,10 @@ RETURNS TABLE (plan text, plan_display_name text, status text,
                messages_count bigint, conversations_count bigint, tokens_input_count bigint, tokens_output_count bigint,
                api_calls_count bigint, documents_processed_count bigint, chunks_stored_count bigint, generations_count bigint,
                resources jsonb, limits jsonb, available bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.authorize_user(p_user_id);
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.authorize_user(p_user_id);
+    RETURN QUERY
     SELECT s.plan_name, s.plan_display_name, s.status,
            c.subscription_credits_balance, c.purchased_credits_balance, c.total_balance,
            u.period_start, u.period_end, u.messages_count, u.conversations_count, u.tokens_input_count,
@@ -1592,7 +1702,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            u.generations_count, billing._resource_usage(p_user_id), s.limits, c.available
       FROM billing.get_user_subscription(p_user_id) AS s,
            billing.get_user_credits(p_user_id) AS c,
-           billing.get_user_current_usage(p_user_id) AS u
+           billing.get_user_current_usage(p_user_id) AS u;
+END
 $$;
 COMMENT ON FUNCTION billing.get_user_dashboard_stats(uuid) IS 'One call for a dashboard: effective plan and status, both credit pools and their total, this period''s usage counters, each registered resource''s count and limit (resources: {type: {count, limit, allowed}}), and (0.5.0) available: what any spending may use now, less the debt and the credits active holds reserve (as get_user_credits). End users: own only.';
 /* </end connected objects> */
@@ -1895,8 +2006,10 @@ COMMENT ON FUNCTION billing._migrate_single_pool(oid, text, text, oid) IS
 
 CREATE FUNCTION billing.migrate_single_pool(p_table regclass, p_user_column name, p_balance_column name,
                                             p_purchases regclass DEFAULT NULL)
-RETURNS integer LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid)
+RETURNS integer LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN billing._migrate_single_pool(p_table::oid, p_user_column::text, p_balance_column::text, p_purchases::oid);
+END
 $$;
 COMMENT ON FUNCTION billing.migrate_single_pool(regclass, name, name, regclass) IS
 'Service-only DBA function. Imports legacy single-pool balances: p_table has one balance per user (p_user_column uuid, p_balance_column integer/bigint/numeric; several rows of one user are summed). p_purchases, when given, is the legacy credit history (S4''s credit_transactions): a uuid user column (p_user_column when the history has a uuid column of that name, else user_id), amount, and type; rows with type = ''purchase'' and amount > 0 count as purchases. Each user gets purchased = least(balance, sum of purchases) and subscription = the rest, so no credits are created; an existing account gets them added. Ledger rows of type ''migration'' record the opening balances (verify_ledger stays empty). Each (user, table) is imported once (billing.legacy_imports), so re-running imports nothing twice. p_table and p_purchases are locked and read as their owners (never as the extension owner), so code in them (a view''s functions) runs with no more rights than its owner has. Returns the number of users imported.';
@@ -2063,29 +2176,53 @@ COMMENT ON FUNCTION billing._emit_event(uuid, text, jsonb) IS 'Internal: writes 
 -- threshold fires balance.low (src/api/events.rs runs this at an account's first write; SPEC 12
 -- allows no triggers on billing tables).
 CREATE FUNCTION billing._sync_balance_alerts(p_user_id uuid) RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH r AS (
-        SELECT a.user_id,
-               COALESCE(u.threshold, p.threshold) AS threshold,
-               CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
-                    WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
-               a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
-          FROM billing.accounts AS a
-          LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
-          LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)
-         WHERE (p_user_id IS NULL OR a.user_id = p_user_id)
-    ), changed AS (
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_plan text;
+    n bigint;
+BEGIN
+    IF p_user_id IS NOT NULL THEN
+        -- One account (its first write): its effective plan first (user_effective_plan reads
+        -- billing.subscriptions and billing.plans, so it is evaluated here, never inside the
+        -- statement on billing.accounts: on Citus a shard's).
+        v_plan := billing.user_effective_plan(p_user_id);
         UPDATE billing.accounts AS a
            SET alert_threshold = r.threshold,
                alert_rearm = r.rearm,
                alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
                                   WHEN r.available > 0 THEN 1 ELSE 2 END
-          FROM r
+          FROM (SELECT a.user_id,
+                       COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                  FROM billing.accounts AS a
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = v_plan
+                 WHERE a.user_id = p_user_id) AS r
+         WHERE a.user_id = r.user_id AND a.user_id = p_user_id
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+    ELSE
+        -- Every account (a plan's rule changed).
+        UPDATE billing.accounts AS a
+           SET alert_threshold = r.threshold,
+               alert_rearm = r.rearm,
+               alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
+                                  WHEN r.available > 0 THEN 1 ELSE 2 END
+          FROM (SELECT a.user_id,
+                       COALESCE(u.threshold, p.threshold) AS threshold,
+                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                  FROM billing.accounts AS a
+                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)) AS r
          WHERE a.user_id = r.user_id
-           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0)
-        RETURNING 1
-    )
-    SELECT pg_catalog.count(*)::integer FROM changed
+           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing._sync_balance_alerts(uuid) IS 'Internal: recomputes the effective balance alert rule of one account (or, NULL, of every account) and sets its state from the balance, without an event; returns the accounts whose rule changed.';
 
@@ -2109,10 +2246,13 @@ COMMENT ON FUNCTION billing._claim_events(text, integer, interval) IS 'Internal:
 
 CREATE FUNCTION billing.claim_events(p_consumer text, p_limit integer DEFAULT 100, p_visibility_timeout interval DEFAULT '30 seconds')
 RETURNS TABLE (claim_id uuid, id bigint, user_id uuid, type text, payload jsonb, created_at timestamptz, deliveries integer)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT (e ->> 'claim_id')::uuid, (e ->> 'id')::bigint, (e ->> 'user_id')::uuid, e ->> 'type', e -> 'payload',
            (e ->> 'created_at')::timestamptz, (e ->> 'deliveries')::integer
-      FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e
+      FROM pg_catalog.jsonb_array_elements(billing._claim_events(p_consumer, p_limit, p_visibility_timeout)) AS e;
+END
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
 'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
@@ -2124,17 +2264,31 @@ COMMENT ON FUNCTION billing.ack_events(text, bigint, uuid) IS
 'Service-only. Acknowledge consumer p_consumer''s claimed events with id <= p_up_to_id (with p_claim_id: only those of that claim, so one worker never acknowledges another''s); they are never handed out to it again. Returns how many events it acknowledged (0 for a claim that timed out and was handed out again). Unknown consumer: P0002.';
 
 CREATE FUNCTION billing.cleanup_events(p_older_than interval DEFAULT '7 days') RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
-    WITH gone AS (
-        DELETE FROM billing.events AS e
-         WHERE e.created_at < pg_catalog.now() - p_older_than
-           AND NOT EXISTS (SELECT 1 FROM billing.event_consumers AS k
-                            WHERE k.horizon <= e.tx
-                               OR NOT EXISTS (SELECT 1 FROM billing.event_cursors AS c
-                                               WHERE c.user_id = e.user_id AND c.consumer = k.consumer AND c.acked_id >= e.id))
-        RETURNING 1)
-    SELECT pg_catalog.count(*)::integer FROM gone;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    v_consumers text[];
+    v_horizon pg_catalog.xid8;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    -- The consumers first (on Citus a reference table, which a correlated subquery of a
+    -- statement on a distributed table may not read): an event goes when it is older than the
+    -- cut-off and, for every consumer, the consumer's horizon is past its transaction and the
+    -- consumer's cursor of its user has acknowledged it (with no consumer: every such event).
+    SELECT pg_catalog.array_agg(k.consumer), pg_catalog.min(k.horizon) INTO v_consumers, v_horizon
+      FROM billing.event_consumers AS k;
+    DELETE FROM billing.events AS e
+     WHERE e.created_at < v_cutoff
+       AND (v_consumers IS NULL
+            OR (e.tx < v_horizon
+                AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                      WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                    = pg_catalog.cardinality(v_consumers)));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
 $$;
 COMMENT ON FUNCTION billing.cleanup_events(interval) IS
 'Service-only maintenance: deletes events older than p_older_than (default 7 days, at least 1 hour) that every consumer has acknowledged (with no consumer: every such event). Returns events deleted.';
