@@ -2465,6 +2465,7 @@ BEGIN
     RETURN placed;
 END
 $$;
+COMMENT ON FUNCTION billing._citus_placed(text) IS 'Internal (billing.distribute): whether billing.<p_table> is already a Citus table.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
