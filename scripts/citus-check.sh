@@ -15,16 +15,7 @@ if [ -z "${CITUS_SRC:-}" ] || [ ! -f "${CITUS_SRC}/configure" ]; then
 fi
 CITUS_SRC="$(cd "$CITUS_SRC" && pwd)"
 ensure_deps
-citus_deps=(liblz4-dev libzstd-dev libcurl4-openssl-dev libkrb5-dev)
-missing=()
-for p in "${citus_deps[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing Debian packages Citus builds with: ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+apt_ensure liblz4-dev libzstd-dev libcurl4-openssl-dev libkrb5-dev   # what Citus builds with
 
 # Citus, built once per source tree and PostgreSQL tree (a stamp names both), out of the source
 # tree (a copy under .cache/), installed into the PostgreSQL tree.

@@ -86,6 +86,19 @@ SUDO=""
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
+# Install the Debian packages named that are missing (none missing: nothing runs).
+apt_ensure() { # package...
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
 # Debian packages (PostgreSQL 15, clang, the Python test tools, binutils for nm), cargo-pgrx
 # 0.18.1. Idempotent: a second run installs nothing.
 ensure_deps() {
@@ -97,15 +110,7 @@ ensure_deps() {
     # pg_cron for the events webhook recipe's test (tests/integration/test_events_cron.py), where
     # Debian has it (15); the PyPI trees have none and that test says so.
     [ "$PG_MAJOR" != 15 ] || [ "$PG_CONFIG" != /usr/bin/pg_config ] || pkgs+=(postgresql-15-cron)
-    local missing=()
-    for p in "${pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        log "installing Debian packages: ${missing[*]}"
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    apt_ensure "${pkgs[@]}"
     if ! cargo pgrx --version 2>/dev/null | grep -q '0.18.1'; then
         log "installing cargo-pgrx 0.18.1 (takes a few minutes)"
         cargo install cargo-pgrx --version 0.18.1 --locked
