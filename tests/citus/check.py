@@ -2,7 +2,8 @@
 """pg_billing on a Citus cluster (issue 17), run by scripts/citus-check.sh after billing.distribute():
 
 1. placement: every billing table is a Citus table, per-user tables colocated with accounts;
-2. a tour of the API through the coordinator (one call of each kind of write and read, checked);
+2. a tour of the API through the coordinator (one call of each kind of write and read, checked),
+   and the cross-user maintenance functions;
 3. identity: PostgREST-style calls (role and request.jwt.claims set in the transaction, named
    arguments) as authenticated act only on the caller's own account, anon is refused,
    service_role may act on anyone;
@@ -103,6 +104,21 @@ def _tour():
     r = q(c, "SELECT * FROM billing.get_user_credits(%s)", (u,))
     assert r and r[0][2] == 60 or r[0][-1] == 60, r
     return "balances as on one node"
+
+
+@check("maintenance: the cross-user functions run as multi-shard statements")
+def _maintenance():
+    u = user(4)
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'canceled', "
+         "p_current_period_start := now() - interval '60 days', p_current_period_end := now() - interval '30 days')", (u,))
+    n = q(c, "SELECT billing.process_expired_subscriptions()")[0][0]
+    assert n >= 1, n
+    st = q(c, "SELECT status, plan_id FROM billing.subscriptions WHERE user_id = %s", (u,))
+    assert st == [("expired", "free")], st
+    out = {}
+    for fn in ("cleanup_idempotency_keys", "cleanup_webhook_events", "cleanup_events", "cleanup_holds", "cleanup_api_usage"):
+        out[fn] = q(c, f"SELECT billing.{fn}()")[0][0]
+    return f"process_expired_subscriptions expired {n}; " + ", ".join(f"{k} {v}" for k, v in out.items())
 
 
 @check("identity: authenticated acts only on itself, anon is refused, service_role acts on anyone")
