@@ -72,7 +72,7 @@ pub fn clock() -> BResult<pgrx::datum::TimestampWithTimeZone> {
 }
 
 /// [`clock`] as PostgreSQL's TimestampTz (microseconds since 2000-01-01), for comparisons in Rust.
-pub fn clock_us() -> pg_sys::TimestampTz {
+fn clock_us() -> pg_sys::TimestampTz {
     // SAFETY: GetCurrentTimestamp reads the system clock; it has no preconditions.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }

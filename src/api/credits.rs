@@ -264,13 +264,14 @@ WITH clock AS MATERIALIZED (
      WHERE a.user_id = $1
  RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, sums.sub AS dsub, sums.pur AS dpur
 ), ledger AS (
+    -- Dated with the operation's clock, as the debit that may follow in the same call is.
     INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, idempotency_key, grant_id)
+           (user_id, operation_id, type, pool, amount, balance_after, description, idempotency_key, grant_id, created_at)
     SELECT $1, $2, 'expiration', gone.pool, -gone.remaining,
            CASE gone.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END
              + COALESCE(pg_catalog.sum(gone.remaining) OVER (PARTITION BY gone.pool ORDER BY gone.ord DESC
                                                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0),
-           CASE WHEN gone.pool = 'subscription' THEN $4 ELSE 'grant expired' END, $5, gone.id
+           CASE WHEN gone.pool = 'subscription' THEN $4 ELSE 'grant expired' END, $5, gone.id, (SELECT clock.at FROM clock)
       FROM gone CROSS JOIN acct
      ORDER BY gone.ord
 ), event AS (
@@ -605,6 +606,10 @@ pub struct Locked {
     pub holds_due: bool,
     /// What the active holds reserve (exact once [`lock`] has settled the expired holds).
     pub held: i64,
+    /// The operation's clock, read once the lock is held: what is due, what settles and which
+    /// grants are live are all decided at this one instant (a grant expiring between two
+    /// readings would be neither settled nor spendable, and the stored pools would still count it).
+    pub now: TimestampWithTimeZone,
 }
 
 fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
@@ -614,21 +619,22 @@ fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
     let t = t.first();
     crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
     // The clock after the lock is held: what expired while we waited for it is due too.
-    let now = spi::clock_us();
-    let passed = |i| col::<TimestampWithTimeZone>(&t, i).map(|v| v.is_some_and(|at| at.into_inner() <= now));
+    let now = spi::clock()?;
+    let passed = |i| col::<TimestampWithTimeZone>(&t, i).map(|v| v.is_some_and(|at| at.into_inner() <= now.into_inner()));
     Ok(Some(Locked {
         headroom: col::<i64>(&t, 1)?.unwrap_or(0),
         debt: col::<i64>(&t, 2)?.unwrap_or(0),
         due: passed(3)?,
         holds_due: passed(4)?,
         held: col::<i64>(&t, 5)?.unwrap_or(0),
+        now,
     }))
 }
 
 /// Expire the holds past their expiry (the caller holds the account lock): [`SETTLE_HOLDS`].
 /// Returns what the active holds reserve afterwards.
-pub fn settle_holds(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
-    let t = spi::write(c, SETTLE_HOLDS, &[UUID, TIMESTAMPTZ], &[uuid_arg(user), spi::clock()?.into()])?;
+fn settle_holds(c: &mut SpiClient<'_>, user: &[u8; 16], now: TimestampWithTimeZone) -> BResult<i64> {
+    let t = spi::write(c, SETTLE_HOLDS, &[UUID, TIMESTAMPTZ], &[uuid_arg(user), now.into()])?;
     if t.is_empty() {
         return Err(unknown_account(user));
     }
@@ -645,10 +651,10 @@ pub fn settle_holds(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
 /// Settle what the lock found due: expired grants, expired holds.
 fn settle_due(c: &mut SpiClient<'_>, user: &[u8; 16], l: &mut Locked) -> BResult<()> {
     if l.due {
-        settle_locked(c, user)?;
+        settle_locked(c, user, l.now)?;
     }
     if l.holds_due {
-        l.held = settle_holds(c, user)?;
+        l.held = settle_holds(c, user, l.now)?;
         l.holds_due = false;
     }
     Ok(())
@@ -671,9 +677,9 @@ pub fn lock(c: &mut SpiClient<'_>, user: &[u8; 16], create: bool) -> BResult<Loc
 /// and read as 0; the first write to the account afterwards calls this, which logs their
 /// expiration (one ledger row per grant, one `billing.credit_expiration_events` row) in the
 /// caller's transaction. The caller holds the account lock. Returns the credits that expired.
-fn settle_locked(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<i64> {
+fn settle_locked(c: &mut SpiClient<'_>, user: &[u8; 16], now: TimestampWithTimeZone) -> BResult<i64> {
     let op = new_operation_id()?;
-    let s = expire_grants(c, user, &op, true, Some("expired at period end"), None, 0)?;
+    let s = expire_grants(c, user, &op, true, Some("expired at period end"), None, 0, Some(now))?;
     Ok(s.dsub + s.dpur)
 }
 
@@ -718,12 +724,17 @@ fn expire_grants(
     description: Option<&str>,
     key: Option<&str>,
     rolled_over: i64,
+    now: Option<TimestampWithTimeZone>,
 ) -> BResult<Settled> {
+    let now = match now {
+        Some(t) => t,
+        None => spi::clock()?,
+    };
     let t = spi::write(
         c,
         SETTLE,
         &[UUID, UUID, BOOL, TEXT, TEXT, INT8, TIMESTAMPTZ],
-        &[uuid_arg(user), uuid_arg(op), only_expired.into(), description.into(), key.into(), rolled_over.into(), spi::clock()?.into()],
+        &[uuid_arg(user), uuid_arg(op), only_expired.into(), description.into(), key.into(), rolled_over.into(), now.into()],
     )?;
     if t.is_empty() {
         return Err(unknown_account(user));
@@ -876,7 +887,7 @@ pub fn debit(
     };
     settle_due(client, user, &mut l)?;
     let op = new_operation_id()?;
-    match general_debit(client, user, &op, amount, feature, with_grants, l.headroom, l.held, ledger_type, description, reference, key)? {
+    match general_debit(client, user, &op, amount, feature, with_grants, l.headroom, l.held, l.now, ledger_type, description, reference, key)? {
         Some(d) => Ok(d),
         None => Err(insufficient(client, user, amount, feature, l.held)?),
     }
@@ -884,8 +895,9 @@ pub fn debit(
 
 /// [`general_debit`] for callers outside this module (capture_hold), under the account lock they
 /// hold (expired grants and holds settled): `held` is what the other active holds reserve (the
-/// grants pay at most what they hold less that), `headroom` the overdraft this debit may use.
-/// None: the grants and the headroom fall short, nothing changed.
+/// grants pay at most what they hold less that), `headroom` the overdraft this debit may use,
+/// `now` the clock of the lock ([`Locked::now`]). None: the grants and the headroom fall short,
+/// nothing changed.
 #[allow(clippy::too_many_arguments)]
 pub fn debit_locked(
     client: &mut SpiClient<'_>,
@@ -895,13 +907,14 @@ pub fn debit_locked(
     feature: Option<&str>,
     headroom: i64,
     held: i64,
+    now: TimestampWithTimeZone,
     with_grants: bool,
     ledger_type: &str,
     description: Option<&str>,
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
-    general_debit(client, user, op, amount, feature, with_grants, headroom, held, ledger_type, description, reference, key)
+    general_debit(client, user, op, amount, feature, with_grants, headroom, held, now, ledger_type, description, reference, key)
 }
 
 /// A live grant as [`LIVE_GRANTS`] returns it.
@@ -924,13 +937,13 @@ fn general_debit(
     with_grants: bool,
     headroom: i64,
     held: i64,
+    clock: TimestampWithTimeZone,
     ledger_type: &str,
     description: Option<&str>,
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
     let mut live = Vec::new();
-    let clock = spi::clock()?;
     for row in spi::write(c, LIVE_GRANTS, &[UUID, TEXT, TIMESTAMPTZ], &[uuid_arg(user), feature.into(), clock.into()])? {
         live.push(LiveGrant {
             id: row.get::<pgrx::Uuid>(1).or_internal()?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("grant without id"))?,
@@ -1413,7 +1426,7 @@ pub fn expire(c: &mut SpiClient<'_>, user: &[u8; 16], description: Option<&str>,
         let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
         let l = locked(t, user)?.ok_or_else(|| unknown_account(user))?;
         let op = new_operation_id()?;
-        let s = expire_grants(c, user, &op, false, description, key, 0)?;
+        let s = expire_grants(c, user, &op, false, description, key, 0, None)?;
         (if s.dsub + s.dpur != 0 { Value::String(uuid_text(&op)) } else { Value::Null }, s.dsub, s.sub, s.pur, l.debt)
     };
     Ok(json!({
@@ -1455,7 +1468,7 @@ pub fn renew(
     let t = t.first();
     let rolled = g::rollover(col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0));
     let op = new_operation_id()?;
-    let s = expire_grants(c, user, &op, false, Some("expired at renewal"), key, rolled)?;
+    let s = expire_grants(c, user, &op, false, Some("expired at renewal"), key, rolled, None)?;
     set_period_end(c, user, period_end, false)?;
     let mut l = l;
     if rolled > 0 {

@@ -329,7 +329,7 @@ fn capture_hold(a: &Args) -> BResult<Ret> {
             let op = credits::new_operation_id()?;
             let d = if plan.debit > 0 {
                 match credits::debit_locked(
-                    c, &user, &op, plan.debit, feature, headroom, others, true, "hold_capture", description, Some(&hold_text), key,
+                    c, &user, &op, plan.debit, feature, headroom, others, l.now, true, "hold_capture", description, Some(&hold_text), key,
                 )? {
                     Some(d) => Some(d),
                     None => return Err(credits::insufficient(c, &user, plan.debit, feature, others)?),
