@@ -31,10 +31,12 @@ const UUIDARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDARRAYOID);
 // Statements
 // ---------------------------------------------------------------------------------------------
 
-// Time: a write compares grants' start and expiry with the clock once it holds the account lock
-// (clock_timestamp(), read once per statement), not with now(): now() is when the caller's
-// transaction began, so a transaction that began before a grant was made (or waited on the lock
-// while a grant expired) would otherwise not see the grant start (or would spend it expired).
+// Time: a write compares grants' start and expiry with the clock read once it holds the account
+// lock (`spi::clock`, kept in `Locked::now` and passed to the statements as a parameter), not
+// with now(): now() is when the caller's transaction began, so a transaction that began before a
+// grant was made (or waited on the lock while a grant expired) would otherwise not see the grant
+// start (or would spend it expired). One reading per operation: what is due, what settles, which
+// grants are live and the ledger rows' time are decided at the same instant.
 
 /// Step 2 of the lock order: lock the account and read what a write needs. $1 user. Returns the
 /// overdraft headroom (limit less debt, never below 0), the debt, the earliest time a grant may
