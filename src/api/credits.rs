@@ -100,7 +100,8 @@ RETURNING 1";
 
 /// $1 user, $2 from the subscription pool, $3 from the purchased pool, $4 into debt; the head
 /// after it (see [`FAST_ACCOUNT`]): $5 grant (NULL: none), $6 of the subscription pool,
-/// $7 its remaining, $8 until when.
+/// $7 its remaining, $8 until when (its expiry or the next start; the account's own expiry
+/// dates are folded in here).
 const SPEND_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - $2,
@@ -111,7 +112,7 @@ UPDATE billing.accounts AS a
        head_grant                   = $5,
        head_subscription            = $6,
        head_remaining               = $7,
-       head_until                   = $8,
+       head_until                   = LEAST($8, a.next_expiry_at, a.subscription_credits_expire_at),
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1
 RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt";
@@ -134,8 +135,9 @@ SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r
 //      records it (0.7.0: head_grant, head_subscription, head_remaining, head_until). The head
 //      is written by every general debit (which reads the live grants in order under the lock)
 //      and cleared by every other write that changes the grants (a new grant, a void, an
-//      expiry, a new period end); head_until is the head's expiry or the earliest start of a
-//      grant that has not started (which could come first), whichever is sooner. Every fact the
+//      expiry, a new period end); head_until is the soonest of the head's expiry, the earliest
+//      start of a grant that has not started (which could come first), and the account's
+//      next_expiry_at and subscription_credits_expire_at (a write past those settles first). Every fact the
 //      UPDATE checks is on the row it locks, so a writer that committed meanwhile is seen (READ
 //      COMMITTED re-checks the WHERE on the newest version). No row: nothing changed, take the
 //      general path.
@@ -157,8 +159,7 @@ UPDATE billing.accounts AS a
        head_remaining               = a.head_remaining - $2,
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1 AND a.head_remaining >= $2 + a.held
-   AND NOT COALESCE(a.head_until <= $3 OR a.next_expiry_at <= $3 OR a.subscription_credits_expire_at <= $3
-                    OR a.next_hold_expiry_at <= $3, false)
+   AND NOT COALESCE(a.head_until <= $3 OR a.next_hold_expiry_at <= $3, false)
 RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt, a.head_grant, a.head_subscription,
           a.alert_threshold IS NOT NULL, a.alert_state < 0, a.head_until";
 
@@ -167,8 +168,7 @@ const FAST_GRANT: &str = "
 UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (g.remaining = $3)
  WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3 AND g.voided_at IS NULL
    AND g.effective_at <= $4
-   AND (g.expires_at IS NULL OR g.expires_at > $4)
-RETURNING 1";
+   AND (g.expires_at IS NULL OR g.expires_at > $4)";
 
 /// Undo [`FAST_ACCOUNT`] and forget the head. $1 user, $2 amount, $3 it was the subscription pool.
 const FAST_UNDO: &str = "
