@@ -1158,15 +1158,17 @@ impl Debit {
     fn to_jsonb(&self) -> pgrx::pg_sys::Datum {
         use crate::boundary::{jsonb_object, JVal};
         let op = uuid_text(&self.op);
+        // Keys in jsonb's own order (shorter first, then bytewise): jsonb sorts an object's keys,
+        // and PostgreSQL's sort returns at once on input already in order.
         jsonb_object(&[
             ("success", JVal::Bool(true)),
-            ("transaction_id", JVal::Str(&op)),
             ("consumed", JVal::Int(self.amount)),
-            ("subscription_used", JVal::Int(self.dsub)),
-            ("purchased_used", JVal::Int(self.dpur)),
-            ("subscription_credits_balance", JVal::Int(self.sub)),
-            ("purchased_credits_balance", JVal::Int(self.pur)),
             ("total_balance", JVal::Int(self.total())),
+            ("purchased_used", JVal::Int(self.dpur)),
+            ("transaction_id", JVal::Str(&op)),
+            ("subscription_used", JVal::Int(self.dsub)),
+            ("purchased_credits_balance", JVal::Int(self.pur)),
+            ("subscription_credits_balance", JVal::Int(self.sub)),
         ])
     }
 
