@@ -107,8 +107,6 @@ UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - $2,
        purchased_credits_balance    = a.purchased_credits_balance - $3,
        debt                         = a.debt + $4,
-       last_subscription_delta      = -$2,
-       last_purchased_delta         = -$3,
        head_grant                   = $5,
        head_subscription            = $6,
        head_remaining               = $7,
@@ -154,8 +152,6 @@ const FAST_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN a.head_subscription THEN $2 ELSE 0 END,
        purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN a.head_subscription THEN 0 ELSE $2 END,
-       last_subscription_delta      = CASE WHEN a.head_subscription THEN -$2 ELSE 0 END,
-       last_purchased_delta         = CASE WHEN a.head_subscription THEN 0 ELSE -$2 END,
        head_remaining               = a.head_remaining - $2,
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1 AND a.head_remaining >= $2 + a.held
@@ -209,8 +205,6 @@ WITH gr AS (
            purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
            debt                         = a.debt - $14,
            next_expiry_at               = LEAST(a.next_expiry_at, gr.expires_at),
-           last_subscription_delta      = CASE WHEN gr.pool = 'subscription' THEN $5 - $14 ELSE 0 END,
-           last_purchased_delta         = CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
            head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                   = pg_catalog.now()
       FROM gr
@@ -272,8 +266,6 @@ WITH clock AS MATERIALIZED (
            next_expiry_at                 = (SELECT pg_catalog.min(l.expires_at) FROM billing.credit_grants AS l
                                               WHERE l.user_id = $1 AND NOT l.depleted AND l.voided_at IS NULL
                                                 AND l.expires_at > (SELECT clock.at FROM clock) AND ($3 OR l.pool <> 'subscription')),
-           last_subscription_delta        = -sums.sub,
-           last_purchased_delta           = -sums.pur,
            head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                     = pg_catalog.now()
       FROM sums
@@ -346,8 +338,6 @@ WITH v AS (
     UPDATE billing.accounts AS a
        SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN v.pool = 'subscription' THEN v.remaining ELSE 0 END,
            purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN v.pool = 'purchased' THEN v.remaining ELSE 0 END,
-           last_subscription_delta      = CASE WHEN v.pool = 'subscription' THEN -v.remaining ELSE 0 END,
-           last_purchased_delta         = CASE WHEN v.pool = 'purchased' THEN -v.remaining ELSE 0 END,
            head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                   = pg_catalog.now()
       FROM v
