@@ -163,9 +163,9 @@ def _usage():
          "p_current_period_start := now() - interval '3 days', p_current_period_end := now() + interval '27 days')", (s,))
     q(c, "SELECT billing.record_message_usage(%s, 4, 5)", (s,))
     r = q(c, """SELECT u.period_start = s.current_period_start, u.period_end = s.current_period_end, u.messages_count, u.tokens_input_count
-                  FROM billing.usage_metrics AS u JOIN billing.subscriptions AS s ON s.user_id = u.user_id
-                 WHERE u.user_id = %s ORDER BY u.period_start DESC LIMIT 1""", (s,))
-    assert r == [(True, True, 1, 4)], r
+                  FROM billing.usage_metrics AS u LEFT JOIN billing.subscriptions AS s ON s.user_id = u.user_id
+                 WHERE u.user_id = %s ORDER BY u.period_start = s.current_period_start DESC""", (s,))
+    assert r == [(True, True, 1, 4), (False, False, 2, 11)], r   # the subscription's period starts 3 days ago
     return f"{len(us)} users on 2 workers: (messages, conversations, tokens in, tokens out, api calls, documents, chunks, generations) = {got[0]}; a subscribed user counts in its subscription's period"
 
 
