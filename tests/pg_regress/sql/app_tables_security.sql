@@ -9,10 +9,13 @@
 --    The attacker's function logs who ran it and tries ALTER ROLE ... SUPERUSER; the log shows
 --    it never ran as a superuser and the attacker is still not a superuser.
 -- 3. Registered tables are kept by oid, kind and owner; migrate_single_pool reads as the owner.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -23,7 +26,7 @@ EXCEPTION WHEN OTHERS THEN
                           '(?!e0000000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
 END
 $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text) TO PUBLIC;
 
 -- ===== 1. RLS and column privileges (issue 10 item 4) =====
 -- An app table owned by the DBA (trusted): anon may read the public rows and only some columns;
@@ -70,7 +73,7 @@ REVOKE SELECT ON public.widget_cards FROM anon;
 SET LOCAL ROLE anon;
 SELECT set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS claims_set;
 SELECT count(*) AS anon_rows_without_grant FROM billing.get_user_widgets_ordered('e0000000-0000-4000-8000-000000000901');
-SELECT pg_temp.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'cards')$$);
+SELECT tests.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'cards')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 DROP TABLE public.widget_cards;
@@ -109,7 +112,7 @@ RESET ROLE;
 SET LOCAL ROLE anon;
 SELECT set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS claims_set;
 SELECT count(*) AS anon_widgets FROM billing.get_user_widgets_ordered('e0000000-0000-4000-8000-000000000901');
-SELECT pg_temp.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'evil')$$);
+SELECT tests.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'evil')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SELECT count(*) AS service_widgets FROM billing.get_user_widgets_ordered('e0000000-0000-4000-8000-000000000901', false);
@@ -141,8 +144,8 @@ CREATE VIEW public.widget_evil AS
            2 AS position, public.apt_evil('a, re-created') AS is_active, now() AS created_at, now() AS updated_at;
 GRANT SELECT ON public.widget_evil TO PUBLIC;
 RESET ROLE;
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_widgets_ordered('e0000000-0000-4000-8000-000000000901')$$);
-SELECT pg_temp.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'evilreg')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_widgets_ordered('e0000000-0000-4000-8000-000000000901')$$);
+SELECT tests.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'evilreg')$$);
 SELECT count(*) AS recreated_view_runs FROM public.apt_log WHERE attack = 'a, re-created';
 DELETE FROM billing.widget_tables WHERE widget_type = 'evilreg';
 DROP VIEW public.widget_evil;
@@ -197,7 +200,7 @@ SELECT attack, who, was_superuser, alter_role FROM public.apt_log WHERE attack =
 SELECT rolsuper AS attacker_is_superuser FROM pg_roles WHERE rolname = 'apt_attacker';
 -- only a superuser may trust owners
 SET LOCAL ROLE apt_attacker;
-SELECT pg_temp.err($$SET pg_billing.trusted_table_owners = 'apt_attacker'$$);
+SELECT tests.err($$SET pg_billing.trusted_table_owners = 'apt_attacker'$$);
 RESET ROLE;
 DROP TABLE public.widget_moods, public.widget_plain;
 
@@ -223,14 +226,14 @@ GRANT SELECT ON public.apt_things TO PUBLIC;
 RESET ROLE;
 -- the end user's limit check (and the dashboard) refuse: the registered relation is gone
 SET LOCAL ROLE authenticated;
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000901', 'apt_things')$$);
-SELECT pg_temp.err($$SELECT resources FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000901')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000901', 'apt_things')$$);
+SELECT tests.err($$SELECT resources FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000901')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SELECT count(*) AS attack_c_runs FROM public.apt_log WHERE attack = 'c';
 SELECT rolsuper AS attacker_is_superuser FROM pg_roles WHERE rolname = 'apt_attacker';
 -- registering the view is refused (resources are plain tables)
-SELECT pg_temp.err($$SELECT billing.register_resource('apt_things', 'public.apt_things', 'user_id', 'agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('apt_things', 'public.apt_things', 'user_id', 'agents')$$);
 -- the owner keeps a table but puts its function in a forced RLS policy: the count runs as the
 -- owner, so the function runs with the owner's rights only
 DROP VIEW public.apt_things;
@@ -251,7 +254,7 @@ SELECT DISTINCT attack, who, was_superuser, alter_role FROM public.apt_log WHERE
 SELECT rolsuper AS attacker_is_superuser FROM pg_roles WHERE rolname = 'apt_attacker';
 -- a change of owner also needs a new registration
 ALTER TABLE public.apt_things OWNER TO CURRENT_USER;
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000901', 'apt_things')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000901', 'apt_things')$$);
 DELETE FROM billing.resource_types WHERE resource_type = 'apt_things';
 
 -- ===== migrate_single_pool reads the legacy tables as their owner =====
@@ -283,3 +286,6 @@ RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -1,13 +1,18 @@
 -- Subscription credits expire at period end even when no job runs (issue 10 item 2): reads show 0
 -- without writing; the first write that touches the account logs the expiration (ledger row and
 -- credit_expiration_events) in its own transaction. Each statement is its own transaction.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 SET TimeZone = 'UTC';
-CREATE FUNCTION pg_temp.stored(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.stored(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('stored sub=%s pur=%s ledger_rows=%s expiration_events=%s',
                   a.subscription_credits_balance, a.purchased_credits_balance,
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user),
                   (SELECT count(*) FROM billing.credit_expiration_events AS e WHERE e.user_id = p_user))
-      FROM billing.accounts AS a WHERE a.user_id = p_user
+      FROM billing.accounts AS a WHERE a.user_id = p_user);
+END
 $f$;
 
 -- ===== a period that ended (an explicit past timestamp) =====
@@ -18,12 +23,12 @@ SELECT * FROM billing.get_user_credits('a2000000-0000-4000-8000-000000000001');
 SELECT subscription_credits_balance, purchased_credits_balance, total_balance FROM billing.user_credits
  WHERE user_id = 'a2000000-0000-4000-8000-000000000001';
 SELECT subscription_credits_balance, purchased_credits_balance, total_credits FROM billing.get_user_dashboard_stats('a2000000-0000-4000-8000-000000000001');
-SELECT pg_temp.stored('a2000000-0000-4000-8000-000000000001');
+SELECT tests.stored('a2000000-0000-4000-8000-000000000001');
 -- stored balances still agree with the ledger (nothing was expired in either yet)
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger('a2000000-0000-4000-8000-000000000001');
 -- consumption: only the purchased credits can pay; the expiration is logged by this write
 SELECT billing.consume_credits_v2('a2000000-0000-4000-8000-000000000001', 5) - 'transaction_id' AS consumed;
-SELECT pg_temp.stored('a2000000-0000-4000-8000-000000000001');
+SELECT tests.stored('a2000000-0000-4000-8000-000000000001');
 SELECT type, pool, amount, balance_after, description FROM billing.credit_transactions
  WHERE user_id = 'a2000000-0000-4000-8000-000000000001' ORDER BY created_at, id;
 SELECT expired_amount, description FROM billing.credit_expiration_events WHERE user_id = 'a2000000-0000-4000-8000-000000000001';
@@ -53,6 +58,9 @@ END $$;
 -- expire_subscription_credits after the end logs the lapsed amount once
 SELECT billing.expire_subscription_credits('a2000000-0000-4000-8000-000000000003') - 'transaction_id' AS expired;
 SELECT billing.expire_subscription_credits('a2000000-0000-4000-8000-000000000003') - 'transaction_id' AS again;
-SELECT pg_temp.stored('a2000000-0000-4000-8000-000000000003');
+SELECT tests.stored('a2000000-0000-4000-8000-000000000003');
 
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -1,12 +1,15 @@
 -- consume_credits_v2 and decrement_credits_with_log (SPEC 4): FIFO split, PT402, P0002,
 -- argument checks (22023) and idempotency keys (replay, PT409, empty key = no key).
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so the
 -- file runs in one transaction. Random uuids (not the fixed 00000000-0000-0000-0000-... test
 -- users) are masked.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; det text;
 BEGIN
     EXECUTE p_sql;
@@ -19,12 +22,14 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- bal(user): both pools and the number of ledger rows (to show that a failed call changed nothing).
-CREATE FUNCTION pg_temp.bal(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.bal(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('sub=%s pur=%s ledger_rows=%s',
                   COALESCE(a.subscription_credits_balance::text, '-'),
                   COALESCE(a.purchased_credits_balance::text, '-'),
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user))
-      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user);
+END
 $f$;
 -- Results of calls, by label: r - 'transaction_id' is deterministic.
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
@@ -40,7 +45,7 @@ RETURNING label, r - 'transaction_id' AS r;
 -- exact boundary: exactly what is left in the subscription pool (6), purchased untouched
 INSERT INTO res SELECT 'c_sub_exact', billing.consume_credits_v2('00000000-0000-0000-0000-000000000001', 6)
 RETURNING label, r - 'transaction_id' AS r;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000001');
+SELECT tests.bal('00000000-0000-0000-0000-000000000001');
 -- refill the subscription pool, then a split: 10 from subscription + 2 from purchased
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000001', 10) ->> 'total_balance' AS total;
 INSERT INTO res SELECT 'c_split', billing.consume_credits_v2('00000000-0000-0000-0000-000000000001', 12, 'split', 'ref-2')
@@ -48,7 +53,7 @@ RETURNING label, r - 'transaction_id' AS r;
 -- purchased pool only (subscription is empty), exactly the whole remaining total
 INSERT INTO res SELECT 'c_pur_exact', billing.consume_credits_v2('00000000-0000-0000-0000-000000000001', 3)
 RETURNING label, r - 'transaction_id' AS r;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000001');
+SELECT tests.bal('00000000-0000-0000-0000-000000000001');
 
 -- every result's transaction_id is the operation_id of exactly the ledger rows it wrote
 -- (one row per pool touched, amounts negative, balance_after per pool)
@@ -59,48 +64,48 @@ SELECT count(DISTINCT r ->> 'transaction_id') AS distinct_ids, count(*) AS calls
 
 -- ===== PT402: not enough credits, nothing changes =====
 -- empty account (exists, balance 0)
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000001', 1)$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000001');
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000001', 1)$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000001');
 -- user 2: 5 + 5; one more than the total fails and changes neither pool
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000002', 5) ->> 'total_balance' AS total;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000002', 5) ->> 'total_balance' AS total;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 11)$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 2147483647)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 11)$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000002');
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 11)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 2147483647)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 11)$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000002');
 -- exactly the total: both pools emptied, never negative
 INSERT INTO res SELECT 'c_total_exact', billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 10)
 RETURNING label, r - 'transaction_id' AS r;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000002');
+SELECT tests.bal('00000000-0000-0000-0000-000000000002');
 
 -- ===== P0002: unknown account (no account is created) =====
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000009', 1)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000009', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000009', 1)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000009', 1)$$);
 SELECT count(*) AS accounts_of_unknown_user FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000009';
 
 -- ===== 22023: bad arguments =====
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2(NULL, 1)$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 0)$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', -5)$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000009', 0)$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, repeat('d', 1001))$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, NULL, repeat('r', 256))$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, NULL, NULL, repeat('k', 256))$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log(NULL, 1)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 0)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', -1)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'Usage')$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'usage; drop table x')$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'usage', repeat('d', 1001))$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'usage', NULL, repeat('r', 256))$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2(NULL, 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', NULL)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 0)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', -5)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000009', 0)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, repeat('d', 1001))$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, NULL, repeat('r', 256))$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, NULL, NULL, repeat('k', 256))$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log(NULL, 1)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', NULL)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 0)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', -1)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'Usage')$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'usage; drop table x')$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'usage', repeat('d', 1001))$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000002', 1, 'usage', NULL, repeat('r', 256))$$);
 -- the longest accepted texts: 1000-character description (counted in characters), 255-character reference and key
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000002', 10) ->> 'total_balance' AS total;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000002', 1, repeat('é', 1000), repeat('r', 255), repeat('k', 255)) ->> 'total_balance' AS total;
 SELECT length(description), length(reference_id), length(idempotency_key)
   FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000002' AND amount = -1;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000002');
+SELECT tests.bal('00000000-0000-0000-0000-000000000002');
 
 -- ===== decrement_credits_with_log: legacy FIFO alias returning the new total =====
 -- user 3: 3 subscription + 4 purchased
@@ -109,7 +114,7 @@ SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000003', 4) 
 SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000003', 2);
 SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000003', 1, 'generation', 'exact boundary', 'img-1');
 SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000003', 3, 'generation');
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000003', 2)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000003', 2)$$);
 SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000003', 1);
 SELECT type, pool, amount, balance_after, description, reference_id
   FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000003' ORDER BY id;
@@ -119,37 +124,37 @@ SELECT type, pool, amount, balance_after, description, reference_id
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000004', 20) ->> 'total_balance' AS total;
 INSERT INTO res SELECT 'k1_first', billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'desc', 'ref', 'key-1')
 RETURNING label, r - 'transaction_id' AS r;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 -- same key, same arguments: the identical JSON (same transaction_id), nothing changes
 INSERT INTO res SELECT 'k1_repeat', billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'desc', 'ref', 'key-1')
 RETURNING label, r - 'transaction_id' AS r;
 SELECT (SELECT r FROM res WHERE label = 'k1_first') = (SELECT r FROM res WHERE label = 'k1_repeat') AS identical_json;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 -- the replay is the first result even after the balance moved on
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000004', 100) ->> 'total_balance' AS total;
 SELECT (billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'desc', 'ref', 'key-1')
         = (SELECT r FROM res WHERE label = 'k1_first')) AS identical_json_later;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 -- same key with other arguments: PT409, nothing changes
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 4, 'desc', 'ref', 'key-1')$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'other', 'ref', 'key-1')$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'desc', NULL, 'key-1')$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, NULL, 'ref', 'key-1')$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 4, 'desc', 'ref', 'key-1')$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'other', 'ref', 'key-1')$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, 'desc', NULL, 'key-1')$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 3, NULL, 'ref', 'key-1')$$);
 -- same key used by another function: PT409 both ways
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000004', 3, 'desc', 'ref', 'key-1')$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000004', 3, 'desc', 'ref', 'key-1')$$);
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000004', 7, NULL, NULL, 'key-buy') ->> 'total_balance' AS total;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 7, NULL, NULL, 'key-buy')$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 7, NULL, NULL, 'key-buy')$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 -- the key is stored on the ledger rows of the first call only
 SELECT idempotency_key, count(*) FROM billing.credit_transactions
  WHERE user_id = '00000000-0000-0000-0000-000000000004' GROUP BY 1 ORDER BY 1;
 -- a failed call (PT402) does not use up its key: after a top-up the same key applies
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 500, NULL, NULL, 'key-big')$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 500, NULL, NULL, 'key-big')$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000004', 400) ->> 'total_balance' AS total;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 500, NULL, NULL, 'key-big') - 'transaction_id' AS r;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 500, NULL, NULL, 'key-big') - 'transaction_id' AS replay;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 -- empty-string key = no key: both calls apply, no key is stored
 INSERT INTO res SELECT 'empty_1', billing.consume_credits_v2('00000000-0000-0000-0000-000000000004', 1, NULL, NULL, '')
 RETURNING label, r - 'transaction_id' AS r;
@@ -159,8 +164,11 @@ SELECT (SELECT r ->> 'transaction_id' FROM res WHERE label = 'empty_1')
     <> (SELECT r ->> 'transaction_id' FROM res WHERE label = 'empty_2') AS different_operations;
 SELECT count(*) AS rows_with_empty_key FROM billing.credit_transactions WHERE idempotency_key = '';
 SELECT count(*) AS stored_empty_keys FROM billing.idempotency_keys WHERE idempotency_key = '';
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000004');
+SELECT tests.bal('00000000-0000-0000-0000-000000000004');
 
 -- ===== the ledger matches every balance =====
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -1,12 +1,15 @@
 -- expire_subscription_credits and renew_subscription_credits (SPEC 4): only the subscription
 -- pool expires, billing.credit_expiration_events, zero-balance no-op, P0002, idempotency.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so the
 -- file runs in one transaction. Random uuids (not the fixed 00000000-0000-0000-0000-... test
 -- users) are masked.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; det text;
 BEGIN
     EXECUTE p_sql;
@@ -19,31 +22,33 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- bal(user): both pools and the number of ledger rows (to show that a failed call changed nothing).
-CREATE FUNCTION pg_temp.bal(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.bal(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('sub=%s pur=%s ledger_rows=%s',
                   COALESCE(a.subscription_credits_balance::text, '-'),
                   COALESCE(a.purchased_credits_balance::text, '-'),
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user))
-      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user);
+END
 $f$;
 -- Results of calls, by label: r - 'transaction_id' is deterministic.
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
 
 -- ===== expire_subscription_credits =====
 -- unknown account: P0002, nothing created
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000029')$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000029');
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000029')$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000029');
 -- bad arguments: 22023
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits(NULL)$$);
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000021', repeat('d', 1001))$$);
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000021', NULL, repeat('k', 256))$$);
+SELECT tests.err($$SELECT billing.expire_subscription_credits(NULL)$$);
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000021', repeat('d', 1001))$$);
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000021', NULL, repeat('k', 256))$$);
 
 -- user 21: 30 subscription + 5 purchased
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000021', 30) ->> 'total_balance' AS total;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000021', 5) ->> 'total_balance' AS total;
 INSERT INTO res SELECT 'expire_1', billing.expire_subscription_credits('00000000-0000-0000-0000-000000000021', 'period ended')
 RETURNING label, r - 'transaction_id' AS r;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000021');
+SELECT tests.bal('00000000-0000-0000-0000-000000000021');
 -- the expiration's ledger row, under the returned transaction_id
 SELECT t.type, t.pool, t.amount, t.balance_after, t.description
   FROM billing.credit_transactions AS t
@@ -55,12 +60,12 @@ SELECT user_id, expired_amount, description FROM billing.credit_expiration_event
 -- zero subscription balance: a no-op, no event, no ledger row, no transaction_id
 INSERT INTO res SELECT 'expire_zero', billing.expire_subscription_credits('00000000-0000-0000-0000-000000000021')
 RETURNING label, r;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000021');
+SELECT tests.bal('00000000-0000-0000-0000-000000000021');
 SELECT count(*) AS events FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000000021';
 -- an account with only purchased credits: also a no-op
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000022', 9) ->> 'total_balance' AS total;
 SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000022');
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000022');
+SELECT tests.bal('00000000-0000-0000-0000-000000000022');
 SELECT count(*) AS events FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000000022';
 
 -- idempotency: a repeated expiration with its key does not expire credits granted since
@@ -70,10 +75,10 @@ RETURNING label, r - 'transaction_id' AS r;
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000022', 15) ->> 'total_balance' AS total;
 SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000022', 'cycle 1', 'exp-1')
        = (SELECT r FROM res WHERE label = 'expire_key') AS identical_json;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000022');
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000022', 'cycle 2', 'exp-1')$$);
-SELECT pg_temp.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000022', 1, NULL, NULL, 'exp-1')$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000022');
+SELECT tests.bal('00000000-0000-0000-0000-000000000022');
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000022', 'cycle 2', 'exp-1')$$);
+SELECT tests.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000022', 1, NULL, NULL, 'exp-1')$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000022');
 SELECT expired_amount, description FROM billing.credit_expiration_events
  WHERE user_id = '00000000-0000-0000-0000-000000000022' ORDER BY id;
 
@@ -90,7 +95,7 @@ SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000023', 30) ->
 -- renewal: the 70 left expire, 100 granted, purchased credits kept
 INSERT INTO res SELECT 'renew_2', billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', 100, '2030-02-28 00:00:00+00')
 RETURNING label, r - 'transaction_id' - 'period_end' AS r, (r ->> 'period_end')::timestamptz = '2030-02-28 00:00:00+00' AS period_end_ok;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000023');
+SELECT tests.bal('00000000-0000-0000-0000-000000000023');
 SELECT subscription_credits_expire_at = '2030-02-28 00:00:00+00' AS expire_at_set
   FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000023';
 -- one operation: expiration then grant, both under the returned transaction_id
@@ -104,17 +109,17 @@ SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000023', 120) -
 INSERT INTO res SELECT 'renew_3', billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', 10)
 RETURNING label, r - 'transaction_id' - 'period_end' AS r, r ->> 'period_end' AS period_end;
 SELECT count(*) AS events FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000000023';
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000023');
+SELECT tests.bal('00000000-0000-0000-0000-000000000023');
 
 -- bad arguments: 22023, nothing changes
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits(NULL, 10)$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', 0)$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', -10)$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', 10, NULL, repeat('k', 256))$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000028', 0)$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000023');
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000028');
+SELECT tests.err($$SELECT billing.renew_subscription_credits(NULL, 10)$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', NULL)$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', 0)$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', -10)$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000023', 10, NULL, repeat('k', 256))$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000028', 0)$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000023');
+SELECT tests.bal('00000000-0000-0000-0000-000000000028');
 
 -- idempotency: the renewal webhook delivered twice applies once
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000024', 8) ->> 'total_balance' AS total;
@@ -124,26 +129,29 @@ RETURNING label, r - 'transaction_id' - 'period_end' AS r, (r ->> 'period_end'):
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000024', 5) ->> 'total_balance' AS total;
 SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-31 00:00:00+00', 'inv-2030-03')
        = (SELECT r FROM res WHERE label = 'renew_key') AS identical_json;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000024');
+SELECT tests.bal('00000000-0000-0000-0000-000000000024');
 -- the same instant in another session TimeZone or DateStyle, or written with another offset, is the
 -- same argument: a replay ('no error'), nothing changes
 SET LOCAL TimeZone = 'America/New_York';
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-31 00:00:00+00', 'inv-2030-03')$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-31 00:00:00+00', 'inv-2030-03')$$);
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'Postgres, MDY';
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-31 00:00:00+00', 'inv-2030-03')$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-31 00:00:00+00', 'inv-2030-03')$$);
 SET LOCAL DateStyle = 'ISO, YMD';
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-30 20:00:00-04', 'inv-2030-03')$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000024');
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-03-30 20:00:00-04', 'inv-2030-03')$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000024');
 -- other arguments with the key: PT409, nothing changes
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 51, '2030-03-31 00:00:00+00', 'inv-2030-03')$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-04-30 00:00:00+00', 'inv-2030-03')$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, NULL, 'inv-2030-03')$$);
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000024', NULL, 'inv-2030-03')$$);
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000024');
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 51, '2030-03-31 00:00:00+00', 'inv-2030-03')$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, '2030-04-30 00:00:00+00', 'inv-2030-03')$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000024', 50, NULL, 'inv-2030-03')$$);
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000024', NULL, 'inv-2030-03')$$);
+SELECT tests.bal('00000000-0000-0000-0000-000000000024');
 SELECT expired_amount FROM billing.credit_expiration_events
  WHERE user_id = '00000000-0000-0000-0000-000000000024' ORDER BY id;
 
 -- ===== the ledger matches every balance =====
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

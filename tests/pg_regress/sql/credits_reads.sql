@@ -1,12 +1,15 @@
 -- get_user_credits, billing.user_credits, get_credit_history (order, p_limit bounds, p_before
 -- paging) and billing.verify_ledger (SPEC 4).
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so the
 -- file runs in one transaction. Random uuids (not the fixed 00000000-0000-0000-0000-... test
 -- users) are masked.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; det text;
 BEGIN
     EXECUTE p_sql;
@@ -19,12 +22,14 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- bal(user): both pools and the number of ledger rows (to show that a failed call changed nothing).
-CREATE FUNCTION pg_temp.bal(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.bal(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('sub=%s pur=%s ledger_rows=%s',
                   COALESCE(a.subscription_credits_balance::text, '-'),
                   COALESCE(a.purchased_credits_balance::text, '-'),
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user))
-      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user);
+END
 $f$;
 -- Results of calls, by label: r - 'transaction_id' is deterministic.
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
@@ -32,7 +37,7 @@ CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
 -- ===== get_user_credits =====
 -- unknown user: one row of zeros
 SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000049');
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits(NULL)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits(NULL)$$);
 -- user 41: 12 subscription + 5 purchased; user 42: 3 purchased
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000041', 12) ->> 'total_balance' AS total;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000041', 5) ->> 'total_balance' AS total;
@@ -71,10 +76,10 @@ SELECT description, pool, amount FROM billing.get_credit_history('00000000-0000-
 SELECT count(*) FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 1);
 SELECT count(*) FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 1000);
 SELECT count(*) FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', NULL);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 0)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 1001)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', -1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history(NULL)$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 0)$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 1001)$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', -1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history(NULL)$$);
 -- p_before: rows strictly older than it, newest first; paging with the oldest time of each page
 SELECT description, amount FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 2, '2030-01-01 04:00:00+00');
 SELECT description, amount FROM billing.get_credit_history('00000000-0000-0000-0000-000000000043', 2, '2030-01-01 03:30:00+00');
@@ -118,3 +123,6 @@ DELETE FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000
 -- ===== the ledger matches every balance =====
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -2,11 +2,14 @@
 -- pools and their total, this period's usage counters, and each registered resource's count and
 -- limit; for a user with nothing, after a subscription, credits, usage and resources, after the
 -- subscription lapses; security.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -17,7 +20,7 @@ EXCEPTION WHEN OTHERS THEN
                           '(?!e0000000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
 END
 $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text) TO PUBLIC;
 
 -- the app's resources
 CREATE TABLE public.agents (id serial PRIMARY KEY, user_id uuid NOT NULL);
@@ -98,17 +101,20 @@ SELECT plan, status, subscription_credits_balance, purchased_credits_balance, to
   FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501');
 
 -- ===== security =====
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_dashboard_stats(NULL)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_dashboard_stats(NULL)$$);
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000502","role":"authenticated"}', true) IS NOT NULL AS claims_set;
 SELECT plan, status, total_credits, messages_count, resources
   FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000502');
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SET LOCAL ROLE anon;
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_dashboard_stats('e0000000-0000-4000-8000-000000000501')$$);
 RESET ROLE;
 
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -7,13 +7,19 @@
 -- (pg_read_file), showing the PID as <pid> and the payload as the event it names.
 -- Users 00000000-0000-0000-0000-0000001505xx. (tests/isolation/specs/events_notify.spec: another
 -- session listening.)
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 SET TimeZone = 'UTC';
 SET DateStyle = 'ISO, YMD';
 SELECT '/tmp/pg_billing_regress_notify_' || pg_backend_pid() || '.out' AS nfile \gset
 \setenv NFILE :nfile
 -- heard(): the lines psql wrote to the file, the PID masked and the payload shown as the event
 -- it names (its rank among the user's events, its user and type; '?' when no such event exists)
-CREATE FUNCTION pg_temp.heard(p_file text) RETURNS TABLE (n int, line text) LANGUAGE sql AS $f$
+CREATE FUNCTION tests.heard(p_file text) RETURNS TABLE (n int, line text) LANGUAGE plpgsql AS $f$
+#variable_conflict use_column
+BEGIN
+FOR n, line IN
     SELECT x.n::int,
            CASE WHEN x.line LIKE 'Asynchronous notification%' THEN
                regexp_replace(regexp_replace(x.line, 'PID \d+', 'PID <pid>'), 'payload "\d+"',
@@ -23,6 +29,8 @@ CREATE FUNCTION pg_temp.heard(p_file text) RETURNS TABLE (n int, line text) LANG
            ELSE x.line END
       FROM regexp_split_to_table(pg_read_file(p_file), E'\n') WITH ORDINALITY AS x(line, n)
      WHERE x.line <> ''
+LOOP RETURN NEXT; END LOOP;
+END
 $f$;
 
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000150501', 100) ->> 'total_balance' AS total;
@@ -37,13 +45,13 @@ SET pg_billing.notify_events = on;
 \o :nfile
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000150501', 60) ->> 'total_balance' AS total_40;
 \o
-SELECT * FROM pg_temp.heard(:'nfile');
+SELECT * FROM tests.heard(:'nfile');
 -- two events in one write: two notifications, in id order
 \o :nfile
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000150501', 20) ->> 'total_balance' AS total_60;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000150501', 60) ->> 'total_balance' AS total_0;
 \o
-SELECT * FROM pg_temp.heard(:'nfile');
+SELECT * FROM tests.heard(:'nfile');
 SELECT count(*) AS events FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150501';
 
 -- ===== in a transaction: nothing until the commit =====
@@ -54,7 +62,7 @@ SELECT 'before commit' AS marker;
 COMMIT;
 SELECT 'after commit' AS marker;
 \o
-SELECT * FROM pg_temp.heard(:'nfile');
+SELECT * FROM tests.heard(:'nfile');
 
 -- ===== a rolled-back change: no notification, no event =====
 \o :nfile
@@ -64,7 +72,7 @@ SELECT count(*) AS events_inside FROM billing.events WHERE user_id = '00000000-0
 ROLLBACK;
 SELECT 'after rollback' AS marker;
 \o
-SELECT * FROM pg_temp.heard(:'nfile');
+SELECT * FROM tests.heard(:'nfile');
 SELECT count(*) AS events FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150501';
 
 -- ===== off: events, no notification =====
@@ -74,7 +82,7 @@ SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000150501', 10) ->
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000150501', 20) ->> 'total_balance' AS total_60;
 SELECT 'off' AS marker;
 \o
-SELECT * FROM pg_temp.heard(:'nfile');
+SELECT * FROM tests.heard(:'nfile');
 SELECT type FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150501' ORDER BY id DESC LIMIT 2;
 -- on for one transaction only (SET LOCAL)
 \o :nfile
@@ -85,8 +93,11 @@ COMMIT;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000150501', 20) ->> 'total_balance' AS total_60;
 SELECT 'set local' AS marker;
 \o
-SELECT * FROM pg_temp.heard(:'nfile');
+SELECT * FROM tests.heard(:'nfile');
 SHOW pg_billing.notify_events;
 UNLISTEN *;
 \! rm -f "$NFILE"
 SELECT billing.set_balance_alert(NULL, '00000000-0000-0000-0000-000000150501') ->> 'accounts' AS removed;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -1,11 +1,14 @@
 -- Resource limits (SPEC 6): an S5 app schema (agents, documents, products), register_resource
 -- (validation: index on the user column, uuid column, names, tables only), check_resource_limit
 -- (limit reached, -1 unlimited, unknown type), identifiers quoted safely, security.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -16,7 +19,7 @@ EXCEPTION WHEN OTHERS THEN
                           '(?!e0000000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
 END
 $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text) TO PUBLIC;
 
 -- ===== the app's schema (S5) =====
 CREATE TABLE public.agents (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL, name text NOT NULL);
@@ -26,7 +29,7 @@ CREATE INDEX ON public.documents_rag (user_id, title);
 CREATE TABLE public.products (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), owner uuid NOT NULL, user_id uuid, sku text);
 CREATE INDEX ON public.products (owner);
 -- nothing registered yet: unknown type, 22023 saying none are registered
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
 
 -- ===== register_resource =====
 SELECT billing.register_resource('agents', 'public.agents');
@@ -37,25 +40,25 @@ SELECT resource_type, schema_name, table_name, user_column, limit_key FROM billi
 -- a table without an index that starts with the user column: 22023 with a HINT giving the index
 CREATE TABLE public.s5_notes (id uuid PRIMARY KEY, user_id uuid NOT NULL, body text);
 CREATE INDEX ON public.s5_notes (body, user_id);
-SELECT pg_temp.err($$SELECT billing.register_resource('notes', 'public.s5_notes')$$);
+SELECT tests.err($$SELECT billing.register_resource('notes', 'public.s5_notes')$$);
 -- the column is not a uuid: 22023
 CREATE TABLE public.s5_text_owner (id uuid PRIMARY KEY, user_id text NOT NULL);
 CREATE INDEX ON public.s5_text_owner (user_id);
-SELECT pg_temp.err($$SELECT billing.register_resource('text_owner', 'public.s5_text_owner')$$);
+SELECT tests.err($$SELECT billing.register_resource('text_owner', 'public.s5_text_owner')$$);
 -- the column does not exist: 22023
-SELECT pg_temp.err($$SELECT billing.register_resource('agents2', 'public.agents', 'owner_id')$$);
+SELECT tests.err($$SELECT billing.register_resource('agents2', 'public.agents', 'owner_id')$$);
 -- bad type names: 22023
-SELECT pg_temp.err($$SELECT billing.register_resource('Agents', 'public.agents')$$);
-SELECT pg_temp.err($$SELECT billing.register_resource('agents-v2', 'public.agents')$$);
-SELECT pg_temp.err($$SELECT billing.register_resource('', 'public.agents')$$);
-SELECT pg_temp.err($$SELECT billing.register_resource('x; drop table public.agents', 'public.agents')$$);
-SELECT pg_temp.err($$SELECT billing.register_resource(NULL, 'public.agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('Agents', 'public.agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('agents-v2', 'public.agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('', 'public.agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('x; drop table public.agents', 'public.agents')$$);
+SELECT tests.err($$SELECT billing.register_resource(NULL, 'public.agents')$$);
 -- NULL table or column: 22023
-SELECT pg_temp.err($$SELECT billing.register_resource('agents2', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.register_resource('agents2', 'public.agents', NULL)$$);
+SELECT tests.err($$SELECT billing.register_resource('agents2', NULL)$$);
+SELECT tests.err($$SELECT billing.register_resource('agents2', 'public.agents', NULL)$$);
 -- not a table (a view): 22023
 CREATE VIEW public.s5_agents_view AS SELECT * FROM public.agents;
-SELECT pg_temp.err($$SELECT billing.register_resource('agents_view', 'public.s5_agents_view')$$);
+SELECT tests.err($$SELECT billing.register_resource('agents_view', 'public.s5_agents_view')$$);
 -- the failed registrations left nothing behind
 SELECT resource_type FROM billing.resource_types ORDER BY resource_type;
 
@@ -79,9 +82,9 @@ INSERT INTO public.products (owner, user_id, sku) VALUES
     ('e0000000-0000-4000-8000-000000000202', 'e0000000-0000-4000-8000-000000000201', 'p3');
 SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'products');
 -- unknown type: 22023 listing the known ones; NULL: 22023
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'widgets')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', NULL)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit(NULL, 'agents')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'widgets')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', NULL)$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit(NULL, 'agents')$$);
 
 -- ===== plans: premium (agents 20), ultra (-1 = unlimited), lapsed back to free =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000201', 'premium', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
@@ -128,22 +131,25 @@ SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-0000000
 -- own: works
 SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000202', 'agents');
 -- another user's: 42501
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
 -- service-only: register_resource, 42501
-SELECT pg_temp.err($$SELECT billing.register_resource('agents', 'public.agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('agents', 'public.agents')$$);
 -- the registry is readable, not writable
 SELECT count(*) > 0 AS registry_readable FROM billing.resource_types;
-SELECT pg_temp.err($$DELETE FROM billing.resource_types$$);
+SELECT tests.err($$DELETE FROM billing.resource_types$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000202","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.register_resource('agents', 'public.agents')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
+SELECT tests.err($$SELECT billing.register_resource('agents', 'public.agents')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SET LOCAL ROLE anon;
-SELECT pg_temp.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
+SELECT tests.err($$SELECT * FROM billing.check_resource_limit('e0000000-0000-4000-8000-000000000201', 'agents')$$);
 RESET ROLE;
 -- the registry is unchanged
 SELECT resource_type, table_name, user_column, limit_key FROM billing.resource_types ORDER BY resource_type;
 
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

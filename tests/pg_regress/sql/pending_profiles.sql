@@ -1,10 +1,13 @@
 -- Pending profiles (SPEC 9, S3) and the sign-up trigger billing.handle_new_user (SPEC 4):
 -- upsert_pending_profile, claim_pending_profile (every outcome), get_unclaimed_pending_profiles,
 -- delete_pending_profile, and their errors.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; det text; hnt text;
 BEGIN
     EXECUTE p_sql;
@@ -17,22 +20,26 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- pp(email): a profile's state (no random ids, no timestamps of now()).
-CREATE FUNCTION pg_temp.pp(p_email text) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.pp(p_email text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('token=%s plan=%s provider=%s/%s/%s duration=%s cycle=%s..%s next_renewal=%s credits=%s used=%s claimed=%s by=%s claimed_at_set=%s',
                   p.token, p.plan_id, p.provider, p.provider_user_id, p.provider_membership_id, p.plan_duration,
                   p.billing_cycle_start, p.billing_cycle_end, p.next_credit_renewal, p.credits, p.used_credits,
                   p.claimed, p.claimed_by_user_id, p.claimed_at IS NOT NULL)
-      FROM billing.pending_profiles AS p WHERE p.email = p_email
+      FROM billing.pending_profiles AS p WHERE p.email = p_email);
+END
 $f$;
 -- acct(user): the account's e-mail, pools, ledger rows and subscription.
-CREATE FUNCTION pg_temp.acct(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.acct(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('email=%s sub=%s pur=%s expire_at=%s ledger_rows=%s subscription=%s',
                   a.email, a.subscription_credits_balance, a.purchased_credits_balance, a.subscription_credits_expire_at,
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user),
                   (SELECT format('%s/%s/%s/%s %s..%s', s.plan_id, s.status, s.provider, s.provider_subscription_id,
                                  s.current_period_start, s.current_period_end)
                      FROM billing.subscriptions AS s WHERE s.user_id = p_user))
-      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user);
+END
 $f$;
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
 
@@ -43,15 +50,15 @@ RETURNING label, r - 'id' AS r;
 SELECT (r ->> 'id')::uuid = (SELECT p.id FROM billing.pending_profiles AS p WHERE p.email = 'bob@example.com') AS id_matches
   FROM res WHERE label = 'bob';
 -- cycle end: start + 30 days; credits: the plan's monthly_credits
-SELECT pg_temp.pp('bob@example.com');
+SELECT tests.pp('bob@example.com');
 -- the same event again: the first result, nothing changes
 SELECT billing.upsert_pending_profile('bob@example.com', 'other', 'ultra', p_event_id => 'evt_pp_1') - 'id' AS r;
-SELECT pg_temp.pp('bob@example.com');
+SELECT tests.pp('bob@example.com');
 -- the same purchase again (same e-mail, token and provider customer) updates its pending
 -- profile: one row per purchase
 SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'premium', 'whop', 'wu_1', 'mem_2', 'yearly',
                                       '2024-02-01 00:00+00', NULL, 1500) - 'id' AS r;
-SELECT pg_temp.pp('bob@example.com');
+SELECT tests.pp('bob@example.com');
 SELECT count(*) AS bob_rows FROM billing.pending_profiles WHERE email = 'bob@example.com';
 -- defaults: plan pro, monthly, cycle starting now (no token: any claim with the e-mail works)
 SELECT billing.upsert_pending_profile('erin@example.com') - 'id' AS r;
@@ -61,7 +68,7 @@ SELECT p.plan_id, p.plan_duration, p.token, p.credits, p.billing_cycle_end - p.b
 -- an explicit cycle end and 0 credits
 SELECT billing.upsert_pending_profile('frank@example.com', NULL, 'free', NULL, NULL, NULL, 'monthly',
                                       '2024-03-01 00:00+00', '2024-03-15 00:00+00', 0) - 'id' AS r;
-SELECT pg_temp.pp('frank@example.com');
+SELECT tests.pp('frank@example.com');
 -- get_unclaimed_pending_profiles: every unclaimed row
 SELECT email, plan_id, claimed FROM billing.get_unclaimed_pending_profiles() ORDER BY email;
 
@@ -71,25 +78,25 @@ SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'no
 -- token mismatch (also: no token for a profile that has one); nothing changes
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'bob@example.com', 'wrong');
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'bob@example.com');
-SELECT pg_temp.pp('bob@example.com');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
+SELECT tests.pp('bob@example.com');
+SELECT tests.acct('00000000-0000-0000-0000-000000000901');
 -- success, creating the account: plan, credits (subscription), billing cycle, e-mail
 INSERT INTO res SELECT 'bob_claim', billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'BOB@example.com', 'tok-bob')
 RETURNING label, r - 'profile_id' - 'profile_ids' AS r;
 SELECT r -> 'profile_ids' = jsonb_build_array(r -> 'profile_id') AS one_profile_claimed FROM res WHERE label = 'bob_claim';
 SELECT (r ->> 'profile_id')::uuid = (SELECT p.id FROM billing.pending_profiles AS p WHERE p.email = 'bob@example.com') AS profile_id_matches
   FROM res WHERE label = 'bob_claim';
-SELECT pg_temp.pp('bob@example.com');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
+SELECT tests.pp('bob@example.com');
+SELECT tests.acct('00000000-0000-0000-0000-000000000901');
 SELECT t.type, t.pool, t.amount, t.balance_after FROM billing.credit_transactions AS t
  WHERE t.user_id = '00000000-0000-0000-0000-000000000901' ORDER BY t.id;
 SELECT billing.get_effective_plan('00000000-0000-0000-0000-000000000901') AS effective_plan;
 -- claimed again by the same user: success, nothing changes
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'bob@example.com', 'tok-bob') - 'profile_id' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
+SELECT tests.acct('00000000-0000-0000-0000-000000000901');
 -- claimed by another account
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000902', 'bob@example.com', 'tok-bob');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000902');
+SELECT tests.acct('00000000-0000-0000-0000-000000000902');
 -- claimed rows are kept, and no longer listed as unclaimed
 SELECT email FROM billing.get_unclaimed_pending_profiles() ORDER BY email;
 
@@ -98,7 +105,7 @@ SELECT email FROM billing.get_unclaimed_pending_profiles() ORDER BY email;
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000903', 10) ->> 'total_balance' AS total;
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000903', 25) ->> 'total_balance' AS total;
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000903', 'erin@example.com') - 'profile_id' - 'profile_ids' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000903') LIKE 'email=erin@example.com sub=510 pur=25 %' AS merged;
+SELECT tests.acct('00000000-0000-0000-0000-000000000903') LIKE 'email=erin@example.com sub=510 pur=25 %' AS merged;
 SELECT count(*) AS expirations FROM billing.credit_expiration_events AS e WHERE e.user_id = '00000000-0000-0000-0000-000000000903';
 
 -- ===== upsert_pending_profile for an e-mail that has an account: a new purchase stays pending =====
@@ -115,11 +122,11 @@ SELECT p.plan_id, p.provider, p.claimed, p.claimed_by_user_id FROM billing.pendi
 -- claimed it, which keeps its new e-mail; a later cycle grants its credits (added)
 UPDATE billing.accounts SET email = 'bob.new@example.com' WHERE user_id = '00000000-0000-0000-0000-000000000901';
 SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'pro', 'whop', 'wu_1', p_billing_cycle_start => '2024-06-01 00:00+00') - 'id' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
-SELECT pg_temp.pp('bob@example.com');
+SELECT tests.acct('00000000-0000-0000-0000-000000000901');
+SELECT tests.pp('bob@example.com');
 -- the same cycle again (a repeated webhook): nothing more
 SELECT billing.upsert_pending_profile('bob@example.com', 'tok-bob', 'pro', 'whop', 'wu_1', p_billing_cycle_start => '2024-06-01 00:00+00') - 'id' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000901');
+SELECT tests.acct('00000000-0000-0000-0000-000000000901');
 
 -- ===== handle_new_user: a Supabase-style users table (issue 10 item 3) =====
 CREATE TABLE pg_temp.users (id uuid PRIMARY KEY, email text, email_confirmed_at timestamptz, confirmed_at timestamptz);
@@ -128,61 +135,61 @@ CREATE TRIGGER on_user_created AFTER INSERT OR UPDATE OF email_confirmed_at ON p
 SELECT billing.upsert_pending_profile('grace@example.com', 'tok-g', 'premium', p_billing_cycle_start => '2024-07-01 00:00+00') - 'id' AS r;
 -- a plain sign-up: the free plan's credits
 INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000911', 'Heidi@Example.com');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000911');
+SELECT tests.acct('00000000-0000-0000-0000-000000000911');
 -- a sign-up with a pending profile's e-mail, not confirmed yet (Supabase inserts the row with
 -- email_confirmed_at NULL; confirmed_at set by a confirmed phone does not count): the account
 -- is created, the buyer's purchase is NOT claimed
 INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000912', 'grace@example.com', NULL, '2024-07-01 10:00+00');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000912');
-SELECT pg_temp.pp('grace@example.com');
+SELECT tests.acct('00000000-0000-0000-0000-000000000912');
+SELECT tests.pp('grace@example.com');
 -- the e-mail is confirmed: claimed in the same transaction (no token needed: the e-mail is the
 -- sign-up's, and confirmed)
 UPDATE pg_temp.users SET email_confirmed_at = '2024-07-02 00:00+00' WHERE id = '00000000-0000-0000-0000-000000000912';
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000912');
-SELECT pg_temp.pp('grace@example.com');
+SELECT tests.acct('00000000-0000-0000-0000-000000000912');
+SELECT tests.pp('grace@example.com');
 SELECT t.type, t.pool, t.amount, t.balance_after FROM billing.credit_transactions AS t
  WHERE t.user_id = '00000000-0000-0000-0000-000000000912' ORDER BY t.id;
 -- a second confirmation (and any other update) does nothing
 UPDATE pg_temp.users SET email_confirmed_at = '2024-07-03 00:00+00' WHERE id = '00000000-0000-0000-0000-000000000912';
 UPDATE pg_temp.users SET email = 'grace@example.com' WHERE id = '00000000-0000-0000-0000-000000000912';
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000912');
+SELECT tests.acct('00000000-0000-0000-0000-000000000912');
 -- a sign-up that is confirmed already claims at once
 SELECT billing.upsert_pending_profile('judy@example.com', 'tok-j', 'pro', p_billing_cycle_start => '2024-07-01 00:00+00') ->> 'status' AS status;
 INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000916', 'Judy@example.com', '2024-07-05 00:00+00');
-SELECT pg_temp.pp('judy@example.com');
+SELECT tests.pp('judy@example.com');
 -- a table with confirmed_at only: the same rule on that column
 CREATE TABLE pg_temp.users2 (id uuid PRIMARY KEY, email text, confirmed_at timestamptz);
 CREATE TRIGGER on_user2 AFTER INSERT OR UPDATE ON pg_temp.users2 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user();
 SELECT billing.upsert_pending_profile('kim@example.com', 'tok-k', 'pro', p_billing_cycle_start => '2024-07-01 00:00+00') ->> 'status' AS status;
 INSERT INTO pg_temp.users2 VALUES ('00000000-0000-0000-0000-000000000917', 'kim@example.com', NULL);
-SELECT pg_temp.pp('kim@example.com');
+SELECT tests.pp('kim@example.com');
 UPDATE pg_temp.users2 SET confirmed_at = '2024-07-06 00:00+00' WHERE id = '00000000-0000-0000-0000-000000000917';
-SELECT pg_temp.pp('kim@example.com');
+SELECT tests.pp('kim@example.com');
 -- a table without a confirmation column claims only when the DBA says its e-mails are verified
 CREATE TABLE pg_temp.users3 (id uuid PRIMARY KEY, email text);
 CREATE TRIGGER on_user3 AFTER INSERT ON pg_temp.users3 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user();
 SELECT billing.upsert_pending_profile('leo@example.com', 'tok-l', 'pro', p_billing_cycle_start => '2024-07-01 00:00+00') ->> 'status' AS status;
 INSERT INTO pg_temp.users3 VALUES ('00000000-0000-0000-0000-000000000918', 'leo@example.com');
-SELECT pg_temp.pp('leo@example.com');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000918');
+SELECT tests.pp('leo@example.com');
+SELECT tests.acct('00000000-0000-0000-0000-000000000918');
 CREATE TABLE pg_temp.users4 (id uuid PRIMARY KEY, email text);
 CREATE TRIGGER on_user4 AFTER INSERT ON pg_temp.users4 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user('claim_on_insert');
 INSERT INTO pg_temp.users4 VALUES ('00000000-0000-0000-0000-000000000919', 'leo@example.com');
-SELECT pg_temp.pp('leo@example.com');
+SELECT tests.pp('leo@example.com');
 -- an unknown trigger argument: 22023
 CREATE TABLE pg_temp.users5 (id uuid PRIMARY KEY, email text);
 CREATE TRIGGER on_user5 AFTER INSERT ON pg_temp.users5 FOR EACH ROW EXECUTE FUNCTION billing.handle_new_user('claim-on-insert');
-SELECT pg_temp.err($$INSERT INTO pg_temp.users5 VALUES ('00000000-0000-0000-0000-000000000920', 'x@example.com')$$);
+SELECT tests.err($$INSERT INTO pg_temp.users5 VALUES ('00000000-0000-0000-0000-000000000920', 'x@example.com')$$);
 -- no e-mail, or a malformed one: the account is created, nothing is claimed
 INSERT INTO pg_temp.users VALUES ('00000000-0000-0000-0000-000000000913', NULL, now()), ('00000000-0000-0000-0000-000000000914', 'Not An Email', now());
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000913');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000914');
+SELECT tests.acct('00000000-0000-0000-0000-000000000913');
+SELECT tests.acct('00000000-0000-0000-0000-000000000914');
 -- an account that already exists keeps its credits (no second free grant)
 SELECT billing._on_new_user('00000000-0000-0000-0000-000000000911', 'heidi@example.com', true);
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000911');
+SELECT tests.acct('00000000-0000-0000-0000-000000000911');
 -- an e-mail whose profile another account claimed: nothing claimed
 SELECT billing._on_new_user('00000000-0000-0000-0000-000000000915', 'bob@example.com', true);
-SELECT pg_temp.pp('bob@example.com');
+SELECT tests.pp('bob@example.com');
 
 -- ===== delete_pending_profile =====
 SELECT billing.delete_pending_profile((SELECT p.id FROM billing.pending_profiles AS p WHERE p.email = 'frank@example.com')) AS deleted;
@@ -190,63 +197,63 @@ SELECT billing.delete_pending_profile('00000000-0000-0000-0000-000000000999') AS
 SELECT count(*) AS frank_rows FROM billing.pending_profiles WHERE email = 'frank@example.com';
 
 -- ===== errors =====
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile(NULL)$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile(NULL)$$);
 -- a cycle end already past, without a start (the cycle starts now): 22023, not the CHECK's 23514 (0.6.0)
-SELECT left(pg_temp.err($$SELECT billing.upsert_pending_profile('past-end@example.com', p_billing_cycle_start => NULL, p_billing_cycle_end => now() - interval '1 day')$$), 6) AS sqlstate;
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('nope')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_plan_id => 'gold')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_plan_duration => 'weekly')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_credits => -1)$$);
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_billing_cycle_start => '2024-02-01', p_billing_cycle_end => '2024-01-01')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('x@example.com', p_token => repeat('t', 256))$$);
+SELECT left(tests.err($$SELECT billing.upsert_pending_profile('past-end@example.com', p_billing_cycle_start => NULL, p_billing_cycle_end => now() - interval '1 day')$$), 6) AS sqlstate;
+SELECT tests.err($$SELECT billing.upsert_pending_profile('nope')$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile('x@example.com', p_plan_id => 'gold')$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile('x@example.com', p_plan_duration => 'weekly')$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile('x@example.com', p_credits => -1)$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile('x@example.com', p_billing_cycle_start => '2024-02-01', p_billing_cycle_end => '2024-01-01')$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile('x@example.com', p_token => repeat('t', 256))$$);
 SELECT count(*) AS no_profile_x FROM billing.pending_profiles WHERE email = 'x@example.com';
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile(NULL, 'bob@example.com')$$);
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'bob')$$);
-SELECT pg_temp.err($$SELECT billing.delete_pending_profile(NULL)$$);
-SELECT pg_temp.err($$SELECT billing._on_new_user(NULL, 'a@example.com', true)$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile(NULL, 'bob@example.com')$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', NULL)$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000901', 'bob')$$);
+SELECT tests.err($$SELECT billing.delete_pending_profile(NULL)$$);
+SELECT tests.err($$SELECT billing._on_new_user(NULL, 'a@example.com', true)$$);
 
 -- ===== end users =====
 SELECT billing.upsert_pending_profile('ivan@example.com', 'tok-i', 'pro', p_billing_cycle_start => '2024-08-01 00:00+00') - 'id' AS r;
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000921","role":"authenticated","email":"Ivan@Example.com"}', true) IS NOT NULL AS claims_set;
 -- another user's id: 42501
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000922', 'ivan@example.com', 'tok-i')$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000922', 'ivan@example.com', 'tok-i')$$);
 -- an e-mail other than the JWT's: 42501
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'bob@example.com', 'tok-bob')$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'bob@example.com', 'tok-bob')$$);
 -- the service-only functions: 42501
-SELECT pg_temp.err($$SELECT billing.upsert_pending_profile('ivan@example.com')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_unclaimed_pending_profiles()$$);
-SELECT pg_temp.err($$SELECT billing.delete_pending_profile('00000000-0000-0000-0000-000000000999')$$);
+SELECT tests.err($$SELECT billing.upsert_pending_profile('ivan@example.com')$$);
+SELECT tests.err($$SELECT * FROM billing.get_unclaimed_pending_profiles()$$);
+SELECT tests.err($$SELECT billing.delete_pending_profile('00000000-0000-0000-0000-000000000999')$$);
 -- own id and own e-mail (any case): claimed
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'ivan@example.com', 'tok-i') - 'profile_id' - 'profile_ids' AS r;
 -- row security: the user sees the profile they claimed, and only that one
 SELECT email, claimed FROM billing.pending_profiles;
 -- a JWT without an email claim cannot claim
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000921","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'ivan@example.com', 'tok-i')$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000921', 'ivan@example.com', 'tok-i')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000921');
+SELECT tests.acct('00000000-0000-0000-0000-000000000921');
 
 -- ===== issue 11 item 2: a stranger's checkout never lowers a paying customer's account =====
 -- (future cycles, so the subscription is in force whatever the day the test runs)
 SELECT billing.upsert_pending_profile('victim@example.com', 'tok-v', 'ultra', 'stripe', 'cus_victim', NULL, 'monthly',
                                       '2030-01-01 00:00+00') ->> 'status' AS status;
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000931', 'victim@example.com', 'tok-v') ->> 'credits_granted' AS granted;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+SELECT tests.acct('00000000-0000-0000-0000-000000000931');
 -- the attack: another customer's 'pro' checkout with 0 credits typed with the victim's e-mail
 SELECT billing.upsert_pending_profile(p_email := 'Victim@example.com', p_plan_id := 'pro',
                                       p_provider_user_id := 'cus_other', p_credits := 0) ->> 'status' AS status;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+SELECT tests.acct('00000000-0000-0000-0000-000000000931');
 -- even claimed by the victim (it has no token), it lowers nothing: ultra, 10000, the later cycle stay
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000931', 'victim@example.com', 'tok-v') - 'profile_id' - 'profile_ids' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+SELECT tests.acct('00000000-0000-0000-0000-000000000931');
 -- the victim's own later purchase of a lower plan in the same cycle: credits added, ultra kept
 SELECT billing.upsert_pending_profile('victim@example.com', 'tok-v2', 'pro', 'stripe', 'cus_victim', NULL, 'monthly',
                                       '2030-01-10 00:00+00') ->> 'status' AS status;
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000931', 'victim@example.com', 'tok-v2') ->> 'plan' AS plan_after;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000931');
+SELECT tests.acct('00000000-0000-0000-0000-000000000931');
 
 -- ===== issue 11 item 3: a later purchase of a claimed e-mail reaches its own buyer =====
 SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-A', 'pro', 'stripe', 'cus_A', NULL, 'monthly',
@@ -255,13 +262,13 @@ SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000941', 'sh
 -- B now holds the address and buys with another token and customer: pending, not A's
 SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-B', 'premium', 'stripe', 'cus_B', NULL, 'monthly',
                                       '2030-01-05 00:00+00') ->> 'status' AS status;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000941');
+SELECT tests.acct('00000000-0000-0000-0000-000000000941');
 -- A claiming again with A's token: already claimed, nothing more (B's purchase needs B's token)
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000941', 'shared@corp.com', 'tok-A') - 'profile_id' AS r;
 -- B claims the purchase with its token and gets it
 SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000942', 'shared@corp.com', 'tok-B') - 'profile_id' - 'profile_ids' AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000942');
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000941');
+SELECT tests.acct('00000000-0000-0000-0000-000000000942');
+SELECT tests.acct('00000000-0000-0000-0000-000000000941');
 SELECT p.token, p.plan_id, p.claimed_by_user_id FROM billing.pending_profiles AS p WHERE p.email = 'shared@corp.com' ORDER BY p.token;
 -- A's own purchase renewing (same token and customer, next cycle) still goes to A
 SELECT billing.upsert_pending_profile('shared@corp.com', 'tok-A', 'pro', 'stripe', 'cus_A', NULL, 'monthly',
@@ -275,7 +282,7 @@ SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000951', 'fl
 SELECT r ->> 'credits_granted' AS granted FROM (VALUES ('premium'), ('pro'), ('premium'), ('premium')) AS v(plan),
        LATERAL billing.upsert_pending_profile('flip@example.com', 'tok-f', v.plan, 'stripe', 'cus_f', NULL, 'monthly',
                                               '2030-03-01 00:00+00') AS r;
-SELECT pg_temp.acct('00000000-0000-0000-0000-000000000951');
+SELECT tests.acct('00000000-0000-0000-0000-000000000951');
 
 -- ===== issue 11 item 8a: e-mails are not Unicode-folded into ASCII =====
 -- U+212A KELVIN SIGN lower-cases to 'k' under Unicode rules; here it stays another address
@@ -286,10 +293,10 @@ SELECT p.email = U&'\212Aate@example.com' AS kelvin_kept, p.token FROM billing.p
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000961","role":"authenticated","email":"\u212Aate@example.com"}', true) IS NOT NULL AS claims_set;
 -- the JWT's e-mail is not kate's: 42501
-SELECT pg_temp.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000961', 'kate@example.com', 'tok-kate')$$);
+SELECT tests.err($$SELECT billing.claim_pending_profile('00000000-0000-0000-0000-000000000961', 'kate@example.com', 'tok-kate')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
-SELECT pg_temp.pp('kate@example.com');
+SELECT tests.pp('kate@example.com');
 -- the accounts' e-mail index uses the same normalisation
 SELECT pg_catalog.pg_get_indexdef('billing.accounts_email_idx'::regclass) LIKE '%translate(email%' AS index_ascii_only;
 
@@ -309,3 +316,6 @@ SELECT p.proname, has_function_privilege('authenticated', p.oid, 'EXECUTE') AS a
 
 SELECT * FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

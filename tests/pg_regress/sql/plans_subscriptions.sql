@@ -2,12 +2,15 @@
 -- point: create, update, idempotent event ids, out-of-order events, credits per period, 22023),
 -- get_user_subscription, get_effective_plan for every status (grace period, trials, expires_at),
 -- get_user_limits, process_expired_subscriptions, and the security checks of these functions.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
 -- Random uuids (anything but the fixed e0000000-... test users) are masked.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -19,22 +22,26 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- sub(user): the stored subscription, without uuids and times (times compared to now()).
-CREATE FUNCTION pg_temp.sub(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.sub(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT COALESCE((SELECT format('plan=%s status=%s start_is_now=%s end_in_30d=%s cancel=%s provider=%s/%s last_event=%s expires_at_set=%s',
                                    s.plan_id, s.status, s.current_period_start = now(),
                                    s.current_period_end = now() + interval '30 days', s.cancel_at_period_end,
                                    s.provider, s.provider_subscription_id, s.last_event_id, s.expires_at IS NOT NULL)
-                       FROM billing.subscriptions AS s WHERE s.user_id = p_user), 'no subscription')
+                       FROM billing.subscriptions AS s WHERE s.user_id = p_user), 'no subscription'));
+END
 $f$;
 -- bal(user): both credit pools and the number of ledger rows.
-CREATE FUNCTION pg_temp.bal(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.bal(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('sub=%s pur=%s ledger_rows=%s',
                   COALESCE(a.subscription_credits_balance::text, '-'),
                   COALESCE(a.purchased_credits_balance::text, '-'),
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user))
-      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user);
+END
 $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text) TO PUBLIC;
 
 -- ===== the seeded catalog =====
 SELECT plan_id, display_name, monthly_credits, api_rate_limit_hourly, is_active, sort_order
@@ -62,8 +69,8 @@ SELECT billing.get_user_limits('e0000000-0000-4000-8000-000000000001') = (SELECT
 -- new: applied, premium's 2000 monthly credits granted as subscription credits
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'premium', 'active', now(), now() + interval '30 days',
                                    NULL, false, 'stripe', 'sub_1', 'evt_1', now() - interval '1 hour') - 'subscription_id' AS r;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
 SELECT type, pool, amount, balance_after FROM billing.credit_transactions
  WHERE user_id = 'e0000000-0000-4000-8000-000000000001' ORDER BY id;
 SELECT id = (SELECT s.id FROM billing.subscriptions AS s WHERE s.user_id = 'e0000000-0000-4000-8000-000000000001') AS same_id,
@@ -80,22 +87,22 @@ SELECT event_id, event_created_at = now() - interval '1 hour' AS at_ok, applied,
 -- ===== the same p_event_id again (webhook redelivery): applied false, nothing changes =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', now(), now() + interval '30 days',
                                    NULL, false, 'stripe', 'sub_1', 'evt_1', now()) - 'subscription_id' AS r;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
 
 -- ===== update in the same period: cancel at period end; no new credits =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'premium', 'active', now(), now() + interval '30 days',
                                    NULL, true, NULL, NULL, 'evt_2', now() - interval '30 minutes') - 'subscription_id' AS r;
 -- provider ids are kept when the event does not carry them
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
 SELECT cancel_at_period_end FROM billing.get_user_subscription('e0000000-0000-4000-8000-000000000001');
 
 -- ===== a stale event (older than the last applied one): recorded with applied=false, nothing changes =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'free', 'canceled', now(), now() + interval '30 days',
                                    NULL, false, NULL, NULL, 'evt_0', now() - interval '2 hours') - 'subscription_id' AS r;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
 SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000001');
 SELECT event_id, applied, plan_id, status, event_created_at = now() - interval '2 hours' AS at_ok
   FROM billing.subscription_events WHERE user_id = 'e0000000-0000-4000-8000-000000000001' ORDER BY id;
@@ -106,48 +113,48 @@ SELECT last_event_created_at = now() - interval '30 minutes' AS last_at_ok
 -- ===== plan change (upgrade) in the same period: the new plan's credits (old ones expire) =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', now(), now() + interval '30 days',
                                    NULL, false, NULL, NULL, 'evt_3', now() - interval '10 minutes') - 'subscription_id' AS r;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
 
 -- ===== a new period (renewal): credits renewed, purchased credits untouched =====
 SELECT billing.add_purchased_credits('e0000000-0000-4000-8000-000000000001', 70) ->> 'total_balance' AS total;
 SELECT billing.consume_credits_v2('e0000000-0000-4000-8000-000000000001', 500) ->> 'total_balance' AS total;
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', now() + interval '1 second', now() + interval '30 days',
                                    NULL, false, NULL, NULL, 'evt_4', now()) - 'subscription_id' AS r;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
 SELECT type, pool, amount, balance_after FROM billing.credit_transactions
  WHERE user_id = 'e0000000-0000-4000-8000-000000000001' ORDER BY id;
 
 -- ===== past_due with a new period: no credits granted =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000002', 'premium', 'past_due', now(), now() + interval '30 days') - 'subscription_id' AS r;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000002');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000002');
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000002', 'premium', 'past_due', now() + interval '1 second', now() + interval '30 days') - 'subscription_id' AS r;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000002');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000002');
 
 -- ===== trialing: credits granted for a new trial =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000003', 'pro', 'trialing', now(), now() + interval '7 days',
                                    now() + interval '7 days') - 'subscription_id' AS r;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000003');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000003');
 
 -- ===== 22023: unknown plan, unknown status, NULL arguments; nothing changes =====
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'platinum', 'active')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'premium', 'activ')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_subscription(NULL, 'premium', 'active')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', NULL, 'active')$$);
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'premium', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000009', 'platinum', 'active', p_event_id => 'evt_bad')$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'platinum', 'active')$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'premium', 'activ')$$);
+SELECT tests.err($$SELECT billing.upsert_subscription(NULL, 'premium', 'active')$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', NULL, 'active')$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'premium', NULL)$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000009', 'platinum', 'active', p_event_id => 'evt_bad')$$);
 -- a period that ends before it starts is a bad argument too (SPEC 3: 22023, not a constraint error)
-SELECT left(pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', now(), now() - interval '1 day')$$), 6) AS sqlstate;
+SELECT left(tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', now(), now() - interval '1 day')$$), 6) AS sqlstate;
 -- ... also when p_current_period_start is omitted: a new subscription would start now, an
 -- existing one keeps its stored start (0.6.0; was 23514 from the table's CHECK)
-SELECT left(pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', NULL, now() - interval '1 day')$$), 6) AS sqlstate;
-SELECT left(pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000077', 'ultra', 'active', NULL, now() - interval '1 day')$$), 6) AS sqlstate;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000001');
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000009');
+SELECT left(tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000001', 'ultra', 'active', NULL, now() - interval '1 day')$$), 6) AS sqlstate;
+SELECT left(tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000077', 'ultra', 'active', NULL, now() - interval '1 day')$$), 6) AS sqlstate;
+SELECT tests.sub('e0000000-0000-4000-8000-000000000001');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000001');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000009');
 -- the failed call did not consume its event id: a corrected redelivery is applied
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000009', 'pro', 'active', p_event_id => 'evt_bad') ->> 'applied' AS applied;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000009');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000009');
 
 -- ===== get_effective_plan for every status =====
 -- Users 1x are written directly with the period/trial/expiry they need (now() is fixed in this
@@ -184,8 +191,8 @@ RESET pg_billing.grace_period;
 SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000016') AS after_reset;
 -- the subscription through upsert: status expired sets expires_at and means free
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000004', 'premium', 'expired', now() - interval '30 days', now() - interval '1 day') - 'subscription_id' AS r;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000004');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000004');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000004');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000004');
 
 -- ===== process_expired_subscriptions =====
 -- credits for some of the lapsed users: subscription credits expire, purchased ones stay
@@ -211,11 +218,11 @@ SELECT c.n, c.note, s.plan_id, s.status, s.expires_at IS NOT NULL AS expires_at_
 -- nothing left to do
 SELECT billing.process_expired_subscriptions() AS downgraded_again;
 -- subscription credits expired and logged; purchased credits kept; in-period users untouched
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000016') AS canceled_user;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000014') AS trial_user;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000011') AS active_user;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000020') AS free_plan_row;
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000020') AS free_plan_row;
+SELECT tests.bal('e0000000-0000-4000-8000-000000000016') AS canceled_user;
+SELECT tests.bal('e0000000-0000-4000-8000-000000000014') AS trial_user;
+SELECT tests.bal('e0000000-0000-4000-8000-000000000011') AS active_user;
+SELECT tests.sub('e0000000-0000-4000-8000-000000000020') AS free_plan_row;
+SELECT tests.bal('e0000000-0000-4000-8000-000000000020') AS free_plan_row;
 SELECT user_id, expired_amount FROM billing.credit_expiration_events
  WHERE user_id IN ('e0000000-0000-4000-8000-000000000016', 'e0000000-0000-4000-8000-000000000014',
                    'e0000000-0000-4000-8000-000000000011', 'e0000000-0000-4000-8000-000000000020')
@@ -224,8 +231,8 @@ SELECT plan_name, status, limits = (SELECT limits FROM billing.plans WHERE plan_
   FROM billing.get_user_subscription('e0000000-0000-4000-8000-000000000016');
 -- a new webhook after the downgrade brings the user back, with credits
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000016', 'pro', 'active', now(), now() + interval '30 days') - 'subscription_id' AS r;
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000016');
-SELECT pg_temp.bal('e0000000-0000-4000-8000-000000000016');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000016');
+SELECT tests.bal('e0000000-0000-4000-8000-000000000016');
 
 -- ===== security =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000031', 'premium', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
@@ -236,35 +243,38 @@ SELECT plan_name, status FROM billing.get_user_subscription('e0000000-0000-4000-
 SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000030');
 SELECT billing.get_user_limits('e0000000-0000-4000-8000-000000000030') ->> 'agents' AS agents;
 -- another user's id: 42501
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_subscription('e0000000-0000-4000-8000-000000000031')$$);
-SELECT pg_temp.err($$SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000031')$$);
-SELECT pg_temp.err($$SELECT billing.get_user_limits('e0000000-0000-4000-8000-000000000031')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_subscription('e0000000-0000-4000-8000-000000000031')$$);
+SELECT tests.err($$SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000031')$$);
+SELECT tests.err($$SELECT billing.get_user_limits('e0000000-0000-4000-8000-000000000031')$$);
 -- NULL: 22023
-SELECT pg_temp.err($$SELECT billing.get_effective_plan(NULL)$$);
+SELECT tests.err($$SELECT billing.get_effective_plan(NULL)$$);
 -- service-only: 42501, even on their own id
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000030', 'ultra', 'active')$$);
-SELECT pg_temp.err($$SELECT billing.process_expired_subscriptions()$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000030', 'ultra', 'active')$$);
+SELECT tests.err($$SELECT billing.process_expired_subscriptions()$$);
 -- no writes to the tables either
-SELECT pg_temp.err($$UPDATE billing.subscriptions SET plan_id = 'ultra'$$);
-SELECT pg_temp.err($$INSERT INTO billing.subscriptions (user_id, plan_id, status) VALUES ('e0000000-0000-4000-8000-000000000030', 'ultra', 'active')$$);
+SELECT tests.err($$UPDATE billing.subscriptions SET plan_id = 'ultra'$$);
+SELECT tests.err($$INSERT INTO billing.subscriptions (user_id, plan_id, status) VALUES ('e0000000-0000-4000-8000-000000000030', 'ultra', 'active')$$);
 -- RLS: another user's subscription is invisible
 SELECT count(*) AS visible FROM billing.subscriptions;
 RESET ROLE;
 -- the internal check holds even if EXECUTE were granted by mistake (claims say authenticated)
 SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000030","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000030', 'ultra', 'active')$$);
-SELECT pg_temp.err($$SELECT billing.process_expired_subscriptions()$$);
+SELECT tests.err($$SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000030', 'ultra', 'active')$$);
+SELECT tests.err($$SELECT billing.process_expired_subscriptions()$$);
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- anon: no identity, no access
 SET LOCAL ROLE anon;
 SELECT set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000031')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_subscription('e0000000-0000-4000-8000-000000000031')$$);
+SELECT tests.err($$SELECT billing.get_effective_plan('e0000000-0000-4000-8000-000000000031')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_subscription('e0000000-0000-4000-8000-000000000031')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- the denied calls changed nothing
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000030');
-SELECT pg_temp.sub('e0000000-0000-4000-8000-000000000031');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000030');
+SELECT tests.sub('e0000000-0000-4000-8000-000000000031');
 
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

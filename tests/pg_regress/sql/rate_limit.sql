@@ -2,11 +2,14 @@
 -- the effective plan's api_rate_limit_hourly allows it: free 50/h (the 51st is refused),
 -- remaining, reset_at = the next UTC hour, per-endpoint counts, -1 unlimited, 0 never allowed,
 -- the monthly api_calls counter, security.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -18,15 +21,15 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- the start of the next UTC hour
-CREATE FUNCTION pg_temp.next_hour() RETURNS timestamptz LANGUAGE sql AS
+CREATE FUNCTION tests.next_hour() RETURNS timestamptz LANGUAGE sql AS
 $f$ SELECT (date_trunc('hour', now() AT TIME ZONE 'UTC') + interval '1 hour') AT TIME ZONE 'UTC' $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text), pg_temp.next_hour() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text), tests.next_hour() TO PUBLIC;
 -- the calls, in order
 CREATE TEMP TABLE calls (n int, endpoint text, allowed boolean, limit_value int, remaining int, reset_ok boolean);
 
 -- ===== free plan (no subscription): 50 an hour =====
 INSERT INTO calls
-SELECT g, e.endpoint, r.allowed, r.limit_value, r.remaining, r.reset_at = pg_temp.next_hour()
+SELECT g, e.endpoint, r.allowed, r.limit_value, r.remaining, r.reset_at = tests.next_hour()
   FROM generate_series(1, 53) AS g
  CROSS JOIN LATERAL (SELECT CASE WHEN g % 3 = 0 THEN '/v1/snapshots' WHEN g % 3 = 1 THEN '/v1/render' END AS endpoint) AS e
  CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000301', e.endpoint) AS r;
@@ -50,7 +53,7 @@ SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit('e00000
 -- a previous hour's bucket does not count against this hour
 INSERT INTO billing.api_usage (user_id, bucket_start, request_count)
 VALUES ('e0000000-0000-4000-8000-000000000302', date_trunc('hour', now()) - interval '1 hour', 50);
-SELECT allowed, limit_value, remaining, reset_at = pg_temp.next_hour() AS reset_ok
+SELECT allowed, limit_value, remaining, reset_at = tests.next_hour() AS reset_ok
   FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302');
 
 -- ===== the plan's limit: premium 500, ultra 2000, lapsed to free 50 =====
@@ -69,12 +72,12 @@ INSERT INTO billing.plans (plan_id, display_name, api_rate_limit_hourly) VALUES 
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000304', 'test_rl_unlimited', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000305', 'test_rl_zero', 'active', now(), now() + interval '30 days') ->> 'applied' AS applied;
 SELECT count(*) FILTER (WHERE r.allowed) AS allowed, min(r.limit_value) AS limit_value, max(r.remaining) AS remaining,
-       bool_and(r.reset_at = pg_temp.next_hour()) AS reset_ok
+       bool_and(r.reset_at = tests.next_hour()) AS reset_ok
   FROM generate_series(1, 120) AS g
  CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000304', CASE WHEN g > 0 THEN '/v1/x' END) AS r;
 SELECT request_count, endpoint_counts FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000304';
 SELECT count(*) FILTER (WHERE r.allowed) AS allowed, min(r.limit_value) AS limit_value, max(r.remaining) AS remaining,
-       bool_and(r.reset_at = pg_temp.next_hour()) AS reset_ok
+       bool_and(r.reset_at = tests.next_hour()) AS reset_ok
   FROM generate_series(1, 3) AS g
  CROSS JOIN LATERAL billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000305', CASE WHEN g > 0 THEN '/v1/x' END) AS r;
 SELECT count(*) AS buckets FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000305';
@@ -102,29 +105,32 @@ SELECT request_count,
        pg_column_size(endpoint_counts) < 4000 AS row_stays_small
   FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000307';
 -- longer than 255 characters (or with NUL): 22023 as before, nothing counted
-SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000307', repeat('y', 256))$$);
+SELECT tests.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000307', repeat('y', 256))$$);
 SELECT request_count FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000307';
 
 -- ===== arguments =====
-SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit(NULL)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit(NULL, '/v1/x')$$);
+SELECT tests.err($$SELECT * FROM billing.check_api_rate_limit(NULL)$$);
+SELECT tests.err($$SELECT * FROM billing.check_api_rate_limit(NULL, '/v1/x')$$);
 
 -- ===== security =====
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000306","role":"authenticated"}', true) IS NOT NULL AS claims_set;
 -- own: counted
-SELECT allowed, limit_value, remaining, reset_at = pg_temp.next_hour() AS reset_ok
+SELECT allowed, limit_value, remaining, reset_at = tests.next_hour() AS reset_ok
   FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000306', '/v1/me');
 SELECT request_count, endpoint_counts FROM billing.api_usage;
 -- another user's: 42501, nothing counted
-SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302', '/v1/x')$$);
+SELECT tests.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302', '/v1/x')$$);
 -- no direct writes to the buckets
-SELECT pg_temp.err($$UPDATE billing.api_usage SET request_count = 0$$);
+SELECT tests.err($$UPDATE billing.api_usage SET request_count = 0$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SET LOCAL ROLE anon;
-SELECT pg_temp.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302', '/v1/x')$$);
+SELECT tests.err($$SELECT * FROM billing.check_api_rate_limit('e0000000-0000-4000-8000-000000000302', '/v1/x')$$);
 RESET ROLE;
 SELECT request_count FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000302' ORDER BY bucket_start;
 
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

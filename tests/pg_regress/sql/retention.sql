@@ -1,11 +1,14 @@
 -- Retention (0.2.0): cleanup_idempotency_keys and cleanup_webhook_events forget keys and event ids
 -- older than an interval (at least 1 day), keep younger ones (which still replay / deduplicate),
 -- refuse shorter or NULL intervals (22023, nothing deleted), and are service-only (42501).
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -16,7 +19,7 @@ EXCEPTION WHEN OTHERS THEN
                           '(?!f0000000-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
 END
 $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text) TO PUBLIC;
 
 -- ===== idempotency keys =====
 SELECT (billing.add_purchased_credits('f0000000-0000-4000-8000-000000000001', 100)) ->> 'total_balance' AS granted;
@@ -30,10 +33,10 @@ UPDATE billing.idempotency_keys SET created_at = now() - interval '40 days'
 UPDATE billing.idempotency_keys SET created_at = now() - interval '12 hours'
  WHERE user_id = 'f0000000-0000-4000-8000-000000000001' AND idempotency_key = 'new-key';
 -- too short, NULL, absurd: 22023, nothing deleted
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys('23 hours')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys('-1 day')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys(NULL)$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys('2000 years')$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys('23 hours')$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys('-1 day')$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys(NULL)$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys('2000 years')$$);
 SELECT count(*) AS keys FROM billing.idempotency_keys WHERE user_id = 'f0000000-0000-4000-8000-000000000001';
 -- default 30 days: the 40-day-old key goes, the young one stays
 SELECT billing.cleanup_idempotency_keys() AS deleted;
@@ -57,8 +60,8 @@ SELECT count(*) FROM billing.verify_ledger();
 SELECT billing.record_webhook_event('evt_old', 'invoice.paid') AS first_old;
 SELECT billing.record_webhook_event('evt_new', 'invoice.paid') AS first_new;
 UPDATE billing.webhook_events SET processed_at = now() - interval '100 days' WHERE event_id = 'evt_old';
-SELECT pg_temp.err($$SELECT billing.cleanup_webhook_events('1 hour')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_webhook_events(NULL)$$);
+SELECT tests.err($$SELECT billing.cleanup_webhook_events('1 hour')$$);
+SELECT tests.err($$SELECT billing.cleanup_webhook_events(NULL)$$);
 SELECT billing.cleanup_webhook_events() AS deleted;
 SELECT billing.cleanup_webhook_events() AS deleted_again;
 SELECT event_id FROM billing.webhook_events WHERE event_id IN ('evt_old', 'evt_new');
@@ -81,10 +84,10 @@ SELECT allowed FROM billing.check_api_rate_limit('f0000000-0000-4000-8000-000000
 INSERT INTO billing.api_usage (user_id, bucket_start, request_count)
 VALUES ('f0000000-0000-4000-8000-000000000002', date_trunc('hour', now()) - interval '2 days', 5),
        ('f0000000-0000-4000-8000-000000000002', date_trunc('hour', now()) - interval '23 hours', 4);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('0')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('1 hour')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('23 hours 59 minutes')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage(NULL)$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage('0')$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage('1 hour')$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage('23 hours 59 minutes')$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage(NULL)$$);
 SELECT count(*) AS buckets FROM billing.api_usage WHERE user_id = 'f0000000-0000-4000-8000-000000000002';
 -- exactly 1 day: only the 2-day-old bucket goes; this hour's and the 23-hour-old one stay
 SELECT billing.cleanup_api_usage('1 day') >= 1 AS deleted_1_day;
@@ -94,17 +97,17 @@ SELECT request_count, bucket_start = date_trunc('hour', now()) AS this_hour
 -- ===== security =====
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"f0000000-0000-4000-8000-000000000001","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys()$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_webhook_events()$$);
-SELECT pg_temp.err($$DELETE FROM billing.idempotency_keys$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys()$$);
+SELECT tests.err($$SELECT billing.cleanup_webhook_events()$$);
+SELECT tests.err($$DELETE FROM billing.idempotency_keys$$);
 RESET ROLE;
 -- claims of an end user without SET ROLE: still refused by the check inside
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys()$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_webhook_events()$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys()$$);
+SELECT tests.err($$SELECT billing.cleanup_webhook_events()$$);
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SET LOCAL ROLE anon;
-SELECT pg_temp.err($$SELECT billing.cleanup_idempotency_keys()$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_webhook_events()$$);
+SELECT tests.err($$SELECT billing.cleanup_idempotency_keys()$$);
+SELECT tests.err($$SELECT billing.cleanup_webhook_events()$$);
 RESET ROLE;
 -- the service role may
 SET LOCAL ROLE service_role;
@@ -112,3 +115,6 @@ SELECT billing.cleanup_idempotency_keys() AS service_deleted;
 SELECT billing.cleanup_webhook_events() AS service_deleted;
 RESET ROLE;
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -2,13 +2,16 @@
 -- functions refuse end users (by privilege and by the internal check), RLS on every table,
 -- no end-user writes, expose_rpc/unexpose_rpc, SECURITY DEFINER + pinned search_path, comments.
 -- An end-user request is made as PostgREST makes it: SET LOCAL ROLE + request.jwt.claims.
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so the
 -- file runs in one transaction. Random uuids (not the fixed 00000000-0000-0000-0000-... test
 -- users) are masked.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; det text;
 BEGIN
     EXECUTE p_sql;
@@ -21,12 +24,14 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- bal(user): both pools and the number of ledger rows (to show that a failed call changed nothing).
-CREATE FUNCTION pg_temp.bal(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.bal(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('sub=%s pur=%s ledger_rows=%s',
                   COALESCE(a.subscription_credits_balance::text, '-'),
                   COALESCE(a.purchased_credits_balance::text, '-'),
                   (SELECT count(*) FROM billing.credit_transactions AS t WHERE t.user_id = p_user))
-      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user
+      FROM (SELECT 1) AS one LEFT JOIN billing.accounts AS a ON a.user_id = p_user);
+END
 $f$;
 -- Results of calls, by label: r - 'transaction_id' is deterministic.
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
@@ -53,27 +58,27 @@ SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051'
 SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051');
 SELECT type, pool, amount FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051', 3);
 -- another user's account: 42501, nothing changes
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000052', 1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000052')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000059')$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000052')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000059')$$);
 -- NULL is a bad argument before anything else
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2(NULL, 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2(NULL, 1)$$);
 -- service-only functions: EXECUTE is revoked from authenticated
-SELECT pg_temp.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051')$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.refund_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.clawback_credits_from_transaction('00000000-0000-0000-0000-0000000000ff')$$);
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000051', 1, 'purchase')$$);
-SELECT pg_temp.err($$SELECT billing.record_webhook_event('evt_sec_1', 'test')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.verify_ledger()$$);
-SELECT pg_temp.err($$SELECT billing.expose_rpc('public')$$);
-SELECT pg_temp.err($$SELECT billing.unexpose_rpc('public')$$);
-SELECT pg_temp.err($$SELECT billing.apply_grants()$$);
-SELECT pg_temp.err($$SELECT billing.authorize_user('00000000-0000-0000-0000-000000000052')$$);
+SELECT tests.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.refund_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.clawback_credits_from_transaction('00000000-0000-0000-0000-0000000000ff')$$);
+SELECT tests.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000051', 1, 'purchase')$$);
+SELECT tests.err($$SELECT billing.record_webhook_event('evt_sec_1', 'test')$$);
+SELECT tests.err($$SELECT * FROM billing.verify_ledger()$$);
+SELECT tests.err($$SELECT billing.expose_rpc('public')$$);
+SELECT tests.err($$SELECT billing.unexpose_rpc('public')$$);
+SELECT tests.err($$SELECT billing.apply_grants()$$);
+SELECT tests.err($$SELECT billing.authorize_user('00000000-0000-0000-0000-000000000052')$$);
 -- RLS: only the own rows are visible
 SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts ORDER BY user_id;
 SELECT * FROM billing.user_credits ORDER BY user_id;
@@ -81,31 +86,31 @@ SELECT DISTINCT user_id FROM billing.credit_transactions;
 SELECT count(*) FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000052';
 SELECT user_id, expired_amount FROM billing.credit_expiration_events;
 -- tables without end-user read access
-SELECT pg_temp.err($$SELECT count(*) FROM billing.idempotency_keys$$);
-SELECT pg_temp.err($$SELECT count(*) FROM billing.clawbacks$$);
-SELECT pg_temp.err($$SELECT count(*) FROM billing.webhook_events$$);
+SELECT tests.err($$SELECT count(*) FROM billing.idempotency_keys$$);
+SELECT tests.err($$SELECT count(*) FROM billing.clawbacks$$);
+SELECT tests.err($$SELECT count(*) FROM billing.webhook_events$$);
 -- no writes, not even to the own rows
-SELECT pg_temp.err($$INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES ('00000000-0000-0000-0000-000000000053', 100)$$);
-SELECT pg_temp.err($$UPDATE billing.accounts SET purchased_credits_balance = 1000000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
-SELECT pg_temp.err($$DELETE FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
-SELECT pg_temp.err($$INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 'purchase', 'purchased', 100, 105)$$);
-SELECT pg_temp.err($$UPDATE billing.credit_transactions SET amount = 1000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
-SELECT pg_temp.err($$DELETE FROM billing.credit_transactions$$);
-SELECT pg_temp.err($$TRUNCATE billing.credit_transactions$$);
-SELECT pg_temp.err($$INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 1)$$);
-SELECT pg_temp.err($$INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request) VALUES ('00000000-0000-0000-0000-000000000051', 'k', '{}')$$);
-SELECT pg_temp.err($$INSERT INTO billing.webhook_events (event_id, event_type) VALUES ('evt_forged', 'x')$$);
-SELECT pg_temp.err($$UPDATE billing.plans SET monthly_credits = 1000000$$);
+SELECT tests.err($$INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES ('00000000-0000-0000-0000-000000000053', 100)$$);
+SELECT tests.err($$UPDATE billing.accounts SET purchased_credits_balance = 1000000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT tests.err($$DELETE FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT tests.err($$INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 'purchase', 'purchased', 100, 105)$$);
+SELECT tests.err($$UPDATE billing.credit_transactions SET amount = 1000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT tests.err($$DELETE FROM billing.credit_transactions$$);
+SELECT tests.err($$TRUNCATE billing.credit_transactions$$);
+SELECT tests.err($$INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 1)$$);
+SELECT tests.err($$INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request) VALUES ('00000000-0000-0000-0000-000000000051', 'k', '{}')$$);
+SELECT tests.err($$INSERT INTO billing.webhook_events (event_id, event_type) VALUES ('evt_forged', 'x')$$);
+SELECT tests.err($$UPDATE billing.plans SET monthly_credits = 1000000$$);
 -- an end user cannot redefine who is an end user
-SELECT pg_temp.err($$SET pg_billing.end_user_roles = ''$$);
-SELECT pg_temp.err($$SELECT set_config('pg_billing.end_user_roles', 'nobody', true)$$);
+SELECT tests.err($$SET pg_billing.end_user_roles = ''$$);
+SELECT tests.err($$SELECT set_config('pg_billing.end_user_roles', 'nobody', true)$$);
 
 -- ===== a forged role claim does not make an end user a service caller =====
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"service_role"}', true) IS NOT NULL AS claims_set;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
 SELECT count(*) AS visible_accounts FROM billing.accounts;
 
 -- ===== broken or missing identities =====
@@ -113,73 +118,73 @@ SELECT count(*) AS visible_accounts FROM billing.accounts;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SELECT set_config('request.jwt.claim.sub', '00000000-0000-0000-0000-000000000051', true) IS NOT NULL AS sub_set;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
 SELECT set_config('request.jwt.claim.sub', '', true) = '' AS sub_cleared;
 -- authenticated without any sub claim
 SELECT set_config('request.jwt.claims', '{"role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
 SELECT count(*) AS visible_accounts FROM billing.accounts;
 -- a sub that is not a uuid, claims that are not JSON
 SELECT set_config('request.jwt.claims', '{"sub":"not-a-uuid","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
 SELECT set_config('request.jwt.claims', '{not json', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- SET ROLE authenticated without any JWT is still an end user (without identity)
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
 
 -- ===== anon (no sub) =====
 SET LOCAL ROLE anon;
 SELECT set_config('request.jwt.claims', '{"role":"anon"}', true) IS NOT NULL AS claims_set;
 -- no EXECUTE on rpc functions that are not marked anon
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051')$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
 -- and no rows through RLS
 SELECT count(*) AS accounts, (SELECT count(*) FROM billing.user_credits) AS user_credits,
        (SELECT count(*) FROM billing.credit_transactions) AS ledger_rows FROM billing.accounts;
-SELECT pg_temp.err($$INSERT INTO billing.accounts (user_id) VALUES ('00000000-0000-0000-0000-000000000053')$$);
+SELECT tests.err($$INSERT INTO billing.accounts (user_id) VALUES ('00000000-0000-0000-0000-000000000053')$$);
 RESET ROLE;
 
 -- ===== the internal checks (what protects the functions if EXECUTE were granted) =====
 -- postgres (bypasses EXECUTE checks) with anon claims: anon must sign in
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051')$$);
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
 -- postgres with an authenticated user's claims is that end user: every service-only function refuses
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
 SELECT billing.is_end_user();
-SELECT pg_temp.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051')$$);
-SELECT pg_temp.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err($$SELECT billing.refund_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT pg_temp.err(format('SELECT billing.clawback_credits_from_transaction(%L)', (SELECT r ->> 'transaction_id' FROM res WHERE label = 'buy_52')));
-SELECT pg_temp.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000051', 1, 'purchase')$$);
-SELECT pg_temp.err($$SELECT billing.record_webhook_event('evt_sec_1', 'test')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.verify_ledger()$$);
-SELECT pg_temp.err($$SELECT billing.expose_rpc('public')$$);
-SELECT pg_temp.err($$SELECT billing.unexpose_rpc('public')$$);
-SELECT pg_temp.err($$SELECT billing.apply_grants()$$);
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT tests.err($$SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051')$$);
+SELECT tests.err($$SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.refund_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err(format('SELECT billing.clawback_credits_from_transaction(%L)', (SELECT r ->> 'transaction_id' FROM res WHERE label = 'buy_52')));
+SELECT tests.err($$SELECT billing.increment_credits_with_log('00000000-0000-0000-0000-000000000051', 1, 'purchase')$$);
+SELECT tests.err($$SELECT billing.record_webhook_event('evt_sec_1', 'test')$$);
+SELECT tests.err($$SELECT * FROM billing.verify_ledger()$$);
+SELECT tests.err($$SELECT billing.expose_rpc('public')$$);
+SELECT tests.err($$SELECT billing.unexpose_rpc('public')$$);
+SELECT tests.err($$SELECT billing.apply_grants()$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
 -- authenticated granted EXECUTE by mistake: the internal check still refuses
 GRANT EXECUTE ON FUNCTION billing.add_purchased_credits(uuid, integer, text, text, text) TO authenticated;
 GRANT EXECUTE ON FUNCTION billing.clawback_credits_from_transaction(uuid, text) TO authenticated;
 SET LOCAL ROLE authenticated;
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1000)$$);
-SELECT pg_temp.err(format('SELECT billing.clawback_credits_from_transaction(%L)', (SELECT r ->> 'transaction_id' FROM res WHERE label = 'buy_52')));
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1000)$$);
+SELECT tests.err(format('SELECT billing.clawback_credits_from_transaction(%L)', (SELECT r ->> 'transaction_id' FROM res WHERE label = 'buy_52')));
 RESET ROLE;
 REVOKE EXECUTE ON FUNCTION billing.add_purchased_credits(uuid, integer, text, text, text) FROM authenticated;
 REVOKE EXECUTE ON FUNCTION billing.clawback_credits_from_transaction(uuid, text) FROM authenticated;
 -- an authenticated claim makes even service_role act as that end user
 SET LOCAL ROLE service_role;
-SELECT pg_temp.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
-SELECT pg_temp.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
+SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
+SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 
@@ -195,7 +200,7 @@ SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051');
 SELECT billing.record_webhook_event('evt_sec_1', 'test');
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
-SELECT pg_temp.bal('00000000-0000-0000-0000-000000000051') AS me, pg_temp.bal('00000000-0000-0000-0000-000000000052') AS other;
+SELECT tests.bal('00000000-0000-0000-0000-000000000051') AS me, tests.bal('00000000-0000-0000-0000-000000000052') AS other;
 
 -- ===== grants (SPEC 2): rpc functions for authenticated, service-only ones for service_role only =====
 SELECT c.function_name, c.access,
@@ -322,12 +327,12 @@ SELECT public.consume_credits_v2(p_amount => 1, p_user_id => '00000000-0000-0000
 SELECT public.decrement_credits_with_log(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1);
 SELECT * FROM public.get_user_credits(p_user_id => '00000000-0000-0000-0000-000000000051');
 SELECT description, amount FROM public.get_credit_history(p_user_id => '00000000-0000-0000-0000-000000000051', p_limit => 2);
-SELECT pg_temp.err($$SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000052', p_amount => 1)$$);
-SELECT pg_temp.err($$SELECT * FROM public.get_user_credits(p_user_id => '00000000-0000-0000-0000-000000000052')$$);
-SELECT pg_temp.err($$SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000)$$);
-SELECT pg_temp.err($$SELECT public.add_purchased_credits(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000)$$);
-SELECT pg_temp.err($$SELECT public.increment_credits_with_log(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000, p_transaction_type => 'purchase')$$);
-SELECT pg_temp.err($$SELECT billing.unexpose_rpc('public')$$);
+SELECT tests.err($$SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000052', p_amount => 1)$$);
+SELECT tests.err($$SELECT * FROM public.get_user_credits(p_user_id => '00000000-0000-0000-0000-000000000052')$$);
+SELECT tests.err($$SELECT public.consume_credits_v2(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000)$$);
+SELECT tests.err($$SELECT public.add_purchased_credits(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000)$$);
+SELECT tests.err($$SELECT public.increment_credits_with_log(p_user_id => '00000000-0000-0000-0000-000000000051', p_amount => 1000, p_transaction_type => 'purchase')$$);
+SELECT tests.err($$SELECT billing.unexpose_rpc('public')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- a service caller through a wrapper
@@ -335,10 +340,10 @@ SET LOCAL ROLE service_role;
 SELECT public.add_purchased_credits(p_user_id => '00000000-0000-0000-0000-000000000052', p_amount => 3, p_reference_id => 'rpc') ->> 'total_balance' AS total;
 RESET ROLE;
 -- bad schemas: 22023
-SELECT pg_temp.err($$SELECT billing.expose_rpc('nope')$$);
-SELECT pg_temp.err($$SELECT billing.expose_rpc(NULL)$$);
-SELECT pg_temp.err($$SELECT billing.expose_rpc('billing')$$);
-SELECT pg_temp.err($$SELECT billing.expose_rpc('pg_catalog')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('nope')$$);
+SELECT tests.err($$SELECT billing.expose_rpc(NULL)$$);
+SELECT tests.err($$SELECT billing.expose_rpc('billing')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('pg_catalog')$$);
 -- another schema works the same, and unexpose removes only that schema's wrappers
 CREATE SCHEMA rpc_test;
 SELECT billing.expose_rpc('rpc_test') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all;
@@ -374,10 +379,10 @@ CREATE TABLE public.sec_widgets (id uuid PRIMARY KEY, user_id uuid NOT NULL, pos
 CREATE SCHEMA rpc_svc;
 -- service_role (0.2.0: permission denied for each)
 SET LOCAL ROLE service_role;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.verify_ledger()$$) AS verify_ledger;
-SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$) AS register_resource;
-SELECT pg_temp.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$) AS register_widget_table;
-SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_svc')$$) AS expose_rpc;
+SELECT tests.err($$SELECT count(*) FROM billing.verify_ledger()$$) AS verify_ledger;
+SELECT tests.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$) AS register_resource;
+SELECT tests.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$) AS register_widget_table;
+SELECT tests.err($$SELECT billing.expose_rpc('rpc_svc')$$) AS expose_rpc;
 RESET ROLE;
 SELECT resource_type, table_name FROM billing.resource_types WHERE resource_type = 'sec_things';
 SELECT widget_type, table_name FROM billing.widget_tables WHERE widget_type = 'secw';
@@ -390,21 +395,21 @@ SELECT count(*) = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all,
 SELECT p.proname FROM pg_proc AS p JOIN billing.api_functions AS f ON f.function_name = p.proname
  WHERE p.pronamespace = 'rpc_svc'::regnamespace AND f.access = 'dba';
 SET LOCAL ROLE service_role;
-SELECT pg_temp.err($$SELECT billing.unexpose_rpc('rpc_svc')$$) AS unexpose_rpc;
+SELECT tests.err($$SELECT billing.unexpose_rpc('rpc_svc')$$) AS unexpose_rpc;
 RESET ROLE;
 SELECT count(*) AS left_in_rpc_svc FROM pg_proc WHERE pronamespace = 'rpc_svc'::regnamespace;
 -- end users still may not (42501)
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$);
-SELECT pg_temp.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$);
-SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_svc')$$);
+SELECT tests.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$);
+SELECT tests.err($$SELECT billing.register_widget_table('secw', 'public.sec_widgets')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('rpc_svc')$$);
 RESET ROLE;
 -- service_role carrying an end user's claims is that end user: refused inside
 SET LOCAL ROLE service_role;
-SELECT pg_temp.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$);
-SELECT pg_temp.err($$SELECT count(*) FROM billing.verify_ledger()$$);
-SELECT pg_temp.err($$SELECT billing.unexpose_rpc('rpc_svc')$$);
+SELECT tests.err($$SELECT billing.register_resource('sec_things', 'public.sec_things')$$);
+SELECT tests.err($$SELECT count(*) FROM billing.verify_ledger()$$);
+SELECT tests.err($$SELECT billing.unexpose_rpc('rpc_svc')$$);
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 
@@ -420,9 +425,9 @@ CREATE FUNCTION rpc_plant.add_purchased_credits(p_user_id uuid, p_amount integer
 RETURNS jsonb LANGUAGE sql AS $f$ SELECT '{"planted": true}'::jsonb $f$;
 RESET ROLE;
 -- refused (42501, naming the function and its owner), by the owner and by service_role alike
-SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('rpc_plant')$$);
 SET LOCAL ROLE service_role;
-SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('rpc_plant')$$);
 RESET ROLE;
 -- nothing was created, and the planted function is still the planter's own code, not a wrapper
 SELECT p.oid::regprocedure, p.proowner::regrole, p.prosrc LIKE '%planted%' AS planted_body
@@ -433,7 +438,7 @@ SET LOCAL ROLE sec_planter;
 CREATE FUNCTION rpc_plant.consume_credits_v2(p_user_id uuid, p_amount integer) RETURNS jsonb
 LANGUAGE sql AS $f$ SELECT '{"planted": true}'::jsonb $f$;
 RESET ROLE;
-SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('rpc_plant')$$);
 SELECT count(*) AS functions_in_rpc_plant FROM pg_proc WHERE pronamespace = 'rpc_plant'::regnamespace;
 -- once it is gone, expose_rpc works and every wrapper is the extension owner's (no rows) ...
 DROP FUNCTION rpc_plant.consume_credits_v2(uuid, integer);
@@ -443,17 +448,17 @@ SELECT p.oid::regprocedure, p.proowner::regrole
  WHERE e.extname = 'pg_billing' AND p.pronamespace = 'rpc_plant'::regnamespace AND p.proowner <> e.extowner;
 -- ... which the planter can neither rewrite nor drop
 SET LOCAL ROLE sec_planter;
-SELECT pg_temp.err($$CREATE OR REPLACE FUNCTION rpc_plant.add_purchased_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'$$);
-SELECT pg_temp.err($$DROP FUNCTION rpc_plant.add_purchased_credits(uuid, integer, text, text, text)$$);
+SELECT tests.err($$CREATE OR REPLACE FUNCTION rpc_plant.add_purchased_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL, p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'$$);
+SELECT tests.err($$DROP FUNCTION rpc_plant.add_purchased_credits(uuid, integer, text, text, text)$$);
 -- a look-alike planted next to the wrappers ...
 CREATE FUNCTION rpc_plant.get_user_credits(p_note text) RETURNS text LANGUAGE sql AS $f$ SELECT 'billing.get_user_credits(' || p_note $f$;
 RESET ROLE;
 -- ... makes a refresh refuse, and unexpose_rpc drops only the wrappers, never another role's function
-SELECT pg_temp.err($$SELECT billing.expose_rpc('rpc_plant')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('rpc_plant')$$);
 SELECT billing.unexpose_rpc('rpc_plant') = (SELECT count(*) FROM billing.api_catalog()) AS removed_wrappers;
 SELECT p.oid::regprocedure, p.proowner::regrole FROM pg_proc AS p WHERE p.pronamespace = 'rpc_plant'::regnamespace;
 -- schemas of the system are refused
-SELECT pg_temp.err($$SELECT billing.expose_rpc('pg_toast')$$);
+SELECT tests.err($$SELECT billing.expose_rpc('pg_toast')$$);
 
 -- ===== 0.3.0: billing rows only for end-user roles and service callers (issue 11 item 7) =====
 -- A role with no billing grants writes request.jwt.claims (any role can) to pass RLS as user 51:
@@ -467,13 +472,13 @@ SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000000051', 'pro'
 CREATE ROLE sec_nobody NOLOGIN;
 SET LOCAL ROLE sec_nobody;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.accounts$$) AS accounts;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.user_credits$$) AS user_credits;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.credit_transactions$$) AS ledger;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.subscriptions$$) AS subscriptions;
-SELECT pg_temp.err($$SELECT token FROM billing.pending_profiles$$) AS pending_profiles;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.members$$) AS members;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.usage_metrics$$) AS usage_metrics;
+SELECT tests.err($$SELECT count(*) FROM billing.accounts$$) AS accounts;
+SELECT tests.err($$SELECT count(*) FROM billing.user_credits$$) AS user_credits;
+SELECT tests.err($$SELECT count(*) FROM billing.credit_transactions$$) AS ledger;
+SELECT tests.err($$SELECT count(*) FROM billing.subscriptions$$) AS subscriptions;
+SELECT tests.err($$SELECT token FROM billing.pending_profiles$$) AS pending_profiles;
+SELECT tests.err($$SELECT count(*) FROM billing.members$$) AS members;
+SELECT tests.err($$SELECT count(*) FROM billing.usage_metrics$$) AS usage_metrics;
 RESET ROLE;
 -- no billing table or view grants anything to PUBLIC, and such a role can read none (no rows)
 SELECT c.relname FROM pg_class AS c
@@ -490,9 +495,9 @@ SET LOCAL ROLE authenticated;
 SELECT user_id FROM billing.accounts;
 SELECT user_id, plan_id, status FROM billing.subscriptions;
 SELECT email, plan_id, claimed FROM billing.pending_profiles;
-SELECT pg_temp.err($$SELECT token FROM billing.pending_profiles$$) AS token;
-SELECT pg_temp.err($$SELECT * FROM billing.pending_profiles$$) AS star;
-SELECT pg_temp.err($$SELECT count(*) FROM billing.pending_profiles WHERE token = 'tok-secret-51'$$) AS guess;
+SELECT tests.err($$SELECT token FROM billing.pending_profiles$$) AS token;
+SELECT tests.err($$SELECT * FROM billing.pending_profiles$$) AS star;
+SELECT tests.err($$SELECT count(*) FROM billing.pending_profiles WHERE token = 'tok-secret-51'$$) AS guess;
 RESET ROLE;
 -- no token column of any billing table is readable by anon or authenticated (no rows)
 SELECT c.relname, a.attname, r.rolname
@@ -515,3 +520,6 @@ RESET pg_billing.end_user_roles;
 -- ===== the ledger matches every balance =====
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

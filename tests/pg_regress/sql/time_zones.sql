@@ -5,58 +5,63 @@
 -- default reset date followed the session's zone, and a yearly cycle from Feb 28 ended a day
 -- early in Kiritimati and a 1-day grace period lasted 23 hours across a daylight-saving change
 -- (timestamptz + interval steps days and months in the session's zone).
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL DateStyle = 'ISO, YMD';
 -- utc_today(): the UTC date of this transaction's instant (now() does not move within it).
-CREATE FUNCTION pg_temp.utc_today() RETURNS date LANGUAGE sql AS $f$
+CREATE FUNCTION tests.utc_today() RETURNS date LANGUAGE sql AS $f$
     SELECT (now() AT TIME ZONE 'UTC')::date
 $f$;
 -- rel(d): a date relative to today in UTC.
-CREATE FUNCTION pg_temp.rel(d date) RETURNS text LANGUAGE sql AS $f$
-    SELECT CASE d WHEN pg_temp.utc_today() THEN 'today'
-                  WHEN pg_temp.utc_today() + 1 THEN 'tomorrow'
-                  WHEN (pg_temp.utc_today() + interval '1 month')::date THEN 'today + 1 month'
-                  WHEN (pg_temp.utc_today() + 1 - interval '1 month')::date THEN 'tomorrow - 1 month'
-                  ELSE 'today + ' || (d - pg_temp.utc_today()) || ' days' END
+CREATE FUNCTION tests.rel(d date) RETURNS text LANGUAGE sql AS $f$
+    SELECT CASE d WHEN tests.utc_today() THEN 'today'
+                  WHEN tests.utc_today() + 1 THEN 'tomorrow'
+                  WHEN (tests.utc_today() + interval '1 month')::date THEN 'today + 1 month'
+                  WHEN (tests.utc_today() + 1 - interval '1 month')::date THEN 'tomorrow - 1 month'
+                  ELSE 'today + ' || (d - tests.utc_today()) || ' days' END
 $f$;
 -- m(email): a member's dates, and whether its credits expire at 00:00 UTC of its renewal date.
-CREATE FUNCTION pg_temp.m(p_email text) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.m(p_email text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN RETURN (
     SELECT format('renewal=%s start=%s credits_expire_at_utc_midnight_of_renewal=%s',
-                  pg_temp.rel(m.renewal_date), pg_temp.rel(m.period_start),
+                  tests.rel(m.renewal_date), tests.rel(m.period_start),
                   a.subscription_credits_expire_at = (m.renewal_date::timestamp AT TIME ZONE 'UTC'))
       FROM billing.members AS m JOIN billing.accounts AS a ON a.user_id = m.user_id
-     WHERE m.email = p_email
+     WHERE m.email = p_email);
+END
 $f$;
 SELECT (now() AT TIME ZONE 'Pacific/Kiritimati')::date <> (now() AT TIME ZONE 'Pacific/Pago_Pago')::date AS local_dates_differ;
 
 -- ===== upsert_member without a renewal date: one month from today in UTC, in every zone =====
 SET LOCAL TimeZone = 'Pacific/Kiritimati';
-SELECT r ->> 'renewal_date' = to_char(pg_temp.utc_today() + interval '1 month', 'YYYY-MM-DD') AS east_renews_a_utc_month_from_today
+SELECT r ->> 'renewal_date' = to_char(tests.utc_today() + interval '1 month', 'YYYY-MM-DD') AS east_renews_a_utc_month_from_today
   FROM billing.upsert_member('tz-east@example.com', 'pro') AS r;
 SET LOCAL TimeZone = 'Pacific/Pago_Pago';
-SELECT r ->> 'renewal_date' = to_char(pg_temp.utc_today() + interval '1 month', 'YYYY-MM-DD') AS west_renews_a_utc_month_from_today
+SELECT r ->> 'renewal_date' = to_char(tests.utc_today() + interval '1 month', 'YYYY-MM-DD') AS west_renews_a_utc_month_from_today
   FROM billing.upsert_member('tz-west@example.com', 'pro') AS r;
 SET LOCAL TimeZone = 'UTC';
 SELECT e.renewal_date = w.renewal_date AS same_renewal, e.period_start = w.period_start AS same_period_start,
        e.anchor_day = w.anchor_day AS same_anchor
   FROM billing.members AS e, billing.members AS w
  WHERE e.email = 'tz-east@example.com' AND w.email = 'tz-west@example.com';
-SELECT pg_temp.m('tz-east@example.com') AS east, pg_temp.m('tz-west@example.com') AS west;
+SELECT tests.m('tz-east@example.com') AS east, tests.m('tz-west@example.com') AS west;
 
 -- ===== reset_usage_for_due_members(): p_today defaults to today in UTC, in every zone =====
-SELECT (billing.upsert_member('tz-due@example.com', 'pro', pg_temp.utc_today())) ->> 'created' AS due_created;
-SELECT (billing.upsert_member('tz-tomorrow@example.com', 'pro', pg_temp.utc_today() + 1)) ->> 'created' AS tomorrow_created;
+SELECT (billing.upsert_member('tz-due@example.com', 'pro', tests.utc_today())) ->> 'created' AS due_created;
+SELECT (billing.upsert_member('tz-tomorrow@example.com', 'pro', tests.utc_today() + 1)) ->> 'created' AS tomorrow_created;
 SAVEPOINT before_reset;
 SET LOCAL TimeZone = 'Pacific/Kiritimati';
 SELECT billing.reset_usage_for_due_members() >= 1 AS east_reset_ran;
 SET LOCAL TimeZone = 'UTC';
 -- the member due today (UTC) moved a month on; the one due tomorrow did not
-SELECT pg_temp.m('tz-due@example.com') AS due_after_east_reset, pg_temp.m('tz-tomorrow@example.com') AS tomorrow_after_east_reset;
+SELECT tests.m('tz-due@example.com') AS due_after_east_reset, tests.m('tz-tomorrow@example.com') AS tomorrow_after_east_reset;
 ROLLBACK TO SAVEPOINT before_reset;
 SET LOCAL TimeZone = 'Pacific/Pago_Pago';
 SELECT billing.reset_usage_for_due_members() >= 1 AS west_reset_ran;
 SET LOCAL TimeZone = 'UTC';
-SELECT pg_temp.m('tz-due@example.com') AS due_after_west_reset, pg_temp.m('tz-tomorrow@example.com') AS tomorrow_after_west_reset;
+SELECT tests.m('tz-due@example.com') AS due_after_west_reset, tests.m('tz-tomorrow@example.com') AS tomorrow_after_west_reset;
 -- the default is the UTC date (the function's signature)
 SELECT pg_get_function_arguments('billing.reset_usage_for_due_members(date)'::regprocedure) AS reset_arguments;
 
@@ -98,3 +103,6 @@ SET LOCAL TimeZone = 'UTC';
 -- the ledger matches every balance
 SELECT * FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;

@@ -2,11 +2,14 @@
 -- get_user_current_usage (calendar month without a subscription, the subscription period with
 -- one), check_monthly_limit for every metric (api_calls: today's hourly buckets), -1 = unlimited,
 -- reset_monthly_usage, cleanup_api_usage, argument errors (22023) and security (42501).
+-- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+CREATE SCHEMA tests;
+GRANT USAGE ON SCHEMA tests TO PUBLIC;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message [hint]' instead of failing, so the file runs in one transaction.
-CREATE FUNCTION pg_temp.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
+CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; hint text;
 BEGIN
     EXECUTE p_sql;
@@ -18,22 +21,22 @@ EXCEPTION WHEN OTHERS THEN
 END
 $f$;
 -- usage(user): the counters of get_user_current_usage, without the period.
-CREATE FUNCTION pg_temp.usage(p_user uuid) RETURNS text LANGUAGE sql AS $f$
+CREATE FUNCTION tests.usage(p_user uuid) RETURNS text LANGUAGE sql AS $f$
     SELECT format('messages=%s conversations=%s tokens_in=%s tokens_out=%s api_calls=%s documents=%s chunks=%s generations=%s',
                   u.messages_count, u.conversations_count, u.tokens_input_count, u.tokens_output_count,
                   u.api_calls_count, u.documents_processed_count, u.chunks_stored_count, u.generations_count)
       FROM billing.get_user_current_usage(p_user) AS u
 $f$;
 -- the UTC calendar month, for comparisons
-CREATE FUNCTION pg_temp.month_start() RETURNS timestamptz LANGUAGE sql AS
+CREATE FUNCTION tests.month_start() RETURNS timestamptz LANGUAGE sql AS
 $f$ SELECT date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' $f$;
-CREATE FUNCTION pg_temp.month_end() RETURNS timestamptz LANGUAGE sql AS
+CREATE FUNCTION tests.month_end() RETURNS timestamptz LANGUAGE sql AS
 $f$ SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' $f$;
-GRANT EXECUTE ON FUNCTION pg_temp.err(text), pg_temp.usage(uuid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION tests.err(text), tests.usage(uuid) TO PUBLIC;
 
 -- ===== nothing recorded: zeros, the calendar month, no row written =====
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000101');
-SELECT period_start = pg_temp.month_start() AS start_is_month, period_end = pg_temp.month_end() AS end_is_next_month
+SELECT tests.usage('e0000000-0000-4000-8000-000000000101');
+SELECT period_start = tests.month_start() AS start_is_month, period_end = tests.month_end() AS end_is_next_month
   FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000101');
 SELECT count(*) AS rows FROM billing.usage_metrics WHERE user_id = 'e0000000-0000-4000-8000-000000000101';
 
@@ -45,38 +48,38 @@ SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000101')
 SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000101');
 SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', 12);
 SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', 0);
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000101');
-SELECT count(*) AS rows, bool_and(period_start = pg_temp.month_start() AND period_end = pg_temp.month_end()) AS calendar_month
+SELECT tests.usage('e0000000-0000-4000-8000-000000000101');
+SELECT count(*) AS rows, bool_and(period_start = tests.month_start() AND period_end = tests.month_end()) AS calendar_month
   FROM billing.usage_metrics WHERE user_id = 'e0000000-0000-4000-8000-000000000101';
 
 -- ===== 22023: negative or NULL arguments; nothing recorded =====
-SELECT pg_temp.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', -1, 5)$$);
-SELECT pg_temp.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 5, -1)$$);
-SELECT pg_temp.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', NULL, 5)$$);
-SELECT pg_temp.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 5, NULL)$$);
-SELECT pg_temp.err($$SELECT billing.record_message_usage(NULL, 1, 1)$$);
-SELECT pg_temp.err($$SELECT billing.record_conversation_usage(NULL)$$);
-SELECT pg_temp.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', -3)$$);
-SELECT pg_temp.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', NULL)$$);
-SELECT pg_temp.err($$SELECT billing.record_document_usage(NULL, 1)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_current_usage(NULL)$$);
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000101');
+SELECT tests.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', -1, 5)$$);
+SELECT tests.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 5, -1)$$);
+SELECT tests.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', NULL, 5)$$);
+SELECT tests.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 5, NULL)$$);
+SELECT tests.err($$SELECT billing.record_message_usage(NULL, 1, 1)$$);
+SELECT tests.err($$SELECT billing.record_conversation_usage(NULL)$$);
+SELECT tests.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', -3)$$);
+SELECT tests.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', NULL)$$);
+SELECT tests.err($$SELECT billing.record_document_usage(NULL, 1)$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_current_usage(NULL)$$);
+SELECT tests.usage('e0000000-0000-4000-8000-000000000101');
 
 -- ===== with a subscription: the subscription's period =====
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000102', 'pro', 'active',
                                    now() - interval '10 days', now() + interval '20 days') ->> 'applied' AS applied;
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000102');
+SELECT tests.usage('e0000000-0000-4000-8000-000000000102');
 SELECT period_start = now() - interval '10 days' AS start_is_sub, period_end = now() + interval '20 days' AS end_is_sub
   FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000102');
 SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000102', 10, 20);
 SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000102');
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000102');
+SELECT tests.usage('e0000000-0000-4000-8000-000000000102');
 SELECT count(*) AS rows, bool_and(period_start = now() - interval '10 days' AND period_end = now() + interval '20 days') AS sub_period
   FROM billing.usage_metrics WHERE user_id = 'e0000000-0000-4000-8000-000000000102';
 -- a subscription whose period is over (renewal not yet received): back to the calendar month
 SELECT billing.upsert_subscription('e0000000-0000-4000-8000-000000000103', 'pro', 'active',
                                    now() - interval '40 days', now() - interval '10 days') ->> 'applied' AS applied;
-SELECT period_start = pg_temp.month_start() AS start_is_month, period_end = pg_temp.month_end() AS end_is_next_month
+SELECT period_start = tests.month_start() AS start_is_month, period_end = tests.month_end() AS end_is_next_month
   FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000103');
 
 -- ===== check_monthly_limit: every metric on the free plan (user 101: no subscription) =====
@@ -112,9 +115,9 @@ SELECT allowed, current_usage, limit_value FROM billing.check_monthly_limit('e00
 UPDATE billing.api_usage SET request_count = 100 WHERE user_id = 'e0000000-0000-4000-8000-000000000101';
 SELECT allowed, current_usage, limit_value FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', 'api_calls');
 -- unknown metric: 22023; NULL: 22023
-SELECT pg_temp.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', 'widgets')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', NULL)$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_monthly_limit(NULL, 'messages')$$);
+SELECT tests.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', 'widgets')$$);
+SELECT tests.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', NULL)$$);
+SELECT tests.err($$SELECT * FROM billing.check_monthly_limit(NULL, 'messages')$$);
 -- the pro subscription's limits (user 102), nothing recorded for some metrics
 SELECT m.* FROM unnest(ARRAY['messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'api_calls', 'generations']) AS k(metric)
  CROSS JOIN LATERAL billing.check_monthly_limit('e0000000-0000-4000-8000-000000000102', k.metric) AS m;
@@ -141,12 +144,12 @@ SELECT limit_value FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000
 -- ===== reset_monthly_usage: opens the current period for users whose period ended =====
 -- user 106 has only last month's row (written directly); user 101 has the current one
 INSERT INTO billing.usage_metrics (user_id, period_start, period_end, messages_count)
-VALUES ('e0000000-0000-4000-8000-000000000106', pg_temp.month_start() - interval '1 month', pg_temp.month_start(), 77);
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000106');
+VALUES ('e0000000-0000-4000-8000-000000000106', tests.month_start() - interval '1 month', tests.month_start(), 77);
+SELECT tests.usage('e0000000-0000-4000-8000-000000000106');
 SELECT billing.reset_monthly_usage() AS opened;
-SELECT period_start = pg_temp.month_start() AS current_month, period_end = pg_temp.month_end() AS ends_next_month, messages_count
+SELECT period_start = tests.month_start() AS current_month, period_end = tests.month_end() AS ends_next_month, messages_count
   FROM billing.usage_metrics WHERE user_id = 'e0000000-0000-4000-8000-000000000106' ORDER BY period_start;
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000106');
+SELECT tests.usage('e0000000-0000-4000-8000-000000000106');
 -- again: nothing to open
 SELECT billing.reset_monthly_usage() AS opened_again;
 -- usage recorded after the reset goes to the new row
@@ -174,48 +177,51 @@ SELECT billing.cleanup_api_usage() AS deleted_again;
 SELECT billing.cleanup_api_usage('1 day') AS deleted_1_day;
 SELECT count(*) AS buckets_of_108 FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000108';
 -- a negative interval or NULL: 22023, nothing deleted
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage('-1 day')$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage(NULL)$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage('-1 day')$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage(NULL)$$);
 SELECT count(*) AS buckets_of_108 FROM billing.api_usage WHERE user_id = 'e0000000-0000-4000-8000-000000000108';
 
 -- ===== security =====
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000101","role":"authenticated"}', true) IS NOT NULL AS claims_set;
 -- own: works
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000101');
+SELECT tests.usage('e0000000-0000-4000-8000-000000000101');
 SELECT allowed, current_usage, limit_value FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', 'messages');
 -- another user's: 42501
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000102')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000102', 'messages')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000102')$$);
+SELECT tests.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000102', 'messages')$$);
 -- service-only: 42501, even for the own id
-SELECT pg_temp.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 1, 1)$$);
-SELECT pg_temp.err($$SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000101')$$);
-SELECT pg_temp.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', 1)$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage()$$);
-SELECT pg_temp.err($$SELECT billing.reset_monthly_usage()$$);
+SELECT tests.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 1, 1)$$);
+SELECT tests.err($$SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000101')$$);
+SELECT tests.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', 1)$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage()$$);
+SELECT tests.err($$SELECT billing.reset_monthly_usage()$$);
 -- no direct writes
-SELECT pg_temp.err($$UPDATE billing.usage_metrics SET messages_count = 0$$);
-SELECT pg_temp.err($$DELETE FROM billing.api_usage$$);
+SELECT tests.err($$UPDATE billing.usage_metrics SET messages_count = 0$$);
+SELECT tests.err($$DELETE FROM billing.api_usage$$);
 -- RLS: only the own rows
 SELECT count(DISTINCT user_id) AS users_visible FROM billing.usage_metrics;
 SELECT count(DISTINCT user_id) AS users_visible FROM billing.api_usage;
 RESET ROLE;
 -- the internal checks hold without the privilege check (claims say authenticated)
 SELECT set_config('request.jwt.claims', '{"sub":"e0000000-0000-4000-8000-000000000101","role":"authenticated"}', true) IS NOT NULL AS claims_set;
-SELECT pg_temp.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 1, 1)$$);
-SELECT pg_temp.err($$SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000101')$$);
-SELECT pg_temp.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', 1)$$);
-SELECT pg_temp.err($$SELECT billing.cleanup_api_usage()$$);
-SELECT pg_temp.err($$SELECT billing.reset_monthly_usage()$$);
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000102')$$);
+SELECT tests.err($$SELECT billing.record_message_usage('e0000000-0000-4000-8000-000000000101', 1, 1)$$);
+SELECT tests.err($$SELECT billing.record_conversation_usage('e0000000-0000-4000-8000-000000000101')$$);
+SELECT tests.err($$SELECT billing.record_document_usage('e0000000-0000-4000-8000-000000000101', 1)$$);
+SELECT tests.err($$SELECT billing.cleanup_api_usage()$$);
+SELECT tests.err($$SELECT billing.reset_monthly_usage()$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000102')$$);
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- anon: no access
 SET LOCAL ROLE anon;
-SELECT pg_temp.err($$SELECT * FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000101')$$);
-SELECT pg_temp.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', 'messages')$$);
+SELECT tests.err($$SELECT * FROM billing.get_user_current_usage('e0000000-0000-4000-8000-000000000101')$$);
+SELECT tests.err($$SELECT * FROM billing.check_monthly_limit('e0000000-0000-4000-8000-000000000101', 'messages')$$);
 RESET ROLE;
 -- the denied calls changed nothing
-SELECT pg_temp.usage('e0000000-0000-4000-8000-000000000101');
+SELECT tests.usage('e0000000-0000-4000-8000-000000000101');
 
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+SET client_min_messages = warning;
+DROP SCHEMA tests CASCADE;
+RESET client_min_messages;
