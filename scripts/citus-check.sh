@@ -103,14 +103,30 @@ set +e
 CITUS_DB=citus_check "$PY" "$REPO/tests/citus/check.py" 2>&1 | tee "$OUT/check.log"
 crc=${PIPESTATUS[0]}
 
-# pg_regress against the coordinator: reported, not gating yet (README lists why files differ).
+# pg_regress against the coordinator, every file, reported per file. The files in CITUS_REGRESS_GATING
+# pass on the cluster and gate this script; the others are reported, not gating: README ("Scale-out
+# on Citus") says why each still differs there.
+CITUS_REGRESS_GATING=(batch credit_expiry credits_consume credits_expire_renew credits_grant
+    credits_refund_clawback idempotency_scopes migration retention webhooks)
 log "pg_regress against the coordinator"
 mapfile -t tests < <(cd "$REPO/tests/pg_regress/sql" && ls -- *.sql | sed 's/\.sql$//' | sort)
 "$PGXS/src/test/regress/pg_regress" --use-existing --bindir="$PGBIN" --host=127.0.0.1 --port="$COORD_PORT" --user=postgres \
     --dbname=regression --inputdir="$REPO/tests/pg_regress" --outputdir="$OUT/regress" "${tests[@]}" > "$OUT/regress.log" 2>&1
-ok=$(grep -cE '^(ok +[0-9]+ +[-+] +[A-Za-z0-9_]+)' "$OUT/regress.log" || true)
-bad=$(grep -cE '^(not ok +[0-9]+ +[-+] +[A-Za-z0-9_]+)' "$OUT/regress.log" || true)
+ok=0; bad=0; gate_bad=(); known=()
+for t in "${tests[@]}"; do
+    gating=0; for g in "${CITUS_REGRESS_GATING[@]}"; do [ "$g" = "$t" ] && gating=1; done
+    if grep -qE "^ok +[0-9]+ +[-+] +$t( |\$)" "$OUT/regress.log"; then
+        ok=$((ok + 1)); printf '  ok      %-28s%s\n' "$t" "$([ $gating = 1 ] && echo gating || echo 'passes now: add it to CITUS_REGRESS_GATING')"
+    else
+        bad=$((bad + 1))
+        if [ $gating = 1 ]; then gate_bad+=("$t"); printf '  DIFFERS %-28sgating\n' "$t"
+        else known+=("$t"); printf '  differs %-28snot gating (README lists why)\n' "$t"; fi
+    fi
+done | tee "$OUT/regress-per-file.log"
+ok=$(grep -c '^  ok ' "$OUT/regress-per-file.log" || true)
+bad=$(grep -ci '^  differs ' "$OUT/regress-per-file.log" || true)
+gbad=$(grep -c '^  DIFFERS ' "$OUT/regress-per-file.log" || true)
 log "summary (Citus $(psql -XAtq -p "$COORD_PORT" -d regression -c "SELECT extversion FROM pg_extension WHERE extname = 'citus'"))"
 echo "  cluster checks  $(tail -n 1 "$OUT/check.log")"
-echo "  pg_regress      $ok passed, $bad differ on the cluster (not gating; diffs in $OUT/regress/regression.diffs)"
-exit "$crc"
+echo "  pg_regress      $ok passed, $bad differ on the cluster; gating (${#CITUS_REGRESS_GATING[@]} files): $gbad differ (diffs in $OUT/regress/regression.diffs)"
+[ "$crc" = 0 ] && [ "$gbad" = 0 ] || exit 1
