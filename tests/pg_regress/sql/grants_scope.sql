@@ -30,13 +30,16 @@ CREATE FUNCTION tests.keep(p_label text, r jsonb) RETURNS jsonb LANGUAGE sql AS 
 $f$;
 -- name_new(user, label[, category]): labels the user's one grant (of that category) that has no
 -- label yet (made by a two-pool function, which returns no grant_id); returns how many it labeled
-CREATE FUNCTION tests.name_new(p_user uuid, p_label text, p_category text DEFAULT NULL) RETURNS bigint LANGUAGE sql AS $f$
-    WITH n AS (INSERT INTO pg_temp.g
-               SELECT p_label, c.id FROM billing.credit_grants AS c
-                WHERE c.user_id = p_user AND c.id NOT IN (SELECT id FROM pg_temp.g)
-                  AND (p_category IS NULL OR c.category::text = p_category)
-               RETURNING 1)
-    SELECT count(*) FROM n
+CREATE FUNCTION tests.name_new(p_user uuid, p_label text, p_category text DEFAULT NULL) RETURNS bigint LANGUAGE plpgsql AS $f$
+DECLARE ids uuid[]; n bigint;
+BEGIN
+    -- the user's grants first (on a Citus cluster, a worker reads them), then the labels
+    SELECT array_agg(c.id) INTO ids FROM billing.credit_grants AS c
+     WHERE c.user_id = p_user AND (p_category IS NULL OR c.category::text = p_category);
+    INSERT INTO pg_temp.g SELECT p_label, x FROM unnest(ids) AS x WHERE x NOT IN (SELECT id FROM pg_temp.g);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
 $f$;
 CREATE FUNCTION tests.l(p_id uuid) RETURNS text LANGUAGE sql AS $f$
     SELECT CASE WHEN p_id IS NULL THEN '-' ELSE COALESCE((SELECT label FROM pg_temp.g WHERE id = p_id), '?') END
@@ -51,10 +54,14 @@ CREATE FUNCTION tests.grants(p_user uuid)
 RETURNS TABLE (label text, category text, amount bigint, remaining bigint, priority int, scope text[], voided bigint, depleted boolean)
 LANGUAGE plpgsql AS $f$
 #variable_conflict use_column
+DECLARE rs billing.credit_grants[];
 BEGIN
+-- the rows first (on a Citus cluster, a worker reads them), then the labels
+SELECT array_agg(c) INTO rs
+      FROM billing.credit_grants AS c WHERE c.user_id = p_user;
 FOR label, category, amount, remaining, priority, scope, voided, depleted IN
     SELECT tests.l(c.id), c.category::text, c.amount, c.remaining, c.priority, c.scope, c.voided_amount, c.depleted
-      FROM billing.credit_grants AS c WHERE c.user_id = p_user ORDER BY 1
+      FROM unnest(rs) AS c ORDER BY 1
 LOOP RETURN NEXT; END LOOP;
 END
 $f$;
@@ -63,10 +70,14 @@ CREATE FUNCTION tests.ledger(p_user uuid)
 RETURNS TABLE (type text, pool text, amount bigint, balance_after bigint, grant_label text)
 LANGUAGE plpgsql AS $f$
 #variable_conflict use_column
+DECLARE rs billing.credit_transactions[];
 BEGIN
+-- the rows first (on a Citus cluster, a worker reads them), then the labels
+SELECT array_agg(t) INTO rs
+      FROM billing.credit_transactions AS t WHERE t.user_id = p_user;
 FOR type, pool, amount, balance_after, grant_label IN
     SELECT t.type, t.pool::text, t.amount, t.balance_after, tests.l(t.grant_id)
-      FROM billing.credit_transactions AS t WHERE t.user_id = p_user ORDER BY t.id
+      FROM unnest(rs) AS t ORDER BY t.id
 LOOP RETURN NEXT; END LOOP;
 END
 $f$;
