@@ -95,6 +95,10 @@ END
 $f$;
 GRANT SELECT ON g TO PUBLIC;  -- the end-user parts read it too
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
+-- cg(user): the user's grants (read first: on a Citus cluster a query on billing tables runs on a worker)
+CREATE FUNCTION tests.cg(p_user uuid) RETURNS SETOF billing.credit_grants LANGUAGE plpgsql AS $f$
+BEGIN RETURN QUERY SELECT * FROM billing.credit_grants WHERE user_id = p_user; END
+$f$;
 GRANT SELECT ON res TO PUBLIC;
 -- user 80 ("me") and 81 ("other")
 SELECT tests.keep('e_me', billing.grant_credits('00000000-0000-0000-0000-000000130080', 10, 'purchased')) AS r;
@@ -130,7 +134,7 @@ SELECT tests.err($$SELECT billing.grant_credits('00000000-0000-0000-0000-0000001
 SELECT tests.err($$SELECT billing.grant_credits('00000000-0000-0000-0000-000000130080', 5, 'promotional', p_description => repeat('d', 1001))$$);
 SELECT tests.err($$SELECT billing.grant_credits('00000000-0000-0000-0000-000000130080', 5, 'promotional', p_reference_id => repeat('r', 256))$$);
 SELECT tests.err($$SELECT billing.grant_credits('00000000-0000-0000-0000-000000130080', 5, 'promotional', p_idempotency_key => repeat('k', 256))$$);
-SELECT tests.bal('00000000-0000-0000-0000-000000130080'), (SELECT count(*) FROM billing.credit_grants WHERE user_id = '00000000-0000-0000-0000-000000130080') AS grants;
+SELECT tests.bal('00000000-0000-0000-0000-000000130080'), (SELECT count(*) FROM tests.cg('00000000-0000-0000-0000-000000130080')) AS grants;
 -- the bounds are accepted: priority 0 and 100, every category
 SELECT tests.keep('e_p0', billing.grant_credits('00000000-0000-0000-0000-000000130080', 1, 'subscription', 0)) AS r;
 SELECT tests.keep('e_p100', billing.grant_credits('00000000-0000-0000-0000-000000130080', 1, 'rollover', 100)) AS r;

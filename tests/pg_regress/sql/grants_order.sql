@@ -104,17 +104,25 @@ SELECT tests.keep('o1_sub', billing.grant_credits('00000000-0000-0000-0000-00000
 SELECT * FROM tests.grants('00000000-0000-0000-0000-000000130001');
 -- 35 credits: subscription 10, rollover 10, promotional 10, refund 5; purchased untouched
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
+-- txs(label): the ledger rows of a result's operation; cg(user): the user's grants. Queries that
+-- label rows read them through these (on a Citus cluster the labels are on the coordinator only).
+CREATE FUNCTION tests.txs(p_label text) RETURNS SETOF billing.credit_transactions LANGUAGE plpgsql AS $f$
+DECLARE op uuid := (SELECT (r ->> 'transaction_id')::uuid FROM pg_temp.res WHERE label = p_label);
+BEGIN RETURN QUERY SELECT * FROM billing.credit_transactions WHERE operation_id = op; END
+$f$;
+CREATE FUNCTION tests.cg(p_user uuid) RETURNS SETOF billing.credit_grants LANGUAGE plpgsql AS $f$
+BEGIN RETURN QUERY SELECT * FROM billing.credit_grants WHERE user_id = p_user; END
+$f$;
 INSERT INTO res SELECT 'o1_c35', billing.consume_credits('00000000-0000-0000-0000-000000130001', 35, NULL, 'four grants', 'ref-o1')
 RETURNING label, tests.paid(r) AS paid, r - 'transaction_id' - 'grants' AS r;
 -- one ledger row per grant, in spending order, each with its grant and its pool's balance after
 -- (subscription pool = subscription + rollover; purchased pool = purchased + refund + promotional)
 SELECT t.type, t.pool, t.amount, t.balance_after, tests.l(t.grant_id) AS grant_label, t.description, t.reference_id
-  FROM billing.credit_transactions AS t
- WHERE t.operation_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'o1_c35')
+  FROM tests.txs('o1_c35') AS t
  ORDER BY t.id;
 -- the result's grants are exactly the ledger rows of the operation
 SELECT (SELECT count(*) FROM jsonb_array_elements((SELECT r -> 'grants' FROM res WHERE label = 'o1_c35')))
-     = (SELECT count(*) FROM billing.credit_transactions WHERE operation_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'o1_c35'))
+     = (SELECT count(*) FROM tests.txs('o1_c35'))
        AS one_ledger_row_per_grant;
 SELECT * FROM tests.grants('00000000-0000-0000-0000-000000130001');
 -- the next debit continues with refund, then purchased
@@ -155,8 +163,7 @@ SELECT tests.keep('o4_late2', billing.grant_credits('00000000-0000-0000-0000-000
 INSERT INTO res SELECT 'o4_v2', billing.consume_credits_v2('00000000-0000-0000-0000-000000130004', 6)
 RETURNING label, r - 'transaction_id' AS r;
 SELECT t.pool, t.amount, t.balance_after, tests.l(t.grant_id) AS grant_label
-  FROM billing.credit_transactions AS t
- WHERE t.operation_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'o4_v2')
+  FROM tests.txs('o4_v2') AS t
  ORDER BY t.id;
 SELECT * FROM tests.grants('00000000-0000-0000-0000-000000130004');
 

@@ -150,7 +150,7 @@ SELECT tests.err($$SELECT billing.balance_at('00000000-0000-0000-0000-0000001300
 
 -- ===== get_credit_grants: status and order =====
 -- user 71: one grant of each status
-SELECT clock_timestamp() + interval '1 second' AS end_at, now() + interval '1 day' AS tomorrow \gset
+SELECT clock_timestamp() + interval '3 seconds' AS end_at, now() + interval '1 day' AS tomorrow \gset
 SELECT tests.keep('c_active', billing.grant_credits('00000000-0000-0000-0000-000000130071', 5, 'purchased', p_description => 'pack', p_reference_id => 'order-1')) AS r;
 SELECT tests.keep('c_scheduled', billing.grant_credits('00000000-0000-0000-0000-000000130071', 6, 'promotional', p_effective_at => :'tomorrow')) AS r;
 SELECT tests.keep('c_expired', billing.grant_credits('00000000-0000-0000-0000-000000130071', 7, 'promotional', 20, p_expires_at => :'end_at')) AS r;
@@ -174,8 +174,9 @@ SELECT subscription_credits_balance, purchased_credits_balance, total_balance, a
   FROM billing.get_user_credits('00000000-0000-0000-0000-000000130071');
 -- the grants of a purchase name its transaction
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000130072', 9, 'pack 9', 'order-9') ->> 'total_balance' AS total;
+SELECT operation_id AS purchase_op FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000130072' AND amount = 9 \gset
 SELECT category, amount, remaining, status, description, reference_id,
-       source_transaction_id = (SELECT operation_id FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000130072' AND amount = 9) AS source_is_purchase
+       source_transaction_id = :'purchase_op' AS source_is_purchase
   FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130072');
 -- an unknown user: no rows; NULL: 22023
 SELECT count(*) AS unknown_user_grants FROM billing.get_credit_grants('00000000-0000-0000-0000-000000130079', true);

@@ -93,6 +93,15 @@ BEGIN RETURN (
 END
 $f$;
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
+-- txs(label): the ledger rows of a result's operation; cg(user): the user's grants. Queries that
+-- label rows read them through these (on a Citus cluster the labels are on the coordinator only).
+CREATE FUNCTION tests.txs(p_label text) RETURNS SETOF billing.credit_transactions LANGUAGE plpgsql AS $f$
+DECLARE op uuid := (SELECT (r ->> 'transaction_id')::uuid FROM pg_temp.res WHERE label = p_label);
+BEGIN RETURN QUERY SELECT * FROM billing.credit_transactions WHERE operation_id = op; END
+$f$;
+CREATE FUNCTION tests.cg(p_user uuid) RETURNS SETOF billing.credit_grants LANGUAGE plpgsql AS $f$
+BEGIN RETURN QUERY SELECT * FROM billing.credit_grants WHERE user_id = p_user; END
+$f$;
 
 -- user 20: image+video 10 (promotional), chat 10 (promotional), unscoped 5 (purchased)
 SELECT tests.keep('s_media', billing.grant_credits('00000000-0000-0000-0000-000000130020', 10, 'promotional', p_scope => ARRAY['image', 'video'])) AS r;
@@ -114,8 +123,7 @@ SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000
 SELECT tests.bal('00000000-0000-0000-0000-000000130020');
 INSERT INTO res SELECT 'v2_3', billing.consume_credits_v2('00000000-0000-0000-0000-000000130020', 3)
 RETURNING label, r - 'transaction_id' AS r;
-SELECT t.pool, t.amount, tests.l(t.grant_id) AS grant_label FROM billing.credit_transactions AS t
- WHERE t.operation_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'v2_3');
+SELECT t.pool, t.amount, tests.l(t.grant_id) AS grant_label FROM tests.txs('v2_3') AS t;
 
 -- only other-scoped credits are left (chat 10): PT402 for image, video, no feature and the legacy alias
 SELECT tests.err($$SELECT billing.consume_credits('00000000-0000-0000-0000-000000130020', 1, 'image')$$);

@@ -95,6 +95,15 @@ BEGIN RETURN (
 END
 $f$;
 CREATE TEMP TABLE res (label text PRIMARY KEY, r jsonb);
+-- txs(label): the ledger rows of a result's operation; cg(user): the user's grants. Queries that
+-- label rows read them through these (on a Citus cluster the labels are on the coordinator only).
+CREATE FUNCTION tests.txs(p_label text) RETURNS SETOF billing.credit_transactions LANGUAGE plpgsql AS $f$
+DECLARE op uuid := (SELECT (r ->> 'transaction_id')::uuid FROM pg_temp.res WHERE label = p_label);
+BEGIN RETURN QUERY SELECT * FROM billing.credit_transactions WHERE operation_id = op; END
+$f$;
+CREATE FUNCTION tests.cg(p_user uuid) RETURNS SETOF billing.credit_grants LANGUAGE plpgsql AS $f$
+BEGIN RETURN QUERY SELECT * FROM billing.credit_grants WHERE user_id = p_user; END
+$f$;
 
 -- ===== void_grant: the remainder, once =====
 -- user 40: v_a purchased 10 (4 used), v_b promotional 5, v_c purchased 3 (priority 60)
@@ -112,8 +121,7 @@ SELECT * FROM tests.grants('00000000-0000-0000-0000-000000130040');
 SELECT void_reason, voided_at IS NOT NULL AS voided FROM billing.credit_grants WHERE id = (SELECT id FROM g WHERE label = 'v_a');
 -- its ledger row: the grant, minus the remainder
 SELECT t.type, t.pool, t.amount, t.balance_after, tests.l(t.grant_id) AS grant_label
-  FROM billing.credit_transactions AS t
- WHERE t.operation_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'void_a');
+  FROM tests.txs('void_a') AS t;
 SELECT tests.bal('00000000-0000-0000-0000-000000130040');
 -- a second void (another reason too): already_voided, the first amount, nothing changes
 INSERT INTO res SELECT 'void_a_again', billing.void_grant((SELECT id FROM g WHERE label = 'v_a'), 'fraud')
@@ -164,7 +172,7 @@ SELECT tests.name_new('00000000-0000-0000-0000-000000130041', 'buy_c') AS labele
 -- each purchase's grant keeps its transaction
 SELECT tests.l(c.id) AS grant_label, c.category, c.amount,
        c.source_transaction_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE res.label = tests.l(c.id)) AS source_is_purchase
-  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130041' ORDER BY 1;
+  FROM tests.cg('00000000-0000-0000-0000-000000130041') AS c ORDER BY 1;
 -- 35 used: all of A, 5 of B
 SELECT tests.paid(billing.consume_credits('00000000-0000-0000-0000-000000130041', 35)) AS paid;
 -- B: its 15 left are voided, shortfall 5; C's 10 stay although the purchased pool has 25
@@ -172,8 +180,7 @@ INSERT INTO res SELECT 'claw_b', billing.clawback_credits_from_transaction((SELE
 RETURNING label, r - 'transaction_id' - 'original_transaction_id' AS r;
 SELECT * FROM tests.grants('00000000-0000-0000-0000-000000130041');
 SELECT t.type, t.pool, t.amount, t.balance_after, tests.l(t.grant_id) AS grant_label
-  FROM billing.credit_transactions AS t
- WHERE t.operation_id = (SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'claw_b');
+  FROM tests.txs('claw_b') AS t;
 -- again: already clawed back, nothing changes
 SELECT billing.clawback_credits_from_transaction((SELECT (r ->> 'transaction_id')::uuid FROM res WHERE label = 'buy_b'), 'chargeback B')
        ->> 'already_clawed_back' AS already_clawed_back;
@@ -203,7 +210,7 @@ SELECT billing.renew_subscription_credits('00000000-0000-0000-0000-000000130050'
 SELECT tests.name_new('00000000-0000-0000-0000-000000130050', 'r_roll_p2', 'rollover') AS labeled,
        tests.name_new('00000000-0000-0000-0000-000000130050', 'r_sub_p2', 'subscription') AS labeled;
 SELECT tests.l(c.id) AS grant_label, c.category, c.amount, c.remaining, c.priority, c.expires_at = :'p2' AS expires_at_new_period_end
-  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130050' ORDER BY 1;
+  FROM tests.cg('00000000-0000-0000-0000-000000130050') AS c ORDER BY 1;
 SELECT * FROM tests.ledger('00000000-0000-0000-0000-000000130050');
 SELECT count(*) AS expiration_events FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000130050';
 SELECT tests.bal('00000000-0000-0000-0000-000000130050');
@@ -214,7 +221,7 @@ SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000130050', 'pro'
 SELECT tests.name_new('00000000-0000-0000-0000-000000130050', 'r_roll_p3', 'rollover') AS labeled,
        tests.name_new('00000000-0000-0000-0000-000000130050', 'r_sub_p3', 'subscription') AS labeled;
 SELECT tests.l(c.id) AS grant_label, c.category, c.amount, c.remaining, c.expires_at = :'p3' AS expires_at_new_period_end
-  FROM billing.credit_grants AS c WHERE c.user_id = '00000000-0000-0000-0000-000000130050' ORDER BY 1;
+  FROM tests.cg('00000000-0000-0000-0000-000000130050') AS c ORDER BY 1;
 SELECT expired_amount FROM billing.credit_expiration_events WHERE user_id = '00000000-0000-0000-0000-000000130050' ORDER BY id;
 SELECT tests.bal('00000000-0000-0000-0000-000000130050');
 SELECT subscription_credits_balance, purchased_credits_balance, total_balance, available
