@@ -64,9 +64,8 @@ SELECT billing.consume_credits_v2('00000000-0000-0000-0000-0000000000d1', 1) ->>
 SELECT tests.paid('00000000-0000-0000-0000-0000000000d1'), tests.head('00000000-0000-0000-0000-0000000000d1');
 
 -- 4. Voiding the head clears it: the next debit is paid by the grant after it.
-SELECT billing.void_grant((SELECT g.id FROM billing.credit_grants AS g
-                            WHERE g.user_id = '00000000-0000-0000-0000-0000000000d1' AND g.priority = 0),
-                          'head voided') ->> 'voided_amount' AS voided;
+SELECT g.id AS head_id FROM billing.credit_grants AS g WHERE g.user_id = '00000000-0000-0000-0000-0000000000d1' AND g.priority = 0 \gset
+SELECT billing.void_grant(:'head_id', 'head voided') ->> 'voided_amount' AS voided;
 SELECT tests.head('00000000-0000-0000-0000-0000000000d1');
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-0000000000d1', 1) ->> 'subscription_used' AS subscription_used;
 SELECT tests.paid('00000000-0000-0000-0000-0000000000d1');

@@ -100,11 +100,15 @@ CREATE FUNCTION tests.sleep_past(p_t timestamptz) RETURNS boolean LANGUAGE sql A
 $f$;
 -- stored(user): the stored grant rows and counts, to show that a read wrote nothing
 CREATE FUNCTION tests.stored(p_user uuid) RETURNS text LANGUAGE plpgsql AS $f$
-BEGIN RETURN (
-    SELECT format('%s expiration_events=%s stored_remaining=%s', tests.bal(p_user),
-                  (SELECT count(*) FROM billing.credit_expiration_events AS e WHERE e.user_id = p_user),
+DECLARE events bigint; grants billing.credit_grants[];
+BEGIN
+    -- the rows first (on a Citus cluster, a worker reads them), then the labels
+    events := (SELECT count(*) FROM billing.credit_expiration_events AS e WHERE e.user_id = p_user);
+    SELECT array_agg(c) INTO grants FROM billing.credit_grants AS c WHERE c.user_id = p_user;
+    RETURN (
+    SELECT format('%s expiration_events=%s stored_remaining=%s', tests.bal(p_user), events,
                   (SELECT string_agg(tests.l(c.id) || ':' || c.remaining, ' ' ORDER BY tests.l(c.id))
-                     FROM billing.credit_grants AS c WHERE c.user_id = p_user)));
+                     FROM unnest(grants) AS c)));
 END
 $f$;
 
