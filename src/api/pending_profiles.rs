@@ -131,7 +131,8 @@ SELECT COALESCE(pl.monthly_credits, 0)::bigint,
 /// (higher), $8 its billing cycle (later). $1 user, $2 plan, $3 provider, $4 provider
 /// membership, $5 cycle start, $6 cycle end, $9 the purchase plan's monthly credits: what a new
 /// period taken from the purchase has granted (so a later upsert_subscription for the same
-/// period tops up only an upgrade; a kept period keeps its own count).
+/// period tops up only an upgrade; a kept period keeps its own count), $10 the transaction's
+/// now() (a parameter: Citus takes no now() in ON CONFLICT ... SET).
 const SUBSCRIBE: &str = "
 INSERT INTO billing.subscriptions AS s
        (user_id, plan_id, status, provider, provider_subscription_id, current_period_start, current_period_end,
@@ -148,7 +149,7 @@ ON CONFLICT (user_id) DO UPDATE
        trial_ends_at            = NULL,
        cancel_at_period_end     = false,
        expires_at               = NULL,
-       updated_at               = pg_catalog.now()";
+       updated_at               = $10";
 
 const DELETE_PROFILE: &str = "DELETE FROM billing.pending_profiles AS p WHERE p.id = $1 RETURNING 1";
 
@@ -233,7 +234,7 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
         spi::write(
             c,
             SUBSCRIBE,
-            &[UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, BOOL, INT8],
+            &[UUID, TEXT, TEXT, TEXT, TIMESTAMPTZ, TIMESTAMPTZ, BOOL, BOOL, INT8, TIMESTAMPTZ],
             &[
                 uuid_arg(user),
                 p.plan_id.as_str().into(),
@@ -244,6 +245,7 @@ fn apply(c: &mut SpiClient<'_>, user: &[u8; 16], email: Option<&str>, p: &Profil
                 plan_kept.into(),
                 period_kept.into(),
                 p.plan_credits.into(),
+                spi::tx_today_now()?.1.into(),
             ],
         )?;
         crate::api::events::subscription_written(c, user, before)?;
