@@ -44,8 +44,8 @@ SELECT r ->> 'renewal_date' = to_char(tests.utc_today() + interval '1 month', 'Y
 SET LOCAL TimeZone = 'UTC';
 SELECT e.renewal_date = w.renewal_date AS same_renewal, e.period_start = w.period_start AS same_period_start,
        e.anchor_day = w.anchor_day AS same_anchor
-  FROM billing.members AS e, billing.members AS w
- WHERE e.email = 'tz-east@example.com' AND w.email = 'tz-west@example.com';
+  FROM (SELECT * FROM billing.members WHERE email = 'tz-east@example.com') AS e
+  JOIN (SELECT * FROM billing.members WHERE email = 'tz-west@example.com') AS w ON true;
 SELECT tests.m('tz-east@example.com') AS east, tests.m('tz-west@example.com') AS west;
 
 -- ===== reset_usage_for_due_members(): p_today defaults to today in UTC, in every zone =====
