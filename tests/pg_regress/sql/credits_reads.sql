@@ -64,7 +64,8 @@ SELECT billing.refund_credits('00000000-0000-0000-0000-000000000043', 2, 'op5') 
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000043', 4, 'op6') ->> 'total_balance' AS total;
 SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000043', 'op7') ->> 'total_balance' AS total;
 UPDATE billing.credit_transactions AS t
-   SET created_at = '2030-01-01 00:00:00+00'::timestamptz + pg_catalog.make_interval(hours => substr(t.description, 3)::integer)
+   -- 2030-01-01 00:00 UTC + n hours, with an IMMUTABLE function (Citus takes no STABLE one over columns in an UPDATE)
+   SET created_at = pg_catalog.to_timestamp(1893456000 + 3600 * substr(t.description, 3)::integer)
  WHERE t.user_id = '00000000-0000-0000-0000-000000000043';
 -- newest first (the two rows of op4 share a time: the later row first)
 SELECT description, type, pool, amount, balance_after, created_at
