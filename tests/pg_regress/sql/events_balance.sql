@@ -8,6 +8,8 @@
 -- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
 CREATE SCHEMA tests;
 GRANT USAGE ON SCHEMA tests TO PUBLIC;
+-- single_node: false on a Citus cluster, where the sections marked 'single node only' are skipped
+SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') AS single_node \gset
 SET TimeZone = 'UTC';
 SET DateStyle = 'ISO, YMD';
 -- err(sql): 'SQLSTATE: message' instead of failing
@@ -169,12 +171,15 @@ SELECT tests.total(billing.add_purchased_credits('00000000-0000-0000-0000-000000
 SELECT billing.set_balance_alert(50, '00000000-0000-0000-0000-000000150103', p_hysteresis => 0.2) ->> 'rearm_at' AS rearm_at;
 SELECT (billing.reserve_credits('00000000-0000-0000-0000-000000150103', 60)) ->> 'available' AS available_after_reserve;
 SELECT * FROM tests.new_events('00000000-0000-0000-0000-000000150103');
-SELECT billing.release_hold((SELECT id FROM billing.credit_holds WHERE user_id = '00000000-0000-0000-0000-000000150103' AND status = 'active')) ->> 'available' AS available_after_release;
+-- (the hold's id read first: on a Citus cluster the call runs on the user's worker)
+SELECT id AS hold_id FROM billing.credit_holds WHERE user_id = '00000000-0000-0000-0000-000000150103' AND status = 'active' \gset
+SELECT billing.release_hold(:'hold_id') ->> 'available' AS available_after_release;
 SELECT * FROM tests.new_events('00000000-0000-0000-0000-000000150103');
 -- a reservation of everything: low and depleted; capturing part of it gives the rest back: recovered
 SELECT (billing.reserve_credits('00000000-0000-0000-0000-000000150103', 100)) ->> 'available' AS available_after_reserve;
 SELECT type, payload ->> 'available' AS available, payload ->> 'held' AS held FROM tests.new_events('00000000-0000-0000-0000-000000150103');
-SELECT billing.capture_hold((SELECT id FROM billing.credit_holds WHERE user_id = '00000000-0000-0000-0000-000000150103' AND status = 'active'), 30) ->> 'available' AS available_after_capture;
+SELECT id AS hold_id FROM billing.credit_holds WHERE user_id = '00000000-0000-0000-0000-000000150103' AND status = 'active' \gset
+SELECT billing.capture_hold(:'hold_id', 30) ->> 'available' AS available_after_capture;
 SELECT type, payload ->> 'available' AS available, payload ->> 'held' AS held FROM tests.new_events('00000000-0000-0000-0000-000000150103');
 -- overdraft: the debt is subtracted; below zero is depleted
 SELECT billing.set_overdraft_limit('00000000-0000-0000-0000-000000150103', 100) - 'user_id' AS od;
@@ -254,8 +259,11 @@ SELECT billing.set_balance_alert(50, '00000000-0000-0000-0000-000000150107') ->>
 BEGIN;
 SELECT tests.total(billing.consume_credits_v2('00000000-0000-0000-0000-000000150107', 100)) AS total;
 -- inside the transaction: low and depleted, written by this transaction
+-- single node only: events.tx is the id of the writing transaction on the node that holds the user (event delivery's design; issue 17)
+\if :single_node
 SELECT type, tx = pg_current_xact_id() AS this_transaction, created_at BETWEEN now() AND clock_timestamp() AS during_it
   FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150107' ORDER BY id;
+\endif
 ROLLBACK;
 SELECT count(*) AS events_after_rollback FROM billing.events WHERE user_id = '00000000-0000-0000-0000-000000150107';
 SELECT * FROM tests.st('00000000-0000-0000-0000-000000150107');
@@ -279,8 +287,9 @@ SELECT count(*) AS events,
   FROM billing.events WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001501%';
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 -- leave no rule and no plan behind (other tests list the plans)
+CREATE TEMP TABLE rule_users AS SELECT user_id FROM billing.user_balance_alerts WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001501%';
 SELECT count(billing.set_balance_alert(NULL, u)) AS removed
-  FROM (SELECT user_id FROM billing.user_balance_alerts WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001501%' ORDER BY 1) AS x(u);
+  FROM (SELECT user_id FROM rule_users ORDER BY 1) AS x(u);
 DELETE FROM billing.subscriptions WHERE user_id::text LIKE '00000000-0000-0000-0000-0000001501%';
 DELETE FROM billing.plans WHERE plan_id IN ('ev_bal_plan', 'ev_bal_other');
 SET client_min_messages = warning;
