@@ -247,3 +247,98 @@ BEGIN
     RETURN n::integer;
 END
 $$;
+
+-- expose_rpc on a Citus coordinator (issue 17): its distributed commands run sequentially.
+CREATE OR REPLACE FUNCTION billing.expose_rpc(p_schema text DEFAULT 'public') RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f record;
+    planted record;
+    n integer := 0;
+    call_args text;
+    body text;
+    ddl text;
+    target text;
+    me oid := (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = CURRENT_USER);
+    nsp oid;
+BEGIN
+    PERFORM billing.require_service('billing.expose_rpc');
+    -- On a Citus coordinator (issue 17) the grants below touch distributed tables over several
+    -- connections per node, and a function created afterwards must reach each node over one:
+    -- this transaction's distributed commands run sequentially.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    END IF;
+    IF p_schema IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = p_schema) THEN
+        RAISE EXCEPTION 'schema % does not exist', pg_catalog.quote_literal(COALESCE(p_schema, 'NULL'))
+            USING ERRCODE = '22023', HINT = 'create the schema first, or pass the schema PostgREST exposes (usually public)';
+    END IF;
+    IF p_schema IN ('billing', 'information_schema') OR p_schema LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'wrappers cannot be created in schema %', p_schema USING ERRCODE = '22023';
+    END IF;
+    nsp := (SELECT ns.oid FROM pg_catalog.pg_namespace AS ns WHERE ns.nspname = p_schema);
+    -- Never adopt a function another role planted (0.3.0): CREATE OR REPLACE would keep its
+    -- owner, who could later rewrite the "wrapper" that backends call with the service key. Any
+    -- function of p_schema with an API function's name must be ours (the extension owner's).
+    SELECT p.oid::pg_catalog.regprocedure AS fn, p.proowner::pg_catalog.regrole AS owner INTO planted
+      FROM pg_catalog.pg_proc AS p JOIN billing.api_catalog() AS c ON c.function_name = p.proname
+     WHERE p.pronamespace = nsp AND p.proowner <> me
+     ORDER BY p.oid::pg_catalog.regprocedure::text LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'function % is owned by role %, not by %: billing.expose_rpc does not adopt or replace functions of other roles',
+                        planted.fn, planted.owner, CURRENT_USER
+            USING ERRCODE = '42501',
+                  HINT = pg_catalog.format('drop it (or, after reading its body, ALTER FUNCTION %s OWNER TO %I), then run expose_rpc again; let only trusted roles create in schema %I',
+                                           planted.fn, CURRENT_USER, p_schema);
+    END IF;
+    PERFORM billing.apply_grants();
+    FOR f IN
+        SELECT p.oid, p.proname, p.pronargs, p.proargtypes, p.proretset, p.provolatile, c.access
+          FROM billing.api_catalog() AS c
+          JOIN pg_catalog.pg_proc AS p
+            ON p.proname = c.function_name AND p.pronamespace = 'billing'::pg_catalog.regnamespace
+         ORDER BY p.proname
+    LOOP
+        SELECT COALESCE(pg_catalog.string_agg('$' || i, ', ' ORDER BY i), '')
+          INTO call_args FROM pg_catalog.generate_series(1, f.pronargs) AS i;
+        body := pg_catalog.format(CASE WHEN f.proretset THEN 'SELECT * FROM billing.%I(%s)' ELSE 'SELECT billing.%I(%s)' END,
+                                  f.proname, call_args);
+        target := pg_catalog.format('%I.%I(%s)', p_schema, f.proname, pg_catalog.pg_get_function_identity_arguments(f.oid));
+        ddl := pg_catalog.format(
+            'CREATE OR REPLACE FUNCTION %I.%I(%s) RETURNS %s LANGUAGE sql %s SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS %L',
+            p_schema, f.proname, pg_catalog.pg_get_function_arguments(f.oid), pg_catalog.pg_get_function_result(f.oid),
+            CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END, body);
+        BEGIN
+            EXECUTE ddl;
+        EXCEPTION WHEN invalid_function_definition THEN
+            -- The result type changed in an upgrade: replace the old wrapper.
+            EXECUTE 'DROP FUNCTION ' || target;
+            EXECUTE ddl;
+        END;
+        -- A function planted after the check above (a concurrent CREATE FUNCTION) keeps its
+        -- owner through CREATE OR REPLACE: refuse rather than leave another role's wrapper.
+        SELECT p.oid::pg_catalog.regprocedure AS fn, p.proowner::pg_catalog.regrole AS owner INTO planted
+          FROM pg_catalog.pg_proc AS p
+         WHERE p.pronamespace = nsp AND p.proname = f.proname AND p.proargtypes = f.proargtypes AND p.proowner <> me;
+        IF FOUND THEN
+            RAISE EXCEPTION 'function % is owned by role %, not by %: billing.expose_rpc does not adopt or replace functions of other roles',
+                            planted.fn, planted.owner, CURRENT_USER
+                USING ERRCODE = '42501';
+        END IF;
+        EXECUTE pg_catalog.format('COMMENT ON FUNCTION %s IS %L', target, pg_catalog.obj_description(f.oid, 'pg_proc'));
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', target);
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO service_role', target);
+        END IF;
+        IF f.access IN ('rpc', 'anon') AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO authenticated', target);
+        END IF;
+        IF f.access = 'anon' AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO anon', target);
+        END IF;
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.expose_rpc(text) IS 'Service-only (DBA). Creates (or refreshes) in p_schema thin SECURITY INVOKER wrappers, owned by the extension owner, with the names, parameters and results of pg_billing''s API, so supabase.rpc(''consume_credits_v2'', {...}) works unchanged; re-run after ALTER EXTENSION UPDATE. Refuses (42501, naming the function and its owner) when p_schema holds a function with an API function''s name that another role owns. Returns the number of wrappers.';
