@@ -12,7 +12,7 @@
 source "$(dirname "$0")/../scripts/lib.sh"
 N1="${1:-300}"; N2="${2:-1300}"
 command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
-PREV="$(awk '!/^#/ && NF == 2 {v = $1} END {print v}' "$REPO/sql/releases/commits.txt")"
+PREV="${PREV:-$(awk '!/^#/ && NF == 2 {v = $1} END {print v}' "$REPO/sql/releases/commits.txt")}"
 PREV_COMMIT="$(awk -v v="$PREV" '$1 == v {print $2}' "$REPO/sql/releases/commits.txt")"
 WORK="$REPO/.tmp/bench-grants"; mkdir -p "$WORK"
 BASE_PG_CONFIG="$(fetch_postgres 15)"; BASE="$(dirname "$(dirname "$BASE_PG_CONFIG")")"
@@ -39,6 +39,9 @@ chmod -R o+rX "$WORK/pg-prev" "$WORK/pg-cur"; chmod o+x "$REPO" "$REPO/.tmp" "$W
 U="('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid"
 CLASSIC="SELECT count(billing.add_subscription_credits($U, 1000000000)) + count(billing.add_purchased_credits($U, 1000000000))
            FROM generate_series(1, 10000) AS i"
+# Each account has been debited once since its last grant (the steady state: debits outnumber
+# grants; since 0.7.0 the first debit after a grant takes the general path and records the head).
+PRIME="SELECT count(billing.consume_credits_v2($U, 1)) FROM generate_series(1, 10000) AS i"
 # 10 spendable grants: 10 promotional grants of different priorities (the first pays).
 TEN="SELECT count(billing.grant_credits($U, 1000000000, 'promotional', 20 + k, now(), NULL, NULL)) FROM generate_series(1, 10000) AS i, generate_series(1, 10) AS k"
 # 10 grants of 1 credit each: a debit of 2 spans two grants (the general statement, not the fast path).
@@ -50,7 +53,7 @@ measure() { # label, pg_config, setup sql[, amount per call]
     runuser -u postgres -- "$bin/initdb" -D "$d/data" -A trust -U postgres --no-sync >/dev/null
     runuser -u postgres -- "$bin/pg_ctl" -D "$d/data" -o "-k $d -p 54998 -c listen_addresses=''" -w start >/dev/null
     "$bin/createdb" -h "$d" -p 54998 -U postgres cg
-    "$bin/psql" -X -q -h "$d" -p 54998 -U postgres -d cg -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pg_billing" -c "$3" -c "VACUUM ANALYZE" >/dev/null
+    "$bin/psql" -X -q -h "$d" -p 54998 -U postgres -d cg -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pg_billing" -c "$3" -c "${5:-$PRIME}" -c "VACUUM ANALYZE" >/dev/null
     runuser -u postgres -- "$bin/pg_ctl" -D "$d/data" -w stop >/dev/null
     for n in "$N1" "$N2"; do
         { echo "SET synchronous_commit = off;"; echo; echo "PREPARE c(uuid) AS SELECT billing.consume_credits_v2(\$1, ${4:-1});"; echo

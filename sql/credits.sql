@@ -217,7 +217,16 @@ BEGIN
                 OR g.remaining < 0 OR g.remaining > g.amount OR g.amount <= 0
                 OR g.priority NOT BETWEEN 0 AND 100
                 OR g.depleted <> (g.remaining = 0)
-                OR g.pool::text <> CASE WHEN g.category::text IN ('subscription', 'rollover') THEN 'subscription' ELSE 'purchased' END)
+                OR g.pool::text <> CASE WHEN g.category::text IN ('subscription', 'rollover') THEN 'subscription' ELSE 'purchased' END)    ), bad_heads AS (
+        -- (0.7.0) A recorded head (billing.accounts.head_grant) must be a grant of the account
+        -- without a scope, not voided, of the pool recorded, with the remaining recorded.
+        SELECT a.user_id
+          FROM billing.accounts AS a
+          LEFT JOIN billing.credit_grants AS g ON g.user_id = a.user_id AND g.id = a.head_grant
+         WHERE a.head_grant IS NOT NULL AND (p_user_id IS NULL OR a.user_id = p_user_id)
+           AND (g.id IS NULL OR g.scope IS NOT NULL OR g.voided_at IS NOT NULL
+                OR g.remaining IS DISTINCT FROM a.head_remaining
+                OR (g.pool::text = 'subscription') IS DISTINCT FROM a.head_subscription)
     )
     SELECT COALESCE(acct.user_id, ledger.user_id),
            COALESCE(acct.sub, 0), COALESCE(ledger.sub, 0),
@@ -233,8 +242,9 @@ BEGIN
         OR acct.debt < 0
         OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
         OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
-        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b);
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_heads AS b);
 END
 $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
-'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured). Empty means consistent.';
+'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured), or (0.7.0) a recorded head of the spending order that is not the grant it says (billing.accounts.head_grant: its remaining, pool, scope or void). Empty means consistent.';

@@ -6,6 +6,141 @@
 -- with a fresh 0.7.0 install.
 \echo Use "ALTER EXTENSION pg_billing UPDATE TO '0.7.0'" to load this file. \quit
 
+-- ===== The cost of a debit (issue 13) =====
+
+-- The pools and the ledger's amounts are checked by domains instead of table CHECKs: a table
+-- CHECK's expression is parsed again on every statement that writes the table, a domain's check
+-- is kept planned in the type cache and runs only where a statement assigns the column.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type AS t
+                    WHERE t.typname = 'credit_balance' AND t.typnamespace = 'billing'::pg_catalog.regnamespace) THEN
+        CREATE DOMAIN billing.credit_balance AS bigint CONSTRAINT credit_balance_non_negative CHECK (VALUE >= 0);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type AS t
+                    WHERE t.typname = 'credit_change' AND t.typnamespace = 'billing'::pg_catalog.regnamespace) THEN
+        CREATE DOMAIN billing.credit_change AS bigint CONSTRAINT credit_change_non_zero CHECK (VALUE <> 0);
+    END IF;
+END
+$$;
+COMMENT ON DOMAIN billing.credit_balance IS 'A stored credit balance (an account''s pool, a ledger row''s balance after): never negative.';
+COMMENT ON DOMAIN billing.credit_change IS 'A ledger row''s signed amount: never 0.';
+
+ALTER TABLE billing.accounts DROP CONSTRAINT IF EXISTS accounts_balances_non_negative;
+ALTER TABLE billing.credit_transactions DROP CONSTRAINT IF EXISTS credit_transactions_amount_check;
+DO $$
+BEGIN
+    -- Each column once: the type changes without a rewrite (a domain over the same type), but
+    -- every stored value is checked against the domain.
+    IF (SELECT a.atttypid FROM pg_catalog.pg_attribute AS a
+         WHERE a.attrelid = 'billing.accounts'::pg_catalog.regclass AND a.attname = 'subscription_credits_balance')
+       <> 'billing.credit_balance'::pg_catalog.regtype THEN
+        ALTER TABLE billing.accounts
+            ALTER COLUMN subscription_credits_balance TYPE billing.credit_balance,
+            ALTER COLUMN purchased_credits_balance TYPE billing.credit_balance;
+    END IF;
+    IF (SELECT a.atttypid FROM pg_catalog.pg_attribute AS a
+         WHERE a.attrelid = 'billing.credit_transactions'::pg_catalog.regclass AND a.attname = 'amount')
+       <> 'billing.credit_change'::pg_catalog.regtype THEN
+        ALTER TABLE billing.credit_transactions
+            ALTER COLUMN amount TYPE billing.credit_change,
+            ALTER COLUMN balance_after TYPE billing.credit_balance;
+    END IF;
+END
+$$;
+
+-- The head of the spending order, recorded on the account (a cache: NULL until the next general
+-- debit writes it). Added without defaults, so the table matches a fresh install.
+ALTER TABLE billing.accounts ADD COLUMN IF NOT EXISTS head_grant uuid;
+ALTER TABLE billing.accounts ADD COLUMN IF NOT EXISTS head_subscription boolean;
+ALTER TABLE billing.accounts ADD COLUMN IF NOT EXISTS head_remaining bigint;
+ALTER TABLE billing.accounts ADD COLUMN IF NOT EXISTS head_until timestamptz;
+
+-- verify_ledger also checks the recorded head.
+CREATE OR REPLACE FUNCTION billing.verify_ledger(p_user_id uuid DEFAULT NULL)
+RETURNS TABLE (user_id uuid, subscription_credits_balance bigint, subscription_ledger_sum bigint,
+               purchased_credits_balance bigint, purchased_ledger_sum bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM billing.require_service('billing.verify_ledger');
+    -- (pool::text: the upgrade to 0.4.0 adds the value 'debt' and creates this function in one
+    -- transaction, where the new value cannot be named as a constant.)
+    RETURN QUERY
+    WITH ledger AS (
+        SELECT t.user_id,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'subscription')::bigint AS sub,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'purchased')::bigint AS pur,
+               pg_catalog.sum(t.amount) FILTER (WHERE t.pool::text = 'debt')::bigint AS debt
+          FROM billing.credit_transactions AS t
+         WHERE p_user_id IS NULL OR t.user_id = p_user_id
+         GROUP BY t.user_id
+    ), acct AS (
+        SELECT a.user_id, a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, a.held
+          FROM billing.accounts AS a
+         WHERE p_user_id IS NULL OR a.user_id = p_user_id
+    ), hold_sums AS (
+        -- Per user (0.5.0): the stored held sum must be the sum of the active holds' amounts.
+        SELECT h.user_id,
+               COALESCE(pg_catalog.sum(h.amount) FILTER (WHERE h.status::text = 'active'), 0)::bigint AS held,
+               pg_catalog.bool_or(h.amount <= 0 OR (h.status::text = 'captured') <> (h.captured_amount IS NOT NULL)) AS bad
+          FROM billing.credit_holds AS h
+         WHERE p_user_id IS NULL OR h.user_id = p_user_id
+         GROUP BY h.user_id
+    ), grant_sums AS (
+        -- Per user: the stored pools must be the sums of the grants' remaining.
+        SELECT g.user_id,
+               pg_catalog.sum(g.remaining) FILTER (WHERE g.pool::text = 'subscription')::bigint AS sub,
+               pg_catalog.sum(g.remaining) FILTER (WHERE g.pool::text = 'purchased')::bigint AS pur
+          FROM billing.credit_grants AS g
+         WHERE p_user_id IS NULL OR g.user_id = p_user_id
+         GROUP BY g.user_id
+    ), bad_grants AS (
+        -- Per grant: its ledger rows must sum to its remaining.
+        SELECT DISTINCT g.user_id
+          FROM billing.credit_grants AS g
+          LEFT JOIN (SELECT t.user_id, t.grant_id, pg_catalog.sum(t.amount)::bigint AS s
+                       FROM billing.credit_transactions AS t
+                      WHERE t.grant_id IS NOT NULL AND (p_user_id IS NULL OR t.user_id = p_user_id)
+                      GROUP BY t.user_id, t.grant_id) AS l
+            ON l.user_id = g.user_id AND l.grant_id = g.id
+         WHERE (p_user_id IS NULL OR g.user_id = p_user_id)
+           AND (g.remaining <> COALESCE(l.s, 0)
+                -- and what the table has no CHECK for (see schema.sql)
+                OR g.remaining < 0 OR g.remaining > g.amount OR g.amount <= 0
+                OR g.priority NOT BETWEEN 0 AND 100
+                OR g.depleted <> (g.remaining = 0)
+                OR g.pool::text <> CASE WHEN g.category::text IN ('subscription', 'rollover') THEN 'subscription' ELSE 'purchased' END)    ), bad_heads AS (
+        -- (0.7.0) A recorded head (billing.accounts.head_grant) must be a grant of the account
+        -- without a scope, not voided, of the pool recorded, with the remaining recorded.
+        SELECT a.user_id
+          FROM billing.accounts AS a
+          LEFT JOIN billing.credit_grants AS g ON g.user_id = a.user_id AND g.id = a.head_grant
+         WHERE a.head_grant IS NOT NULL AND (p_user_id IS NULL OR a.user_id = p_user_id)
+           AND (g.id IS NULL OR g.scope IS NOT NULL OR g.voided_at IS NOT NULL
+                OR g.remaining IS DISTINCT FROM a.head_remaining
+                OR (g.pool::text = 'subscription') IS DISTINCT FROM a.head_subscription)
+    )
+    SELECT COALESCE(acct.user_id, ledger.user_id),
+           COALESCE(acct.sub, 0), COALESCE(ledger.sub, 0),
+           COALESCE(acct.pur, 0), COALESCE(ledger.pur, 0)
+      FROM acct
+      FULL JOIN ledger ON ledger.user_id = acct.user_id
+      LEFT JOIN grant_sums AS gs ON gs.user_id = COALESCE(acct.user_id, ledger.user_id)
+      LEFT JOIN hold_sums AS hs ON hs.user_id = COALESCE(acct.user_id, ledger.user_id)
+     WHERE COALESCE(acct.held, 0) <> COALESCE(hs.held, 0) OR COALESCE(hs.bad, false)
+        OR COALESCE(acct.sub, 0) <> COALESCE(ledger.sub, 0)
+        OR COALESCE(acct.pur, 0) <> COALESCE(ledger.pur, 0)
+        OR COALESCE(acct.debt, 0) <> -COALESCE(ledger.debt, 0)
+        OR acct.debt < 0
+        OR COALESCE(acct.sub, 0) <> COALESCE(gs.sub, 0)
+        OR COALESCE(acct.pur, 0) <> COALESCE(gs.pur, 0)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_grants AS b)
+        OR COALESCE(acct.user_id, ledger.user_id) IN (SELECT b.user_id FROM bad_heads AS b);
+END
+$$;
+COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
+'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured), or (0.7.0) a recorded head of the spending order that is not the grant it says (billing.accounts.head_grant: its remaining, pool, scope or void). Empty means consistent.';
+
 -- ---------------------------------------------------------------------------------------------
 -- Events on a Citus cluster (issue 17, branch citus-events): claims and acks on a distributed
 -- billing.events use no transaction-id horizon (src/api/events.rs, mod cluster), so

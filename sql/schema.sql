@@ -60,12 +60,20 @@ $$;
 COMMENT ON FUNCTION billing.seed_default_plans() IS 'Writes the default plans (free, pro, premium, ultra) that are missing; returns how many it wrote. Existing rows are never changed.';
 SELECT billing.seed_default_plans() WHERE pg_catalog.current_setting('row_security') = 'on';
 
+-- Credit amounts (0.7.0): a stored balance is never negative, a ledger row never moves 0. Domains,
+-- not table CHECKs, so the check costs only where a statement assigns the column (see
+-- billing.accounts).
+CREATE DOMAIN billing.credit_balance AS bigint CONSTRAINT credit_balance_non_negative CHECK (VALUE >= 0);
+COMMENT ON DOMAIN billing.credit_balance IS 'A stored credit balance (an account''s pool, a ledger row''s balance after): never negative.';
+CREATE DOMAIN billing.credit_change AS bigint CONSTRAINT credit_change_non_zero CHECK (VALUE <> 0);
+COMMENT ON DOMAIN billing.credit_change IS 'A ledger row''s signed amount: never 0.';
+
 -- One row per user: the two credit pools.
 CREATE TABLE billing.accounts (
     user_id                        uuid PRIMARY KEY,
     email                          text,
-    subscription_credits_balance   bigint NOT NULL DEFAULT 0,
-    purchased_credits_balance      bigint NOT NULL DEFAULT 0,
+    subscription_credits_balance   billing.credit_balance NOT NULL DEFAULT 0,
+    purchased_credits_balance      billing.credit_balance NOT NULL DEFAULT 0,
     subscription_credits_expire_at timestamptz,
     -- The signed change the most recent write made to each pool. It is set by the same UPDATE
     -- that changes the balances (SET expressions read the old row), so RETURNING can report
@@ -99,14 +107,25 @@ CREATE TABLE billing.accounts (
     alert_threshold                bigint,
     alert_rearm                    bigint,
     alert_state                    smallint NOT NULL DEFAULT -1,
-    -- One constraint for both pools: PostgreSQL re-reads each CHECK's expression on every
-    -- statement that writes the table, so the hot tables keep as few as they can (overdraft_limit
-    -- and debt have none: set_overdraft_limit refuses a negative limit, a repayment never exceeds
-    -- the debt, and billing.verify_ledger() checks the debt against its ledger rows).
-    -- The sum is evaluated too: a total past 2^63-1 fails the write with 22003, so every stored
-    -- account's total fits a bigint.
-    CONSTRAINT accounts_balances_non_negative CHECK (subscription_credits_balance >= 0 AND purchased_credits_balance >= 0
-                                                     AND subscription_credits_balance + purchased_credits_balance >= 0)
+    -- The head (0.7.0): the first grant in spending order among the live grants without a scope,
+    -- its pool, its remaining credits and until when it is sure to stay first (its expiry, or the
+    -- earliest start of a grant that has not started). Written by every general debit, cleared
+    -- (NULL) by every other write that changes the grants; a debit that this grant pays alone
+    -- takes the hot path with it (src/api/credits.rs, FAST_ACCOUNT). A cache: NULL is always
+    -- correct, billing.verify_ledger() checks a recorded head against the grants.
+    head_grant                     uuid,
+    head_subscription              boolean,
+    head_remaining                 bigint,
+    head_until                     timestamptz
+    -- No table CHECK (0.7.0): the pools are of the domain billing.credit_balance, whose check
+    -- is evaluated only where a statement assigns a pool, from an expression the type cache
+    -- keeps planned; a table CHECK's expression is parsed again on every statement that writes
+    -- the table (issue 13: about a fifth of a debit's instructions went to the two CHECKs of
+    -- this table and the ledger). overdraft_limit and debt have none: set_overdraft_limit
+    -- refuses a negative limit, a repayment never exceeds the debt, and billing.verify_ledger()
+    -- checks the debt against its ledger rows. The one statement that adds to a pool (a new
+    -- grant) evaluates the pools' sum plus what it adds: a total past 2^63-1 fails with 22003,
+    -- so every stored account's total fits a bigint.
 );
 -- E-mails are compared one way everywhere: ASCII letters lower-cased, nothing else folded
 -- (issue 11 item 8a; pg_billing_core::members::email_key).
@@ -206,8 +225,8 @@ CREATE TABLE billing.credit_transactions (
     operation_id    uuid NOT NULL,
     type            text NOT NULL,
     pool            billing.credit_pool NOT NULL,
-    amount          bigint NOT NULL,
-    balance_after   bigint NOT NULL,
+    amount          billing.credit_change NOT NULL,
+    balance_after   billing.credit_balance NOT NULL,
     description     text,
     reference_id    text,
     idempotency_key text,
@@ -216,8 +235,9 @@ CREATE TABLE billing.credit_transactions (
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     -- The grant the row changed (0.4.0); NULL on rows of the debt and on rows written before 0.4.0.
     grant_id        uuid,
-    PRIMARY KEY (user_id, id),
-    CONSTRAINT credit_transactions_amount_check CHECK (amount <> 0 AND balance_after >= 0)
+    -- (0.7.0) amount <> 0 and balance_after >= 0 are the domains' checks, not a table CHECK
+    -- (see billing.accounts).
+    PRIMARY KEY (user_id, id)
 );
 CREATE INDEX credit_transactions_user_time_idx ON billing.credit_transactions (user_id, created_at DESC, id DESC);
 CREATE INDEX credit_transactions_operation_idx ON billing.credit_transactions (operation_id);

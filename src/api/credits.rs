@@ -82,7 +82,10 @@ RETURNING GREATEST(a.overdraft_limit - a.debt, 0), a.debt, LEAST(a.next_expiry_a
 /// under the lock; also the ledger rows' time). Every grant that counts then (for the live pools
 /// of consume_credits' result), in spending order, with whether the feature may spend it.
 const LIVE_GRANTS: &str = "
-SELECT g.id, g.pool = 'subscription', g.remaining, g.category::text, (g.scope IS NULL OR g.scope @> ARRAY[$2])
+SELECT g.id, g.pool = 'subscription', g.remaining, g.category::text, (g.scope IS NULL OR g.scope @> ARRAY[$2]),
+       g.scope IS NULL, g.expires_at,
+       (SELECT pg_catalog.min(s.effective_at) FROM billing.credit_grants AS s
+         WHERE s.user_id = $1 AND NOT s.depleted AND s.voided_at IS NULL AND s.effective_at > $3)
   FROM billing.credit_grants AS g
  WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
    AND g.effective_at <= $3
@@ -95,7 +98,9 @@ UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (
  WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3
 RETURNING 1";
 
-/// $1 user, $2 from the subscription pool, $3 from the purchased pool, $4 into debt.
+/// $1 user, $2 from the subscription pool, $3 from the purchased pool, $4 into debt; the head
+/// after it (see [`FAST_ACCOUNT`]): $5 grant (NULL: none), $6 of the subscription pool,
+/// $7 its remaining, $8 until when.
 const SPEND_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - $2,
@@ -103,9 +108,13 @@ UPDATE billing.accounts AS a
        debt                         = a.debt + $4,
        last_subscription_delta      = -$2,
        last_purchased_delta         = -$3,
+       head_grant                   = $5,
+       head_subscription            = $6,
+       head_remaining               = $7,
+       head_until                   = $8,
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1
-RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt";
+RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt";
 
 /// The ledger rows of one operation, in order. $1 user, $2 operation, $3 type, $4 description,
 /// $5 reference, $6 key, $7 pools, $8 amounts, $9 balances after, $10 grants (NULL for debt),
@@ -118,40 +127,40 @@ SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r
                   pg_catalog.unnest($10::uuid[])) WITH ORDINALITY AS r(pool, amount, after, grant_id, ord)
  ORDER BY r.ord";
 // The fast path of a debit without a feature that the first grant in spending order pays alone
-// (the usual case), in three simple statements instead of [`DEBIT`]'s one large one (executor
-// start-up of a large plan dominates a call; benches/grants_callgrind.sh measures it):
-//   1. [`FAST_ACCOUNT`] locks the account and takes the amount off the first grant's pool, where
-//      `head` is that grant. The UPDATE applies only when the row it locks is the version its
-//      snapshot saw (same xmin): a writer that committed meanwhile (every grant change updates the
-//      account row) may have changed the grants, and the subquery's answer would be stale. No
-//      row: nothing changed, take the general path.
+// (the usual case), in three simple statements instead of the general path's several (executor
+// start-up dominates a call; benches/grants_callgrind.sh measures it):
+//   1. [`FAST_ACCOUNT`] locks the account and takes the amount off the pool of its *head*: the
+//      first grant in spending order among the live grants without a scope, as the account row
+//      records it (0.7.0: head_grant, head_subscription, head_remaining, head_until). The head
+//      is written by every general debit (which reads the live grants in order under the lock)
+//      and cleared by every other write that changes the grants (a new grant, a void, an
+//      expiry, a new period end); head_until is the head's expiry or the earliest start of a
+//      grant that has not started (which could come first), whichever is sooner. Every fact the
+//      UPDATE checks is on the row it locks, so a writer that committed meanwhile is seen (READ
+//      COMMITTED re-checks the WHERE on the newest version). No row: nothing changed, take the
+//      general path.
 //   2. [`FAST_GRANT`] takes the amount off that grant, checking again with the clock now that the
-//      lock is held (a lock held without an update keeps xmin; a grant may have expired while we
-//      waited). No row: [`FAST_UNDO`] puts the pool back, and the general path runs.
+//      lock is held (head_until too: a grant may have started or the head expired while we
+//      waited). Past head_until, or no row (the head was wrong, which no write should leave):
+//      [`FAST_UNDO`] puts the pool back and clears the head, and the general path runs.
 //   3. [`LEDGER_ROW`] writes the one ledger row, dated with the clock step 2 checked.
 // The account lock is taken before the grant row, as everywhere (api/mod.rs).
 
-/// $1 user, $2 amount, $3 the clock. (0.5.0: only when the head grant also covers what the
-/// active holds reserve, and no hold may have expired; otherwise the general path decides.)
+/// $1 user, $2 amount, $3 the clock. Only when the head also covers what the active holds
+/// reserve (0.5.0), and no grant or hold may have expired (otherwise the general path decides).
 const FAST_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
-   SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN head.pool = 'subscription' THEN $2 ELSE 0 END,
-       purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN head.pool = 'purchased' THEN $2 ELSE 0 END,
-       last_subscription_delta      = CASE WHEN head.pool = 'subscription' THEN -$2 ELSE 0 END,
-       last_purchased_delta         = CASE WHEN head.pool = 'purchased' THEN -$2 ELSE 0 END,
+   SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN a.head_subscription THEN $2 ELSE 0 END,
+       purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN a.head_subscription THEN 0 ELSE $2 END,
+       last_subscription_delta      = CASE WHEN a.head_subscription THEN -$2 ELSE 0 END,
+       last_purchased_delta         = CASE WHEN a.head_subscription THEN 0 ELSE -$2 END,
+       head_remaining               = a.head_remaining - $2,
        updated_at                   = pg_catalog.now()
-  FROM (SELECT g.id, g.pool, g.remaining
-          FROM billing.credit_grants AS g
-         WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL AND g.scope IS NULL
-           AND g.effective_at <= $3
-           AND (g.expires_at IS NULL OR g.expires_at > $3)
-         ORDER BY g.priority, (g.scope IS NULL), g.expires_at, g.effective_at, g.created_at, g.id
-         LIMIT 1) AS head
- WHERE a.user_id = $1 AND head.remaining >= $2 + a.held
-   AND a.xmin = (SELECT s.xmin FROM billing.accounts AS s WHERE s.user_id = $1)
-   AND NOT COALESCE(a.next_expiry_at <= $3 OR a.subscription_credits_expire_at <= $3 OR a.next_hold_expiry_at <= $3, false)
-RETURNING a.subscription_credits_balance, a.purchased_credits_balance, a.debt, head.id, head.pool = 'subscription',
-          a.alert_threshold IS NOT NULL, a.alert_state < 0";
+ WHERE a.user_id = $1 AND a.head_remaining >= $2 + a.held
+   AND NOT COALESCE(a.head_until <= $3 OR a.next_expiry_at <= $3 OR a.subscription_credits_expire_at <= $3
+                    OR a.next_hold_expiry_at <= $3, false)
+RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt, a.head_grant, a.head_subscription,
+          a.alert_threshold IS NOT NULL, a.alert_state < 0, a.head_until";
 
 /// $1 user, $2 grant, $3 amount, $4 the clock ([`spi::clock`], read under the lock).
 const FAST_GRANT: &str = "
@@ -161,11 +170,12 @@ UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (
    AND (g.expires_at IS NULL OR g.expires_at > $4)
 RETURNING 1";
 
-/// Undo [`FAST_ACCOUNT`]. $1 user, $2 amount, $3 it was the subscription pool.
+/// Undo [`FAST_ACCOUNT`] and forget the head. $1 user, $2 amount, $3 it was the subscription pool.
 const FAST_UNDO: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance + CASE WHEN $3 THEN $2 ELSE 0 END,
-       purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN $3 THEN 0 ELSE $2 END
+       purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN $3 THEN 0 ELSE $2 END,
+       head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL
  WHERE a.user_id = $1";
 
 /// One ledger row. $1 user, $2 operation, $3 type, $4 pool, $5 amount, $6 balance after,
@@ -201,9 +211,12 @@ WITH gr AS (
            next_expiry_at               = LEAST(a.next_expiry_at, gr.expires_at),
            last_subscription_delta      = CASE WHEN gr.pool = 'subscription' THEN $5 - $14 ELSE 0 END,
            last_purchased_delta         = CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
+           head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                   = pg_catalog.now()
       FROM gr
-     WHERE a.user_id = $1
+     -- (0.7.0) The pools' total after this grant must fit a bigint: past 2^63-1 the sum fails
+     -- with 22003 (it is never negative otherwise).
+     WHERE a.user_id = $1 AND (a.subscription_credits_balance + a.purchased_credits_balance) + ($5 - $14) >= 0
  RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, gr.pool
 ), ledger AS (
     INSERT INTO billing.credit_transactions
@@ -261,6 +274,7 @@ WITH clock AS MATERIALIZED (
                                                 AND l.expires_at > (SELECT clock.at FROM clock) AND ($3 OR l.pool <> 'subscription')),
            last_subscription_delta        = -sums.sub,
            last_purchased_delta           = -sums.pur,
+           head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                     = pg_catalog.now()
       FROM sums
      WHERE a.user_id = $1
@@ -334,6 +348,7 @@ WITH v AS (
            purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN v.pool = 'purchased' THEN v.remaining ELSE 0 END,
            last_subscription_delta      = CASE WHEN v.pool = 'subscription' THEN -v.remaining ELSE 0 END,
            last_purchased_delta         = CASE WHEN v.pool = 'purchased' THEN -v.remaining ELSE 0 END,
+           head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                   = pg_catalog.now()
       FROM v
      WHERE a.user_id = $1
@@ -400,7 +415,8 @@ WITH a AS (
                                                  ELSE GREATEST(a.subscription_credits_expire_at, $2) END,
            next_expiry_at = LEAST(a.next_expiry_at,
                                   CASE WHEN NOT $3 OR a.subscription_credits_expire_at IS NULL THEN $2
-                                       ELSE GREATEST(a.subscription_credits_expire_at, $2) END)
+                                       ELSE GREATEST(a.subscription_credits_expire_at, $2) END),
+           head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL
      WHERE a.user_id = $1
  RETURNING a.subscription_credits_expire_at AS e
 )
@@ -926,6 +942,8 @@ struct LiveGrant {
     remaining: i64,
     category: String,
     admits: bool,
+    unscoped: bool,
+    expires_at: Option<TimestampWithTimeZone>,
 }
 
 /// The general debit (see [`LIVE_GRANTS`]), under the account lock the caller holds.
@@ -946,13 +964,18 @@ fn general_debit(
     key: Option<&str>,
 ) -> BResult<Option<Debit>> {
     let mut live = Vec::new();
+    // The earliest start of a grant that has not started (the same on every row).
+    let mut next_start: Option<TimestampWithTimeZone> = None;
     for row in spi::write(c, LIVE_GRANTS, &[UUID, TEXT, TIMESTAMPTZ], &[uuid_arg(user), feature.into(), clock.into()])? {
+        next_start = row.get::<TimestampWithTimeZone>(8).or_internal()?;
         live.push(LiveGrant {
             id: row.get::<pgrx::Uuid>(1).or_internal()?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("grant without id"))?,
             subscription_pool: row.get::<bool>(2).or_internal()?.unwrap_or(false),
             remaining: row.get::<i64>(3).or_internal()?.unwrap_or(0),
             category: row.get::<String>(4).or_internal()?.unwrap_or_default(),
             admits: row.get::<bool>(5).or_internal()?.unwrap_or(false),
+            unscoped: row.get::<bool>(6).or_internal()?.unwrap_or(false),
+            expires_at: row.get::<TimestampWithTimeZone>(7).or_internal()?,
         });
     }
     let admitted: Vec<&LiveGrant> = live.iter().filter(|g| g.admits).collect();
@@ -973,7 +996,21 @@ fn general_debit(
     }
     let dsub: i64 = paid.iter().filter(|(gr, _)| gr.subscription_pool).map(|(_, n)| n).sum();
     let dpur: i64 = paid.iter().filter(|(gr, _)| !gr.subscription_pool).map(|(_, n)| n).sum();
-    let t = spi::write(c, SPEND_ACCOUNT, &[UUID, INT8, INT8, INT8], &[uuid_arg(user), dsub.into(), dpur.into(), short.into()])?;
+    // The head after this debit (see FAST_ACCOUNT): the first live grant without a scope that
+    // still holds credits, valid until it expires or a grant that has not started starts.
+    let after = |gr: &LiveGrant| gr.remaining - paid.iter().find(|(p, _)| p.id == gr.id).map_or(0, |(_, n)| *n);
+    let head = live.iter().find(|gr| gr.unscoped && after(gr) > 0);
+    let head_until = match (head.and_then(|h| h.expires_at), next_start) {
+        (Some(a), Some(b)) => Some(if a < b { a } else { b }),
+        (a, b) => a.or(b),
+    };
+    let t = spi::write(
+        c,
+        SPEND_ACCOUNT,
+        &[UUID, INT8, INT8, INT8, UUID, BOOL, INT8, TIMESTAMPTZ],
+        &[uuid_arg(user), dsub.into(), dpur.into(), short.into(), head.map(|h| pgrx::Uuid::from_bytes(h.id)).into(),
+          head.map(|h| h.subscription_pool).into(), head.map(after).into(), head_until.into()],
+    )?;
     if t.is_empty() {
         return Err(unknown_account(user));
     }
@@ -1062,9 +1099,11 @@ fn fast_debit(
     let grant = col::<pgrx::Uuid>(&t, 4)?.map(|u| *u.as_bytes()).ok_or_else(|| BillingError::internal("no grant"))?;
     let is_sub = col::<bool>(&t, 5)?.unwrap_or(false);
     crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
+    let until = col::<TimestampWithTimeZone>(&t, 8)?;
     let clock = spi::clock()?;
-    if spi::write(c, FAST_GRANT, &[UUID, UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), uuid_arg(&grant), amount.into(), clock.into()])?
-        .is_empty()
+    if until.is_some_and(|u| u <= clock)
+        || spi::write(c, FAST_GRANT, &[UUID, UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), uuid_arg(&grant), amount.into(), clock.into()])?
+            .is_empty()
     {
         spi::write(c, FAST_UNDO, &[UUID, INT8, BOOL], &[uuid_arg(user), amount.into(), is_sub.into()])?;
         return Ok(None);
