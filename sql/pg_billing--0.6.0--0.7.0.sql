@@ -141,12 +141,11 @@ $$;
 COMMENT ON FUNCTION billing.verify_ledger(uuid) IS
 'Service-only, for DBAs and tests: the users (all, or p_user_id) whose books disagree: a pool balance that differs from the sum of its ledger rows or of its grants'' remaining, a grant whose ledger rows do not sum to its remaining (or whose remaining is outside 0..amount, or whose pool or depleted flag is wrong), or a debt that differs from its ledger rows, or (0.5.0) a held sum that differs from the amounts of the active holds (or a hold whose amount is not positive, or whose captured_amount is set unless it was captured), or (0.7.0) a recorded head of the spending order that is not the grant it says (billing.accounts.head_grant: its remaining, pool, scope or void). Empty means consistent.';
 
--- ---------------------------------------------------------------------------------------------
--- Events on a Citus cluster (issue 17, branch citus-events): claims and acks on a distributed
--- billing.events use no transaction-id horizon (src/api/events.rs, mod cluster), so
--- cleanup_events deletes what every consumer acknowledged without comparing horizons there.
--- (Unchanged on a single node.)
--- ---------------------------------------------------------------------------------------------
+-- ===== Event delivery on a Citus cluster (issue 17, branch citus-events) =====
+
+-- Claims and acks on a distributed billing.events use no transaction-id horizon
+-- (src/api/events.rs, mod cluster), so cleanup_events deletes what every consumer acknowledged
+-- without comparing horizons there. Unchanged on a single node.
 CREATE OR REPLACE FUNCTION billing.cleanup_events(p_older_than interval DEFAULT '7 days') RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
