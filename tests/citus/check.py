@@ -400,7 +400,7 @@ def _events():
         # (a cluster kept from an earlier run: its consumers have not acknowledged these events)
         assert len(left) == n_ours, (len(left), n_ours, consumers)
     return (f"{len(table)} events on 2 workers, each handed out once ({len(seq)} by 2 concurrent workers with 2 writers), "
-            f"the in-flight one after a later one, none rolled back; 6 redelivered (deliveries 2); cleanup deleted {deleted}")
+            f"the in-flight one after a later one, the rolled-back one never; 6 redelivered (deliveries 2); cleanup deleted {deleted}")
 
 
 FIG_USERS = 1000
