@@ -259,17 +259,26 @@ BEGIN
     SELECT pg_catalog.array_agg(k.consumer), pg_catalog.min(k.horizon) INTO v_consumers, v_horizon
       FROM billing.event_consumers AS k;
     -- On Citus (billing.events distributed) claims use no horizon (src/api/events.rs, mod
-    -- cluster): an acknowledgement by every consumer is enough.
+    -- cluster): there an acknowledgement by every consumer is enough.
     IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
         v_cluster := billing._citus_placed('events');
     END IF;
-    DELETE FROM billing.events AS e
-     WHERE e.created_at < v_cutoff
-       AND (v_consumers IS NULL
-            OR ((v_cluster OR e.tx < v_horizon)
-                AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
-                      WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
-                    = pg_catalog.cardinality(v_consumers)));
+    IF v_cluster THEN
+        DELETE FROM billing.events AS e
+         WHERE e.created_at < v_cutoff
+           AND (v_consumers IS NULL
+                OR (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                     WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                   = pg_catalog.cardinality(v_consumers));
+    ELSE
+        DELETE FROM billing.events AS e
+         WHERE e.created_at < v_cutoff
+           AND (v_consumers IS NULL
+                OR (e.tx < v_horizon
+                    AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                          WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                        = pg_catalog.cardinality(v_consumers)));
+    END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n::integer;
 END
