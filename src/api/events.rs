@@ -920,11 +920,12 @@ SELECT pg_catalog.count(e.id)::integer
         let now = spi::clock()?;
         let mut users: Vec<pgrx::Uuid> = Vec::new();
         let mut flags: Vec<bool> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut up_to = 0i64;
         for row in spi::read(c, CANDIDATES, &[TEXT, INT8, TIMESTAMPTZ], &[consumer.into(), limit.into(), now.into()])? {
             let (Some(u), Some(id)) = (row.get::<pgrx::Uuid>(1).or_internal()?, row.get::<i64>(2).or_internal()?) else { continue };
             up_to = up_to.max(id);
-            if !users.contains(&u) {
+            if seen.insert(*u.as_bytes()) {
                 users.push(u);
                 flags.push(row.get::<bool>(3).or_internal()?.unwrap_or(false));
             }
