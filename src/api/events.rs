@@ -17,6 +17,8 @@
 //! Delivery: a consumer discovers events by transaction horizon (every event of a transaction
 //! older than the oldest one still running is final), keeps one cursor per user, and claims the
 //! cursors it hands out FOR UPDATE SKIP LOCKED, so a user's events are in one claim at a time.
+//! On a Citus cluster (billing.events distributed) claims and acks take [`cluster`] instead: no
+//! transaction-id horizon, one statement per shard.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicI8, Ordering};
