@@ -78,6 +78,10 @@ ten="$(measure ten "$CUR_PG" "$TEN")"
 echo "this checkout, 10 spendable grants:       $ten instructions per call"
 span="$(measure span "$CUR_PG" "$SPAN" 2)"
 echo "this checkout, debit spanning 2 of 10 grants: $span instructions per call"
+# No debit since the grants were made: each call is the first after a grant change (the general
+# path, which records the head of the spending order on the account).
+first="$(measure first "$CUR_PG" "$CLASSIC" 1 "SELECT 1")"
+echo "this checkout, two classic grants, first debit after a grant: $first instructions per call"
 awk -v p="$prev" -v c="$cur" -v t="$ten" -v s="$span" 'BEGIN {
     printf "two classic grants vs %s: %+.1f%% (target: at most +10%%)\n", "previous release", (c / p - 1) * 100
     printf "10 grants vs two classic grants: %.2fx (target: at most 1.6x)\n", t / c

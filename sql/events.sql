@@ -157,7 +157,9 @@ CREATE FUNCTION billing._sync_balance_alerts(p_user_id uuid) RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_plan text;
+    v_users uuid[];
     n bigint;
+    m bigint;
 BEGIN
     IF p_user_id IS NOT NULL THEN
         -- One account (its first write): its effective plan first (user_effective_plan reads
@@ -181,22 +183,42 @@ BEGIN
          WHERE a.user_id = r.user_id AND a.user_id = p_user_id
            AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
     ELSE
-        -- Every account (a plan's rule changed).
-        UPDATE billing.accounts AS a
-           SET alert_threshold = r.threshold,
-               alert_rearm = r.rearm,
-               alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
-                                  WHEN r.available > 0 THEN 1 ELSE 2 END
-          FROM (SELECT a.user_id,
-                       COALESCE(u.threshold, p.threshold) AS threshold,
-                       CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
-                            WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
-                       a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
-                  FROM billing.accounts AS a
-                  LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
-                  LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = billing.user_effective_plan(a.user_id)) AS r
-         WHERE a.user_id = r.user_id
-           AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+        -- Every account (a plan's rule changed), in a few multi-shard statements on Citus: each
+        -- account's effective plan is computed from a read of the accounts and their
+        -- subscriptions (effective_plan_id reads billing.plans, so it runs on the rows this read
+        -- returns: on Citus on the coordinator, never inside a statement on a shard), then the
+        -- accounts of each plan are updated in one statement, with that plan's rule.
+        n := 0;
+        FOR v_plan, v_users IN
+            WITH c AS MATERIALIZED (
+                SELECT a.user_id, s.plan_id, s.status, s.current_period_end, s.trial_ends_at, s.expires_at
+                  FROM billing.accounts AS a LEFT JOIN billing.subscriptions AS s ON s.user_id = a.user_id)
+            SELECT e.plan_id, pg_catalog.array_agg(e.user_id ORDER BY e.user_id)
+              FROM (SELECT c.user_id,
+                           billing.effective_plan_id(c.plan_id, c.status, c.current_period_end, c.trial_ends_at, c.expires_at) AS plan_id
+                      FROM c) AS e
+             GROUP BY e.plan_id ORDER BY e.plan_id
+        LOOP
+            UPDATE billing.accounts AS a
+               SET alert_threshold = r.threshold,
+                   alert_rearm = r.rearm,
+                   alert_state = CASE WHEN a.alert_state < 0 OR r.threshold IS NULL OR r.available >= r.threshold THEN 0
+                                      WHEN r.available > 0 THEN 1 ELSE 2 END
+              FROM (SELECT a.user_id,
+                           COALESCE(u.threshold, p.threshold) AS threshold,
+                           CASE WHEN u.user_id IS NOT NULL THEN pg_catalog.ceil(u.threshold * (1 + u.hysteresis))::bigint
+                                WHEN p.plan_id IS NOT NULL THEN pg_catalog.ceil(p.threshold * (1 + p.hysteresis))::bigint END AS rearm,
+                           a.subscription_credits_balance + a.purchased_credits_balance - a.held - a.debt AS available
+                      FROM billing.accounts AS a
+                      LEFT JOIN billing.user_balance_alerts AS u ON u.user_id = a.user_id
+                      LEFT JOIN billing.plan_balance_alerts AS p ON p.plan_id = v_plan
+                     WHERE a.user_id = ANY (v_users)) AS r
+             WHERE a.user_id = r.user_id AND a.user_id = ANY (v_users)
+               AND (a.alert_threshold IS DISTINCT FROM r.threshold OR a.alert_rearm IS DISTINCT FROM r.rearm OR a.alert_state < 0);
+            GET DIAGNOSTICS m = ROW_COUNT;
+            n := n + m;
+        END LOOP;
+        RETURN n::integer;
     END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n::integer;

@@ -75,9 +75,9 @@ CREATE TABLE billing.accounts (
     subscription_credits_balance   billing.credit_balance NOT NULL DEFAULT 0,
     purchased_credits_balance      billing.credit_balance NOT NULL DEFAULT 0,
     subscription_credits_expire_at timestamptz,
-    -- The signed change the most recent write made to each pool. It is set by the same UPDATE
-    -- that changes the balances (SET expressions read the old row), so RETURNING can report
-    -- the FIFO split of a consumption in one statement, without a prior SELECT ... FOR UPDATE.
+    -- The signed change a write made to each pool (0.2.0 to 0.6.0; nothing read them). Not
+    -- written since 0.7.0 (every assignment costs the hot path; a debit's split is in its result
+    -- and its ledger rows); kept so that a client selecting them still works.
     last_subscription_delta        bigint NOT NULL DEFAULT 0,
     last_purchased_delta           bigint NOT NULL DEFAULT 0,
     created_at                     timestamptz NOT NULL DEFAULT pg_catalog.now(),

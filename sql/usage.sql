@@ -312,15 +312,28 @@ CREATE FUNCTION billing.reset_monthly_usage() RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_now timestamptz := pg_catalog.now();
+    v_month_start timestamptz := pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    v_month_end timestamptz := (pg_catalog.date_trunc('month', pg_catalog.now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
     n bigint;
 BEGIN
     PERFORM billing.require_service('reset_monthly_usage');
+    -- Each user's current period as billing.current_usage_period gives it (the subscription
+    -- period when now() is inside it, else the UTC calendar month), from the subscription joined
+    -- here rather than that function called per row (it reads billing.subscriptions): on Citus
+    -- this is one multi-shard statement, and no statement on a shard may read another
+    -- distributed table.
     INSERT INTO billing.usage_metrics (user_id, period_start, period_end)
-    SELECT l.user_id, p.period_start, p.period_end
+    SELECT l.user_id,
+           CASE WHEN s.current_period_start IS NOT NULL AND s.current_period_end IS NOT NULL
+                 AND v_now >= s.current_period_start AND v_now < s.current_period_end
+                THEN s.current_period_start ELSE v_month_start END,
+           CASE WHEN s.current_period_start IS NOT NULL AND s.current_period_end IS NOT NULL
+                 AND v_now >= s.current_period_start AND v_now < s.current_period_end
+                THEN s.current_period_end ELSE v_month_end END
       FROM (SELECT DISTINCT ON (u.user_id) u.user_id, u.period_end
               FROM billing.usage_metrics AS u
              ORDER BY u.user_id, u.period_start DESC) AS l
-      CROSS JOIN LATERAL billing.current_usage_period(l.user_id) AS p
+      LEFT JOIN billing.subscriptions AS s ON s.user_id = l.user_id
      WHERE l.period_end <= v_now
     ON CONFLICT (user_id, period_start) DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;

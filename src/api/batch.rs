@@ -36,23 +36,33 @@ fn jsonb_arg(a: &Args, n: usize) -> Option<Value> {
 /// in: for a user without a subscription its UTC calendar month (as current_usage_period), else
 /// the subscription's period when it falls inside it, else the period of the user's usage row
 /// that holds it, else its UTC calendar month. Returns the index and period of each event applied.
-/// $1 users, $2 metrics (index into pg_billing_core::batch::METRICS), $3 values, $4 keys,
-/// $5 occurred_at (PostgreSQL microseconds), $6 indexes.
+/// The subscriptions of the batch's users, and the usage rows of those with an event outside
+/// their subscription's period, are read first (materialized: on Citus, multi-shard reads whose
+/// rows the rest of the statement joins on the coordinator; Citus does not join per-event rows
+/// with a distributed table). $1 users, $2 metrics (index into pg_billing_core::batch::METRICS),
+/// $3 values, $4 keys, $5 occurred_at (PostgreSQL microseconds), $6 indexes, $7 now() (Citus
+/// takes no now() in ON CONFLICT ... SET).
 const RECORD_BATCH: &str = "
 WITH ev AS (
     SELECT e.u, e.m, e.v, e.k, 'epoch'::timestamptz + (e.t + 946684800000000)::double precision * interval '1 microsecond' AS t, e.o
       FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::bigint[]),
                       pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::int[]))
            AS e(u, m, v, k, t, o)
+), s AS MATERIALIZED (
+    SELECT s.user_id, s.current_period_start, s.current_period_end FROM billing.subscriptions AS s WHERE s.user_id = ANY ($1)
+), m AS MATERIALIZED (
+    SELECT m.user_id, m.period_start, m.period_end FROM billing.usage_metrics AS m
+     WHERE m.user_id = ANY (ARRAY(SELECT DISTINCT ev.u FROM ev JOIN s ON s.user_id = ev.u
+                                   WHERE (ev.t >= s.current_period_start AND ev.t < s.current_period_end) IS NOT TRUE))
 ), per AS (
     SELECT ev.u, ev.m, ev.v, ev.k, ev.t, ev.o, p.ps, p.pe
       FROM ev
-      LEFT JOIN billing.subscriptions AS s ON s.user_id = ev.u
+      LEFT JOIN s ON s.user_id = ev.u
      CROSS JOIN LATERAL (
         SELECT CASE WHEN s.user_id IS NULL
                     THEN pg_catalog.date_trunc('month', ev.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
                     WHEN ev.t >= s.current_period_start AND ev.t < s.current_period_end THEN s.current_period_start
-                    ELSE COALESCE((SELECT m.period_start FROM billing.usage_metrics AS m
+                    ELSE COALESCE((SELECT m.period_start FROM m
                                     WHERE m.user_id = ev.u AND m.period_start <= ev.t AND m.period_end > ev.t
                                     ORDER BY m.period_start DESC LIMIT 1),
                                   pg_catalog.date_trunc('month', ev.t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') END AS ps) AS p0
@@ -60,7 +70,7 @@ WITH ev AS (
         SELECT p0.ps,
                CASE WHEN s.user_id IS NOT NULL AND p0.ps = s.current_period_start THEN s.current_period_end
                     WHEN s.user_id IS NULL THEN ((p0.ps AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC'
-                    ELSE COALESCE((SELECT m.period_end FROM billing.usage_metrics AS m WHERE m.user_id = ev.u AND m.period_start = p0.ps),
+                    ELSE COALESCE((SELECT m.period_end FROM m WHERE m.user_id = ev.u AND m.period_start = p0.ps),
                                   ((p0.ps AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC') END AS pe) AS p
 ), keys AS (
     INSERT INTO billing.usage_event_keys AS k (user_id, idempotency_key, period_start)
@@ -97,7 +107,7 @@ WITH ev AS (
            chunks_stored_count       = um.chunks_stored_count + EXCLUDED.chunks_stored_count,
            generations_count         = um.generations_count + EXCLUDED.generations_count,
            api_calls_count           = um.api_calls_count + EXCLUDED.api_calls_count,
-           updated_at                = pg_catalog.now()
+           updated_at                = $7
 )
 SELECT fresh.o, (pg_catalog.extract('epoch', fresh.ps) * 1000000)::bigint - 946684800000000 FROM fresh";
 
@@ -156,7 +166,7 @@ fn record_usage_batch(a: &Args) -> BResult<Ret> {
             let t = spi::write(
                 c,
                 RECORD_BATCH,
-                &[UUIDARRAY, INT4ARRAY, INT8ARRAY, TEXTARRAY, INT8ARRAY, INT4ARRAY],
+                &[UUIDARRAY, INT4ARRAY, INT8ARRAY, TEXTARRAY, INT8ARRAY, INT4ARRAY, spi::TIMESTAMPTZ],
                 &[
                     users.clone().into(),
                     ok.iter().map(|(_, e)| e.metric as i32).collect::<Vec<i32>>().into(),
@@ -164,6 +174,7 @@ fn record_usage_batch(a: &Args) -> BResult<Ret> {
                     ok.iter().map(|(_, e)| e.key.clone()).collect::<Vec<Option<String>>>().into(),
                     ok.iter().map(|(_, e)| e.occurred_at).collect::<Vec<i64>>().into(),
                     ok.iter().map(|(i, _)| *i as i32).collect::<Vec<i32>>().into(),
+                    spi::tx_today_now()?.1.into(),
                 ],
             )?;
             for row in t {

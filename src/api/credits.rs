@@ -100,18 +100,17 @@ RETURNING 1";
 
 /// $1 user, $2 from the subscription pool, $3 from the purchased pool, $4 into debt; the head
 /// after it (see [`FAST_ACCOUNT`]): $5 grant (NULL: none), $6 of the subscription pool,
-/// $7 its remaining, $8 until when.
+/// $7 its remaining, $8 until when (its expiry or the next start; the account's own expiry
+/// dates are folded in here).
 const SPEND_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - $2,
        purchased_credits_balance    = a.purchased_credits_balance - $3,
        debt                         = a.debt + $4,
-       last_subscription_delta      = -$2,
-       last_purchased_delta         = -$3,
        head_grant                   = $5,
        head_subscription            = $6,
        head_remaining               = $7,
-       head_until                   = $8,
+       head_until                   = LEAST($8, a.next_expiry_at, a.subscription_credits_expire_at),
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1
 RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt";
@@ -134,8 +133,9 @@ SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r
 //      records it (0.7.0: head_grant, head_subscription, head_remaining, head_until). The head
 //      is written by every general debit (which reads the live grants in order under the lock)
 //      and cleared by every other write that changes the grants (a new grant, a void, an
-//      expiry, a new period end); head_until is the head's expiry or the earliest start of a
-//      grant that has not started (which could come first), whichever is sooner. Every fact the
+//      expiry, a new period end); head_until is the soonest of the head's expiry, the earliest
+//      start of a grant that has not started (which could come first), and the account's
+//      next_expiry_at and subscription_credits_expire_at (a write past those settles first). Every fact the
 //      UPDATE checks is on the row it locks, so a writer that committed meanwhile is seen (READ
 //      COMMITTED re-checks the WHERE on the newest version). No row: nothing changed, take the
 //      general path.
@@ -152,13 +152,10 @@ const FAST_ACCOUNT: &str = "
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN a.head_subscription THEN $2 ELSE 0 END,
        purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN a.head_subscription THEN 0 ELSE $2 END,
-       last_subscription_delta      = CASE WHEN a.head_subscription THEN -$2 ELSE 0 END,
-       last_purchased_delta         = CASE WHEN a.head_subscription THEN 0 ELSE -$2 END,
        head_remaining               = a.head_remaining - $2,
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1 AND a.head_remaining >= $2 + a.held
-   AND NOT COALESCE(a.head_until <= $3 OR a.next_expiry_at <= $3 OR a.subscription_credits_expire_at <= $3
-                    OR a.next_hold_expiry_at <= $3, false)
+   AND NOT COALESCE(a.head_until <= $3 OR a.next_hold_expiry_at <= $3, false)
 RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt, a.head_grant, a.head_subscription,
           a.alert_threshold IS NOT NULL, a.alert_state < 0, a.head_until";
 
@@ -167,8 +164,7 @@ const FAST_GRANT: &str = "
 UPDATE billing.credit_grants AS g SET remaining = g.remaining - $3, depleted = (g.remaining = $3)
  WHERE g.user_id = $1 AND g.id = $2 AND g.remaining >= $3 AND g.voided_at IS NULL
    AND g.effective_at <= $4
-   AND (g.expires_at IS NULL OR g.expires_at > $4)
-RETURNING 1";
+   AND (g.expires_at IS NULL OR g.expires_at > $4)";
 
 /// Undo [`FAST_ACCOUNT`] and forget the head. $1 user, $2 amount, $3 it was the subscription pool.
 const FAST_UNDO: &str = "
@@ -209,8 +205,6 @@ WITH gr AS (
            purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
            debt                         = a.debt - $14,
            next_expiry_at               = LEAST(a.next_expiry_at, gr.expires_at),
-           last_subscription_delta      = CASE WHEN gr.pool = 'subscription' THEN $5 - $14 ELSE 0 END,
-           last_purchased_delta         = CASE WHEN gr.pool = 'purchased' THEN $5 - $14 ELSE 0 END,
            head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                   = pg_catalog.now()
       FROM gr
@@ -272,8 +266,6 @@ WITH clock AS MATERIALIZED (
            next_expiry_at                 = (SELECT pg_catalog.min(l.expires_at) FROM billing.credit_grants AS l
                                               WHERE l.user_id = $1 AND NOT l.depleted AND l.voided_at IS NULL
                                                 AND l.expires_at > (SELECT clock.at FROM clock) AND ($3 OR l.pool <> 'subscription')),
-           last_subscription_delta        = -sums.sub,
-           last_purchased_delta           = -sums.pur,
            head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                     = pg_catalog.now()
       FROM sums
@@ -346,8 +338,6 @@ WITH v AS (
     UPDATE billing.accounts AS a
        SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN v.pool = 'subscription' THEN v.remaining ELSE 0 END,
            purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN v.pool = 'purchased' THEN v.remaining ELSE 0 END,
-           last_subscription_delta      = CASE WHEN v.pool = 'subscription' THEN -v.remaining ELSE 0 END,
-           last_purchased_delta         = CASE WHEN v.pool = 'purchased' THEN -v.remaining ELSE 0 END,
            head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
            updated_at                   = pg_catalog.now()
       FROM v
@@ -1158,15 +1148,17 @@ impl Debit {
     fn to_jsonb(&self) -> pgrx::pg_sys::Datum {
         use crate::boundary::{jsonb_object, JVal};
         let op = uuid_text(&self.op);
+        // Keys in jsonb's own order (shorter first, then bytewise): jsonb sorts an object's keys,
+        // and PostgreSQL's sort returns at once on input already in order.
         jsonb_object(&[
             ("success", JVal::Bool(true)),
-            ("transaction_id", JVal::Str(&op)),
             ("consumed", JVal::Int(self.amount)),
-            ("subscription_used", JVal::Int(self.dsub)),
-            ("purchased_used", JVal::Int(self.dpur)),
-            ("subscription_credits_balance", JVal::Int(self.sub)),
-            ("purchased_credits_balance", JVal::Int(self.pur)),
             ("total_balance", JVal::Int(self.total())),
+            ("purchased_used", JVal::Int(self.dpur)),
+            ("transaction_id", JVal::Str(&op)),
+            ("subscription_used", JVal::Int(self.dsub)),
+            ("purchased_credits_balance", JVal::Int(self.pur)),
+            ("subscription_credits_balance", JVal::Int(self.sub)),
         ])
     }
 

@@ -125,13 +125,13 @@ UPDATE billing.accounts AS a SET alert_state = nxt.n
  WHERE a.user_id = $1 AND nxt.n <> nxt.s
 RETURNING nxt.s, nxt.n, nxt.av, nxt.t, nxt.r, a.subscription_credits_balance, a.purchased_credits_balance, a.held, a.debt";
 
-/// Whose rule fired (the user's, else its plan's) and the user's effective plan, read only when
-/// [`BALANCE_CHECK`] changed the state (Citus allows no subquery or non-immutable function in a
-/// modification's RETURNING). Two statements: on Citus a statement that reads a distributed table
-/// (user_balance_alerts) is sent to the user's shard with every function it calls, and
-/// user_effective_plan, which reads tables itself, fails there ("cannot execute a distributed
-/// query from a query on a shard"). $1 user.
+/// Whose rule fired (the user's, else its plan's), read only when [`BALANCE_CHECK`] changed the
+/// state (Citus allows no subquery or non-immutable function in a modification's RETURNING).
+/// $1 user.
 const RULE_OWNER: &str = "SELECT EXISTS (SELECT 1 FROM billing.user_balance_alerts AS u WHERE u.user_id = $1)";
+/// The user's effective plan, in a statement of its own (user_effective_plan reads
+/// billing.subscriptions: inside a statement on a distributed table Citus would run it on the
+/// shard's node, where no distributed statement may run). $1 user.
 const EFFECTIVE_PLAN: &str = "SELECT billing.user_effective_plan($1)";
 
 fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<()> {
@@ -149,7 +149,7 @@ fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<(
     let from = AlertState::from_i16(col::<i16>(&t, 1)?.unwrap_or(0));
     let to = AlertState::from_i16(col::<i16>(&t, 2)?.unwrap_or(0));
     let n = |i| col::<i64>(&t, i).map(|v| v.unwrap_or(0));
-    let user_rule = col::<bool>(&spi::write(c, RULE_OWNER, &[UUID], &[uuid_arg(user)])?.first(), 1)?.unwrap_or(false);
+    let own = col::<bool>(&spi::write(c, RULE_OWNER, &[UUID], &[uuid_arg(user)])?.first(), 1)?.unwrap_or(false);
     let plan = col::<String>(&spi::write(c, EFFECTIVE_PLAN, &[UUID], &[uuid_arg(user)])?.first(), 1)?;
     let payload = json!({
         "available": n(3)?,
@@ -159,7 +159,7 @@ fn check_balance(c: &mut SpiClient<'_>, user: &[u8; 16], new: bool) -> BResult<(
         "purchased_credits_balance": n(7)?,
         "held": n(8)?,
         "debt": n(9)?,
-        "rule": if user_rule { "user" } else { "plan" },
+        "rule": if own { "user" } else { "plan" },
         "plan_id": plan,
     });
     for e in ev::transition_events(from, to) {
@@ -387,29 +387,36 @@ fn set_limit_alert(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_set_limit_alert, pgb_set_limit_alert, set_limit_alert);
 
+/// What the monthly rules of a user are checked against, in a statement on no billing table
+/// (the helpers read billing.subscriptions and billing.plans: on Citus they never run inside a
+/// statement on a distributed table): the current period, the effective plan and its limits.
+/// $1 user.
+const MONTHLY_CONTEXT: &str = "
+SELECT p.period_start, p.period_end, billing.user_effective_plan($1), billing.user_plan_limits($1)
+  FROM billing.current_usage_period($1) AS p";
+
 /// The monthly rules of a user's plan with the limit and this period's usage, after a record
-/// (pg_billing_core::events::MONTHLY_METRICS names the same keys and columns). $1 user.
+/// (pg_billing_core::events::MONTHLY_METRICS names the same keys and columns). $1 user, $2 plan,
+/// $3 its limits, $4 period start, $5 period end ([`MONTHLY_CONTEXT`]).
 const MONTHLY_RULES: &str = "
-WITH per AS (SELECT p.period_start, p.period_end FROM billing.current_usage_period($1) AS p),
-     pl AS (SELECT billing.user_effective_plan($1) AS plan_id, billing.user_plan_limits($1) AS limits)
-SELECT DISTINCT ON (l.metric, l.percent) l.metric, l.percent, pl.plan_id,
-       billing.limit_value(pl.limits, CASE l.metric WHEN 'messages' THEN 'messages_per_month'
-                                                    WHEN 'conversations' THEN 'conversations_per_month'
-                                                    WHEN 'tokens_input' THEN 'tokens_input_per_month'
-                                                    WHEN 'tokens_output' THEN 'tokens_output_per_month'
-                                                    WHEN 'documents' THEN 'documents_per_month'
-                                                    WHEN 'generations' THEN 'generations_per_month' END),
+SELECT DISTINCT ON (l.metric, l.percent) l.metric, l.percent, $2::text,
+       billing.limit_value($3, CASE l.metric WHEN 'messages' THEN 'messages_per_month'
+                                             WHEN 'conversations' THEN 'conversations_per_month'
+                                             WHEN 'tokens_input' THEN 'tokens_input_per_month'
+                                             WHEN 'tokens_output' THEN 'tokens_output_per_month'
+                                             WHEN 'documents' THEN 'documents_per_month'
+                                             WHEN 'generations' THEN 'generations_per_month' END),
        COALESCE(CASE l.metric WHEN 'messages' THEN u.messages_count
                               WHEN 'conversations' THEN u.conversations_count
                               WHEN 'tokens_input' THEN u.tokens_input_count
                               WHEN 'tokens_output' THEN u.tokens_output_count
                               WHEN 'documents' THEN u.documents_processed_count
                               WHEN 'generations' THEN u.generations_count END, 0)::bigint,
-       per.period_start, per.period_end
-  FROM billing.limit_alerts AS l CROSS JOIN pl CROSS JOIN per
-  LEFT JOIN billing.usage_metrics AS u ON u.user_id = $1 AND u.period_start = per.period_start
+       $4::timestamptz, $5::timestamptz
+  FROM billing.limit_alerts AS l
+  LEFT JOIN billing.usage_metrics AS u ON u.user_id = $1 AND u.period_start = $4
  WHERE l.metric IN ('messages', 'conversations', 'tokens_input', 'tokens_output', 'documents', 'generations')
-   AND (l.plan_id = '' OR l.plan_id = pl.plan_id)
+   AND (l.plan_id = '' OR l.plan_id = $2)
  ORDER BY l.metric, l.percent";
 
 /// The rules of one resource type for a user's plan. $1 user, $2 type.
@@ -511,7 +518,12 @@ fn apply_limit(c: &mut SpiClient<'_>, user: &[u8; 16], r: &LimitEval) -> BResult
 /// After a usage record (the caller locked the account first): the monthly rules.
 pub fn check_monthly_limits(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<()> {
     let mut rules = Vec::new();
-    for row in spi::write(c, MONTHLY_RULES, &[UUID], &[uuid_arg(user)])? {
+    let t = spi::write(c, MONTHLY_CONTEXT, &[UUID], &[uuid_arg(user)])?;
+    let t = t.first();
+    let (start, end) = (col::<pgrx::datum::TimestampWithTimeZone>(&t, 1)?, col::<pgrx::datum::TimestampWithTimeZone>(&t, 2)?);
+    let (plan, limits) = (col::<String>(&t, 3)?, col::<pgrx::JsonB>(&t, 4)?);
+    let args = [uuid_arg(user), plan.into(), limits.into(), start.into(), end.into()];
+    for row in spi::write(c, MONTHLY_RULES, &[UUID, TEXT, JSONB, TIMESTAMPTZ, TIMESTAMPTZ], &args)? {
         let s = row.get::<pgrx::datum::TimestampWithTimeZone>(6).or_internal()?;
         let e = row.get::<pgrx::datum::TimestampWithTimeZone>(7).or_internal()?;
         rules.push(LimitEval {

@@ -10,18 +10,24 @@ use serde_json::{json, Map, Value};
 use crate::apptables::{self, AppRelation};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
-use crate::spi::{self, col, uuid_arg, OrInternal, INT4, INT8, TEXT, UUID};
+use crate::spi::{self, col, uuid_arg, OrInternal, INT4, INT8, TEXT, TIMESTAMPTZ, UUID};
+use pgrx::datum::TimestampWithTimeZone;
 use crate::validate;
+
+/// The user's current usage period, in a statement of its own: billing.current_usage_period reads
+/// billing.subscriptions, so it never runs inside a statement on billing.usage_metrics (on Citus
+/// that statement runs on a shard, where no other distributed statement may run). $1 user.
+const PERIOD: &str = "SELECT p.period_start, p.period_end FROM billing.current_usage_period($1) AS p";
 
 /// Add to the current period's counters in one upsert, so concurrent recorders never lose an
 /// increment. $1 user, $2 messages, $3 conversations, $4 tokens in, $5 tokens out,
-/// $6 documents, $7 chunks, $8 generations.
+/// $6 documents, $7 chunks, $8 generations, $9 period start, $10 period end ([`PERIOD`]),
+/// $11 now() (Citus takes no now() in ON CONFLICT ... SET).
 const RECORD: &str = "
 INSERT INTO billing.usage_metrics AS u
        (user_id, period_start, period_end, messages_count, conversations_count, tokens_input_count,
         tokens_output_count, documents_processed_count, chunks_stored_count, generations_count)
-SELECT $1, p.period_start, p.period_end, $2, $3, $4, $5, $6, $7, $8
-  FROM billing.current_usage_period($1) AS p
+VALUES ($1, $9, $10, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (user_id, period_start) DO UPDATE
    SET messages_count            = u.messages_count + EXCLUDED.messages_count,
        conversations_count       = u.conversations_count + EXCLUDED.conversations_count,
@@ -30,39 +36,49 @@ ON CONFLICT (user_id, period_start) DO UPDATE
        documents_processed_count = u.documents_processed_count + EXCLUDED.documents_processed_count,
        chunks_stored_count       = u.chunks_stored_count + EXCLUDED.chunks_stored_count,
        generations_count         = u.generations_count + EXCLUDED.generations_count,
-       updated_at                = pg_catalog.now()";
+       updated_at                = $11";
 
-/// Count one request in the current UTC hour bucket if the plan's hourly limit allows it, in one
-/// statement: the conflicting row is locked and the WHERE re-checked on its newest version, so
-/// with limit N exactly N concurrent callers get a row back. $1 user, $2 endpoint key, $3 the
-/// most endpoints counted by name per bucket, $4 the key of the rest (pg_billing_core::rate_limit).
+/// What a rate-limit check reads before it writes, in a statement on no billing table (the
+/// helpers read billing.subscriptions and billing.plans; see [`PERIOD`]): the user's effective
+/// plan, the current UTC hour bucket, its end as reset_at shows it, and the current usage
+/// period. $1 user.
+const RATE_CONTEXT: &str = "
+SELECT billing.user_effective_plan($1), b.bucket, pg_catalog.to_json(b.bucket + interval '1 hour') #>> '{}',
+       p.period_start, p.period_end
+  FROM (SELECT pg_catalog.date_trunc('hour', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket) AS b,
+       billing.current_usage_period($1) AS p";
+/// A plan's hourly limit (no row: the plan is gone, 0). $1 plan.
+const RATE_LIMIT: &str = "SELECT p.api_rate_limit_hourly FROM billing.plans AS p WHERE p.plan_id = $1";
+
+/// Count one request in the hour bucket if the plan's hourly limit allows it, in one statement:
+/// the conflicting row is locked and the WHERE re-checked on its newest version, so with limit N
+/// exactly N concurrent callers get a row back; a counted request is counted in the period's
+/// api_calls_count too. The endpoint counts are set with jsonb_set (immutable: Citus takes only
+/// immutable functions in ON CONFLICT ... SET). $1 user, $2 endpoint key, $3 the most endpoints
+/// counted by name per bucket, $4 the key of the rest (pg_billing_core::rate_limit), $5 the
+/// limit (not 0), $6 the bucket, $7 period start, $8 period end, $9 now().
 const RATE: &str = "
-WITH lim AS (
-    SELECT COALESCE((SELECT p.api_rate_limit_hourly FROM billing.plans AS p
-                      WHERE p.plan_id = billing.user_effective_plan($1)), 0) AS l,
-           pg_catalog.date_trunc('hour', pg_catalog.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket
-), hit AS (
+WITH hit AS (
     INSERT INTO billing.api_usage AS u (user_id, bucket_start, request_count, endpoint_counts)
-    SELECT $1, lim.bucket, 1, pg_catalog.jsonb_build_object($2::text, 1) FROM lim WHERE lim.l <> 0
+    VALUES ($1, $6, 1, pg_catalog.jsonb_set('{}'::jsonb, ARRAY[$2::text], '1'::jsonb))
     ON CONFLICT (user_id, bucket_start) DO UPDATE
        SET request_count   = u.request_count + 1,
-           endpoint_counts = u.endpoint_counts || pg_catalog.jsonb_build_object(
-               CASE WHEN u.endpoint_counts ? $2::text
-                      OR pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(u.endpoint_counts, '$.keyvalue()')) < $3
-                    THEN $2::text ELSE $4::text END,
-               COALESCE((u.endpoint_counts ->> CASE WHEN u.endpoint_counts ? $2::text
-                                                      OR pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(u.endpoint_counts, '$.keyvalue()')) < $3
-                                                    THEN $2::text ELSE $4::text END)::bigint, 0) + 1)
-     WHERE (SELECT lim.l FROM lim) < 0 OR u.request_count < (SELECT lim.l FROM lim)
+           endpoint_counts = pg_catalog.jsonb_set(u.endpoint_counts,
+               ARRAY[CASE WHEN u.endpoint_counts ? $2::text
+                            OR pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(u.endpoint_counts, '$.keyvalue()')) < $3
+                          THEN $2::text ELSE $4::text END],
+               ((COALESCE((u.endpoint_counts ->> CASE WHEN u.endpoint_counts ? $2::text
+                                                        OR pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(u.endpoint_counts, '$.keyvalue()')) < $3
+                                                      THEN $2::text ELSE $4::text END)::bigint, 0) + 1)::text)::jsonb)
+     WHERE $5 < 0 OR u.request_count < $5
     RETURNING u.request_count
 ), monthly AS (
     INSERT INTO billing.usage_metrics AS m (user_id, period_start, period_end, api_calls_count)
-    SELECT $1, p.period_start, p.period_end, 1 FROM hit, billing.current_usage_period($1) AS p
+    SELECT $1, $7, $8, 1 FROM hit
     ON CONFLICT (user_id, period_start) DO UPDATE
-       SET api_calls_count = m.api_calls_count + 1, updated_at = pg_catalog.now()
+       SET api_calls_count = m.api_calls_count + 1, updated_at = $9
 )
-SELECT lim.l, pg_catalog.to_json(lim.bucket + interval '1 hour') #>> '{}', (SELECT hit.request_count FROM hit), lim.bucket
-  FROM lim";
+SELECT hit.request_count FROM hit";
 
 /// The registry entry of a resource type and the user's limit for it. $1 user, $2 type.
 /// Columns: oid, kind, owner, schema, table (current names), intact (the registered oid still
@@ -109,11 +125,26 @@ pub fn record(c: &mut SpiClient<'_>, user: &[u8; 16], d: Deltas) -> BResult<()> 
     if rules {
         crate::api::lock_account(c, user)?;
     }
+    let p = spi::write(c, PERIOD, &[UUID], &[uuid_arg(user)])?;
+    let p = p.first();
+    let (start, end) = (col::<TimestampWithTimeZone>(&p, 1)?, col::<TimestampWithTimeZone>(&p, 2)?);
     spi::write(
         c,
         RECORD,
-        &[UUID, INT8, INT8, INT8, INT8, INT8, INT8, INT8],
-        &[uuid_arg(user), d[0].into(), d[1].into(), d[2].into(), d[3].into(), d[4].into(), d[5].into(), d[6].into()],
+        &[UUID, INT8, INT8, INT8, INT8, INT8, INT8, INT8, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ],
+        &[
+            uuid_arg(user),
+            d[0].into(),
+            d[1].into(),
+            d[2].into(),
+            d[3].into(),
+            d[4].into(),
+            d[5].into(),
+            d[6].into(),
+            start.into(),
+            end.into(),
+            spi::tx_today_now()?.1.into(),
+        ],
     )?;
     if rules {
         crate::api::events::check_monthly_limits(c, user)?;
@@ -155,17 +186,39 @@ fn check_api_rate_limit(a: &Args) -> BResult<Ret> {
     security::authorize_user(&user)?;
     let endpoint = rate_limit::endpoint_key(a.text(1).as_deref())?;
     Spi::connect_mut(|c| {
-        let t = spi::write(
-            c,
-            RATE,
-            &[UUID, TEXT, INT4, TEXT],
-            &[uuid_arg(&user), endpoint.as_str().into(), rate_limit::MAX_ENDPOINTS.into(), rate_limit::OTHER_ENDPOINTS.into()],
-        )?;
+        let t = spi::write(c, RATE_CONTEXT, &[UUID], &[uuid_arg(&user)])?;
         let t = t.first();
-        let limit = col::<i32>(&t, 1)?.unwrap_or(0);
-        let reset_at = col::<String>(&t, 2)?;
-        let count = col::<i32>(&t, 3)?;
-        let bucket = col::<pgrx::datum::TimestampWithTimeZone>(&t, 4)?;
+        let plan = col::<String>(&t, 1)?;
+        let bucket = col::<TimestampWithTimeZone>(&t, 2)?;
+        let reset_at = col::<String>(&t, 3)?;
+        let (start, end) = (col::<TimestampWithTimeZone>(&t, 4)?, col::<TimestampWithTimeZone>(&t, 5)?);
+        let l = spi::write(c, RATE_LIMIT, &[TEXT], &[plan.into()])?;
+        let limit = if l.is_empty() { 0 } else { col::<i32>(&l.first(), 1)?.unwrap_or(0) };
+        let count = if limit == 0 {
+            None
+        } else {
+            let h = spi::write(
+                c,
+                RATE,
+                &[UUID, TEXT, INT4, TEXT, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ],
+                &[
+                    uuid_arg(&user),
+                    endpoint.as_str().into(),
+                    rate_limit::MAX_ENDPOINTS.into(),
+                    rate_limit::OTHER_ENDPOINTS.into(),
+                    limit.into(),
+                    bucket.into(),
+                    start.into(),
+                    end.into(),
+                    spi::tx_today_now()?.1.into(),
+                ],
+            )?;
+            if h.is_empty() {
+                None
+            } else {
+                col::<i32>(&h.first(), 1)?
+            }
+        };
         if let (None, true, Some(bucket)) = (count, limit > 0, bucket) {
             crate::api::events::rate_limit_exceeded(c, &user, &endpoint, limit, bucket, reset_at.as_deref())?;
         }

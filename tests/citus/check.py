@@ -125,6 +125,207 @@ def _maintenance():
     return f"process_expired_subscriptions expired {n}; " + ", ".join(f"{k} {v}" for k, v in out.items())
 
 
+def on_each_worker(first, per_node=1):
+    """Users of this run, per_node of them on each worker (their accounts' shards), from user(first) on."""
+    by_port, i = {}, first
+    while len(by_port) < 2 or any(len(v) < per_node for v in by_port.values()):
+        u = user(i)
+        port = q(c, "SELECT p.nodeport FROM pg_dist_shard_placement AS p "
+                    "WHERE p.shardid = get_shard_id_for_distribution_column('billing.accounts', %s::uuid)", (u,))[0][0]
+        if len(by_port.setdefault(port, [])) < per_node:
+            by_port[port].append(u)
+        i += 1
+        assert i < first + 500, by_port
+    return [u for port in sorted(by_port) for u in by_port[port]]
+
+
+def usage_of(u):
+    """get_user_current_usage: (messages, conversations, tokens in, tokens out, api calls, documents, chunks, generations)."""
+    return tuple(q(c, "SELECT * FROM billing.get_user_current_usage(%s)", (u,))[0][2:])
+
+
+def events_of(u, kind):
+    return [r[0] for r in q(c, "SELECT e.payload FROM billing.events AS e WHERE e.user_id = %s AND e.type = %s ORDER BY e.id", (u, kind))]
+
+
+PLAN = f"citus-{RUN:08x}"   # this run's plans (a reference table: every node sees them)
+
+
+@check("usage: record_message_usage, record_conversation_usage, record_document_usage on accounts on both workers")
+def _usage():
+    us = on_each_worker(200)
+    for u in us:
+        q(c, "SELECT billing.record_message_usage(%s, 10, 20)", (u,))
+        q(c, "SELECT billing.record_message_usage(%s, 1, 2)", (u,))
+        q(c, "SELECT billing.record_conversation_usage(%s)", (u,))
+        q(c, "SELECT billing.record_document_usage(%s, 5)", (u,))
+    got = [usage_of(u) for u in us]
+    assert got == [(2, 1, 11, 22, 0, 1, 5, 0)] * len(us), got
+    # The period is the subscription's when one covers now (current_usage_period).
+    s = us[0]
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active', "
+         "p_current_period_start := now() - interval '3 days', p_current_period_end := now() + interval '27 days')", (s,))
+    q(c, "SELECT billing.record_message_usage(%s, 4, 5)", (s,))
+    r = q(c, """SELECT u.period_start = s.current_period_start, u.period_end = s.current_period_end, u.messages_count, u.tokens_input_count
+                  FROM billing.usage_metrics AS u LEFT JOIN billing.subscriptions AS s ON s.user_id = u.user_id
+                 WHERE u.user_id = %s ORDER BY u.period_start = s.current_period_start DESC""", (s,))
+    assert r == [(True, True, 1, 4), (False, False, 2, 11)], r   # the subscription's period starts 3 days ago
+    return f"{len(us)} users on 2 workers: (messages, conversations, tokens in, tokens out, api calls, documents, chunks, generations) = {got[0]}; a subscribed user counts in its subscription's period"
+
+
+@check("batch: record_usage_batch over both workers (keys once, within and across batches; occurred_at in its period)")
+def _batch():
+    import json
+    a, b = on_each_worker(260)
+    ev = [{"user_id": str(a), "metric": "messages", "value": 2, "idempotency_key": "k1"},
+          {"user_id": str(b), "metric": "tokens_input", "value": 500, "idempotency_key": "k1"},
+          {"user_id": str(a), "metric": "messages", "value": 2, "idempotency_key": "k1"},
+          {"user_id": str(b), "metric": "generations", "value": 3},
+          {"user_id": str(a), "metric": "minutes"}]
+    r = q(c, "SELECT billing.record_usage_batch(%s::jsonb)", (json.dumps(ev),))[0][0]
+    st = [x["status"] for x in r]
+    assert st == ["applied", "applied", "duplicate", "applied", "error"], r
+    assert r[4]["sqlstate"] == "22023", r
+    month = q(c, "SELECT to_char(date_trunc('month', now() AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0][0]
+    assert r[0]["period_start"] == month and r[2]["first"] == {"status": "applied", "period_start": month}, (r, month)
+    # Again: every key is a duplicate of its first result; the event without a key counts again.
+    r2 = q(c, "SELECT billing.record_usage_batch(%s::jsonb)", (json.dumps(ev[:4]),))[0][0]
+    assert [x["status"] for x in r2] == ["duplicate", "duplicate", "duplicate", "applied"], r2
+    # An event of last month counts in last month's row (a subscribed user: its period's row).
+    last = q(c, "SELECT to_char(date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 second', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+                "to_char(date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0]
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active', "
+         "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (b,))
+    q(c, "INSERT INTO billing.usage_metrics (user_id, period_start, period_end) "
+         "VALUES (%s, (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month') AT TIME ZONE 'UTC', "
+         "date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')", (b,))
+    r3 = q(c, "SELECT billing.record_usage_batch(%s::jsonb)",
+           (json.dumps([{"user_id": str(a), "metric": "messages", "occurred_at": last[0]},
+                        {"user_id": str(b), "metric": "messages", "occurred_at": last[0]}]),))[0][0]
+    assert [x["period_start"] for x in r3] == [last[1], last[1]], (r3, last)
+    got = (usage_of(a), q(c, "SELECT messages_count, tokens_input_count, generations_count FROM billing.usage_metrics "
+                             "WHERE user_id = %s AND period_start = date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", (b,)))
+    assert got == ((2, 0, 0, 0, 0, 0, 0, 0), [(0, 500, 6)]), got
+    old = q(c, "SELECT user_id = %s, messages_count FROM billing.usage_metrics WHERE user_id IN (%s, %s) "
+               "AND period_start = (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month') AT TIME ZONE 'UTC' ORDER BY 1",
+            (a, a, b))
+    assert old == [(False, 1), (True, 1)], old
+    return "statuses applied, applied, duplicate, applied, error; again: duplicate x3, applied; last month's events in last month's rows"
+
+
+@check("rate limits: check_api_rate_limit allows exactly the plan's hourly limit, on both workers; rate_limit.exceeded once")
+def _rate():
+    q(c, "INSERT INTO billing.plans (plan_id, display_name, api_rate_limit_hourly) VALUES (%s, 'rate', 3), (%s, 'unlimited', -1), (%s, 'none', 0)",
+      (PLAN + "-r", PLAN + "-u", PLAN + "-z"))
+    us = on_each_worker(300)
+    out = []
+    for u in us:
+        q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+             "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (u, PLAN + "-r"))
+        got = [q(c, "SELECT allowed, limit_value, remaining, reset_at = date_trunc('hour', now()) + interval '1 hour' "
+                    "FROM billing.check_api_rate_limit(%s, %s)", (u, ep))[0] for ep in ("/a", "/b", "/a", "/a", "/c")]
+        assert got == [(True, 3, 2, True), (True, 3, 1, True), (True, 3, 0, True), (False, 3, 0, True), (False, 3, 0, True)], got
+        b = q(c, "SELECT request_count, endpoint_counts, exceeded_at IS NOT NULL FROM billing.api_usage WHERE user_id = %s", (u,))
+        assert b == [(3, {"/a": 2, "/b": 1}, True)], b
+        assert usage_of(u)[4] == 3, usage_of(u)
+        ex = events_of(u, "rate_limit.exceeded")
+        assert len(ex) == 1 and ex[0]["request_count"] == 3 and ex[0]["limit_value"] == 3 and ex[0]["endpoint"] == "/a", ex
+        out.append(got)
+    u = us[0]
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+         "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (u, PLAN + "-u"))
+    got = q(c, "SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit(%s)", (u,))
+    assert got == [(True, -1, -1)], got
+    assert q(c, "SELECT request_count, endpoint_counts FROM billing.api_usage WHERE user_id = %s", (u,)) == [(4, {"/a": 2, "/b": 1, "*": 1})]
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+         "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (u, PLAN + "-z"))
+    got = q(c, "SELECT allowed, limit_value, remaining FROM billing.check_api_rate_limit(%s)", (u,))
+    assert got == [(False, 0, 0)], got
+    # More than 32 endpoints in a bucket: the rest count under (other).
+    v = on_each_worker(340)[1]
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+         "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (v, PLAN + "-u"))
+    for i in range(34):
+        q(c, "SELECT * FROM billing.check_api_rate_limit(%s, %s)", (v, f"/e{i}"))
+    ec = q(c, "SELECT endpoint_counts FROM billing.api_usage WHERE user_id = %s", (v,))[0][0]
+    assert len(ec) == 33 and ec["(other)"] == 2, ec
+    return f"{len(us)} users on 2 workers, limit 3: allowed, allowed, allowed, refused, refused (remaining 2, 1, 0, 0, 0); one rate_limit.exceeded each; unlimited -1; limit 0 refused; 34 endpoints: 32 named + (other) 2"
+
+
+@check("limit rules: a monthly limit rule fires limit.reached from record_message_usage on both workers")
+def _limit_rules():
+    q(c, "INSERT INTO billing.plans (plan_id, display_name, limits) VALUES (%s, 'limited', '{\"messages_per_month\": 2}')", (PLAN + "-l",))
+    q(c, "SELECT billing.set_limit_alert('messages', 100, %s)", (PLAN + "-l",))
+    try:
+        us = on_each_worker(380)
+        for u in us:
+            q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+                 "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (u, PLAN + "-l"))
+            q(c, "SELECT billing.record_message_usage(%s, 1, 1)", (u,))
+            assert events_of(u, "limit.reached") == [], u
+            q(c, "SELECT billing.record_message_usage(%s, 1, 1)", (u,))
+            q(c, "SELECT billing.record_message_usage(%s, 1, 1)", (u,))
+            ev = events_of(u, "limit.reached")
+            assert len(ev) == 1 and (ev[0]["current_usage"], ev[0]["limit_value"], ev[0]["plan_id"]) == (2, 2, PLAN + "-l"), ev
+    finally:
+        q(c, "SELECT billing.set_limit_alert('messages', 100, %s, false)", (PLAN + "-l",))
+    return f"{len(us)} users on 2 workers: limit.reached once at 2 of 2 messages"
+
+
+@check("plan-wide balance rule: set_balance_alert(p_plan_id) arms every account of the plan on both workers; it fires")
+def _plan_rule():
+    plan = PLAN + "-b"
+    q(c, "INSERT INTO billing.plans (plan_id, display_name) VALUES (%s, 'balance')", (plan,))
+    us = on_each_worker(420, per_node=2)   # on each worker: one above the threshold, one below
+    for i, u in enumerate(us):
+        q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+             "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (u, plan))
+        q(c, "SELECT billing.add_purchased_credits(%s, %s, 'rule')", (u, 500 if i % 2 == 0 else 50))
+    r = q(c, "SELECT billing.set_balance_alert(100, p_plan_id := %s)", (plan,))[0][0]
+    assert r["rearm_at"] == 110 and r["accounts"] >= len(us), r
+    r = q(c, "SELECT billing.set_balance_alert(200, p_plan_id := %s, p_hysteresis := 0.5)", (plan,))[0][0]
+    assert r["rearm_at"] == 300 and r["accounts"] == len(us), r   # every other account was synced by the first call
+    st = [q(c, "SELECT alert_threshold, alert_rearm, alert_state FROM billing.accounts WHERE user_id = %s", (u,))[0] for u in us]
+    assert st == [(200, 300, 0), (200, 300, 1)] * 2, st
+    for u in us[0::2]:
+        q(c, "SELECT billing.consume_credits_v2(%s, 350)", (u,))     # 500 -> 150: below 200
+    for u in us[1::2]:
+        q(c, "SELECT billing.consume_credits_v2(%s, 50)", (u,))      # 50 -> 0: depleted
+    fired = [(len(events_of(u, "balance.low")), len(events_of(u, "balance.depleted"))) for u in us]
+    assert fired == [(1, 0), (0, 1)] * 2, fired
+    low = events_of(us[0], "balance.low")[0]
+    assert (low["rule"], low["plan_id"], low["threshold"], low["available"]) == ("plan", plan, 200, 150), low
+    q(c, "SELECT billing.add_purchased_credits(%s, 200, 'back')", (us[0],))   # 150 -> 350 >= 300
+    assert len(events_of(us[0], "balance.recovered")) == 1
+    r = q(c, "SELECT billing.set_balance_alert(NULL, p_plan_id := %s)", (plan,))[0][0]
+    assert r["accounts"] == len(us), r
+    st = [q(c, "SELECT alert_threshold, alert_rearm FROM billing.accounts WHERE user_id = %s", (u,))[0] for u in us]
+    assert st == [(None, None)] * len(us), st
+    return f"{len(us)} accounts on 2 workers armed (2 above, 2 below); balance.low and balance.depleted fired, balance.recovered; rule removed from {r['accounts']}"
+
+
+@check("reset_monthly_usage: one multi-shard statement opens the current period of every user whose period ended, on both workers")
+def _reset():
+    us = on_each_worker(460)
+    s = us[1]
+    q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := 'pro', p_status := 'active', "
+         "p_current_period_start := now() - interval '2 days', p_current_period_end := now() + interval '28 days')", (s,))
+    for u in us:
+        q(c, "INSERT INTO billing.usage_metrics (user_id, period_start, period_end, messages_count) "
+             "VALUES (%s, now() - interval '40 days', now() - interval '2 days', 9)", (u,))
+    n = q(c, "SELECT billing.reset_monthly_usage()")[0][0]
+    assert n == len(us), n
+    assert q(c, "SELECT billing.reset_monthly_usage()")[0][0] == 0
+    got = [usage_of(u) for u in us]
+    assert got == [(0, 0, 0, 0, 0, 0, 0, 0)] * len(us), got
+    per = q(c, """SELECT u.period_start = date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                         u.period_start = s.current_period_start AND u.period_end = s.current_period_end
+                    FROM billing.usage_metrics AS u LEFT JOIN billing.subscriptions AS s ON s.user_id = u.user_id
+                   WHERE u.user_id IN (%s, %s) AND u.messages_count = 0 ORDER BY u.user_id = %s""", (us[0], s, s))
+    assert per == [(True, None), (False, True)], per
+    return f"opened {n} periods (a calendar month; a subscription's period), then 0; counters zero"
+
+
 @check("identity: authenticated acts only on itself, anon is refused, service_role acts on anyone")
 def _identity():
     me, other = user(2), user(3)
