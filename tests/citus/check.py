@@ -13,7 +13,7 @@
 5. events: balance and subscription events written on both workers, a transaction in flight
    passed by a later one, a rolled-back one, a claim not acknowledged in time (redelivered),
    two workers of one consumer claiming while two writers write, cleanup: every event handed out
-   exactly once as new, each user's in order.
+   exactly once as new, each user's in order; then the same under load (4 writers, 4 workers).
 
 Prints one line per check and `N passed, N failed`; exits non-zero on any failure.
 Environment: COORD_PORT (and PGHOST, PGUSER), CITUS_DB (default regression)."""
@@ -419,8 +419,8 @@ EV_USERS = 12
        "redelivered, acknowledged and cleaned up; none lost, none handed out twice")
 def _events():
     consumer = f"events-{RUN:08x}"
-    users = [user(300 + i) for i in range(EV_USERS)]
-    x, y, z, w = user(400), user(401), user(402), user(403)   # in flight; committed later; rolled back; cleanup
+    users = [user(10000 + i) for i in range(EV_USERS)]   # (users of their own: no other check's events)
+    x, y, z, w = user(10100), user(10101), user(10102), user(10103)   # in flight; committed later; rolled back; cleanup
     nodes = q(c, """SELECT count(DISTINCT p.nodeport) FROM unnest(%s::uuid[]) AS u
                       JOIN pg_dist_shard_placement AS p ON p.shardid = get_shard_id_for_distribution_column('billing.events', u)""",
               (users,))[0][0]
@@ -602,6 +602,103 @@ def _events():
         assert len(left) == n_ours, (len(left), n_ours, consumers)
     return (f"{len(table)} events on 2 workers, each handed out once ({len(seq)} by 2 concurrent workers with 2 writers), "
             f"the in-flight one after a later one, the rolled-back one never; 6 redelivered (deliveries 2); cleanup deleted {deleted}")
+
+
+@check("events under load: 4 writers (some transactions held open, half of those rolled back) and 4 workers of one "
+       "consumer claiming 1 to 50 at a time, some never acknowledging; none lost, none handed out twice as new, in order")
+def _events_load():
+    consumer = f"events-load-{RUN:08x}"
+    users = [user(11000 + i) for i in range(40)]
+    for u in users:
+        q(c, "SELECT billing.add_purchased_credits(%s, 100, 'events')", (u,))
+        q(c, "SELECT billing.set_balance_alert(50, p_user_id => %s)", (u,))
+    baseline = set()
+    while True:   # what the checks above wrote, handed out and acknowledged first
+        rows = q(c, "SELECT claim_id, id FROM billing.claim_events(%s, 10000)", (consumer,))
+        if not rows:
+            break
+        baseline |= {r[1] for r in rows}
+        q(c, "SELECT billing.ack_events(%s, %s, %s)", (consumer, max(r[1] for r in rows), rows[0][0]))
+    lock = threading.Lock()
+    seq, errors, unacked = [], [], [0]
+    stop = threading.Event()
+
+    def writer(seed):
+        rnd = random.Random(seed)
+        conn = coord()
+        while not stop.is_set():
+            u = rnd.choice(users)
+            try:
+                if rnd.random() < 0.1:   # held open a while, then committed or rolled back
+                    conn.autocommit = False
+                    q(conn, "SELECT billing.consume_credits_v2(%s, 60)", (u,))
+                    time.sleep(rnd.random() * 0.2)
+                    (conn.commit if rnd.random() < 0.5 else conn.rollback)()
+                    conn.autocommit = True
+                else:
+                    q(conn, "SELECT billing.consume_credits_v2(%s, 60)", (u,))
+                q(conn, "SELECT billing.add_purchased_credits(%s, 60, 'events')", (u,))
+            except psycopg2.Error as e:
+                if not conn.autocommit:
+                    conn.rollback()
+                    conn.autocommit = True
+                if e.pgcode != "PT402":
+                    with lock:
+                        errors.append(f"write {e.pgcode}: {e}")
+        conn.close()
+
+    def claimer(seed):
+        rnd = random.Random(seed)
+        conn = coord()
+        empty = 0
+        while empty < 5:
+            try:
+                rows = q(conn, "SELECT claim_id, id, user_id, deliveries FROM billing.claim_events(%s, %s, '1 second')",
+                         (consumer, rnd.randint(1, 50)))
+            except psycopg2.Error as e:
+                with lock:
+                    errors.append(f"claim {e.pgcode}: {e}")
+                continue
+            if not rows:
+                empty = empty + 1 if stop.is_set() else 0
+                time.sleep(0.3 if stop.is_set() else 0.02)
+                continue
+            empty = 0
+            with lock:
+                seq.extend([(len(seq) + k, r[1], r[2], r[3]) for k, r in enumerate(rows)])
+            if rnd.random() < 0.05:   # a worker that dies: handed out again after 1 s
+                with lock:
+                    unacked[0] += 1
+                continue
+            try:
+                n = q(conn, "SELECT billing.ack_events(%s, %s, %s)", (consumer, max(r[1] for r in rows), rows[0][0]))[0][0]
+                if n != len(rows):
+                    with lock:
+                        errors.append(f"ack_events acknowledged {n} of {len(rows)}")
+            except psycopg2.Error as e:
+                with lock:
+                    errors.append(f"ack {e.pgcode}: {e}")
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(RUN + i,)) for i in range(4)] + \
+              [threading.Thread(target=claimer, args=(RUN + 100 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(float(os.environ.get("CITUS_EVENTS_SECONDS", "15")))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} errors, e.g. {errors[:3]}"
+    table = {i for (i,) in q(c, "SELECT id FROM billing.events WHERE user_id = ANY (%s)", (users,))}
+    first = [(o, i, u) for (o, i, u, d) in seq if d == 1]
+    ids = [i for (_, i, _) in first]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} events handed out twice as new"
+    assert set(ids) - baseline == table, f"lost {sorted(table - set(ids))[:5]}, unknown {sorted(set(ids) - baseline - table)[:5]}"
+    bad = [u for u in users if [i for (_, i, w) in sorted(first) if w == u] != sorted(i for (_, i, w) in first if w == u)]
+    assert not bad, f"users whose events came out of order: {bad[:3]}"
+    again = sum(1 for x in seq if x[3] > 1)
+    assert (again > 0) == (unacked[0] > 0), (again, unacked[0])
+    return f"{len(table):,} events, each handed out once as new; {unacked[0]} claims left unacknowledged, {again} events handed out again"
 
 
 FIG_USERS = 1000
