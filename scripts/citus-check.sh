@@ -103,6 +103,29 @@ set +e
 CITUS_DB=citus_check "$PY" "$REPO/tests/citus/check.py" 2>&1 | tee "$OUT/check.log"
 crc=${PIPESTATUS[0]}
 
+# The PostgREST-style integration tests against the coordinator (they gate this script): every
+# test file that acts through the API as anon / authenticated / service_role. Citus opens its
+# worker connections as the current role, so those roles log in (README). Left out: the tests
+# that need one node (dump/restore, crash, upgrade, catalog signatures, the stress harness, the
+# pg_cron recipe) and, listed here, what does not work on a cluster yet.
+log "integration tests (PostgREST-style) against the coordinator"
+setup_db integration
+psql_q -p "$COORD_PORT" -d integration -c "ALTER ROLE anon LOGIN" -c "ALTER ROLE authenticated LOGIN" -c "ALTER ROLE service_role LOGIN"
+# (pytest node ids, relative to tests/)
+not_yet=(
+    # register_resource: the app table exists on the coordinator only, and the registry
+    # (billing.resource_types, a reference table) stores it as a regclass on every node.
+    "integration/test_s5_postgrest.py::test_check_resource_limit_own_and_other"
+)
+deselect=(); for t in "${not_yet[@]}"; do deselect+=(--deselect "$t"); done
+(cd "$REPO" && PGHOST=127.0.0.1 PGPORT="$COORD_PORT" PGDATABASE=integration PGBIN="$PGBIN" "$PY" -m pytest -c tests/pytest.ini \
+    tests/integration/test_postgrest.py tests/integration/test_postgrest_grants.py tests/integration/test_postgrest_holds.py \
+    tests/integration/test_s5_postgrest.py tests/integration/test_events_supabase.py "${deselect[@]}" \
+    --junitxml="$OUT/integration.xml") > "$OUT/integration.log" 2>&1
+irc=$?
+ipass=$(grep -cE ' PASSED' "$OUT/integration.log" || true); ifail=$(grep -cE ' (FAILED|ERROR)' "$OUT/integration.log" || true)
+[ "$irc" -ne 0 ] && crc=1
+
 # pg_regress against the coordinator, every file, reported per file. The files in CITUS_REGRESS_GATING
 # pass on the cluster and gate this script; the others are reported, not gating: README ("Scale-out
 # on Citus") says why each still differs there. Statements that cannot work on a cluster are in
@@ -132,5 +155,6 @@ bad=$(grep -ci '^  differs ' "$OUT/regress-per-file.log" || true)
 gbad=$(grep -c '^  DIFFERS ' "$OUT/regress-per-file.log" || true)
 log "summary (Citus $(psql -XAtq -p "$COORD_PORT" -d regression -c "SELECT extversion FROM pg_extension WHERE extname = 'citus'"))"
 echo "  cluster checks  $(tail -n 1 "$OUT/check.log")"
+echo "  integration     $ipass passed, $ifail failed; not run on a cluster yet: ${#not_yet[@]} (listed in scripts/citus-check.sh; log $OUT/integration.log)"
 echo "  pg_regress      $ok passed, $bad differ on the cluster; gating (${#CITUS_REGRESS_GATING[@]} files): $gbad differ (diffs in $OUT/regress/regression.diffs)"
 [ "$crc" = 0 ] && [ "$gbad" = 0 ] || exit 1

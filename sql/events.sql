@@ -255,7 +255,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
-'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event).';
+'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event); on a Citus cluster (billing.distribute()) once it is visible, after its user''s earlier events (README: Events on the cluster).';
 
 CREATE FUNCTION billing.ack_events(p_consumer text, p_up_to_id bigint, p_claim_id uuid DEFAULT NULL)
 RETURNS integer LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -269,6 +269,7 @@ DECLARE
     v_cutoff timestamptz;
     v_consumers text[];
     v_horizon pg_catalog.xid8;
+    v_cluster boolean := false;
     n bigint;
 BEGIN
     PERFORM billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
@@ -279,13 +280,27 @@ BEGIN
     -- consumer's cursor of its user has acknowledged it (with no consumer: every such event).
     SELECT pg_catalog.array_agg(k.consumer), pg_catalog.min(k.horizon) INTO v_consumers, v_horizon
       FROM billing.event_consumers AS k;
-    DELETE FROM billing.events AS e
-     WHERE e.created_at < v_cutoff
-       AND (v_consumers IS NULL
-            OR (e.tx < v_horizon
-                AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
-                      WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
-                    = pg_catalog.cardinality(v_consumers)));
+    -- On Citus (billing.events distributed) claims use no horizon (src/api/events.rs, mod
+    -- cluster): there an acknowledgement by every consumer is enough.
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        v_cluster := billing._citus_placed('events');
+    END IF;
+    IF v_cluster THEN
+        DELETE FROM billing.events AS e
+         WHERE e.created_at < v_cutoff
+           AND (v_consumers IS NULL
+                OR (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                     WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                   = pg_catalog.cardinality(v_consumers));
+    ELSE
+        DELETE FROM billing.events AS e
+         WHERE e.created_at < v_cutoff
+           AND (v_consumers IS NULL
+                OR (e.tx < v_horizon
+                    AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                          WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                        = pg_catalog.cardinality(v_consumers)));
+    END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n::integer;
 END

@@ -247,3 +247,148 @@ BEGIN
     RETURN n::integer;
 END
 $$;
+
+-- expose_rpc on a Citus coordinator (issue 17): its distributed commands run sequentially.
+CREATE OR REPLACE FUNCTION billing.expose_rpc(p_schema text DEFAULT 'public') RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f record;
+    planted record;
+    n integer := 0;
+    call_args text;
+    body text;
+    ddl text;
+    target text;
+    me oid := (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = CURRENT_USER);
+    nsp oid;
+BEGIN
+    PERFORM billing.require_service('billing.expose_rpc');
+    -- On a Citus coordinator (issue 17) the grants below touch distributed tables over several
+    -- connections per node, and a function created afterwards must reach each node over one:
+    -- this transaction's distributed commands run sequentially.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    END IF;
+    IF p_schema IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = p_schema) THEN
+        RAISE EXCEPTION 'schema % does not exist', pg_catalog.quote_literal(COALESCE(p_schema, 'NULL'))
+            USING ERRCODE = '22023', HINT = 'create the schema first, or pass the schema PostgREST exposes (usually public)';
+    END IF;
+    IF p_schema IN ('billing', 'information_schema') OR p_schema LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'wrappers cannot be created in schema %', p_schema USING ERRCODE = '22023';
+    END IF;
+    nsp := (SELECT ns.oid FROM pg_catalog.pg_namespace AS ns WHERE ns.nspname = p_schema);
+    -- Never adopt a function another role planted (0.3.0): CREATE OR REPLACE would keep its
+    -- owner, who could later rewrite the "wrapper" that backends call with the service key. Any
+    -- function of p_schema with an API function's name must be ours (the extension owner's).
+    SELECT p.oid::pg_catalog.regprocedure AS fn, p.proowner::pg_catalog.regrole AS owner INTO planted
+      FROM pg_catalog.pg_proc AS p JOIN billing.api_catalog() AS c ON c.function_name = p.proname
+     WHERE p.pronamespace = nsp AND p.proowner <> me
+     ORDER BY p.oid::pg_catalog.regprocedure::text LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'function % is owned by role %, not by %: billing.expose_rpc does not adopt or replace functions of other roles',
+                        planted.fn, planted.owner, CURRENT_USER
+            USING ERRCODE = '42501',
+                  HINT = pg_catalog.format('drop it (or, after reading its body, ALTER FUNCTION %s OWNER TO %I), then run expose_rpc again; let only trusted roles create in schema %I',
+                                           planted.fn, CURRENT_USER, p_schema);
+    END IF;
+    PERFORM billing.apply_grants();
+    FOR f IN
+        SELECT p.oid, p.proname, p.pronargs, p.proargtypes, p.proretset, p.provolatile, c.access
+          FROM billing.api_catalog() AS c
+          JOIN pg_catalog.pg_proc AS p
+            ON p.proname = c.function_name AND p.pronamespace = 'billing'::pg_catalog.regnamespace
+         ORDER BY p.proname
+    LOOP
+        SELECT COALESCE(pg_catalog.string_agg('$' || i, ', ' ORDER BY i), '')
+          INTO call_args FROM pg_catalog.generate_series(1, f.pronargs) AS i;
+        body := pg_catalog.format(CASE WHEN f.proretset THEN 'SELECT * FROM billing.%I(%s)' ELSE 'SELECT billing.%I(%s)' END,
+                                  f.proname, call_args);
+        target := pg_catalog.format('%I.%I(%s)', p_schema, f.proname, pg_catalog.pg_get_function_identity_arguments(f.oid));
+        ddl := pg_catalog.format(
+            'CREATE OR REPLACE FUNCTION %I.%I(%s) RETURNS %s LANGUAGE sql %s SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS %L',
+            p_schema, f.proname, pg_catalog.pg_get_function_arguments(f.oid), pg_catalog.pg_get_function_result(f.oid),
+            CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END, body);
+        BEGIN
+            EXECUTE ddl;
+        EXCEPTION WHEN invalid_function_definition THEN
+            -- The result type changed in an upgrade: replace the old wrapper.
+            EXECUTE 'DROP FUNCTION ' || target;
+            EXECUTE ddl;
+        END;
+        -- A function planted after the check above (a concurrent CREATE FUNCTION) keeps its
+        -- owner through CREATE OR REPLACE: refuse rather than leave another role's wrapper.
+        SELECT p.oid::pg_catalog.regprocedure AS fn, p.proowner::pg_catalog.regrole AS owner INTO planted
+          FROM pg_catalog.pg_proc AS p
+         WHERE p.pronamespace = nsp AND p.proname = f.proname AND p.proargtypes = f.proargtypes AND p.proowner <> me;
+        IF FOUND THEN
+            RAISE EXCEPTION 'function % is owned by role %, not by %: billing.expose_rpc does not adopt or replace functions of other roles',
+                            planted.fn, planted.owner, CURRENT_USER
+                USING ERRCODE = '42501';
+        END IF;
+        EXECUTE pg_catalog.format('COMMENT ON FUNCTION %s IS %L', target, pg_catalog.obj_description(f.oid, 'pg_proc'));
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', target);
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO service_role', target);
+        END IF;
+        IF f.access IN ('rpc', 'anon') AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO authenticated', target);
+        END IF;
+        IF f.access = 'anon' AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO anon', target);
+        END IF;
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.expose_rpc(text) IS 'Service-only (DBA). Creates (or refreshes) in p_schema thin SECURITY INVOKER wrappers, owned by the extension owner, with the names, parameters and results of pg_billing''s API, so supabase.rpc(''consume_credits_v2'', {...}) works unchanged; re-run after ALTER EXTENSION UPDATE. Refuses (42501, naming the function and its owner) when p_schema holds a function with an API function''s name that another role owns. Returns the number of wrappers.';
+
+-- ===== Event delivery on a Citus cluster (issue 17, branch citus-events) =====
+
+-- Claims and acks on a distributed billing.events use no transaction-id horizon
+-- (src/api/events.rs, mod cluster), so cleanup_events deletes what every consumer acknowledged
+-- without comparing horizons there. Unchanged on a single node.
+CREATE OR REPLACE FUNCTION billing.cleanup_events(p_older_than interval DEFAULT '7 days') RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cutoff timestamptz;
+    v_consumers text[];
+    v_horizon pg_catalog.xid8;
+    v_cluster boolean := false;
+    n bigint;
+BEGIN
+    PERFORM billing.check_retention('cleanup_events', p_older_than, interval '1 hour', 'a consumer made after the cleanup does not see deleted events');
+    v_cutoff := pg_catalog.now() - p_older_than;
+    -- The consumers first (on Citus a reference table, which a correlated subquery of a
+    -- statement on a distributed table may not read): an event goes when it is older than the
+    -- cut-off and, for every consumer, the consumer's horizon is past its transaction and the
+    -- consumer's cursor of its user has acknowledged it (with no consumer: every such event).
+    SELECT pg_catalog.array_agg(k.consumer), pg_catalog.min(k.horizon) INTO v_consumers, v_horizon
+      FROM billing.event_consumers AS k;
+    -- On Citus (billing.events distributed) claims use no horizon (src/api/events.rs, mod
+    -- cluster): there an acknowledgement by every consumer is enough.
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        v_cluster := billing._citus_placed('events');
+    END IF;
+    IF v_cluster THEN
+        DELETE FROM billing.events AS e
+         WHERE e.created_at < v_cutoff
+           AND (v_consumers IS NULL
+                OR (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                     WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                   = pg_catalog.cardinality(v_consumers));
+    ELSE
+        DELETE FROM billing.events AS e
+         WHERE e.created_at < v_cutoff
+           AND (v_consumers IS NULL
+                OR (e.tx < v_horizon
+                    AND (SELECT pg_catalog.count(*) FROM billing.event_cursors AS c
+                          WHERE c.user_id = e.user_id AND c.consumer = ANY (v_consumers) AND c.acked_id >= e.id)
+                        = pg_catalog.cardinality(v_consumers)));
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n::integer;
+END
+$$;
+COMMENT ON FUNCTION billing.claim_events(text, integer, interval) IS
+'Service-only. Up to p_limit (1 to 10000) events for consumer p_consumer (1 to 100 characters of A-Z a-z 0-9 _ . : -; made at its first claim, starting with every retained event), in id order, not acknowledged by it and not in another of its claims. Each user''s events come in order and are in at most one claim of the consumer at a time (its cursor row is taken FOR UPDATE SKIP LOCKED): several workers never get the same event while it is claimed. A claim lasts p_visibility_timeout (1 second to 1 day; default 30 s): what is not acknowledged by then is handed out again (deliveries: 1 the first time an event is handed out, more when it may have been seen before). At least once: acknowledge with ack_events after handling. An event is handed out once no transaction that began before it can still commit (a long writing transaction delays delivery, never loses an event); on a Citus cluster (billing.distribute()) once it is visible, after its user''s earlier events (README: Events on the cluster).';

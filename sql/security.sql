@@ -173,6 +173,12 @@ DECLARE
     nsp oid;
 BEGIN
     PERFORM billing.require_service('billing.expose_rpc');
+    -- On a Citus coordinator (issue 17) the grants below touch distributed tables over several
+    -- connections per node, and a function created afterwards must reach each node over one:
+    -- this transaction's distributed commands run sequentially.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    END IF;
     IF p_schema IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = p_schema) THEN
         RAISE EXCEPTION 'schema % does not exist', pg_catalog.quote_literal(COALESCE(p_schema, 'NULL'))
             USING ERRCODE = '22023', HINT = 'create the schema first, or pass the schema PostgREST exposes (usually public)';

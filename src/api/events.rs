@@ -17,6 +17,8 @@
 //! Delivery: a consumer discovers events by transaction horizon (every event of a transaction
 //! older than the oldest one still running is final), keeps one cursor per user, and claims the
 //! cursors it hands out FOR UPDATE SKIP LOCKED, so a user's events are in one claim at a time.
+//! On a Citus cluster (billing.events distributed) claims and acks take [`cluster`] instead: no
+//! transaction-id horizon, one statement per shard.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicI8, Ordering};
@@ -687,6 +689,9 @@ fn claim_events(a: &Args) -> BResult<Ret> {
     let claim = crate::api::credits::new_operation_id()?;
     Spi::connect_mut(|c| {
         spi::write(c, CONSUMER, &[TEXT], &[consumer.as_str().into()])?;
+        if events_distributed(c)? {
+            return cluster::claim(c, &consumer, limit, &claim, timeout);
+        }
         spi::write(c, RESTORED_EVENTS, &[], &[])?;
         spi::write(c, RESTORED_CONSUMERS, &[], &[])?;
         spi::write(c, DISCOVER, &[TEXT], &[consumer.as_str().into()])?;
@@ -750,6 +755,9 @@ fn ack_events(a: &Args) -> BResult<Ret> {
                 hint: Some("a consumer is made by its first claim_events call".into()),
             });
         }
+        if events_distributed(c)? {
+            return cluster::ack(c, &consumer, up_to, claim.as_ref());
+        }
         let t = spi::write(
             c,
             ACK,
@@ -761,3 +769,224 @@ fn ack_events(a: &Args) -> BResult<Ret> {
     .map(Ret::Int)
 }
 crate::billing_fn!(pg_finfo_pgb_ack_events, pgb_ack_events, ack_events);
+
+// ---------------------------------------------------------------------------------------------
+// Delivery on a Citus cluster (issue 17)
+// ---------------------------------------------------------------------------------------------
+
+/// Whether Citus is installed here (pg_dist_partition exists): one catalog lookup per claim or
+/// ack on a single node, which then takes the path above unchanged.
+const CITUS_PRESENT: &str = "SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL";
+/// Whether billing.distribute() has distributed billing.events (only run when Citus is there).
+const EVENTS_DISTRIBUTED: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition AS p WHERE p.logicalrelid = 'billing.events'::pg_catalog.regclass)";
+
+/// Whether billing.events is a Citus distributed table (then claims and acks take [`cluster`]).
+fn events_distributed(c: &mut SpiClient<'_>) -> BResult<bool> {
+    if !col::<bool>(&spi::read(c, CITUS_PRESENT, &[], &[])?.first(), 1)?.unwrap_or(false) {
+        return Ok(false);
+    }
+    Ok(col::<bool>(&spi::read(c, EVENTS_DISTRIBUTED, &[], &[])?.first(), 1)?.unwrap_or(false))
+}
+
+/// Delivery when billing.events and billing.event_cursors are distributed by user_id (colocated:
+/// a user's events and cursors live in one shard group).
+///
+/// Why not the single-node path: its discovery compares the writing transaction's id with a
+/// transaction-id horizon, and on Citus the `tx` column holds the coordinator's id (Citus
+/// evaluates a modification's functions there) while the row commits on a worker, after the
+/// coordinator's own commit when the transaction spans two workers (two-phase commit): an event
+/// could be passed by the horizon before it is visible, and be skipped. And its claim locks the
+/// cursors of many users in one statement (`FOR UPDATE SKIP LOCKED` over every shard), which
+/// Citus refuses ("could not run distributed query with FOR UPDATE/SHARE commands").
+///
+/// Here nothing depends on transaction ids. A user's events commit in id order (each is written
+/// under the user's account lock, its id taken after the lock), so the user's visible events
+/// above what the consumer acknowledged are always a gap-free run: an event of a transaction in
+/// flight is invisible until it commits and is found by the first claim after that; one of a
+/// rolled-back transaction is never visible.
+///
+/// A claim (1) reads, over every shard without locking, the first `p_limit` events by id of the
+/// users whose cursor is free (or who have none yet); (2) groups those users by shard and, shard
+/// after shard in shard-id order, makes their missing cursors and then claims with one statement
+/// routed to that shard: the free cursors `FOR UPDATE SKIP LOCKED`, their events up to the
+/// largest id of step 1, and the cursors' claim; (3) returns every shard's events in id order.
+/// An ack finds the cursors of the claim without locking, then acknowledges shard by shard in
+/// shard-id order, each statement locking its cursors in user order. Every lock a claim or an ack
+/// waits for is taken in that one order (shard id, then user) and claims skip locked cursors, so
+/// they never wait for each other in a cycle.
+mod cluster {
+    use super::*;
+
+    const UUID_ARRAY: pgrx::pg_sys::PgOid = pgrx::pg_sys::PgOid::BuiltIn(pg_sys::BuiltinOid::UUIDARRAYOID);
+    const BOOL_ARRAY: pgrx::pg_sys::PgOid = pgrx::pg_sys::PgOid::BuiltIn(pg_sys::BuiltinOid::BOOLARRAYOID);
+
+    /// The first $2 unacknowledged events by id of the users whose cursor of consumer $1 is not
+    /// in a live claim at $3 (the clock), and whether the user has a cursor yet. Every shard, no
+    /// locks.
+    const CANDIDATES: &str = "
+SELECT e.user_id, e.id, c.user_id IS NULL
+  FROM billing.events AS e
+  LEFT JOIN billing.event_cursors AS c ON c.user_id = e.user_id AND c.consumer = $1
+ WHERE e.id > COALESCE(c.acked_id, 0)
+   AND (c.claimed_until IS NULL OR c.claimed_until <= $3)
+ ORDER BY e.id
+ LIMIT $2";
+
+    /// Users $1 (with flags $2: needs a cursor) by the shard of billing.event_cursors they live
+    /// in, in shard-id order: (shard, users, users needing a cursor). Runs on the coordinator.
+    const BY_SHARD: &str = "
+SELECT x.s, pg_catalog.array_agg(x.u ORDER BY x.u), pg_catalog.array_agg(x.u ORDER BY x.u) FILTER (WHERE x.n)
+  FROM (SELECT t.u, t.n, pg_catalog.get_shard_id_for_distribution_column('billing.event_cursors', t.u) AS s
+          FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::boolean[])) AS t (u, n)) AS x
+ GROUP BY x.s
+ ORDER BY x.s";
+
+    /// Cursors of consumer $1 for users $2 (one shard's), in user order.
+    const NEW_CURSORS: &str = "
+INSERT INTO billing.event_cursors AS c (user_id, consumer)
+SELECT t.u, $1 FROM pg_catalog.unnest($2::uuid[]) AS t (u) ORDER BY t.u
+ON CONFLICT (user_id, consumer) DO NOTHING";
+
+    /// The claim on one shard: users $5 (all in that shard), events up to id $6, at most $2 of
+    /// them, as claim $3 for $4 microseconds from $7 (the clock). As the single-node CLAIM.
+    const CLAIM: &str = "
+WITH cur AS (
+    SELECT c.user_id, c.acked_id, c.deliveries, c.handed_up_to
+      FROM billing.event_cursors AS c
+     WHERE c.consumer = $1 AND c.user_id = ANY ($5)
+       AND (c.claimed_until IS NULL OR c.claimed_until <= $7)
+     ORDER BY c.user_id
+       FOR UPDATE SKIP LOCKED
+), ev AS (
+    SELECT e.user_id, e.id, e.type, e.payload, e.created_at,
+           CASE WHEN e.id <= cur.handed_up_to THEN cur.deliveries + 1 ELSE 1 END AS deliveries
+      FROM cur JOIN billing.events AS e ON e.user_id = cur.user_id AND e.id > cur.acked_id AND e.id <= $6
+     WHERE e.user_id = ANY ($5)
+     ORDER BY e.id
+     LIMIT $2
+), got AS (
+    SELECT ev.user_id, pg_catalog.max(ev.id) AS up_to, pg_catalog.max(ev.deliveries) AS deliveries FROM ev GROUP BY ev.user_id
+), upd AS (
+    UPDATE billing.event_cursors AS c
+       SET claim_id = $3, claimed_up_to = got.up_to,
+           claimed_until = $7 + $4::double precision * interval '1 microsecond',
+           deliveries = got.deliveries,
+           handed_up_to = GREATEST(c.handed_up_to, got.up_to),
+           last_event_id = GREATEST(c.last_event_id, got.up_to)
+      FROM got
+     WHERE c.user_id = got.user_id AND c.consumer = $1 AND c.user_id = ANY ($5)
+)
+SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+           'claim_id', $3, 'id', ev.id, 'user_id', ev.user_id, 'type', ev.type, 'payload', ev.payload,
+           'created_at', ev.created_at, 'deliveries', ev.deliveries) ORDER BY ev.id), '[]'::jsonb)
+  FROM ev";
+
+    /// The users whose cursor of consumer $1 holds claimed events up to $2 to acknowledge (of
+    /// claim $3, or of any). Every shard, no locks.
+    const ACK_USERS: &str = "
+SELECT c.user_id, false
+  FROM billing.event_cursors AS c
+ WHERE c.consumer = $1 AND c.claim_id IS NOT NULL AND ($3::uuid IS NULL OR c.claim_id = $3)
+   AND c.acked_id < LEAST(c.claimed_up_to, $2)";
+
+    /// The single-node ACK on one shard: users $4 (all in that shard).
+    const ACK: &str = "
+WITH before AS (
+    SELECT c.user_id, c.acked_id AS old, c.claim_id
+      FROM billing.event_cursors AS c
+     WHERE c.consumer = $1 AND c.user_id = ANY ($4) AND c.claim_id IS NOT NULL AND ($3::uuid IS NULL OR c.claim_id = $3)
+       AND c.acked_id < LEAST(c.claimed_up_to, $2)
+     ORDER BY c.user_id
+       FOR UPDATE
+), acked AS (
+    UPDATE billing.event_cursors AS c
+       SET acked_id      = LEAST(c.claimed_up_to, $2),
+           pending_from  = GREATEST(c.pending_from, LEAST(c.claimed_up_to, $2) + 1),
+           claim_id      = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claim_id END,
+           claimed_until = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_until END,
+           deliveries    = CASE WHEN LEAST(c.claimed_up_to, $2) >= c.handed_up_to THEN 0 ELSE c.deliveries END,
+           handed_up_to  = CASE WHEN LEAST(c.claimed_up_to, $2) >= c.handed_up_to THEN 0 ELSE c.handed_up_to END,
+           claimed_up_to = CASE WHEN $2 >= c.claimed_up_to THEN NULL ELSE c.claimed_up_to END
+      FROM before
+     WHERE c.user_id = before.user_id AND c.consumer = $1 AND c.user_id = ANY ($4)
+       AND c.claim_id = before.claim_id AND c.acked_id < LEAST(c.claimed_up_to, $2)
+    RETURNING c.user_id, before.old, c.acked_id AS new
+)
+SELECT pg_catalog.count(e.id)::integer
+  FROM acked JOIN billing.events AS e ON e.user_id = acked.user_id AND e.id > acked.old AND e.id <= acked.new
+ WHERE e.user_id = ANY ($4)";
+
+    type Shard = (Vec<pgrx::Uuid>, Vec<pgrx::Uuid>);
+
+    /// Group `users` (flag: needs a cursor) by shard, in shard-id order.
+    fn by_shard(c: &mut SpiClient<'_>, users: Vec<pgrx::Uuid>, flags: Vec<bool>) -> BResult<Vec<Shard>> {
+        let mut out = Vec::new();
+        for row in spi::read(c, BY_SHARD, &[UUID_ARRAY, BOOL_ARRAY], &[users.into(), flags.into()])? {
+            let all = row.get::<Vec<pgrx::Uuid>>(2).or_internal()?.unwrap_or_default();
+            let new = row.get::<Vec<pgrx::Uuid>>(3).or_internal()?.unwrap_or_default();
+            out.push((all, new));
+        }
+        Ok(out)
+    }
+
+    pub fn claim(c: &mut SpiClient<'_>, consumer: &str, limit: i64, claim: &[u8; 16], timeout: i64) -> BResult<Value> {
+        let now = spi::clock()?;
+        let mut users: Vec<pgrx::Uuid> = Vec::new();
+        let mut flags: Vec<bool> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut up_to = 0i64;
+        for row in spi::read(c, CANDIDATES, &[TEXT, INT8, TIMESTAMPTZ], &[consumer.into(), limit.into(), now.into()])? {
+            let (Some(u), Some(id)) = (row.get::<pgrx::Uuid>(1).or_internal()?, row.get::<i64>(2).or_internal()?) else { continue };
+            up_to = up_to.max(id);
+            if seen.insert(*u.as_bytes()) {
+                users.push(u);
+                flags.push(row.get::<bool>(3).or_internal()?.unwrap_or(false));
+            }
+        }
+        if users.is_empty() {
+            return Ok(json!([]));
+        }
+        let mut events: Vec<Value> = Vec::new();
+        for (all, new) in by_shard(c, users, flags)? {
+            let left = limit - events.len() as i64;
+            if left <= 0 {
+                break;
+            }
+            if !new.is_empty() {
+                spi::write(c, NEW_CURSORS, &[TEXT, UUID_ARRAY], &[consumer.into(), new.into()])?;
+            }
+            let t = spi::write(
+                c,
+                CLAIM,
+                &[TEXT, INT8, UUID, INT8, UUID_ARRAY, INT8, TIMESTAMPTZ],
+                &[consumer.into(), left.into(), uuid_arg(claim), timeout.into(), all.into(), up_to.into(), now.into()],
+            )?;
+            if let Some(Value::Array(got)) = col::<pgrx::JsonB>(&t.first(), 1)?.map(|j| j.0) {
+                events.extend(got);
+            }
+        }
+        events.sort_by_key(|e| e["id"].as_i64().unwrap_or(0));
+        Ok(Value::Array(events))
+    }
+
+    pub fn ack(c: &mut SpiClient<'_>, consumer: &str, up_to: i64, claim: Option<&[u8; 16]>) -> BResult<i32> {
+        let claim_arg = || claim.map(|u| pgrx::Uuid::from_bytes(*u));
+        let mut users: Vec<pgrx::Uuid> = Vec::new();
+        for row in spi::read(c, ACK_USERS, &[TEXT, INT8, UUID], &[consumer.into(), up_to.into(), claim_arg().into()])? {
+            if let Some(u) = row.get::<pgrx::Uuid>(1).or_internal()? {
+                users.push(u);
+            }
+        }
+        if users.is_empty() {
+            return Ok(0);
+        }
+        let flags = vec![false; users.len()];
+        let mut n = 0;
+        for (all, _) in by_shard(c, users, flags)? {
+            let t = spi::write(c, ACK, &[TEXT, INT8, UUID, UUID_ARRAY], &[consumer.into(), up_to.into(), claim_arg().into(), all.into()])?;
+            n += col::<i32>(&t.first(), 1)?.unwrap_or(0);
+        }
+        Ok(n)
+    }
+}
