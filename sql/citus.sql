@@ -3,6 +3,9 @@
 --
 -- Every billing table is one of:
 --   * a reference table (a copy on every node): the catalogs, small and read by every call;
+--   * a local table of the coordinator: the registries of app tables (resource_types,
+--     widget_tables), which name tables of the coordinator by oid (a worker has no such table,
+--     and the functions that read them run on the coordinator);
 --   * distributed by user_id, colocated with billing.accounts: every per-user table, so all of a
 --     user's rows live in one shard group and every per-user statement is routed to one node;
 --   * distributed by e-mail (member_emails, pending_profiles: keyed by the e-mail before a user
@@ -12,8 +15,11 @@
 CREATE FUNCTION billing.distribute(p_shard_count integer DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    reference text[] := ARRAY['plans', 'plan_balance_alerts', 'limit_alerts', 'event_consumers', 'api_functions',
-                              'resource_types', 'widget_tables'];
+    reference text[] := ARRAY['plans', 'plan_balance_alerts', 'limit_alerts', 'event_consumers', 'api_functions'];
+    -- Kept local on the coordinator (0.7.0). 0.6.0 made them reference tables, which Citus cannot
+    -- turn back into local ones while they belong to the extension (undistribute_table refuses):
+    -- on such a cluster register_resource and register_widget_table still fail (README).
+    coordinator text[] := ARRAY['resource_types', 'widget_tables'];
     -- accounts first: the others are colocated with it.
     by_user text[] := ARRAY['accounts', 'credit_grants', 'credit_holds', 'credit_transactions', 'credit_expiration_events',
                             'idempotency_keys', 'usage_event_keys', 'clawbacks', 'subscriptions', 'subscription_events',
@@ -31,6 +37,7 @@ DECLARE
     n_reference integer := 0;
     n_distributed integer := 0;
     n_kept integer := 0;
+    n_local integer := 0;
     unknown text;
     i integer;
 BEGIN
@@ -53,7 +60,7 @@ BEGIN
     SELECT pg_catalog.string_agg(c.relname, ', ' ORDER BY c.relname) INTO unknown
       FROM pg_catalog.pg_class AS c
      WHERE c.relnamespace = 'billing'::pg_catalog.regnamespace AND c.relkind IN ('r', 'p')
-       AND c.relname <> ALL (reference || by_user || ARRAY[other[1], other[4], other[7]]);
+       AND c.relname <> ALL (reference || coordinator || by_user || ARRAY[other[1], other[4], other[7]]);
     IF unknown IS NOT NULL THEN
         RAISE EXCEPTION 'billing.distribute() does not know how to place these billing tables: %', unknown
             USING ERRCODE = 'internal_error';
@@ -91,6 +98,15 @@ BEGIN
             n_reference := n_reference + 1;
         END IF;
     END LOOP;
+    FOREACH t IN ARRAY coordinator LOOP
+        IF billing._citus_placed(t) THEN
+            RAISE WARNING 'billing.% is a reference table (placed by pg_billing 0.6.0): app tables cannot be registered in it on this cluster', t
+                USING HINT = 'README, Scale-out on Citus: registries of app tables.';
+            n_kept := n_kept + 1;
+        ELSE
+            n_local := n_local + 1;
+        END IF;
+    END LOOP;
     FOREACH t IN ARRAY by_user LOOP
         IF billing._citus_placed(t) THEN
             n_kept := n_kept + 1;
@@ -123,11 +139,12 @@ BEGIN
         'reference_tables_created', n_reference,
         'distributed_tables_created', n_distributed,
         'tables_already_placed', n_kept,
+        'tables_kept_local', n_local,
         'shard_count', shards);
 END
 $$;
 COMMENT ON FUNCTION billing.distribute(integer) IS
-'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables, distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
+'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
 
 -- Whether billing.<t> is already a Citus table (reference or distributed).
 CREATE FUNCTION billing._citus_placed(p_table text) RETURNS boolean

@@ -69,21 +69,22 @@ def user(i):
 c = coord()
 
 
-@check("placement: every billing table is a Citus table; per-user tables colocated with accounts")
+@check("placement: every billing table is a Citus table but the app-table registries; per-user tables colocated with accounts")
 def _placement():
     rows = q(c, """SELECT c.relname, p.partmethod, p.colocationid,
                           (SELECT p2.colocationid FROM pg_dist_partition AS p2 WHERE p2.logicalrelid = 'billing.accounts'::regclass)
                      FROM pg_class AS c LEFT JOIN pg_dist_partition AS p ON p.logicalrelid = c.oid
                     WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r' ORDER BY 1""")
-    missing = [r[0] for r in rows if r[1] is None]
-    assert not missing, f"not Citus tables: {missing}"
+    local = sorted(r[0] for r in rows if r[1] is None)
+    # The registries of app tables name tables of the coordinator by oid: they stay local there.
+    assert local == ['resource_types', 'widget_tables'], f"local tables: {local}"
     per_user = [r[0] for r in rows if r[1] == 'h' and r[0] not in ('member_emails', 'pending_profiles', 'webhook_events')]
     apart = [r[0] for r in rows if r[0] in per_user and r[2] != r[3]]
     assert not apart, f"per-user tables not colocated with accounts: {apart}"
     ref = sorted(r[0] for r in rows if r[1] == 'n')
     shards = q(c, "SELECT count(DISTINCT nodeport) FROM pg_dist_shard_placement WHERE shardid IN "
                   "(SELECT shardid FROM pg_dist_shard WHERE logicalrelid = 'billing.accounts'::regclass)")[0][0]
-    return f"{len(per_user)} per-user tables on {shards} nodes, {len(ref)} reference tables"
+    return f"{len(per_user)} per-user tables on {shards} nodes, {len(ref)} reference tables, {len(local)} local"
 
 
 @check("tour: purchase, grant, consume (fast and general path), insufficient credits, hold, reads")
@@ -324,6 +325,36 @@ def _reset():
                    WHERE u.user_id IN (%s, %s) AND u.messages_count = 0 ORDER BY u.user_id = %s""", (us[0], s, s))
     assert per == [(True, None), (False, True)], per
     return f"opened {n} periods (a calendar month; a subscription's period), then 0; counters zero"
+
+
+@check("app tables: register_resource with a table of the coordinator and a distributed one; check_resource_limit")
+def _resources():
+    plan, local, dist = PLAN + "-a", f"public.citus_agents_{RUN:08x}", f"public.citus_docs_{RUN:08x}"
+    q(c, "INSERT INTO billing.plans (plan_id, display_name, limits) VALUES (%s, 'resources', '{\"agents\": 1, \"documents\": 2}')", (plan,))
+    q(c, f"CREATE TABLE {local} (id serial PRIMARY KEY, user_id uuid NOT NULL)")
+    q(c, f"CREATE INDEX ON {local} (user_id)")
+    q(c, f"CREATE TABLE {dist} (id bigserial, user_id uuid NOT NULL, PRIMARY KEY (user_id, id))")
+    q(c, "SELECT create_distributed_table(%s, 'user_id')", (dist,))
+    try:
+        q(c, "SELECT billing.register_resource(%s, %s::regclass, 'user_id', 'agents')", (f"agents_{RUN:08x}", local))
+        q(c, "SELECT billing.register_resource(%s, %s::regclass, 'user_id', 'documents')", (f"docs_{RUN:08x}", dist))
+        seen = []
+        for u in on_each_worker(600):
+            q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+                 "p_current_period_start := now() - interval '1 day', p_current_period_end := now() + interval '29 days')", (u, plan))
+            lim = "SELECT * FROM billing.check_resource_limit(%s, %s)"
+            for n in range(3):
+                a = q(c, lim, (u, f"agents_{RUN:08x}"))[0]
+                d = q(c, lim, (u, f"docs_{RUN:08x}"))[0]
+                seen.append((tuple(a[:3]), tuple(d[:3])))
+                q(c, f"INSERT INTO {local} (user_id) VALUES (%s)", (u,))
+                q(c, f"INSERT INTO {dist} (user_id) VALUES (%s)", (u,))
+        want = [((True, 0, 1), (True, 0, 2)), ((False, 1, 1), (True, 1, 2)), ((False, 2, 1), (False, 2, 2))] * 2
+        assert seen == want, seen
+    finally:
+        q(c, "DELETE FROM billing.resource_types WHERE resource_type IN (%s, %s)", (f"agents_{RUN:08x}", f"docs_{RUN:08x}"))
+        q(c, f"DROP TABLE IF EXISTS {local}, {dist}")
+    return "a user on each worker: agents (a coordinator table, limit 1) and documents (distributed, limit 2) counted exactly"
 
 
 @check("identity: authenticated acts only on itself, anon is refused, service_role acts on anyone")
