@@ -128,9 +128,10 @@ ipass=$(grep -cE ' PASSED' "$OUT/integration.log" || true); ifail=$(grep -cE ' (
 # `\if :single_node` sections of the files (single_node is false when the citus extension is
 # there); <file>_1.out is then the file's output on the cluster.
 CITUS_REGRESS_GATING=(batch credit_expiry credits_consume credits_expire_renew credits_grant credits_reads
-    credits_refund_clawback events_balance grants_errors grants_head grants_order grants_overdraft grants_reads
-    grants_scope grants_time grants_void_rollover holds idempotency_scopes members migration pending_profiles
-    plans_subscriptions rate_limit retention subscription_periods time_zones usage webhooks)
+    credits_refund_clawback dashboard events_balance events_delivery events_limits grants_errors grants_head
+    grants_order grants_overdraft grants_reads grants_scope grants_time grants_void_rollover holds
+    idempotency_scopes limits members migration pending_profiles plans_subscriptions rate_limit retention
+    subscription_periods time_zones usage webhooks widgets)
 log "pg_regress against the coordinator"
 mapfile -t tests < <(cd "$REPO/tests/pg_regress/sql" && ls -- *.sql | sed 's/\.sql$//' | sort)
 "$PGXS/src/test/regress/pg_regress" --use-existing --bindir="$PGBIN" --host=127.0.0.1 --port="$COORD_PORT" --user=postgres \
