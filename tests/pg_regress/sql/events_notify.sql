@@ -17,19 +17,23 @@ SELECT '/tmp/pg_billing_regress_notify_' || pg_backend_pid() || '.out' AS nfile 
 -- heard(): the lines psql wrote to the file, the PID masked and the payload shown as the event
 -- it names (its rank among the user's events, its user and type; '?' when no such event exists)
 CREATE FUNCTION tests.heard(p_file text) RETURNS TABLE (n int, line text) LANGUAGE plpgsql AS $f$
-#variable_conflict use_column
+-- (the file's lines first, then each notification's event in statements of their own: Citus
+-- plans no correlated subquery beside a set-returning function)
+DECLARE r record; v_id bigint; v_user uuid; v_type text; v_rank bigint;
 BEGIN
-FOR n, line IN
-    SELECT x.n::int,
-           CASE WHEN x.line LIKE 'Asynchronous notification%' THEN
-               regexp_replace(regexp_replace(x.line, 'PID \d+', 'PID <pid>'), 'payload "\d+"',
-                   'payload "<' || COALESCE((SELECT 'event #' || (SELECT count(*) FROM billing.events AS x WHERE x.user_id = e.user_id AND x.id <= e.id)
-                                                    || ' of user ' || right(e.user_id::text, 3) || ': ' || e.type FROM billing.events AS e
-                                              WHERE e.id = (regexp_match(x.line, 'payload "(\d+)"'))[1]::bigint), '?') || '>"')
-           ELSE x.line END
-      FROM regexp_split_to_table(pg_read_file(p_file), E'\n') WITH ORDINALITY AS x(line, n)
-     WHERE x.line <> ''
-LOOP RETURN NEXT; END LOOP;
+FOR r IN SELECT x.n::int AS n, x.line FROM regexp_split_to_table(pg_read_file(p_file), E'\n') WITH ORDINALITY AS x(line, n)
+          WHERE x.line <> '' LOOP
+    n := r.n; line := r.line;
+    IF r.line LIKE 'Asynchronous notification%' THEN
+        v_id := (regexp_match(r.line, 'payload "(\d+)"'))[1]::bigint;
+        v_user := NULL; v_type := NULL;
+        SELECT e.user_id, e.type INTO v_user, v_type FROM billing.events AS e WHERE e.id = v_id;
+        SELECT count(*) INTO v_rank FROM billing.events AS e WHERE e.user_id = v_user AND e.id <= v_id;
+        line := regexp_replace(regexp_replace(r.line, 'PID \d+', 'PID <pid>'), 'payload "\d+"',
+                    'payload "<' || COALESCE('event #' || v_rank || ' of user ' || right(v_user::text, 3) || ': ' || v_type, '?') || '>"');
+    END IF;
+    RETURN NEXT;
+END LOOP;
 END
 $f$;
 
