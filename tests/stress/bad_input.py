@@ -702,18 +702,23 @@ def final_checks(sw, res):
 
 
 def run(long=False, verbose=False, quiet=False, seed=1):
-    """Creates its own database next to PGDATABASE, sweeps, drops it. Returns a Result."""
+    """Creates its own database next to PGDATABASE, sweeps, drops it. Returns a Result.
+    PGB_BAD_INPUT_DB names a database made for it instead (pg_billing installed, nothing else
+    in it; kept): scripts/citus-check.sh makes one on the cluster, distributed."""
     res = Result()
     admin = connect()
     ensure_roles(admin)
-    db = f"pgb_bad_input_{os.getpid()}"
-    q(admin, f"DROP DATABASE IF EXISTS {db}")
-    q(admin, f"CREATE DATABASE {db}")
+    given = os.environ.get("PGB_BAD_INPUT_DB")
+    db = given or f"pgb_bad_input_{os.getpid()}"
+    if not given:
+        q(admin, f"DROP DATABASE IF EXISTS {db}")
+        q(admin, f"CREATE DATABASE {db}")
     dsn = psycopg2.extensions.make_dsn(admin.dsn, dbname=db)
     t0 = time.time()
     try:
         c = connect(dsn)
-        q(c, "CREATE EXTENSION pg_billing")
+        if not given:
+            q(c, "CREATE EXTENSION pg_billing")
         q(c, "SELECT billing.apply_grants()")
         ctx = setup(c, uuid.uuid4().hex[:8])
         c.close()
@@ -723,7 +728,7 @@ def run(long=False, verbose=False, quiet=False, seed=1):
         final_checks(sw, res)
         sw.conn.close()
     finally:
-        if os.environ.get("PGB_KEEP_DB") != "1":
+        if os.environ.get("PGB_KEEP_DB") != "1" and not given:
             q(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         admin.close()
     if not quiet:

@@ -30,7 +30,7 @@ import psycopg2
 # The helpers shared with the integration tests (connections, PostgREST-style calls, claims,
 # roles) live once in tests/pgb_testlib.py; the stress modules import them from here.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pgb_testlib import claims, connect, ensure_roles, expect_sqlstate, fmt, postgrest_call, q  # noqa: E402,F401
+from pgb_testlib import claims, connect, distributed, ensure_roles, expect_sqlstate, fmt, postgrest_call, q  # noqa: E402,F401
 
 # SQLSTATEs a call may legitimately raise in the mix: not enough credits. Everything else that
 # comes back with a SQLSTATE from a live connection is an invariant violation (XX000, deadlock,
