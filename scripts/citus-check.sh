@@ -143,26 +143,42 @@ CITUS_REGRESS_GATING=(batch credit_expiry credits_consume credits_expire_renew c
     events_types grants_errors grants_head grants_order grants_overdraft grants_reads grants_scope
     grants_time grants_void_rollover holds idempotency_scopes limits members migration pending_profiles
     plans_subscriptions rate_limit retention subscription_periods time_zones usage webhooks widgets)
+# per_file suite log "gating names" tests...: one line per test (ok / DIFFERS when gating / differs),
+# into $OUT/<suite>-per-file.log; sets <ok> <bad> <gating bad> in PF_OK PF_BAD PF_GBAD.
+per_file() {
+    local suite=$1 logf=$2 gating_names=" $3 " t; shift 3
+    for t in "$@"; do
+        if grep -qE "^ok +[0-9]+ +[-+] +$t( |\$)" "$logf"; then
+            printf '  ok      %-28s%s\n' "$t" "$([[ $gating_names == *" $t "* ]] && echo gating || echo 'passes now: make it gating')"
+        elif [[ $gating_names == *" $t "* ]]; then printf '  DIFFERS %-28sgating\n' "$t"
+        else printf '  differs %-28snot gating (README lists why)\n' "$t"; fi
+    done | tee "$OUT/$suite-per-file.log"
+    PF_OK=$(grep -c '^  ok ' "$OUT/$suite-per-file.log" || true)
+    PF_BAD=$(grep -ci '^  differs ' "$OUT/$suite-per-file.log" || true)
+    PF_GBAD=$(grep -c '^  DIFFERS ' "$OUT/$suite-per-file.log" || true)
+}
+
 log "pg_regress against the coordinator"
 mapfile -t tests < <(cd "$REPO/tests/pg_regress/sql" && ls -- *.sql | sed 's/\.sql$//' | sort)
 "$PGXS/src/test/regress/pg_regress" --use-existing --bindir="$PGBIN" --host=127.0.0.1 --port="$COORD_PORT" --user=postgres \
     --dbname=regression --inputdir="$REPO/tests/pg_regress" --outputdir="$OUT/regress" "${tests[@]}" > "$OUT/regress.log" 2>&1
-ok=0; bad=0; gate_bad=(); known=()
-for t in "${tests[@]}"; do
-    gating=0; for g in "${CITUS_REGRESS_GATING[@]}"; do [ "$g" = "$t" ] && gating=1; done
-    if grep -qE "^ok +[0-9]+ +[-+] +$t( |\$)" "$OUT/regress.log"; then
-        ok=$((ok + 1)); printf '  ok      %-28s%s\n' "$t" "$([ $gating = 1 ] && echo gating || echo 'passes now: add it to CITUS_REGRESS_GATING')"
-    else
-        bad=$((bad + 1))
-        if [ $gating = 1 ]; then gate_bad+=("$t"); printf '  DIFFERS %-28sgating\n' "$t"
-        else known+=("$t"); printf '  differs %-28snot gating (README lists why)\n' "$t"; fi
-    fi
-done | tee "$OUT/regress-per-file.log"
-ok=$(grep -c '^  ok ' "$OUT/regress-per-file.log" || true)
-bad=$(grep -ci '^  differs ' "$OUT/regress-per-file.log" || true)
-gbad=$(grep -c '^  DIFFERS ' "$OUT/regress-per-file.log" || true)
+per_file regress "$OUT/regress.log" "${CITUS_REGRESS_GATING[*]}" "${tests[@]}"
+ok=$PF_OK; bad=$PF_BAD; gbad=$PF_GBAD
+
+# The isolation specs against the coordinator (sessions racing on the same accounts, now spread
+# over shards), reported per spec; the specs in CITUS_ISOLATION_GATING gate this script.
+CITUS_ISOLATION_GATING=()
+log "isolation specs against the coordinator"
+setup_db isolation
+mapfile -t specs < <(cd "$REPO/tests/isolation/specs" && ls -- *.spec | sed 's/\.spec$//' | sort)
+"$PGXS/src/test/isolation/pg_isolation_regress" --use-existing --bindir="$PGBIN" --host=127.0.0.1 --port="$COORD_PORT" \
+    --user=postgres --dbname=isolation --inputdir="$REPO/tests/isolation" --outputdir="$OUT/isolation" "${specs[@]}" \
+    > "$OUT/isolation.log" 2>&1
+per_file isolation "$OUT/isolation.log" "${CITUS_ISOLATION_GATING[*]}" "${specs[@]}"
+iok=$PF_OK; ibad=$PF_BAD; igbad=$PF_GBAD
 log "summary (Citus $(psql -XAtq -p "$COORD_PORT" -d regression -c "SELECT extversion FROM pg_extension WHERE extname = 'citus'"))"
 echo "  cluster checks  $(tail -n 1 "$OUT/check.log")"
 echo "  integration     $ipass passed, $ifail failed; not run on a cluster yet: ${#not_yet[@]} (listed in scripts/citus-check.sh; log $OUT/integration.log)"
 echo "  pg_regress      $ok passed, $bad differ on the cluster; gating (${#CITUS_REGRESS_GATING[@]} files): $gbad differ (diffs in $OUT/regress/regression.diffs)"
-[ "$crc" = 0 ] && [ "$gbad" = 0 ] || exit 1
+echo "  isolation       $iok passed, $ibad differ on the cluster; gating (${#CITUS_ISOLATION_GATING[@]} specs): $igbad differ (diffs in $OUT/isolation/regression.diffs)"
+[ "$crc" = 0 ] && [ "$gbad" = 0 ] && [ "$igbad" = 0 ] || exit 1
