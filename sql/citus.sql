@@ -11,6 +11,11 @@
 --   * distributed by e-mail (member_emails, pending_profiles: keyed by the e-mail before a user
 --     exists), or by event id (webhook_events).
 -- A table the lists below do not name is an error, so a table added later cannot be forgotten.
+--
+-- Delegation (0.8.0): the internal functions in `delegated` below become force-delegated Citus
+-- functions (distribution argument p_user_id, colocated with billing.accounts). Their public
+-- function checks the caller on the coordinator, then calls them; Citus runs them on the worker
+-- that holds the user (src/citus.rs).
 
 CREATE FUNCTION billing.distribute(p_shard_count integer DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -29,6 +34,8 @@ DECLARE
     other text[] := ARRAY['member_emails', 'email', 'none',
                           'pending_profiles', 'email', 'billing.member_emails',
                           'webhook_events', 'event_id', 'none'];
+    -- (function, its distribution argument)
+    delegated text[] := ARRAY['billing._consume_on_shard(uuid, integer, text, text)', 'p_user_id'];
     shards integer;
     t text;
     q text;
@@ -38,6 +45,8 @@ DECLARE
     n_distributed integer := 0;
     n_kept integer := 0;
     n_local integer := 0;
+    n_delegated integer := 0;
+    n_kept_functions integer := 0;
     unknown text;
     i integer;
 BEGIN
@@ -134,7 +143,23 @@ BEGIN
             n_distributed := n_distributed + 1;
         END IF;
     END LOOP;
+    -- After the tables: a delegated function is colocated with billing.accounts.
+    FOR i IN 0 .. pg_catalog.array_length(delegated, 1) / 2 - 1 LOOP
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_object AS o
+                                 WHERE o.classid = ''pg_catalog.pg_proc''::pg_catalog.regclass AND o.objid = $1
+                                   AND o.distribution_argument_index IS NOT NULL AND o.force_delegation)'
+            INTO STRICT q USING delegated[2 * i + 1]::pg_catalog.regprocedure;
+        IF q = 'true' THEN
+            n_kept_functions := n_kept_functions + 1;
+        ELSE
+            EXECUTE 'SELECT pg_catalog.create_distributed_function($1, $2, colocate_with => ''billing.accounts'', force_delegation => true)'
+                USING delegated[2 * i + 1]::pg_catalog.regprocedure, delegated[2 * i + 2];
+            n_delegated := n_delegated + 1;
+        END IF;
+    END LOOP;
     RETURN pg_catalog.jsonb_build_object(
+        'functions_delegated', n_delegated,
+        'functions_already_delegated', n_kept_functions,
         'policies_rewritten', n_policies,
         'reference_tables_created', n_reference,
         'distributed_tables_created', n_distributed,
@@ -144,7 +169,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.distribute(integer) IS
-'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
+'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Then delegates the internal functions that run a call''s body on the worker holding its user (force_delegation, colocated with billing.accounts; 0.8.0: billing._consume_on_shard). Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
 
 -- Whether billing.<t> is already a Citus table (reference or distributed).
 CREATE FUNCTION billing._citus_placed(p_table text) RETURNS boolean
@@ -158,3 +183,11 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing._citus_placed(text) IS 'Internal (billing.distribute): whether billing.<p_table> is already a Citus table.';
+
+-- The delegated part of consume_credits_v2 (0.8.0, issue 17): the fast path of a keyless debit,
+-- run by Citus on the worker that holds the user once billing.distribute() has delegated it
+-- (src/api/credits.rs, consume_on_shard). No role is granted it (finalize.sql revokes PUBLIC).
+CREATE FUNCTION billing._consume_on_shard(p_user_id uuid, p_amount integer, p_description text, p_reference_id text)
+RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgb_consume_on_shard';
+COMMENT ON FUNCTION billing._consume_on_shard(uuid, integer, text, text) IS 'Internal (consume_credits_v2 on a Citus cluster, after it checked the caller): a keyless debit by the fast path only, and only when no balance rule could fire (events are numbered on the coordinator). Returns consume_credits_v2''s result, or NULL having changed nothing (the caller then runs the general debit). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 pub mod api;
 pub mod apptables;
 pub mod boundary;
+pub mod citus;
 pub mod security;
 pub mod spi;
 
@@ -20,6 +21,7 @@ pgrx::pg_module_magic!();
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     security::init_gucs();
+    citus::init_gucs();
     api::events::init();
 }
 

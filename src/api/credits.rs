@@ -148,16 +148,27 @@ SELECT $1, $2, $3, r.pool::billing.credit_pool, r.amount, r.after, $4, $5, $6, r
 
 /// $1 user, $2 amount, $3 the clock. Only when the head also covers what the active holds
 /// reserve (0.5.0), and no grant or hold may have expired (otherwise the general path decides).
-const FAST_ACCOUNT: &str = "
+/// `$extra`: more conditions ([`FAST_ACCOUNT_QUIET`]).
+macro_rules! fast_account {
+    ($extra:literal) => {
+        concat!("
 UPDATE billing.accounts AS a
    SET subscription_credits_balance = a.subscription_credits_balance - CASE WHEN a.head_subscription THEN $2 ELSE 0 END,
        purchased_credits_balance    = a.purchased_credits_balance - CASE WHEN a.head_subscription THEN 0 ELSE $2 END,
        head_remaining               = a.head_remaining - $2,
        updated_at                   = pg_catalog.now()
  WHERE a.user_id = $1 AND a.head_remaining >= $2 + a.held
-   AND NOT COALESCE(a.head_until <= $3 OR a.next_hold_expiry_at <= $3, false)
+   AND NOT COALESCE(a.head_until <= $3 OR a.next_hold_expiry_at <= $3, false)", $extra, "
 RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt, a.head_grant, a.head_subscription,
-          a.alert_threshold IS NOT NULL, a.alert_state < 0, a.head_until";
+          a.alert_threshold IS NOT NULL, a.alert_state < 0, a.head_until")
+    };
+}
+const FAST_ACCOUNT: &str = fast_account!("");
+/// [`FAST_ACCOUNT`] for a debit that may write no event (run on a Citus worker: see
+/// [`consume_on_shard`]): not on an account with a balance rule, or whose rule was never looked
+/// up (a new account).
+const FAST_ACCOUNT_QUIET: &str = fast_account!("
+   AND a.alert_threshold IS NULL AND a.alert_state >= 0");
 
 /// $1 user, $2 grant, $3 amount, $4 the clock ([`spi::clock`], read under the lock).
 const FAST_GRANT: &str = "
@@ -879,7 +890,7 @@ pub fn debit(
     key: Option<&str>,
 ) -> BResult<Debit> {
     if feature.is_none() && !with_grants {
-        if let Some(d) = fast_debit(client, user, amount, ledger_type, description, reference, key)? {
+        if let Some(d) = fast_debit(client, user, amount, ledger_type, description, reference, key, false)? {
             return Ok(d);
         }
     }
@@ -1071,15 +1082,20 @@ fn general_debit(
 }
 
 /// The fast path (see [`FAST_ACCOUNT`]): None when it does not apply and nothing changed.
+/// `quiet`: only where no balance rule could fire ([`FAST_ACCOUNT_QUIET`]).
+#[allow(clippy::too_many_arguments)]
 fn fast_debit(
     c: &mut SpiClient<'_>,
     user: &[u8; 16],
-    amount: i64,    ledger_type: &str,
+    amount: i64,
+    ledger_type: &str,
     description: Option<&str>,
     reference: Option<&str>,
     key: Option<&str>,
+    quiet: bool,
 ) -> BResult<Option<Debit>> {
-    let t = spi::write(c, FAST_ACCOUNT, &[UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), amount.into(), spi::clock()?.into()])?;
+    let sql = if quiet { FAST_ACCOUNT_QUIET } else { FAST_ACCOUNT };
+    let t = spi::write(c, sql, &[UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), amount.into(), spi::clock()?.into()])?;
     if t.is_empty() {
         return Ok(None);
     }
@@ -1357,6 +1373,11 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     if key.is_none() {
+        if let Some(r) = crate::citus::delegated(|c| {
+            spi::write(c, ON_SHARD, &[UUID, INT4, TEXT, TEXT], &[uuid_arg(&user), (amount as i32).into(), description.into(), reference.into()])
+        })? {
+            return Ok(Ret::Datum(r));
+        }
         let d = Spi::connect_mut(|c| debit(c, &user, amount, None, false, "usage", description, reference, None))?;
         return Ok(Ret::Datum(d.to_jsonb()));
     }
@@ -1367,6 +1388,33 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     .map(Ret::Json)
 }
 crate::billing_fn!(pg_finfo_pgb_consume_credits_v2, pgb_consume_credits_v2, consume_credits_v2);
+
+/// The delegated part of consume_credits_v2 (issue 17): [`consume_on_shard`], called from the
+/// FROM list (Citus pushes a call down from inside a function only in that form).
+const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4) AS r";
+
+/// billing._consume_on_shard(p_user_id, p_amount, p_description, p_reference_id): on a Citus
+/// cluster, Citus runs this on the worker that holds the user (force-delegated by
+/// billing.distribute(), colocated with billing.accounts), after consume_credits_v2 checked the
+/// caller on the coordinator. It takes the fast path only when no event can result (no balance
+/// rule on the account): events are numbered on the coordinator (README, "Events on the
+/// cluster"). Returns consume_credits_v2's result, or NULL when the fast path does not apply
+/// (nothing changed; the coordinator then runs the general debit). No role is granted it: the
+/// coordinator calls it as the extension owner.
+fn consume_on_shard(a: &Args) -> BResult<Ret> {
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    // Only the owner can call it; the check consume_credits_v2 makes, in case a grant changes.
+    security::authorize_user(&user)?;
+    let amount = validate::positive_amount("p_amount", a.int(1))?;
+    let (d, r) = (a.text(2), a.text(3));
+    let description = validate::text("p_description", d.as_deref())?;
+    let reference = validate::key("p_reference_id", r.as_deref())?;
+    match Spi::connect_mut(|c| fast_debit(c, &user, amount, "usage", description, reference, None, true))? {
+        Some(d) => Ok(Ret::Datum(d.to_jsonb())),
+        None => Ok(Ret::Null),
+    }
+}
+crate::billing_fn!(pg_finfo_pgb_consume_on_shard, pgb_consume_on_shard, consume_on_shard);
 
 /// consume_credits(p_user_id, p_amount, p_feature, p_description, p_reference_id, p_idempotency_key)
 fn consume_credits(a: &Args) -> BResult<Ret> {
