@@ -381,6 +381,92 @@ def _identity():
     return "3 refusals, 2 allowed"
 
 
+PUSHED = "pushing down function call in a multi-statement transaction"
+
+
+def consume_traced(conn, u, amount, role=None, cl=None):
+    """consume_credits_v2 with Citus's DEBUG1 messages on: (its result, whether Citus pushed
+    billing._consume_on_shard down to a worker)."""
+    conn.notices.clear()
+    if role is None:
+        conn.autocommit = False
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET LOCAL client_min_messages = debug1")
+                cur.execute("SELECT billing.consume_credits_v2(%s, %s)", (u, amount))
+                r = cur.fetchall()[0][0]
+            conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
+    else:
+        r = postgrest_call(conn, role, cl, "SELECT set_config('client_min_messages', 'debug1', true), "
+                           "billing.consume_credits_v2(p_user_id := %s, p_amount := %s)", (u, amount))[0][1]
+    return r, any(PUSHED in n for n in conn.notices)
+
+
+@check("delegation: consume_credits_v2's fast path runs on the worker that holds the user, after the caller is checked "
+       "on the coordinator; the general path, balance rules and pg_billing.citus_delegation = off stay on the coordinator")
+def _delegation():
+    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
+                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
+                     FROM pg_dist_object AS o
+                    WHERE o.classid = 'pg_proc'::regclass AND o.objid = 'billing._consume_on_shard(uuid, integer, text, text)'::regprocedure""")
+    assert rows == [(True, 0, True)], f"billing._consume_on_shard as a Citus function: {rows}"
+    conn = coord()
+    us = on_each_worker(900)
+    pushed = 0
+    for u in us:
+        q(c, "SELECT billing.add_purchased_credits(%s, 100, 'delegation')", (u,))
+        # The first debit records the spending head (general path, on the coordinator); the next
+        # ones take the fast path on the worker.
+        r, p = consume_traced(conn, u, 10)
+        assert r["total_balance"] == 90, r
+        r, p = consume_traced(conn, u, 5)
+        assert r["total_balance"] == 85 and r["purchased_used"] == 5, r
+        assert p, f"the second debit of {u} was not pushed down: {conn.notices[-5:]}"
+        pushed += p
+        # As PostgREST calls: the end user on their own account is pushed down too.
+        r, p = consume_traced(conn, u, 5, "authenticated", claims("authenticated", u))
+        assert r["total_balance"] == 80 and p, (r, p)
+        pushed += p
+        # On another's account: refused on the coordinator, before any push-down.
+        other = us[0] if u != us[0] else us[1]
+        try:
+            consume_traced(conn, other, 1, "authenticated", claims("authenticated", u))
+            raise AssertionError(f"{u} consumed from {other}")
+        except psycopg2.Error as e:
+            assert e.pgcode == "42501", (e.pgcode, str(e))
+            assert not any(PUSHED in n for n in conn.notices), conn.notices[-5:]
+        # More than the balance: the worker declines (nothing changed), the coordinator says PT402.
+        try:
+            consume_traced(conn, u, 1000)
+            raise AssertionError("consumed 1000 of 80")
+        except psycopg2.Error as e:
+            assert e.pgcode == "PT402", (e.pgcode, str(e))
+        # A balance rule: the worker declines, the coordinator debits and writes the event.
+        q(c, "SELECT billing.set_balance_alert(p_threshold := 50, p_user_id := %s)", (u,))
+        r, _ = consume_traced(conn, u, 40)
+        assert r["total_balance"] == 40, r
+        assert len(events_of(u, "balance.low")) == 1, events_of(u, "balance.low")
+        q(c, "SELECT billing.set_balance_alert(p_threshold := NULL, p_user_id := %s)", (u,))
+        r, p = consume_traced(conn, u, 1)
+        assert r["total_balance"] == 39 and p, (r, p)
+        # Turned off: the same debit on the coordinator.
+        conn.autocommit = True
+        q(conn, "SET pg_billing.citus_delegation = off")
+        r, p = consume_traced(conn, u, 1)
+        assert r["total_balance"] == 38 and not p, (r, p)
+        conn.autocommit = True
+        q(conn, "RESET pg_billing.citus_delegation")
+        total, ledger = q(c, """SELECT a.purchased_credits_balance + a.subscription_credits_balance,
+                                       (SELECT sum(t.amount) FROM billing.credit_transactions AS t WHERE t.user_id = a.user_id)
+                                  FROM billing.accounts AS a WHERE a.user_id = %s""", (u,))[0]
+        assert total == ledger == 38, (total, ledger)
+    conn.close()
+    return f"{pushed} debits pushed down on {len(us)} accounts (one on each worker); the others on the coordinator; balances and ledgers exact"
+
+
 @check("contention: 8 workers over 16 accounts on every shard; no credit lost or doubled")
 def _contention():
     users = [user(100 + i) for i in range(16)]
@@ -735,11 +821,11 @@ def _events_load():
 FIG_USERS = 1000
 
 
-def pgbench_tps(port, db, seconds):
+def pgbench_tps(port, db, seconds, options=""):
     out = subprocess.run([os.path.join(os.environ.get("PGBIN", ""), "pgbench"), "-n", "-M", "prepared", "-c", "4", "-j", "2",
                           "-T", str(seconds), "-D", f"users={FIG_USERS}", "-f", str(REPO / "benches" / "consume_rust.sql"),
                           "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
-                         capture_output=True, text=True, env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off"))
+                         capture_output=True, text=True, env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off " + options))
     m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out.stdout)
     if out.returncode != 0 or not m:
         raise RuntimeError(f"pgbench on :{port} failed: {out.stdout[-800:]} {out.stderr[-800:]}")
@@ -747,11 +833,13 @@ def pgbench_tps(port, db, seconds):
 
 
 if os.environ.get("PLAIN_PORT"):
-    @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3 (4 clients, 1,000 users, same run)")
+    @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3, with and without delegation "
+           "(4 clients, 1,000 users, same run)")
     def _figures():
-        targets = {"one node (PostgreSQL, no Citus)": (int(os.environ["PLAIN_PORT"]), "bench"),
-                   "Citus coordinator + 2 workers": (PORT, DB)}
-        for port, db in targets.values():
+        targets = {"one node (PostgreSQL, no Citus)": (int(os.environ["PLAIN_PORT"]), "bench", ""),
+                   "Citus coordinator + 2 workers, delegated": (PORT, DB, ""),
+                   "Citus coordinator + 2 workers, not delegated": (PORT, DB, "-c pg_billing.citus_delegation=off")}
+        for port, db in {(p, d) for p, d, _ in targets.values()}:
             conn = connect(host="127.0.0.1", port=port, dbname=db, user="postgres")
             q(conn, """SELECT count(billing.add_purchased_credits(('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
                                                                   1000000000))
@@ -761,12 +849,12 @@ if os.environ.get("PLAIN_PORT"):
         seconds = int(os.environ.get("CITUS_BENCH_SECONDS", "10"))
         tps = {k: [] for k in targets}
         for _ in range(rounds):
-            for k, (port, db) in targets.items():
-                tps[k].append(pgbench_tps(port, db, seconds))
+            for k, (port, db, options) in targets.items():
+                tps[k].append(pgbench_tps(port, db, seconds, options))
         med = {k: statistics.median(v) for k, v in tps.items()}
-        a, b = med.values()
+        a, b, n = med.values()
         return "; ".join(f"{k}: {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items()) \
-            + f"; coordinator / one node: {b / a:.2f}x"
+            + f"; coordinator / one node: {b / a:.2f}x delegated, {n / a:.2f}x not delegated"
 
 
 print(f"{sum(ok for _, ok, _ in results)} passed, {sum(not ok for _, ok, _ in results)} failed")
