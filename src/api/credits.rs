@@ -192,6 +192,13 @@ INSERT INTO billing.credit_transactions
        (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, created_at)
 VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, $11)";
 
+/// [`LEDGER_ROW`] with its id ($12) given: on a Citus worker ([`consume_on_shard`]), whose own
+/// sequence numbers from 1 like every node's, the coordinator's sequence gives it.
+const LEDGER_ROW_ID: &str = "
+INSERT INTO billing.credit_transactions
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, created_at, id)
+VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, $11, $12)";
+
 /// One new grant and its ledger rows, under the account lock. $1 user, $2 operation, $3 grant id,
 /// $4 category, $5 amount, $6 priority, $7 effective_at (NULL: now), $8 expires_at, $9 scope,
 /// $10 ledger type, $11 description, $12 reference, $13 key, $14 debt it repays, $15 expire at
@@ -890,7 +897,7 @@ pub fn debit(
     key: Option<&str>,
 ) -> BResult<Debit> {
     if feature.is_none() && !with_grants {
-        if let Some(d) = fast_debit(client, user, amount, ledger_type, description, reference, key, false)? {
+        if let Some(d) = fast_debit(client, user, amount, ledger_type, description, reference, key, None)? {
             return Ok(d);
         }
     }
@@ -1082,7 +1089,8 @@ fn general_debit(
 }
 
 /// The fast path (see [`FAST_ACCOUNT`]): None when it does not apply and nothing changed.
-/// `quiet`: only where no balance rule could fire ([`FAST_ACCOUNT_QUIET`]).
+/// `on_shard`: on a Citus worker ([`consume_on_shard`]), the id of the ledger row, and only where
+/// no balance rule could fire ([`FAST_ACCOUNT_QUIET`]).
 #[allow(clippy::too_many_arguments)]
 fn fast_debit(
     c: &mut SpiClient<'_>,
@@ -1092,9 +1100,9 @@ fn fast_debit(
     description: Option<&str>,
     reference: Option<&str>,
     key: Option<&str>,
-    quiet: bool,
+    on_shard: Option<i64>,
 ) -> BResult<Option<Debit>> {
-    let sql = if quiet { FAST_ACCOUNT_QUIET } else { FAST_ACCOUNT };
+    let sql = if on_shard.is_some() { FAST_ACCOUNT_QUIET } else { FAST_ACCOUNT };
     let t = spi::write(c, sql, &[UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), amount.into(), spi::clock()?.into()])?;
     if t.is_empty() {
         return Ok(None);
@@ -1116,12 +1124,17 @@ fn fast_debit(
     }
     let op = new_operation_id()?;
     let (pool, after) = if is_sub { ("subscription", sub) } else { ("purchased", pur) };
+    // (The id last: LEDGER_ROW's parameters are the first 11.)
+    let (sql, n) = match on_shard {
+        None => (LEDGER_ROW, 11),
+        Some(_) => (LEDGER_ROW_ID, 12),
+    };
     spi::write(
         c,
-        LEDGER_ROW,
-        &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID, TIMESTAMPTZ],
+        sql,
+        &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID, TIMESTAMPTZ, INT8][..n],
         &[uuid_arg(user), uuid_arg(&op), ledger_type.into(), pool.into(), (-amount).into(), after.into(),
-          description.into(), reference.into(), key.into(), uuid_arg(&grant), clock.into()],
+          description.into(), reference.into(), key.into(), uuid_arg(&grant), clock.into(), on_shard.unwrap_or(0).into()][..n],
     )?;
     let (dsub, dpur) = if is_sub { (amount, 0) } else { (0, amount) };
     Ok(Some(Debit { op, amount, dsub, dpur, short: 0, debt, sub, pur, admitted: 0, grants: None, live_sub: 0, live_pur: 0 }))
@@ -1374,7 +1387,8 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     if key.is_none() {
         if let Some(r) = crate::citus::delegated(|c| {
-            spi::write(c, ON_SHARD, &[UUID, INT4, TEXT, TEXT], &[uuid_arg(&user), (amount as i32).into(), description.into(), reference.into()])
+            let id = col::<i64>(&spi::write(c, LEDGER_ID, &[], &[])?.first(), 1)?.ok_or_else(|| BillingError::internal("no ledger id"))?;
+            spi::write(c, ON_SHARD, &[UUID, INT4, TEXT, TEXT, INT8], &[uuid_arg(&user), (amount as i32).into(), description.into(), reference.into(), id.into()])
         })? {
             return Ok(Ret::Datum(r));
         }
@@ -1391,14 +1405,18 @@ crate::billing_fn!(pg_finfo_pgb_consume_credits_v2, pgb_consume_credits_v2, cons
 
 /// The delegated part of consume_credits_v2 (issue 17): [`consume_on_shard`], called from the
 /// FROM list (Citus pushes a call down from inside a function only in that form).
-const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4) AS r";
+const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4, $5) AS r";
+/// The id of its ledger row, from the coordinator's sequence (every node's numbers from 1).
+const LEDGER_ID: &str = "SELECT pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass)";
 
-/// billing._consume_on_shard(p_user_id, p_amount, p_description, p_reference_id): on a Citus
+/// billing._consume_on_shard(p_user_id, p_amount, p_description, p_reference_id, p_ledger_id): on a Citus
 /// cluster, Citus runs this on the worker that holds the user (force-delegated by
 /// billing.distribute(), colocated with billing.accounts), after consume_credits_v2 checked the
 /// caller on the coordinator. It takes the fast path only when no event can result (no balance
 /// rule on the account): events are numbered on the coordinator (README, "Events on the
-/// cluster"). Returns consume_credits_v2's result, or NULL when the fast path does not apply
+/// cluster"); its ledger row takes the id `p_ledger_id` the coordinator drew from its sequence (a
+/// worker's own sequence would repeat the coordinator's numbers). Returns consume_credits_v2's
+/// result, or NULL when the fast path does not apply
 /// (nothing changed; the coordinator then runs the general debit). No role is granted it: the
 /// coordinator calls it as the extension owner.
 fn consume_on_shard(a: &Args) -> BResult<Ret> {
@@ -1409,7 +1427,8 @@ fn consume_on_shard(a: &Args) -> BResult<Ret> {
     let (d, r) = (a.text(2), a.text(3));
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
-    match Spi::connect_mut(|c| fast_debit(c, &user, amount, "usage", description, reference, None, true))? {
+    let id = validate::required("p_ledger_id", a.bigint(4))?;
+    match Spi::connect_mut(|c| fast_debit(c, &user, amount, "usage", description, reference, None, Some(id)))? {
         Some(d) => Ok(Ret::Datum(d.to_jsonb())),
         None => Ok(Ret::Null),
     }
