@@ -193,11 +193,14 @@ INSERT INTO billing.credit_transactions
 VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, $11)";
 
 /// [`LEDGER_ROW`] with its id ($12) given: on a Citus worker ([`consume_on_shard`]), whose own
-/// sequence numbers from 1 like every node's, the coordinator's sequence gives it.
+/// sequence numbers from 1 like every node's, the coordinator's sequence gives it. No row: the
+/// user has a row with that id (a caller's mistake: the coordinator's ids are new).
 const LEDGER_ROW_ID: &str = "
 INSERT INTO billing.credit_transactions
        (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, created_at, id)
-VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, $11, $12)";
+VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (user_id, id) DO NOTHING
+RETURNING 1";
 
 /// One new grant and its ledger rows, under the account lock. $1 user, $2 operation, $3 grant id,
 /// $4 category, $5 amount, $6 priority, $7 effective_at (NULL: now), $8 expires_at, $9 scope,
@@ -531,20 +534,38 @@ pub fn idempotent_replayed(
     fingerprint: Value,
     op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Value>,
 ) -> BResult<(Value, bool)> {
-    let Some(key) = key else { return op(client).map(|v| (v, false)) };
+    idempotent_unless_declined(client, user, scope, key, fingerprint, |c| op(c).map(Some))?
+        .ok_or_else(|| BillingError::internal("an operation that cannot decline declined"))
+}
+
+/// [`idempotent_replayed`] for an `op` that may decline (None: it changed nothing): then the key
+/// is forgotten again and the result is None (a delegated debit, [`consume_on_shard`]).
+pub fn idempotent_unless_declined(
+    client: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    scope: KeyScope,
+    key: Option<&str>,
+    fingerprint: Value,
+    op: impl FnOnce(&mut SpiClient<'_>) -> BResult<Option<Value>>,
+) -> BResult<Option<(Value, bool)>> {
+    let Some(key) = key else { return op(client).map(|v| v.map(|v| (v, false))) };
     let sc = scope.as_str();
     let claimed =
         spi::write(client, CLAIM_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&fingerprint), sc.into()])?;
     if !claimed.is_empty() {
         let response = match op(client) {
-            Ok(r) => r,
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                spi::write(client, FORGET_KEY, &[UUID, TEXT, TEXT], &[uuid_arg(user), key.into(), sc.into()])?;
+                return Ok(None);
+            }
             Err(e) => {
                 spi::write(client, FORGET_KEY, &[UUID, TEXT, TEXT], &[uuid_arg(user), key.into(), sc.into()])?;
                 return Err(e);
             }
         };
         spi::write(client, STORE_KEY, &[UUID, TEXT, JSONB, TEXT], &[uuid_arg(user), key.into(), json_arg(&response), sc.into()])?;
-        return Ok((response, false));
+        return Ok(Some((response, false)));
     }
     // The key exists and its transaction committed (we waited for it). Read it with a fresh
     // snapshot: a write-mode SPI statement takes one at READ COMMITTED.
@@ -553,7 +574,7 @@ pub fn idempotent_replayed(
     let stored = col::<pgrx::JsonB>(&t, 1)?.map(|j| j.0).unwrap_or(Value::Null);
     match idempotency::compare(key, &stored, &fingerprint) {
         Replay::Same => col::<pgrx::JsonB>(&t, 2)?
-            .map(|j| (j.0, true))
+            .map(|j| Some((j.0, true)))
             .ok_or_else(|| BillingError::internal("an idempotency key has no stored response")),
         Replay::Conflict(e) => Err(e),
     }
@@ -1129,13 +1150,17 @@ fn fast_debit(
         None => (LEDGER_ROW, 11),
         Some(_) => (LEDGER_ROW_ID, 12),
     };
-    spi::write(
+    let t = spi::write(
         c,
         sql,
         &[UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID, TIMESTAMPTZ, INT8][..n],
         &[uuid_arg(user), uuid_arg(&op), ledger_type.into(), pool.into(), (-amount).into(), after.into(),
           description.into(), reference.into(), key.into(), uuid_arg(&grant), clock.into(), on_shard.unwrap_or(0).into()][..n],
     )?;
+    if let Some(id) = on_shard.filter(|_| t.is_empty()) {
+        // The error rolls back the debit with the call.
+        return Err(BillingError::invalid_with_hint("p_ledger_id is taken", format!("the user has a ledger row with id {id}")));
+    }
     let (dsub, dpur) = if is_sub { (amount, 0) } else { (0, amount) };
     Ok(Some(Debit { op, amount, dsub, dpur, short: 0, debt, sub, pur, admitted: 0, grants: None, live_sub: 0, live_pur: 0 }))
 }
@@ -1385,38 +1410,44 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
+    let scope = KeyScope::of(&caller);
+    if let Some(r) = crate::citus::delegated(|c| {
+        let id = col::<i64>(&spi::write(c, LEDGER_ID, &[], &[])?.first(), 1)?.ok_or_else(|| BillingError::internal("no ledger id"))?;
+        spi::write(
+            c,
+            ON_SHARD,
+            &[UUID, INT4, TEXT, TEXT, INT8, TEXT, TEXT],
+            &[uuid_arg(&user), (amount as i32).into(), description.into(), reference.into(), id.into(), key.into(), scope.as_str().into()],
+        )
+    })? {
+        return Ok(Ret::Datum(r));
+    }
     if key.is_none() {
-        if let Some(r) = crate::citus::delegated(|c| {
-            let id = col::<i64>(&spi::write(c, LEDGER_ID, &[], &[])?.first(), 1)?.ok_or_else(|| BillingError::internal("no ledger id"))?;
-            spi::write(c, ON_SHARD, &[UUID, INT4, TEXT, TEXT, INT8], &[uuid_arg(&user), (amount as i32).into(), description.into(), reference.into(), id.into()])
-        })? {
-            return Ok(Ret::Datum(r));
-        }
         let d = Spi::connect_mut(|c| debit(c, &user, amount, None, false, "usage", description, reference, None))?;
         return Ok(Ret::Datum(d.to_jsonb()));
     }
     let fp = consume_v2_fingerprint(amount, description, reference);
-    Spi::connect_mut(|c| {
-        idempotent(c, &user, KeyScope::of(&caller), key, fp, |c| consume(c, &user, amount, "usage", description, reference, key))
-    })
-    .map(Ret::Json)
+    Spi::connect_mut(|c| idempotent(c, &user, scope, key, fp, |c| consume(c, &user, amount, "usage", description, reference, key)))
+        .map(Ret::Json)
 }
 crate::billing_fn!(pg_finfo_pgb_consume_credits_v2, pgb_consume_credits_v2, consume_credits_v2);
 
 /// The delegated part of consume_credits_v2 (issue 17): [`consume_on_shard`], called from the
 /// FROM list (Citus pushes a call down from inside a function only in that form).
-const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4, $5) AS r";
+const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4, $5, $6, $7) AS r";
 /// The id of its ledger row, from the coordinator's sequence (every node's numbers from 1).
 const LEDGER_ID: &str = "SELECT pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass)";
 
-/// billing._consume_on_shard(p_user_id, p_amount, p_description, p_reference_id, p_ledger_id): on a Citus
+/// billing._consume_on_shard(p_user_id, p_amount, p_description, p_reference_id, p_ledger_id,
+/// p_idempotency_key, p_key_scope): on a Citus
 /// cluster, Citus runs this on the worker that holds the user (force-delegated by
 /// billing.distribute(), colocated with billing.accounts), after consume_credits_v2 checked the
 /// caller on the coordinator. It takes the fast path only when no event can result (no balance
 /// rule on the account): events are numbered on the coordinator (README, "Events on the
 /// cluster"); its ledger row takes the id `p_ledger_id` the coordinator drew from its sequence (a
 /// worker's own sequence would repeat the coordinator's numbers). Returns consume_credits_v2's
-/// result, or NULL when the fast path does not apply
+/// result (with a key: claimed, stored or replayed as consume_credits_v2 does, in the caller's
+/// namespace `p_key_scope`), or NULL when the fast path does not apply
 /// (nothing changed; the coordinator then runs the general debit). No role is granted it: the
 /// coordinator calls it as the extension owner.
 fn consume_on_shard(a: &Args) -> BResult<Ret> {
@@ -1428,10 +1459,27 @@ fn consume_on_shard(a: &Args) -> BResult<Ret> {
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let id = validate::required("p_ledger_id", a.bigint(4))?;
-    match Spi::connect_mut(|c| fast_debit(c, &user, amount, "usage", description, reference, None, Some(id)))? {
-        Some(d) => Ok(Ret::Datum(d.to_jsonb())),
-        None => Ok(Ret::Null),
+    let k = a.text(5);
+    let key = validate::key("p_idempotency_key", k.as_deref())?;
+    if key.is_none() {
+        return match Spi::connect_mut(|c| fast_debit(c, &user, amount, "usage", description, reference, None, Some(id)))? {
+            Some(d) => Ok(Ret::Datum(d.to_jsonb())),
+            None => Ok(Ret::Null),
+        };
     }
+    // The key's namespace is the caller's on the coordinator (here the caller is the owner).
+    let scope = match a.text(6).as_deref() {
+        Some("user") => KeyScope::User,
+        Some("service") => KeyScope::Service,
+        _ => return Err(BillingError::invalid("p_key_scope must be 'user' or 'service' when p_idempotency_key is given")),
+    };
+    let fp = consume_v2_fingerprint(amount, description, reference);
+    let r = Spi::connect_mut(|c| {
+        idempotent_unless_declined(c, &user, scope, key, fp, |c| {
+            Ok(fast_debit(c, &user, amount, "usage", description, reference, key, Some(id))?.map(|d| d.to_json()))
+        })
+    })?;
+    Ok(r.map_or(Ret::Null, |(v, _)| Ret::Json(v)))
 }
 crate::billing_fn!(pg_finfo_pgb_consume_on_shard, pgb_consume_on_shard, consume_on_shard);
 

@@ -384,7 +384,7 @@ def _identity():
 PUSHED = "pushing down function call in a multi-statement transaction"
 
 
-def consume_traced(conn, u, amount, role=None, cl=None):
+def consume_traced(conn, u, amount, role=None, cl=None, key=None):
     """consume_credits_v2 with Citus's DEBUG1 messages on: (its result, whether Citus pushed
     billing._consume_on_shard down to a worker)."""
     conn.notices.clear()
@@ -393,7 +393,7 @@ def consume_traced(conn, u, amount, role=None, cl=None):
         try:
             with conn.cursor() as cur:
                 cur.execute("SET LOCAL client_min_messages = debug1")
-                cur.execute("SELECT billing.consume_credits_v2(%s, %s)", (u, amount))
+                cur.execute("SELECT billing.consume_credits_v2(%s, %s, p_idempotency_key := %s)", (u, amount, key))
                 r = cur.fetchall()[0][0]
             conn.commit()
         except Exception:
@@ -401,7 +401,8 @@ def consume_traced(conn, u, amount, role=None, cl=None):
             raise
     else:
         r = postgrest_call(conn, role, cl, "SELECT set_config('client_min_messages', 'debug1', true), "
-                           "billing.consume_credits_v2(p_user_id := %s, p_amount := %s)", (u, amount))[0][1]
+                           "billing.consume_credits_v2(p_user_id := %s, p_amount := %s, p_idempotency_key := %s)",
+                           (u, amount, key))[0][1]
     return r, any(PUSHED in n for n in conn.notices)
 
 
@@ -411,7 +412,7 @@ def _delegation():
     rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
                           o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
                      FROM pg_dist_object AS o
-                    WHERE o.classid = 'pg_proc'::regclass AND o.objid = 'billing._consume_on_shard(uuid, integer, text, text, bigint)'::regprocedure""")
+                    WHERE o.classid = 'pg_proc'::regclass AND o.objid = 'billing._consume_on_shard(uuid, integer, text, text, bigint, text, text)'::regprocedure""")
     assert rows == [(True, 0, True)], f"billing._consume_on_shard as a Citus function: {rows}"
     conn = coord()
     us = on_each_worker(900)
@@ -452,17 +453,34 @@ def _delegation():
         q(c, "SELECT billing.set_balance_alert(p_threshold := NULL, p_user_id := %s)", (u,))
         r, p = consume_traced(conn, u, 1)
         assert r["total_balance"] == 39 and p, (r, p)
+        # An idempotency key: claimed and stored on the worker, replayed there; reused for another
+        # amount: PT409 from the worker, as on one node.
+        k = f"delegation-{u}"
+        r, p = consume_traced(conn, u, 2, key=k)
+        assert r["total_balance"] == 37 and p, (r, p)
+        again, p = consume_traced(conn, u, 2, key=k)
+        assert again == r and p, (again, r, p)
+        try:
+            consume_traced(conn, u, 3, key=k)
+            raise AssertionError("a key reused for another amount was accepted")
+        except psycopg2.Error as e:
+            assert e.pgcode == "PT409", (e.pgcode, str(e))
+        # The end user's keys are another namespace: the same key debits again.
+        r, p = consume_traced(conn, u, 2, "authenticated", claims("authenticated", u), key=k)
+        assert r["total_balance"] == 35 and p, (r, p)
+        again, p = consume_traced(conn, u, 2, "authenticated", claims("authenticated", u), key=k)
+        assert again == r and p, (again, r, p)
         # Turned off: the same debit on the coordinator.
         conn.autocommit = True
         q(conn, "SET pg_billing.citus_delegation = off")
         r, p = consume_traced(conn, u, 1)
-        assert r["total_balance"] == 38 and not p, (r, p)
+        assert r["total_balance"] == 34 and not p, (r, p)
         conn.autocommit = True
         q(conn, "RESET pg_billing.citus_delegation")
         total, ledger = q(c, """SELECT a.purchased_credits_balance + a.subscription_credits_balance,
                                        (SELECT sum(t.amount) FROM billing.credit_transactions AS t WHERE t.user_id = a.user_id)
                                   FROM billing.accounts AS a WHERE a.user_id = %s""", (u,))[0]
-        assert total == ledger == 38, (total, ledger)
+        assert total == ledger == 34, (total, ledger)
     conn.close()
     return f"{pushed} debits pushed down on {len(us)} accounts (one on each worker); the others on the coordinator; balances and ledgers exact"
 
