@@ -1478,8 +1478,15 @@ fn consume_on_shard(a: &Args) -> BResult<Ret> {
         idempotent_unless_declined(c, &user, scope, key, fp, |c| {
             Ok(fast_debit(c, &user, amount, "usage", description, reference, key, Some(id))?.map(|d| d.to_json()))
         })
-    })?;
-    Ok(r.map_or(Ret::Null, |(v, _)| Ret::Json(v)))
+    });
+    match r {
+        Ok(r) => Ok(r.map_or(Ret::Null, |(v, _)| Ret::Json(v))),
+        // A key used for another request: declined (it wrote nothing), so the coordinator raises
+        // PT409 itself. Raised here it would reach the client as XX000: Citus passes a worker's
+        // SQLSTATE on, but pgrx re-raises an error caught in SPI with the codes it knows only.
+        Err(BillingError::IdempotencyConflict { .. }) => Ok(Ret::Null),
+        Err(e) => Err(e),
+    }
 }
 crate::billing_fn!(pg_finfo_pgb_consume_on_shard, pgb_consume_on_shard, consume_on_shard);
 

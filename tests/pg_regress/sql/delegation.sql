@@ -50,16 +50,21 @@ SELECT tests.state('00000000-0000-0000-0000-0000000000f1');
 SELECT billing.set_balance_alert(p_threshold := NULL, p_user_id := '00000000-0000-0000-0000-0000000000f1') IS NOT NULL AS rule_removed;
 SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 1, NULL, NULL, 900000004, NULL, NULL) ->> 'total_balance' AS total;
 
--- 4. Idempotency keys: claimed and stored with the debit, replayed, refused for another request
---    (PT409); each namespace its own; a declined call leaves no key behind.
+-- 4. Idempotency keys: claimed and stored with the debit, replayed; reused for another request:
+--    declined, so that consume_credits_v2 raises PT409 where the call started (a custom SQLSTATE
+--    raised on a worker would reach the client as XX000); each namespace its own; a declined
+--    call leaves no key behind.
 SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 2, NULL, NULL, 900000005, 'k-1', 'service') ->> 'total_balance' AS total;
 SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 2, NULL, NULL, 900000006, 'k-1', 'service') ->> 'total_balance' AS replayed_total;
 SELECT (billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 2, NULL, NULL, 900000006, 'k-1', 'service') ->> 'transaction_id')
      = (SELECT t.operation_id::text FROM billing.credit_transactions AS t
          WHERE t.user_id = '00000000-0000-0000-0000-0000000000f1' AND t.id = 900000005) AS same_transaction;
-SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 3, NULL, NULL, 900000007, 'k-1', 'service');
--- consume_credits_v2 with the same key, as the service: the same request, replayed.
+SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 3, NULL, NULL, 900000007, 'k-1', 'service') AS declined;
+-- consume_credits_v2 with the same key, as the service: the same request, replayed; another: PT409.
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-0000000000f1', 2, p_idempotency_key := 'k-1') ->> 'total_balance' AS replayed_total;
+\set VERBOSITY sqlstate
+SELECT billing.consume_credits_v2('00000000-0000-0000-0000-0000000000f1', 3, p_idempotency_key := 'k-1');
+\set VERBOSITY default
 SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 2, NULL, NULL, 900000008, 'k-1', 'user') ->> 'total_balance' AS user_namespace_total;
 SELECT tests.state('00000000-0000-0000-0000-0000000000f1');
 SELECT billing._consume_on_shard('00000000-0000-0000-0000-0000000000f1', 1000, NULL, NULL, 900000009, 'k-2', 'service') AS declined;
