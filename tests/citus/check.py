@@ -839,40 +839,55 @@ def _events_load():
 FIG_USERS = 1000
 
 
-def pgbench_tps(port, db, seconds, options=""):
-    out = subprocess.run([os.path.join(os.environ.get("PGBIN", ""), "pgbench"), "-n", "-M", "prepared", "-c", "4", "-j", "2",
-                          "-T", str(seconds), "-D", f"users={FIG_USERS}", "-f", str(REPO / "benches" / "consume_rust.sql"),
+def pgbench(port, db, clients, options="", seconds=None, calls=None):
+    """pgbench of benches/consume_rust.sql (consume_credits_v2 of 1 credit, a random user of
+    FIG_USERS): (calls per second, its stderr)."""
+    out = subprocess.run([os.path.join(os.environ.get("PGBIN", ""), "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
+                          "-j", str(min(clients, 2))] + (["-T", str(seconds)] if seconds else ["-t", str(calls)]) +
+                         ["-D", f"users={FIG_USERS}", "-f", str(REPO / "benches" / "consume_rust.sql"),
                           "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
                          capture_output=True, text=True, env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off " + options))
     m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out.stdout)
     if out.returncode != 0 or not m:
         raise RuntimeError(f"pgbench on :{port} failed: {out.stdout[-800:]} {out.stderr[-800:]}")
-    return float(m.group(1))
+    return float(m.group(1)), out.stderr
 
 
 if os.environ.get("PLAIN_PORT"):
     @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3, with and without delegation "
-           "(4 clients, 1,000 users, same run)")
+           "(4 clients and 1 client, 1,000 users, same run)")
     def _figures():
+        off = "-c pg_billing.citus_delegation=off"
         targets = {"one node (PostgreSQL, no Citus)": (int(os.environ["PLAIN_PORT"]), "bench", ""),
-                   "Citus coordinator + 2 workers, delegated": (PORT, DB, ""),
-                   "Citus coordinator + 2 workers, not delegated": (PORT, DB, "-c pg_billing.citus_delegation=off")}
-        for port, db in {(p, d) for p, d, _ in targets.values()}:
+                   "coordinator, delegated": (PORT, DB, ""),
+                   "coordinator, not delegated": (PORT, DB, off)}
+        for port, db in sorted({(p, d) for p, d, _ in targets.values()}):
             conn = connect(host="127.0.0.1", port=port, dbname=db, user="postgres")
-            q(conn, """SELECT count(billing.add_purchased_credits(('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
-                                                                  1000000000))
-                         FROM generate_series(1, %s) AS i""", (FIG_USERS,))
+            # Every user's first debit records its spending head (the general path): done here,
+            # so that the rounds measure the fast path, the one delegated.
+            q(conn, """SELECT count(billing.add_purchased_credits(u, 1000000000)), count(billing.consume_credits_v2(u, 1))
+                         FROM (SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid AS u
+                                 FROM generate_series(1, %s) AS i) AS s""", (FIG_USERS,))
             conn.close()
+        # Citus says each push-down at DEBUG1: every call of the delegated target, none of the other.
+        for options, want in (("", 20), (off, 0)):
+            _, err = pgbench(PORT, DB, 1, options + " -c client_min_messages=debug1", calls=20)
+            n = err.count(PUSHED)
+            assert n == want, f"{n} of 20 calls pushed down with options {options!r}, expected {want}"
         rounds = int(os.environ.get("CITUS_BENCH_ROUNDS", "3"))
         seconds = int(os.environ.get("CITUS_BENCH_SECONDS", "10"))
-        tps = {k: [] for k in targets}
-        for _ in range(rounds):
-            for k, (port, db, options) in targets.items():
-                tps[k].append(pgbench_tps(port, db, seconds, options))
-        med = {k: statistics.median(v) for k, v in tps.items()}
-        a, b, n = med.values()
-        return "; ".join(f"{k}: {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items()) \
-            + f"; coordinator / one node: {b / a:.2f}x delegated, {n / a:.2f}x not delegated"
+        out = []
+        for clients in (4, 1):
+            tps = {k: [] for k in targets}
+            for _ in range(rounds):
+                for k, (port, db, options) in targets.items():
+                    tps[k].append(pgbench(port, db, clients, options, seconds=seconds)[0])
+            med = {k: statistics.median(v) for k, v in tps.items()}
+            a, b, n = med.values()
+            out.append(f"{clients} client{'s' if clients > 1 else ''}: "
+                       + "; ".join(f"{k} {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items())
+                       + f"; delegated / not delegated {b / n:.2f}x, coordinator / one node {b / a:.2f}x delegated, {n / a:.2f}x not")
+        return " | ".join(out)
 
 
 print(f"{sum(ok for _, ok, _ in results)} passed, {sum(not ok for _, ok, _ in results)} failed")
