@@ -35,7 +35,7 @@ DECLARE
                           'pending_profiles', 'email', 'billing.member_emails',
                           'webhook_events', 'event_id', 'none'];
     -- (function, its distribution argument)
-    delegated text[] := ARRAY['billing._consume_on_shard(uuid, integer, text, text, bigint, text, text)', 'p_user_id'];
+    delegated text[] := ARRAY['billing._consume_on_shard(uuid, integer, bigint, text[])', 'p_user_id'];
     shards integer;
     t text;
     q text;
@@ -187,8 +187,7 @@ COMMENT ON FUNCTION billing._citus_placed(text) IS 'Internal (billing.distribute
 -- The delegated part of consume_credits_v2 (0.8.0, issue 17): the fast path of a debit,
 -- run by Citus on the worker that holds the user once billing.distribute() has delegated it
 -- (src/api/credits.rs, consume_on_shard). No role is granted it (finalize.sql revokes PUBLIC).
-CREATE FUNCTION billing._consume_on_shard(p_user_id uuid, p_amount integer, p_description text, p_reference_id text,
-                                          p_ledger_id bigint, p_idempotency_key text, p_key_scope text)
-RETURNS jsonb LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+CREATE FUNCTION billing._consume_on_shard(p_user_id uuid, p_amount integer, p_ledger_id bigint, p_request text[])
+RETURNS jsonb LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_consume_on_shard';
-COMMENT ON FUNCTION billing._consume_on_shard(uuid, integer, text, text, bigint, text, text) IS 'Internal (consume_credits_v2 on a Citus cluster, after it checked the caller): a debit by the fast path only, and only when no balance rule could fire (events are numbered on the coordinator); its ledger row takes the id p_ledger_id, drawn by the coordinator from its sequence; p_idempotency_key is claimed, stored or replayed in the caller''s namespace p_key_scope (user or service) as consume_credits_v2 does. Returns consume_credits_v2''s result, or NULL having changed nothing (the caller then runs the general debit). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';
+COMMENT ON FUNCTION billing._consume_on_shard(uuid, integer, bigint, text[]) IS 'Internal (consume_credits_v2 on a Citus cluster, after it checked the caller): a debit by the fast path only, and only when no balance rule could fire (events are numbered on the coordinator); its ledger row takes the id p_ledger_id, drawn by the coordinator from its sequence. p_request is {description, reference_id, idempotency_key, key_scope}; the key is claimed, stored or replayed in the caller''s namespace key_scope (user or service) as consume_credits_v2 does. STRICT: Citus crashes pushing down a call whose distribution argument is NULL, and a STRICT call with a NULL argument is folded to NULL before Citus sees it. Returns consume_credits_v2''s result, or NULL having changed nothing (the caller then runs the general debit). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';

@@ -1413,12 +1413,9 @@ fn consume_credits_v2(a: &Args) -> BResult<Ret> {
     let scope = KeyScope::of(&caller);
     if let Some(r) = crate::citus::delegated(|c| {
         let id = col::<i64>(&spi::write(c, LEDGER_ID, &[], &[])?.first(), 1)?.ok_or_else(|| BillingError::internal("no ledger id"))?;
-        spi::write(
-            c,
-            ON_SHARD,
-            &[UUID, INT4, TEXT, TEXT, INT8, TEXT, TEXT],
-            &[uuid_arg(&user), (amount as i32).into(), description.into(), reference.into(), id.into(), key.into(), scope.as_str().into()],
-        )
+        let request = vec![description.map(str::to_string), reference.map(str::to_string), key.map(str::to_string),
+                           Some(scope.as_str().to_string())];
+        spi::write(c, ON_SHARD, &[UUID, INT4, INT8, TEXTARRAY], &[uuid_arg(&user), (amount as i32).into(), id.into(), request.into()])
     })? {
         return Ok(Ret::Datum(r));
     }
@@ -1434,32 +1431,36 @@ crate::billing_fn!(pg_finfo_pgb_consume_credits_v2, pgb_consume_credits_v2, cons
 
 /// The delegated part of consume_credits_v2 (issue 17): [`consume_on_shard`], called from the
 /// FROM list (Citus pushes a call down from inside a function only in that form).
-const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4, $5, $6, $7) AS r";
+const ON_SHARD: &str = "SELECT r FROM billing._consume_on_shard($1, $2, $3, $4) AS r";
 /// The id of its ledger row, from the coordinator's sequence (every node's numbers from 1).
 const LEDGER_ID: &str = "SELECT pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass)";
 
-/// billing._consume_on_shard(p_user_id, p_amount, p_description, p_reference_id, p_ledger_id,
-/// p_idempotency_key, p_key_scope): on a Citus
+/// billing._consume_on_shard(p_user_id, p_amount, p_ledger_id, p_request): on a Citus
 /// cluster, Citus runs this on the worker that holds the user (force-delegated by
 /// billing.distribute(), colocated with billing.accounts), after consume_credits_v2 checked the
 /// caller on the coordinator. It takes the fast path only when no event can result (no balance
 /// rule on the account): events are numbered on the coordinator (README, "Events on the
 /// cluster"); its ledger row takes the id `p_ledger_id` the coordinator drew from its sequence (a
-/// worker's own sequence would repeat the coordinator's numbers). Returns consume_credits_v2's
-/// result (with a key: claimed, stored or replayed as consume_credits_v2 does, in the caller's
-/// namespace `p_key_scope`), or NULL when the fast path does not apply
-/// (nothing changed; the coordinator then runs the general debit). No role is granted it: the
-/// coordinator calls it as the extension owner.
+/// worker's own sequence would repeat the coordinator's numbers). `p_request` is
+/// `{description, reference_id, idempotency_key, key_scope}` (NULL elements allowed): the
+/// function is STRICT because Citus crashes pushing down a call whose distribution argument is
+/// NULL, and PostgreSQL folds a STRICT call with a NULL argument to NULL before Citus sees it.
+/// Returns consume_credits_v2's result (with a key: claimed, stored or replayed as
+/// consume_credits_v2 does, in the caller's namespace `key_scope`), or NULL when the fast path
+/// does not apply (nothing changed; the coordinator then runs the general debit). No role is
+/// granted it: the coordinator calls it as the extension owner.
 fn consume_on_shard(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
     // Only the owner can call it; the check consume_credits_v2 makes, in case a grant changes.
     security::authorize_user(&user)?;
     let amount = validate::positive_amount("p_amount", a.int(1))?;
-    let (d, r) = (a.text(2), a.text(3));
+    let id = validate::required("p_ledger_id", a.bigint(2))?;
+    let request = validate::required("p_request", a.text_array(3))?;
+    let [d, r, k, sc] = <[Option<String>; 4]>::try_from(request).map_err(|r| {
+        BillingError::invalid_with_hint("p_request must have 4 elements", format!("it has {}", r.len()))
+    })?;
     let description = validate::text("p_description", d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
-    let id = validate::required("p_ledger_id", a.bigint(4))?;
-    let k = a.text(5);
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     if key.is_none() {
         return match Spi::connect_mut(|c| fast_debit(c, &user, amount, "usage", description, reference, None, Some(id)))? {
@@ -1468,10 +1469,10 @@ fn consume_on_shard(a: &Args) -> BResult<Ret> {
         };
     }
     // The key's namespace is the caller's on the coordinator (here the caller is the owner).
-    let scope = match a.text(6).as_deref() {
+    let scope = match sc.as_deref() {
         Some("user") => KeyScope::User,
         Some("service") => KeyScope::Service,
-        _ => return Err(BillingError::invalid("p_key_scope must be 'user' or 'service' when p_idempotency_key is given")),
+        _ => return Err(BillingError::invalid("the key scope (p_request[4]) must be 'user' or 'service' when an idempotency key is given")),
     };
     let fp = consume_v2_fingerprint(amount, description, reference);
     let r = Spi::connect_mut(|c| {

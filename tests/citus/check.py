@@ -412,7 +412,7 @@ def _delegation():
     rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
                           o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
                      FROM pg_dist_object AS o
-                    WHERE o.classid = 'pg_proc'::regclass AND o.objid = 'billing._consume_on_shard(uuid, integer, text, text, bigint, text, text)'::regprocedure""")
+                    WHERE o.classid = 'pg_proc'::regclass AND o.objid = 'billing._consume_on_shard(uuid, integer, bigint, text[])'::regprocedure""")
     assert rows == [(True, 0, True)], f"billing._consume_on_shard as a Citus function: {rows}"
     conn = coord()
     us = on_each_worker(900)
