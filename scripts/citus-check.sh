@@ -167,15 +167,13 @@ ok=$PF_OK; bad=$PF_BAD; gbad=$PF_GBAD
 
 # The isolation specs against the coordinator (sessions racing on the same accounts, now spread
 # over shards), reported per spec; the specs in CITUS_ISOLATION_GATING pass on the cluster and
-# gate this script. Not gating (README says why): events_claim_horizon (the single-node claim's
-# transaction-id horizon, which the cluster's claim does not use), events_claim_race and
-# grants_head_race (their scaffolding: a SQL-language label function over billing.events created
-# in the setup transaction after a multi-shard DELETE; a join of a local table with the ledger).
+# gate this script (all of them since 0.8.0; events_claim_horizon with its cluster variant,
+# expected/events_claim_horizon_1.out: the cluster's claim has no transaction-id horizon).
 CITUS_ISOLATION_GATING=(add_credits_event claim_later_purchase claim_race consume_last_credits events_ack_vs_claim
-    events_balance_race events_limit_race events_notify expire_empty_no_lock generation_vs_reset grants_expire_wait
-    grants_overdraft_race grants_void_race holds_reserve_race holds_resolve_race idempotent_retry lock_order
-    member_plan_change_race rate_limit_exact renew_vs_consume subscription_events_race usage_no_lost_updates
-    webhook_concurrent)
+    events_balance_race events_claim_horizon events_claim_race events_limit_race events_notify expire_empty_no_lock
+    generation_vs_reset grants_expire_wait grants_head_race grants_overdraft_race grants_void_race holds_reserve_race
+    holds_resolve_race idempotent_retry lock_order member_plan_change_race rate_limit_exact renew_vs_consume
+    subscription_events_race usage_no_lost_updates webhook_concurrent)
 log "isolation specs against the coordinator"
 setup_db isolation
 # Citus's own isolation setup: the tester's "is this session blocked" check also sees lock waits on

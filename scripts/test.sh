@@ -111,30 +111,36 @@ run_regress_suite() { # suite db runner inputdir tests...
     check_suite "$suite" "$p" "$f" "$rc" "${#tests[@]}"
 }
 
-if [[ " $SUITES " == *" regress "* ]]; then
-    log "pg_regress"
-    mapfile -t tests < <(cd "$REPO/tests/pg_regress/sql" && ls -- *.sql 2>/dev/null | sed 's/\.sql$//' | sort)
-    run_regress_suite regress regression "$PGXS/src/test/regress/pg_regress" "$REPO/tests/pg_regress" "${tests[@]}"
-    # A file with a cluster variant (expected/<name>_1.out: its output on Citus, where sections that
-    # need one node are skipped) must give its single-node output here: pg_regress accepts either
-    # variant, this check does not, so a single-node run that took the cluster's branch fails.
-    vp=0; vf=0; vwhy=()
-    for alt in "$REPO"/tests/pg_regress/expected/*_1.out; do
+# single_node_outputs <suite> <dir>: a test with a cluster variant (<dir>/expected/<name>_1.out:
+# its output on Citus, where sections that need one node are skipped or the cluster's own path is
+# taken) must give its single-node output here: pg_regress accepts either variant, this check does
+# not, so a single-node run that took the cluster's branch fails. Recorded as <suite>-1node.
+single_node_outputs() {
+    local suite=$1 dir=$2 alt t vp=0 vf=0 vwhy=()
+    for alt in "$dir"/expected/*_1.out; do
         [ -e "$alt" ] || continue
         t="$(basename "$alt" _1.out)"
-        if cmp -s "$OUT/regress/results/$t.out" "$REPO/tests/pg_regress/expected/$t.out"; then
+        if cmp -s "$OUT/$suite/results/$t.out" "$dir/expected/$t.out"; then
             vp=$((vp + 1))
         else
             vf=$((vf + 1)); vwhy+=("$t did not give expected/$t.out")
         fi
     done
-    if [ $((vp + vf)) -gt 0 ]; then record "regress-1node" "$vp" "$vf" "$(IFS=';'; echo "${vwhy[*]}")"; fi
+    if [ $((vp + vf)) -gt 0 ]; then record "$suite-1node" "$vp" "$vf" "$(IFS=';'; echo "${vwhy[*]}")"; fi
+}
+
+if [[ " $SUITES " == *" regress "* ]]; then
+    log "pg_regress"
+    mapfile -t tests < <(cd "$REPO/tests/pg_regress/sql" && ls -- *.sql 2>/dev/null | sed 's/\.sql$//' | sort)
+    run_regress_suite regress regression "$PGXS/src/test/regress/pg_regress" "$REPO/tests/pg_regress" "${tests[@]}"
+    single_node_outputs regress "$REPO/tests/pg_regress"
 fi
 
 if [[ " $SUITES " == *" isolation "* ]]; then
     log "isolation specs"
     mapfile -t specs < <(cd "$REPO/tests/isolation/specs" && ls -- *.spec 2>/dev/null | sed 's/\.spec$//' | sort)
     run_regress_suite isolation isolation "$PGXS/src/test/isolation/pg_isolation_regress" "$REPO/tests/isolation" "${specs[@]}"
+    single_node_outputs isolation "$REPO/tests/isolation"
 fi
 
 if [[ " $SUITES " == *" integration "* ]]; then
