@@ -853,6 +853,39 @@ def pgbench(port, db, clients, options="", seconds=None, calls=None):
     return float(m.group(1)), out.stderr
 
 
+def cpu_seconds(pid):
+    """CPU time (user + system) of a process of this machine, in seconds."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_call(delegation, calls):
+    """One session's consume_credits_v2 calls (a prepared statement, 1 credit, the FIG_USERS in
+    turn): (calls/s, CPU microseconds per call of its coordinator backend, of its worker backends).
+    Every node runs on this machine, so /proc has them all; a worker backend of the session is
+    the one whose application_name carries the session's global pid."""
+    conn = coord()
+    q(conn, "SET pg_billing.citus_delegation = " + ("on" if delegation else "off"))
+    pid, gpid = q(conn, "SELECT pg_backend_pid(), citus_backend_gpid()")[0]
+    q(conn, "PREPARE fig_consume(uuid) AS SELECT billing.consume_credits_v2($1, 1)")
+    users = [uuid.UUID(f"00000000-0000-4000-8000-{i:012x}") for i in range(1, FIG_USERS + 1)]
+    for u in users[:50]:   # the session's worker connections are open from here on
+        q(conn, "EXECUTE fig_consume(%s)", (u,))
+    workers = []
+    for (port,) in q(conn, "SELECT nodeport FROM pg_dist_node WHERE groupid > 0 ORDER BY 1"):
+        w = connect(host="127.0.0.1", port=port, dbname=DB, user="postgres")
+        workers += [r[0] for r in q(w, "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s", (f"%gpid={gpid}%",))]
+        w.close()
+    assert workers, "no worker backend of the session found"
+    c0, w0, t0 = cpu_seconds(pid), sum(cpu_seconds(p) for p in workers), time.time()
+    for i in range(calls):
+        q(conn, "EXECUTE fig_consume(%s)", (users[i % FIG_USERS],))
+    t = time.time() - t0
+    c1, w1 = cpu_seconds(pid), sum(cpu_seconds(p) for p in workers)
+    conn.close()
+    return calls / t, 1e6 * (c1 - c0) / calls, 1e6 * (w1 - w0) / calls
+
+
 if os.environ.get("PLAIN_PORT"):
     @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3, with and without delegation "
            "(4 clients and 1 client, 1,000 users, same run)")
@@ -887,6 +920,15 @@ if os.environ.get("PLAIN_PORT"):
             out.append(f"{clients} client{'s' if clients > 1 else ''}: "
                        + "; ".join(f"{k} {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items())
                        + f"; delegated / not delegated {b / n:.2f}x, coordinator / one node {b / a:.2f}x delegated, {n / a:.2f}x not")
+        # Where the CPU goes, per call of one session (alternating, 2 rounds of each).
+        cpu = {True: [], False: []}
+        for _ in range(2):
+            for d in (True, False):
+                cpu[d].append(cpu_per_call(d, int(os.environ.get("CITUS_CPU_CALLS", "2000"))))
+        for d in (True, False):
+            rate, co, wo = (statistics.mean(x[i] for x in cpu[d]) for i in range(3))
+            out.append(f"one session, {'delegated' if d else 'not delegated'}: {rate:,.0f} calls/s, CPU per call "
+                       f"{co:,.0f} us on the coordinator and {wo:,.0f} us on the workers")
         return " | ".join(out)
 
 
