@@ -688,7 +688,13 @@ fn claim_events(a: &Args) -> BResult<Ret> {
     let timeout = ev::visibility_timeout(m, d, us)?;
     let claim = crate::api::credits::new_operation_id()?;
     Spi::connect_mut(|c| {
-        spi::write(c, CONSUMER, &[TEXT], &[consumer.as_str().into()])?;
+        // Insert only when missing: on a Citus cluster billing.event_consumers is a reference
+        // table, where an upsert locks the whole table until commit (Citus serializes
+        // non-commutative writes to replicated tables), so every claim would wait for every
+        // other claim's transaction. A read takes no such lock.
+        if spi::write(c, CONSUMER_EXISTS, &[TEXT], &[consumer.as_str().into()])?.is_empty() {
+            spi::write(c, CONSUMER, &[TEXT], &[consumer.as_str().into()])?;
+        }
         if events_distributed(c)? {
             return cluster::claim(c, &consumer, limit, &claim, timeout);
         }
