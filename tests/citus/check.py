@@ -453,6 +453,7 @@ def _delegation():
         q(c, "SELECT billing.set_balance_alert(p_threshold := NULL, p_user_id := %s)", (u,))
         r, p = consume_traced(conn, u, 1)
         assert r["total_balance"] == 39 and p, (r, p)
+        pushed += p
         # An idempotency key: claimed and stored on the worker, replayed there; reused for another
         # amount: PT409 from the worker, as on one node.
         k = f"delegation-{u}"
@@ -460,6 +461,7 @@ def _delegation():
         assert r["total_balance"] == 37 and p, (r, p)
         again, p = consume_traced(conn, u, 2, key=k)
         assert again == r and p, (again, r, p)
+        pushed += 2
         try:
             consume_traced(conn, u, 3, key=k)
             raise AssertionError("a key reused for another amount was accepted")
@@ -470,6 +472,7 @@ def _delegation():
         assert r["total_balance"] == 35 and p, (r, p)
         again, p = consume_traced(conn, u, 2, "authenticated", claims("authenticated", u), key=k)
         assert again == r and p, (again, r, p)
+        pushed += 2
         # Turned off: the same debit on the coordinator.
         conn.autocommit = True
         q(conn, "SET pg_billing.citus_delegation = off")
@@ -482,7 +485,9 @@ def _delegation():
                                   FROM billing.accounts AS a WHERE a.user_id = %s""", (u,))[0]
         assert total == ledger == 34, (total, ledger)
     conn.close()
-    return f"{pushed} debits pushed down on {len(us)} accounts (one on each worker); the others on the coordinator; balances and ledgers exact"
+    return (f"{pushed} debits (keyless and keyed, as the service and as the end user) run on the worker of their account, "
+            f"{len(us)} accounts (one on each worker); refusals before any push-down; declines, PT402, PT409 and the "
+            "balance rule's event on the coordinator; balances and ledgers exact")
 
 
 @check("contention: 8 workers over 16 accounts on every shard; no credit lost or doubled")
