@@ -816,7 +816,9 @@ fn events_distributed(c: &mut SpiClient<'_>) -> BResult<bool> {
 /// users whose cursor is free (or who have none yet); (2) groups those users by shard and, shard
 /// after shard in shard-id order, makes their missing cursors and then claims with one statement
 /// routed to that shard: the free cursors `FOR UPDATE SKIP LOCKED`, their events up to the
-/// largest id of step 1, and the cursors' claim; (3) returns every shard's events in id order.
+/// largest id of step 1, and the cursors' claim; (3) while it has room and other claims in flight
+/// held some of those cursors, repeats (1) and (2) past the users it tried, for users that have a
+/// cursor (at most [`ROUNDS`] rounds); (4) returns every round's events in id order.
 /// An ack finds the cursors of the claim without locking, then acknowledges shard by shard in
 /// shard-id order, each statement locking its cursors in user order. Every lock a claim or an ack
 /// waits for is taken in that one order (shard id, then user) and claims skip locked cursors, so
@@ -828,14 +830,15 @@ mod cluster {
     const BOOL_ARRAY: pgrx::pg_sys::PgOid = pgrx::pg_sys::PgOid::BuiltIn(pg_sys::BuiltinOid::BOOLARRAYOID);
 
     /// The first $2 unacknowledged events by id of the users whose cursor of consumer $1 is not
-    /// in a live claim at $3 (the clock), and whether the user has a cursor yet. Every shard, no
-    /// locks.
+    /// in a live claim at $3 (the clock), but users $4 (tried already), and whether the user has a
+    /// cursor yet. Every shard, no locks.
     const CANDIDATES: &str = "
 SELECT e.user_id, e.id, c.user_id IS NULL
   FROM billing.events AS e
   LEFT JOIN billing.event_cursors AS c ON c.user_id = e.user_id AND c.consumer = $1
  WHERE e.id > COALESCE(c.acked_id, 0)
    AND (c.claimed_until IS NULL OR c.claimed_until <= $3)
+   AND NOT (e.user_id = ANY ($4))
  ORDER BY e.id
  LIMIT $2";
 
@@ -936,40 +939,60 @@ SELECT pg_catalog.count(e.id)::integer
         Ok(out)
     }
 
+    /// Rounds of a claim: when other claims hold the cursors of the users a round found (claims
+    /// in flight that are not committed yet, which the lock-free read cannot see), the next round
+    /// looks past those users, as the single-node claim's SKIP LOCKED does in one statement.
+    const ROUNDS: usize = 8;
+
     pub fn claim(c: &mut SpiClient<'_>, consumer: &str, limit: i64, claim: &[u8; 16], timeout: i64) -> BResult<Value> {
         let now = spi::clock()?;
-        let mut users: Vec<pgrx::Uuid> = Vec::new();
-        let mut flags: Vec<bool> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut up_to = 0i64;
-        for row in spi::read(c, CANDIDATES, &[TEXT, INT8, TIMESTAMPTZ], &[consumer.into(), limit.into(), now.into()])? {
-            let (Some(u), Some(id)) = (row.get::<pgrx::Uuid>(1).or_internal()?, row.get::<i64>(2).or_internal()?) else { continue };
-            up_to = up_to.max(id);
-            if seen.insert(*u.as_bytes()) {
-                users.push(u);
-                flags.push(row.get::<bool>(3).or_internal()?.unwrap_or(false));
-            }
-        }
-        if users.is_empty() {
-            return Ok(json!([]));
-        }
         let mut events: Vec<Value> = Vec::new();
-        for (all, new) in by_shard(c, users, flags)? {
+        let mut tried: Vec<pgrx::Uuid> = Vec::new();
+        for round in 0..ROUNDS {
             let left = limit - events.len() as i64;
             if left <= 0 {
                 break;
             }
-            if !new.is_empty() {
-                spi::write(c, NEW_CURSORS, &[TEXT, UUID_ARRAY], &[consumer.into(), new.into()])?;
+            let mut users: Vec<pgrx::Uuid> = Vec::new();
+            let mut flags: Vec<bool> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut up_to = 0i64;
+            let excluded = tried.clone();
+            for row in spi::read(c, CANDIDATES, &[TEXT, INT8, TIMESTAMPTZ, UUID_ARRAY], &[consumer.into(), left.into(), now.into(), excluded.into()])? {
+                let (Some(u), Some(id)) = (row.get::<pgrx::Uuid>(1).or_internal()?, row.get::<i64>(2).or_internal()?) else { continue };
+                let new = row.get::<bool>(3).or_internal()?.unwrap_or(false);
+                // A user without a cursor only in the first round: making cursors may wait for
+                // another claim making the same one, and every wait must come in shard order.
+                if new && round > 0 {
+                    continue;
+                }
+                up_to = up_to.max(id);
+                if seen.insert(*u.as_bytes()) {
+                    users.push(u);
+                    flags.push(new);
+                }
             }
-            let t = spi::write(
-                c,
-                CLAIM,
-                &[TEXT, INT8, UUID, INT8, UUID_ARRAY, INT8, TIMESTAMPTZ],
-                &[consumer.into(), left.into(), uuid_arg(claim), timeout.into(), all.into(), up_to.into(), now.into()],
-            )?;
-            if let Some(Value::Array(got)) = col::<pgrx::JsonB>(&t.first(), 1)?.map(|j| j.0) {
-                events.extend(got);
+            if users.is_empty() {
+                break;
+            }
+            tried.extend(users.iter().copied());
+            for (all, new) in by_shard(c, users, flags)? {
+                let left = limit - events.len() as i64;
+                if left <= 0 {
+                    break;
+                }
+                if !new.is_empty() {
+                    spi::write(c, NEW_CURSORS, &[TEXT, UUID_ARRAY], &[consumer.into(), new.into()])?;
+                }
+                let t = spi::write(
+                    c,
+                    CLAIM,
+                    &[TEXT, INT8, UUID, INT8, UUID_ARRAY, INT8, TIMESTAMPTZ],
+                    &[consumer.into(), left.into(), uuid_arg(claim), timeout.into(), all.into(), up_to.into(), now.into()],
+                )?;
+                if let Some(Value::Array(got)) = col::<pgrx::JsonB>(&t.first(), 1)?.map(|j| j.0) {
+                    events.extend(got);
+                }
             }
         }
         events.sort_by_key(|e| e["id"].as_i64().unwrap_or(0));
