@@ -12,6 +12,11 @@
 -- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
 CREATE SCHEMA tests;
 GRANT USAGE ON SCHEMA tests TO PUBLIC;
+-- The attacker (a role with CREATE on public and nothing else) exists before the transaction and
+-- may log in: on a Citus cluster its CREATE FUNCTION and CREATE TYPE reach the workers over
+-- connections opened as that role, which see only committed roles and grants.
+CREATE ROLE apt_attacker LOGIN;
+GRANT CREATE ON SCHEMA public TO apt_attacker;
 BEGIN;
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL DateStyle = 'ISO, YMD';
@@ -78,9 +83,7 @@ RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 DROP TABLE public.widget_cards;
 
--- ===== the attacker: a role with CREATE on public and nothing else =====
-CREATE ROLE apt_attacker NOLOGIN;
-GRANT CREATE ON SCHEMA public TO apt_attacker;
+-- ===== the attacker's code =====
 -- who ran the attacker's code, whether that role was a superuser, and whether ALTER ROLE worked
 CREATE TABLE public.apt_log (n serial, attack text, who text, was_superuser boolean, alter_role text);
 GRANT INSERT, SELECT ON public.apt_log TO PUBLIC;
@@ -148,7 +151,9 @@ SELECT tests.err($$SELECT * FROM billing.get_user_widgets_ordered('e0000000-0000
 SELECT tests.err($$SELECT billing.count_user_widgets_by_type('e0000000-0000-4000-8000-000000000901', 'evilreg')$$);
 SELECT count(*) AS recreated_view_runs FROM public.apt_log WHERE attack = 'a, re-created';
 DELETE FROM billing.widget_tables WHERE widget_type = 'evilreg';
+SET LOCAL ROLE apt_attacker;
 DROP VIEW public.widget_evil;
+RESET ROLE;
 
 -- ===== attack (b): a plain table with an enum column and a cast (enum AS json) =====
 SET LOCAL ROLE apt_attacker;
@@ -236,8 +241,8 @@ SELECT rolsuper AS attacker_is_superuser FROM pg_roles WHERE rolname = 'apt_atta
 SELECT tests.err($$SELECT billing.register_resource('apt_things', 'public.apt_things', 'user_id', 'agents')$$);
 -- the owner keeps a table but puts its function in a forced RLS policy: the count runs as the
 -- owner, so the function runs with the owner's rights only
-DROP VIEW public.apt_things;
 SET LOCAL ROLE apt_attacker;
+DROP VIEW public.apt_things;
 CREATE TABLE public.apt_things (id bigint, user_id uuid NOT NULL);
 CREATE INDEX ON public.apt_things (user_id);
 INSERT INTO public.apt_things VALUES (1, 'e0000000-0000-4000-8000-000000000901'), (2, 'e0000000-0000-4000-8000-000000000901');
@@ -286,6 +291,8 @@ RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 
 ROLLBACK;
+DROP OWNED BY apt_attacker;  -- its grant on public (a REVOKE does not reach the workers of a Citus cluster)
+DROP ROLE apt_attacker;
 SET client_min_messages = warning;
 DROP SCHEMA tests CASCADE;
 RESET client_min_messages;

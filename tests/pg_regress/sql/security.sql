@@ -3,14 +3,18 @@
 -- no end-user writes, expose_rpc/unexpose_rpc, SECURITY DEFINER + pinned search_path, comments.
 -- An end-user request is made as PostgREST makes it: SET LOCAL ROLE + request.jwt.claims.
 -- Helpers live in schema tests, not pg_temp: on a Citus cluster a query that calls one may run on a worker.
+-- Transactions: an end user's (or service_role's) direct read of billing tables comes first in
+-- its transaction, before any call that writes: on a Citus cluster no role may read a shard that
+-- another role (here the functions' owner) wrote earlier in the same transaction. So the
+-- balances are committed as the file goes, and the users' rows are deleted at its end; what
+-- changes no balance (roles, schemas, grants, wrappers) is rolled back.
 CREATE SCHEMA tests;
 GRANT USAGE ON SCHEMA tests TO PUBLIC;
-BEGIN;
-SET LOCAL TimeZone = 'UTC';
-SET LOCAL DateStyle = 'ISO, YMD';
--- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so the
--- file runs in one transaction. Random uuids (not the fixed 00000000-0000-0000-0000-... test
--- users) are masked.
+SET TimeZone = 'UTC';
+SET DateStyle = 'ISO, YMD';
+-- err(sql): runs sql and returns 'SQLSTATE: message [detail]' instead of failing, so a
+-- transaction goes on after an error. Random uuids (not the fixed 00000000-0000-0000-0000-...
+-- test users) are masked.
 CREATE FUNCTION tests.err(p_sql text) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE st text; msg text; det text;
 BEGIN
@@ -49,9 +53,37 @@ SELECT billing.expire_subscription_credits('00000000-0000-0000-0000-000000000051
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000051', 20) ->> 'total_balance' AS total;
 
 -- ===== an authenticated end user (PostgREST: SET LOCAL ROLE + JWT claims) =====
+BEGIN;
 SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
 SELECT current_user, billing.current_user_id();
+-- RLS: only the own rows are visible (on a Citus cluster none: the policy runs on the workers,
+-- which PostgREST's transaction-local claims do not reach, so end users' direct reads fail closed;
+-- security_1.out)
+SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts ORDER BY user_id;
+SELECT * FROM billing.user_credits ORDER BY user_id;
+SELECT DISTINCT user_id FROM billing.credit_transactions;
+SELECT count(*) FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000052';
+SELECT user_id, expired_amount FROM billing.credit_expiration_events;
+-- tables without end-user read access
+SELECT tests.err($$SELECT count(*) FROM billing.idempotency_keys$$);
+SELECT tests.err($$SELECT count(*) FROM billing.clawbacks$$);
+SELECT tests.err($$SELECT count(*) FROM billing.webhook_events$$);
+-- no writes, not even to the own rows
+SELECT tests.err($$INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES ('00000000-0000-0000-0000-000000000053', 100)$$);
+SELECT tests.err($$UPDATE billing.accounts SET purchased_credits_balance = 1000000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT tests.err($$DELETE FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT tests.err($$INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 'purchase', 'purchased', 100, 105)$$);
+SELECT tests.err($$UPDATE billing.credit_transactions SET amount = 1000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
+SELECT tests.err($$DELETE FROM billing.credit_transactions$$);
+SELECT tests.err($$TRUNCATE billing.credit_transactions$$);
+SELECT tests.err($$INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 1)$$);
+SELECT tests.err($$INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request) VALUES ('00000000-0000-0000-0000-000000000051', 'k', '{}')$$);
+SELECT tests.err($$INSERT INTO billing.webhook_events (event_id, event_type) VALUES ('evt_forged', 'x')$$);
+SELECT tests.err($$UPDATE billing.plans SET monthly_credits = 1000000$$);
+-- an end user cannot redefine who is an end user
+SELECT tests.err($$SET pg_billing.end_user_roles = ''$$);
+SELECT tests.err($$SELECT set_config('pg_billing.end_user_roles', 'nobody', true)$$);
 -- own account: works
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 2) - 'transaction_id' AS r;
 SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1);
@@ -79,39 +111,17 @@ SELECT tests.err($$SELECT billing.expose_rpc('public')$$);
 SELECT tests.err($$SELECT billing.unexpose_rpc('public')$$);
 SELECT tests.err($$SELECT billing.apply_grants()$$);
 SELECT tests.err($$SELECT billing.authorize_user('00000000-0000-0000-0000-000000000052')$$);
--- RLS: only the own rows are visible
-SELECT user_id, subscription_credits_balance, purchased_credits_balance FROM billing.accounts ORDER BY user_id;
-SELECT * FROM billing.user_credits ORDER BY user_id;
-SELECT DISTINCT user_id FROM billing.credit_transactions;
-SELECT count(*) FROM billing.credit_transactions WHERE user_id = '00000000-0000-0000-0000-000000000052';
-SELECT user_id, expired_amount FROM billing.credit_expiration_events;
--- tables without end-user read access
-SELECT tests.err($$SELECT count(*) FROM billing.idempotency_keys$$);
-SELECT tests.err($$SELECT count(*) FROM billing.clawbacks$$);
-SELECT tests.err($$SELECT count(*) FROM billing.webhook_events$$);
--- no writes, not even to the own rows
-SELECT tests.err($$INSERT INTO billing.accounts (user_id, purchased_credits_balance) VALUES ('00000000-0000-0000-0000-000000000053', 100)$$);
-SELECT tests.err($$UPDATE billing.accounts SET purchased_credits_balance = 1000000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
-SELECT tests.err($$DELETE FROM billing.accounts WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
-SELECT tests.err($$INSERT INTO billing.credit_transactions (user_id, operation_id, type, pool, amount, balance_after) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 'purchase', 'purchased', 100, 105)$$);
-SELECT tests.err($$UPDATE billing.credit_transactions SET amount = 1000 WHERE user_id = '00000000-0000-0000-0000-000000000051'$$);
-SELECT tests.err($$DELETE FROM billing.credit_transactions$$);
-SELECT tests.err($$TRUNCATE billing.credit_transactions$$);
-SELECT tests.err($$INSERT INTO billing.credit_expiration_events (user_id, operation_id, expired_amount) VALUES ('00000000-0000-0000-0000-000000000051', gen_random_uuid(), 1)$$);
-SELECT tests.err($$INSERT INTO billing.idempotency_keys (user_id, idempotency_key, request) VALUES ('00000000-0000-0000-0000-000000000051', 'k', '{}')$$);
-SELECT tests.err($$INSERT INTO billing.webhook_events (event_id, event_type) VALUES ('evt_forged', 'x')$$);
-SELECT tests.err($$UPDATE billing.plans SET monthly_credits = 1000000$$);
--- an end user cannot redefine who is an end user
-SELECT tests.err($$SET pg_billing.end_user_roles = ''$$);
-SELECT tests.err($$SELECT set_config('pg_billing.end_user_roles', 'nobody', true)$$);
+COMMIT;
 
 -- ===== a forged role claim does not make an end user a service caller =====
+BEGIN;
+SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"service_role"}', true) IS NOT NULL AS claims_set;
+SELECT count(*) AS visible_accounts FROM billing.accounts;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
 SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
 SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000052')$$);
 SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
-SELECT count(*) AS visible_accounts FROM billing.accounts;
 
 -- ===== broken or missing identities =====
 -- the legacy request.jwt.claim.sub setting also identifies the user
@@ -120,11 +130,14 @@ SELECT set_config('request.jwt.claim.sub', '00000000-0000-0000-0000-000000000051
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
 SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000052', 1)$$);
 SELECT set_config('request.jwt.claim.sub', '', true) = '' AS sub_cleared;
+COMMIT;
 -- authenticated without any sub claim
+BEGIN;
+SET LOCAL ROLE authenticated;
 SELECT set_config('request.jwt.claims', '{"role":"authenticated"}', true) IS NOT NULL AS claims_set;
+SELECT count(*) AS visible_accounts FROM billing.accounts;
 SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
 SELECT tests.err($$SELECT * FROM billing.get_user_credits('00000000-0000-0000-0000-000000000051')$$);
-SELECT count(*) AS visible_accounts FROM billing.accounts;
 -- a sub that is not a uuid, claims that are not JSON
 SELECT set_config('request.jwt.claims', '{"sub":"not-a-uuid","role":"authenticated"}', true) IS NOT NULL AS claims_set;
 SELECT tests.err($$SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1)$$);
@@ -144,8 +157,9 @@ SELECT tests.err($$SELECT * FROM billing.get_credit_history('00000000-0000-0000-
 SELECT tests.err($$SELECT billing.decrement_credits_with_log('00000000-0000-0000-0000-000000000051', 1)$$);
 SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000051', 1)$$);
 -- and no rows through RLS
-SELECT count(*) AS accounts, (SELECT count(*) FROM billing.user_credits) AS user_credits,
-       (SELECT count(*) FROM billing.credit_transactions) AS ledger_rows FROM billing.accounts;
+SELECT a.n AS accounts, u.n AS user_credits, t.n AS ledger_rows
+  FROM (SELECT count(*) AS n FROM billing.accounts) AS a, (SELECT count(*) AS n FROM billing.user_credits) AS u,
+       (SELECT count(*) AS n FROM billing.credit_transactions) AS t;
 SELECT tests.err($$INSERT INTO billing.accounts (user_id) VALUES ('00000000-0000-0000-0000-000000000053')$$);
 RESET ROLE;
 
@@ -188,11 +202,14 @@ SELECT tests.err($$SELECT billing.add_purchased_credits('00000000-0000-0000-0000
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 
+COMMIT;
+
 -- ===== service callers act on any user =====
+BEGIN;
 SET LOCAL ROLE service_role;
+SELECT count(*) AS visible_accounts FROM billing.accounts WHERE user_id IN ('00000000-0000-0000-0000-000000000051', '00000000-0000-0000-0000-000000000052');
 SELECT billing.add_purchased_credits('00000000-0000-0000-0000-000000000052', 1) ->> 'total_balance' AS total;
 SELECT billing.consume_credits_v2('00000000-0000-0000-0000-000000000051', 1) ->> 'total_balance' AS total;
-SELECT count(*) AS visible_accounts FROM billing.accounts WHERE user_id IN ('00000000-0000-0000-0000-000000000051', '00000000-0000-0000-0000-000000000052');
 -- PostgREST with the service key: role claim service_role
 SELECT set_config('request.jwt.claims', '{"role":"service_role"}', true) IS NOT NULL AS claims_set;
 SELECT billing.add_subscription_credits('00000000-0000-0000-0000-000000000052', 1) ->> 'total_balance' AS total;
@@ -201,8 +218,10 @@ SELECT billing.record_webhook_event('evt_sec_1', 'test');
 RESET ROLE;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 SELECT tests.bal('00000000-0000-0000-0000-000000000051') AS me, tests.bal('00000000-0000-0000-0000-000000000052') AS other;
+COMMIT;
 
 -- ===== grants (SPEC 2): rpc functions for authenticated, service-only ones for service_role only =====
+BEGIN;
 SELECT c.function_name, c.access,
        has_function_privilege('anon', p.oid, 'EXECUTE') AS anon,
        has_function_privilege('authenticated', p.oid, 'EXECUTE') AS authenticated,
@@ -416,9 +435,13 @@ SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
 -- ===== 0.3.0: expose_rpc never adopts a function another role planted (issue 11 item 5) =====
 -- A role with CREATE on the target schema plants add_purchased_credits first. 0.2.0's CREATE OR
 -- REPLACE kept the planter as owner, who could then rewrite the backend's "wrapper".
-CREATE ROLE sec_planter NOLOGIN;
+-- The planter, its schema and grant are committed first, and it may log in: on a Citus cluster
+-- its CREATE FUNCTION reaches the workers over connections opened as that role.
+ROLLBACK;
+CREATE ROLE sec_planter LOGIN;
 CREATE SCHEMA rpc_plant;
 GRANT USAGE, CREATE ON SCHEMA rpc_plant TO sec_planter;
+BEGIN;
 SET LOCAL ROLE sec_planter;
 CREATE FUNCTION rpc_plant.add_purchased_credits(p_user_id uuid, p_amount integer, p_description text DEFAULT NULL,
                                                 p_reference_id text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
@@ -433,15 +456,21 @@ RESET ROLE;
 SELECT p.oid::regprocedure, p.proowner::regrole, p.prosrc LIKE '%planted%' AS planted_body
   FROM pg_proc AS p WHERE p.pronamespace = 'rpc_plant'::regnamespace;
 -- an overload with other arguments (PostgREST could route a call to it) is refused too
-DROP FUNCTION rpc_plant.add_purchased_credits(uuid, integer, text, text, text);
 SET LOCAL ROLE sec_planter;
+DROP FUNCTION rpc_plant.add_purchased_credits(uuid, integer, text, text, text);
 CREATE FUNCTION rpc_plant.consume_credits_v2(p_user_id uuid, p_amount integer) RETURNS jsonb
 LANGUAGE sql AS $f$ SELECT '{"planted": true}'::jsonb $f$;
 RESET ROLE;
 SELECT tests.err($$SELECT billing.expose_rpc('rpc_plant')$$);
 SELECT count(*) AS functions_in_rpc_plant FROM pg_proc WHERE pronamespace = 'rpc_plant'::regnamespace;
--- once it is gone, expose_rpc works and every wrapper is the extension owner's (no rows) ...
+-- once it is gone (committed: on a Citus cluster the wrappers would wait on the planter's
+-- connection in the same transaction), expose_rpc works and every wrapper is the extension
+-- owner's (no rows) ...
+SET LOCAL ROLE sec_planter;
 DROP FUNCTION rpc_plant.consume_credits_v2(uuid, integer);
+RESET ROLE;
+COMMIT;
+BEGIN;
 SELECT billing.expose_rpc('rpc_plant') = (SELECT count(*) FROM billing.api_catalog()) AS exposed_all;
 SELECT p.oid::regprocedure, p.proowner::regrole
   FROM pg_proc AS p, pg_extension AS e
@@ -459,6 +488,10 @@ SELECT billing.unexpose_rpc('rpc_plant') = (SELECT count(*) FROM billing.api_cat
 SELECT p.oid::regprocedure, p.proowner::regrole FROM pg_proc AS p WHERE p.pronamespace = 'rpc_plant'::regnamespace;
 -- schemas of the system are refused
 SELECT tests.err($$SELECT billing.expose_rpc('pg_toast')$$);
+ROLLBACK;
+DROP SCHEMA rpc_plant;
+DROP OWNED BY sec_planter;
+DROP ROLE sec_planter;
 
 -- ===== 0.3.0: billing rows only for end-user roles and service callers (issue 11 item 7) =====
 -- A role with no billing grants writes request.jwt.claims (any role can) to pass RLS as user 51:
@@ -469,6 +502,7 @@ INSERT INTO billing.pending_profiles (email, token, plan_id, billing_cycle_start
 VALUES ('sec51@example.com', 'tok-secret-51', 'pro', now(), now() + interval '30 days',
         true, '00000000-0000-0000-0000-000000000051', now());
 SELECT billing.upsert_subscription('00000000-0000-0000-0000-000000000051', 'pro', 'active', now(), now() + interval '30 days') IS NOT NULL AS subscribed;
+BEGIN;
 CREATE ROLE sec_nobody NOLOGIN;
 SET LOCAL ROLE sec_nobody;
 SELECT set_config('request.jwt.claims', '{"sub":"00000000-0000-0000-0000-000000000051","role":"authenticated"}', true) IS NOT NULL AS claims_set;
@@ -490,7 +524,7 @@ SELECT c.relname FROM pg_class AS c
 SELECT c.relname FROM pg_class AS c
  WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
    AND NOT has_table_privilege('service_role', c.oid, 'SELECT');
--- the end user still reads their own rows, the claimed profile without its token
+-- the end user still reads their own rows, the claimed profile without its token (none on a cluster)
 SET LOCAL ROLE authenticated;
 SELECT user_id FROM billing.accounts;
 SELECT user_id, plan_id, status FROM billing.subscriptions;
@@ -507,7 +541,10 @@ SELECT c.relname, a.attname, r.rolname
    AND has_column_privilege(r.rolname, c.oid, a.attnum, 'SELECT');
 SELECT has_column_privilege('service_role', 'billing.pending_profiles', 'token', 'SELECT') AS service_reads_tokens;
 SELECT set_config('request.jwt.claims', '', true) = '' AS claims_cleared;
--- the end-user roles are those of pg_billing.end_user_roles that exist
+ROLLBACK;
+-- the end-user roles are those of pg_billing.end_user_roles that exist (a transaction of its own:
+-- on a Citus cluster the grants are DDL on shards, refused once other roles' connections read them)
+BEGIN;
 CREATE ROLE sec_webuser NOLOGIN;
 SET LOCAL pg_billing.end_user_roles = 'anon, authenticated, sec_webuser, sec_missing_role';
 SELECT billing.apply_grants();
@@ -520,6 +557,24 @@ RESET pg_billing.end_user_roles;
 -- ===== the ledger matches every balance =====
 SELECT count(*) AS ledger_mismatches FROM billing.verify_ledger();
 ROLLBACK;
+-- what this file committed: the rows of its users, its pending profile and webhook event
+CREATE FUNCTION tests.forget_users(p_users uuid[]) RETURNS bigint LANGUAGE plpgsql AS $f$
+DECLARE t regclass; n bigint; total bigint := 0;
+BEGIN
+    FOR t IN SELECT c.oid::regclass FROM pg_catalog.pg_class AS c
+               JOIN pg_catalog.pg_attribute AS a ON a.attrelid = c.oid AND a.attname = 'user_id' AND NOT a.attisdropped
+              WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind IN ('r', 'p') ORDER BY 1
+    LOOP
+        EXECUTE format('DELETE FROM %s WHERE user_id = ANY ($1)', t) USING p_users;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+    END LOOP;
+    RETURN total;
+END
+$f$;
+SELECT tests.forget_users(ARRAY['00000000-0000-0000-0000-000000000051', '00000000-0000-0000-0000-000000000052']::uuid[]) > 0 AS forgotten;
+DELETE FROM billing.pending_profiles WHERE email = 'sec51@example.com';
+DELETE FROM billing.webhook_events WHERE event_id = 'evt_sec_1';
 SET client_min_messages = warning;
 DROP SCHEMA tests CASCADE;
 RESET client_min_messages;
