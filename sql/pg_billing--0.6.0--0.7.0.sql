@@ -6,6 +6,38 @@
 -- with a fresh 0.7.0 install.
 \echo Use "ALTER EXTENSION pg_billing UPDATE TO '0.7.0'" to load this file. \quit
 
+-- ===== A distributed cluster (issue 17): the workers first =====
+-- On a Citus coordinator whose billing tables are distributed (billing.distribute() of 0.6.0),
+-- this script's ALTER TABLEs reach the shards on the workers, where the domains it creates do not
+-- exist yet (Citus runs ALTER EXTENSION on the workers only after the coordinator's script, and
+-- does not send the objects an extension script creates). So the workers' extension is updated
+-- to 0.7.0 first, as Citus would update it (DDL propagation off: their own catalog only);
+-- a worker already at 0.7.0 is left as it is, so the script may run again. Nothing runs
+-- without Citus or on a worker.
+DO $$
+DECLARE distributed boolean; failed text;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        EXECUTE $q$
+            SELECT (SELECT l.groupid FROM pg_catalog.pg_dist_local_group AS l) = 0
+                   AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition AS p
+                                WHERE p.logicalrelid = 'billing.accounts'::pg_catalog.regclass)$q$
+        INTO distributed;
+        IF distributed THEN
+            EXECUTE $q$
+                SELECT pg_catalog.string_agg(w.nodename || ':' || w.nodeport || ': ' || w.result, '; ')
+                  FROM pg_catalog.run_command_on_workers(
+                           'SET LOCAL citus.enable_ddl_propagation TO off; ALTER EXTENSION pg_billing UPDATE TO ''0.7.0''') AS w
+                 WHERE NOT w.success$q$
+            INTO failed;
+            IF failed IS NOT NULL THEN
+                RAISE EXCEPTION 'pg_billing could not be updated to 0.7.0 on the Citus workers: %', failed;
+            END IF;
+        END IF;
+    END IF;
+END
+$$;
+
 -- ===== The cost of a debit (issue 13) =====
 
 -- The pools and the ledger's amounts are checked by domains instead of table CHECKs: a table
