@@ -35,7 +35,9 @@ DECLARE
                           'pending_profiles', 'email', 'billing.member_emails',
                           'webhook_events', 'event_id', 'none'];
     -- (function, its distribution argument)
-    delegated text[] := ARRAY['billing._consume_on_shard(uuid, integer, bigint, text[])', 'p_user_id'];
+    delegated text[] := ARRAY['billing._consume_on_shard(uuid, integer, bigint, text[])', 'p_user_id',
+                              'billing._record_usage_on_shard(uuid, bigint[])', 'p_user_id',
+                              'billing._rate_limit_on_shard(uuid, text)', 'p_user_id'];
     shards integer;
     t text;
     q text;
@@ -169,7 +171,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.distribute(integer) IS
-'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Then delegates the internal functions that run a call''s body on the worker holding its user (force_delegation, colocated with billing.accounts; 0.8.0: billing._consume_on_shard). Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
+'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Then delegates the internal functions that run a call''s body on the worker holding its user (force_delegation, colocated with billing.accounts: 0.8.0 billing._consume_on_shard; 0.9.0 billing._record_usage_on_shard and billing._rate_limit_on_shard). Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
 
 -- Whether billing.<t> is already a Citus table (reference or distributed).
 CREATE FUNCTION billing._citus_placed(p_table text) RETURNS boolean

@@ -147,6 +147,11 @@ CREATE FUNCTION billing.record_document_usage(p_user_id uuid, p_chunks integer) 
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_record_document_usage';
 COMMENT ON FUNCTION billing.record_document_usage(uuid, integer) IS 'Service-only. Count one processed document and p_chunks stored chunks in the user''s current period.';
 
+-- The delegated part of the recorders (0.9.0, issue 17; src/api/usage.rs, record_on_shard).
+CREATE FUNCTION billing._record_usage_on_shard(p_user_id uuid, p_deltas bigint[]) RETURNS boolean
+LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_record_usage_on_shard';
+COMMENT ON FUNCTION billing._record_usage_on_shard(uuid, bigint[]) IS 'Internal (the record_*_usage functions on a Citus cluster, after they checked the caller): the usage upsert, unless a monthly limit rule exists (its limit.* events are numbered on the coordinator). p_deltas are the 7 counters: messages, conversations, tokens in, tokens out, documents, chunks, generations. Returns true when recorded, NULL having changed nothing (the caller then records the usage itself). STRICT (see billing._consume_on_shard). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';
+
 CREATE FUNCTION billing.get_user_current_usage(p_user_id uuid)
 RETURNS TABLE (period_start timestamptz, period_end timestamptz, messages_count bigint, conversations_count bigint,
                tokens_input_count bigint, tokens_output_count bigint, api_calls_count bigint,
@@ -281,6 +286,11 @@ COMMENT ON FUNCTION billing.register_resource(text, regclass, name, text) IS 'Se
 CREATE FUNCTION billing._check_api_rate_limit(p_user_id uuid, p_endpoint text) RETURNS jsonb
 LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_check_api_rate_limit';
 COMMENT ON FUNCTION billing._check_api_rate_limit(uuid, text) IS 'Internal: check_api_rate_limit as jsonb.';
+
+-- The delegated part of the rate-limit check (0.9.0, issue 17; src/api/usage.rs, rate_limit_on_shard).
+CREATE FUNCTION billing._rate_limit_on_shard(p_user_id uuid, p_endpoint text) RETURNS jsonb
+LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'pgb_rate_limit_on_shard';
+COMMENT ON FUNCTION billing._rate_limit_on_shard(uuid, text) IS 'Internal (check_api_rate_limit on a Citus cluster, after it checked the caller): the check of one request, unless the limit is reached (the rate_limit.exceeded event is numbered on the coordinator). p_endpoint is the endpoint key. Returns check_api_rate_limit''s result as jsonb, or NULL having counted nothing (the caller then runs the check itself). STRICT (see billing._consume_on_shard). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';
 
 CREATE FUNCTION billing.check_api_rate_limit(p_user_id uuid, p_endpoint text DEFAULT NULL)
 RETURNS TABLE (allowed boolean, limit_value integer, remaining integer, reset_at timestamptz)

@@ -51,6 +51,10 @@ impl Args {
     pub fn text_array(&self, n: usize) -> Option<Vec<Option<String>>> {
         self.get::<Vec<Option<String>>>(n)
     }
+    /// A bigint[] argument; NULL elements stay None.
+    pub fn bigint_array(&self, n: usize) -> Option<Vec<Option<i64>>> {
+        self.get::<Vec<Option<i64>>>(n)
+    }
     /// A timestamptz argument as PostgreSQL's raw microseconds since 2000-01-01 UTC.
     pub fn timestamptz_micros(&self, n: usize) -> Option<i64> {
         // SAFETY: timestamptz is a by-value int64 datum.

@@ -110,7 +110,7 @@ def exported_symbols(so):
 # Args getters (src/boundary.rs) and the helpers that read one argument by position.
 GETTERS = {"uuid": "uuid", "int": "integer", "text": "text", "boolean": "boolean", "text_array": "text[]",
            "timestamptz": "timestamp with time zone", "timestamptz_micros": "timestamp with time zone",
-           "interval": "interval", "bigint": "bigint", "numeric_text": "numeric"}
+           "interval": "interval", "bigint": "bigint", "bigint_array": "bigint[]", "numeric_text": "numeric"}
 HELPER_GETTERS = {"date_arg": "date", "oid_arg": "oid", "jsonb_arg": "jsonb"}
 COMPATIBLE = {"oid": {"oid", "regclass"}}   # a regclass argument is an oid datum
 

@@ -347,6 +347,13 @@ pub fn limit_rules_exist(c: &mut SpiClient<'_>) -> BResult<bool> {
     }
 }
 
+/// Whether any limit rule exists, read now, not from the backend's cache: on a Citus worker the
+/// rules are a reference table's placement, and set_limit_alert's invalidation (sent on the
+/// coordinator) never reaches the worker's backends (the delegated recorders read this).
+pub fn limit_rules_exist_now(c: &mut SpiClient<'_>) -> BResult<bool> {
+    Ok(col::<bool>(&spi::write(c, ANY_LIMIT_RULE, &[], &[])?.first(), 1)?.unwrap_or(false))
+}
+
 const RESOURCE_TYPE_EXISTS: &str = "SELECT 1 FROM billing.resource_types AS r WHERE r.resource_type = $1";
 const ADD_LIMIT_RULE: &str = "
 INSERT INTO billing.limit_alerts (metric, percent, plan_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";

@@ -125,6 +125,15 @@ pub fn record(c: &mut SpiClient<'_>, user: &[u8; 16], d: Deltas) -> BResult<()> 
     if rules {
         crate::api::lock_account(c, user)?;
     }
+    add_counts(c, user, d)?;
+    if rules {
+        crate::api::events::check_monthly_limits(c, user)?;
+    }
+    Ok(())
+}
+
+/// The counters' upsert in the user's current period.
+fn add_counts(c: &mut SpiClient<'_>, user: &[u8; 16], d: Deltas) -> BResult<()> {
     let p = spi::write(c, PERIOD, &[UUID], &[uuid_arg(user)])?;
     let p = p.first();
     let (start, end) = (col::<TimestampWithTimeZone>(&p, 1)?, col::<TimestampWithTimeZone>(&p, 2)?);
@@ -146,9 +155,6 @@ pub fn record(c: &mut SpiClient<'_>, user: &[u8; 16], d: Deltas) -> BResult<()> 
             spi::tx_today_now()?.1.into(),
         ],
     )?;
-    if rules {
-        crate::api::events::check_monthly_limits(c, user)?;
-    }
     Ok(())
 }
 
@@ -156,9 +162,46 @@ fn record_sql(a: &Args, function: &str, deltas: impl FnOnce(&Args) -> BResult<De
     security::require_service(function)?;
     let user = validate::required("p_user_id", a.uuid(0))?;
     let d = deltas(a)?;
+    if crate::citus::delegated(|c| spi::write(c, USAGE_ON_SHARD, &[UUID, INT8ARRAY], &[uuid_arg(&user), d.to_vec().into()]))?
+        .is_some()
+    {
+        return Ok(Ret::Void);
+    }
     Spi::connect_mut(|c| record(c, &user, d))?;
     Ok(Ret::Void)
 }
+
+/// The delegated part of the record_*_usage functions (0.9.0, issue 17): [`record_on_shard`],
+/// called from the FROM list (Citus pushes a call down from inside a function only in that form).
+const USAGE_ON_SHARD: &str = "SELECT r FROM billing._record_usage_on_shard($1, $2) AS r";
+const INT8ARRAY: pgrx::PgOid = pgrx::PgOid::BuiltIn(pg_sys::BuiltinOid::INT8ARRAYOID);
+
+/// billing._record_usage_on_shard(p_user_id, p_deltas): on a Citus cluster, Citus runs this on
+/// the worker that holds the user (force-delegated by billing.distribute(), colocated with
+/// billing.accounts), after the record_*_usage function checked its caller on the coordinator:
+/// the usage upsert of [`record`] ([`add_counts`]) in one round trip. `p_deltas` are the 7 counters of
+/// [`Deltas`]. Declines (NULL, nothing written) when a monthly limit rule exists: its
+/// `limit.*` events are numbered on the coordinator, which then records the usage itself.
+/// Returns true when recorded. STRICT, no role is granted it (as billing._consume_on_shard).
+fn record_on_shard(a: &Args) -> BResult<Ret> {
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    security::require_service("_record_usage_on_shard")?;
+    let deltas = validate::required("p_deltas", a.bigint_array(1))?;
+    let d: Deltas = deltas
+        .iter()
+        .map(|v| v.filter(|v| *v >= 0))
+        .collect::<Option<Vec<i64>>>()
+        .and_then(|v| Deltas::try_from(v).ok())
+        .ok_or_else(|| BillingError::invalid("p_deltas must be 7 counters, none NULL or negative"))?;
+    Spi::connect_mut(|c| {
+        if crate::api::events::limit_rules_exist_now(c)? {
+            return Ok(Ret::Null);
+        }
+        add_counts(c, &user, d)?;
+        Ok(Ret::Bool(true))
+    })
+}
+crate::billing_fn!(pg_finfo_pgb_record_usage_on_shard, pgb_record_usage_on_shard, record_on_shard);
 
 /// record_message_usage(p_user_id, p_tokens_input, p_tokens_output)
 fn record_message_usage(a: &Args) -> BResult<Ret> {
@@ -185,53 +228,82 @@ fn check_api_rate_limit(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
     security::authorize_user(&user)?;
     let endpoint = rate_limit::endpoint_key(a.text(1).as_deref())?;
-    Spi::connect_mut(|c| {
-        let t = spi::write(c, RATE_CONTEXT, &[UUID], &[uuid_arg(&user)])?;
-        let t = t.first();
-        let plan = col::<String>(&t, 1)?;
-        let bucket = col::<TimestampWithTimeZone>(&t, 2)?;
-        let reset_at = col::<String>(&t, 3)?;
-        let (start, end) = (col::<TimestampWithTimeZone>(&t, 4)?, col::<TimestampWithTimeZone>(&t, 5)?);
-        let l = spi::write(c, RATE_LIMIT, &[TEXT], &[plan.into()])?;
-        let limit = if l.is_empty() { 0 } else { col::<i32>(&l.first(), 1)?.unwrap_or(0) };
-        let count = if limit == 0 {
-            None
-        } else {
-            let h = spi::write(
-                c,
-                RATE,
-                &[UUID, TEXT, INT4, TEXT, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ],
-                &[
-                    uuid_arg(&user),
-                    endpoint.as_str().into(),
-                    rate_limit::MAX_ENDPOINTS.into(),
-                    rate_limit::OTHER_ENDPOINTS.into(),
-                    limit.into(),
-                    bucket.into(),
-                    start.into(),
-                    end.into(),
-                    spi::tx_today_now()?.1.into(),
-                ],
-            )?;
-            if h.is_empty() {
-                None
-            } else {
-                col::<i32>(&h.first(), 1)?
-            }
-        };
-        if let (None, true, Some(bucket)) = (count, limit > 0, bucket) {
-            crate::api::events::rate_limit_exceeded(c, &user, &endpoint, limit, bucket, reset_at.as_deref())?;
-        }
-        let remaining = match (limit, count) {
-            (l, _) if l < 0 => -1,
-            (l, Some(n)) => (l - n).max(0),
-            (_, None) => 0,
-        };
-        Ok(json!({"allowed": count.is_some(), "limit_value": limit, "remaining": remaining, "reset_at": reset_at}))
-    })
-    .map(Ret::Json)
+    if let Some(r) = crate::citus::delegated(|c| spi::write(c, RATE_ON_SHARD, &[UUID, TEXT], &[uuid_arg(&user), endpoint.as_str().into()]))? {
+        return Ok(Ret::Datum(r));
+    }
+    Spi::connect_mut(|c| rate_check(c, &user, &endpoint, false))?
+        .map(Ret::Json)
+        .ok_or_else(|| BillingError::internal("the rate-limit check gave no result"))
 }
 crate::billing_fn!(pg_finfo_pgb_check_api_rate_limit, pgb_check_api_rate_limit, check_api_rate_limit);
+
+/// The delegated part of check_api_rate_limit (0.9.0, issue 17): [`rate_limit_on_shard`].
+const RATE_ON_SHARD: &str = "SELECT r FROM billing._rate_limit_on_shard($1, $2) AS r";
+
+/// billing._rate_limit_on_shard(p_user_id, p_endpoint): on a Citus cluster, Citus runs this on
+/// the worker that holds the user (force-delegated by billing.distribute(), colocated with
+/// billing.accounts), after check_api_rate_limit checked the caller on the coordinator: the
+/// check of [`rate_check`] in one round trip. Declines (NULL) when the limit is reached, having
+/// counted nothing: the `rate_limit.exceeded` event is numbered on the coordinator, which then
+/// runs the check itself. `p_endpoint` is the endpoint key check_api_rate_limit made. STRICT, no
+/// role is granted it (as billing._consume_on_shard).
+fn rate_limit_on_shard(a: &Args) -> BResult<Ret> {
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    security::authorize_user(&user)?;
+    let endpoint = rate_limit::endpoint_key(a.text(1).as_deref())?;
+    Ok(Spi::connect_mut(|c| rate_check(c, &user, &endpoint, true))?.map_or(Ret::Null, Ret::Json))
+}
+crate::billing_fn!(pg_finfo_pgb_rate_limit_on_shard, pgb_rate_limit_on_shard, rate_limit_on_shard);
+
+/// One rate-limit check on this node: count the request if the plan's hourly limit allows it.
+/// A refused request fires `rate_limit.exceeded`, or, `on_shard`, makes the check decline (None).
+fn rate_check(c: &mut SpiClient<'_>, user: &[u8; 16], endpoint: &str, on_shard: bool) -> BResult<Option<Value>> {
+    let t = spi::write(c, RATE_CONTEXT, &[UUID], &[uuid_arg(user)])?;
+    let t = t.first();
+    let plan = col::<String>(&t, 1)?;
+    let bucket = col::<TimestampWithTimeZone>(&t, 2)?;
+    let reset_at = col::<String>(&t, 3)?;
+    let (start, end) = (col::<TimestampWithTimeZone>(&t, 4)?, col::<TimestampWithTimeZone>(&t, 5)?);
+    let l = spi::write(c, RATE_LIMIT, &[TEXT], &[plan.into()])?;
+    let limit = if l.is_empty() { 0 } else { col::<i32>(&l.first(), 1)?.unwrap_or(0) };
+    let count = if limit == 0 {
+        None
+    } else {
+        let h = spi::write(
+            c,
+            RATE,
+            &[UUID, TEXT, INT4, TEXT, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ],
+            &[
+                uuid_arg(user),
+                endpoint.into(),
+                rate_limit::MAX_ENDPOINTS.into(),
+                rate_limit::OTHER_ENDPOINTS.into(),
+                limit.into(),
+                bucket.into(),
+                start.into(),
+                end.into(),
+                spi::tx_today_now()?.1.into(),
+            ],
+        )?;
+        if h.is_empty() {
+            None
+        } else {
+            col::<i32>(&h.first(), 1)?
+        }
+    };
+    if let (None, true, Some(bucket)) = (count, limit > 0, bucket) {
+        if on_shard {
+            return Ok(None);
+        }
+        crate::api::events::rate_limit_exceeded(c, user, endpoint, limit, bucket, reset_at.as_deref())?;
+    }
+    let remaining = match (limit, count) {
+        (l, _) if l < 0 => -1,
+        (l, Some(n)) => (l - n).max(0),
+        (_, None) => 0,
+    };
+    Ok(Some(json!({"allowed": count.is_some(), "limit_value": limit, "remaining": remaining, "reset_at": reset_at})))
+}
 
 /// One registered resource table, as read from the registry.
 struct Resource {

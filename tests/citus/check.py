@@ -490,6 +490,97 @@ def _delegation():
             "balance rule's event on the coordinator; balances and ledgers exact")
 
 
+def traced(conn, sql, params, role=None, cl=None):
+    """One call in a transaction of its own with Citus's DEBUG1 messages on (as PostgREST makes
+    it when role is given): (its first row, whether Citus pushed a function call down)."""
+    conn.notices.clear()
+    debug = "SELECT pg_catalog.set_config('client_min_messages', 'debug1', true)"
+    if role is None:
+        conn.autocommit = False
+        try:
+            with conn.cursor() as cur:
+                cur.execute(debug)
+                cur.execute(sql, params)
+                r = cur.fetchall()[0]
+            conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
+        finally:
+            conn.autocommit = True
+    else:
+        # (two statements in one: the rows are the second's)
+        r = postgrest_call(conn, role, cl, f"{debug}; {sql}", params)[0]
+    return r, any(PUSHED in n for n in conn.notices)
+
+
+@check("delegation of usage and rate limits (0.9.0): the record_*_usage functions and check_api_rate_limit run on the worker "
+       "that holds the user; a limit rule, a reached limit and pg_billing.citus_delegation = off stay on the coordinator")
+def _delegation_usage():
+    for fn in ("billing._record_usage_on_shard(uuid, bigint[])", "billing._rate_limit_on_shard(uuid, text)"):
+        rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
+                              o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
+                         FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
+        assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+    plan = f"dlg-{RUN:x}"
+    q(c, "INSERT INTO billing.plans (plan_id, display_name, api_rate_limit_hourly) VALUES (%s, 'delegation', 3)", (plan,))
+    conn = coord()
+    us = on_each_worker(950)
+    pushed = 0
+    rate = "SELECT r.allowed, r.remaining FROM billing.check_api_rate_limit(p_user_id := %s, p_endpoint := '/v1/x') AS r"
+    for u in us:
+        q(c, "SELECT billing.upsert_subscription(p_user_id := %s, p_plan_id := %s, p_status := 'active', "
+             "p_current_period_start := now(), p_current_period_end := now() + interval '30 days')", (u, plan))
+        for sql, params in (("SELECT billing.record_message_usage(%s, 10, 20)", (u,)),
+                            ("SELECT billing.record_conversation_usage(%s)", (u,)),
+                            ("SELECT billing.record_document_usage(%s, 5)", (u,))):
+            _, p = traced(conn, sql, params)
+            assert p, f"{sql} was not pushed down: {conn.notices[-5:]}"
+            pushed += 1
+        counts = q(c, """SELECT messages_count, conversations_count, tokens_input_count, tokens_output_count,
+                                documents_processed_count, chunks_stored_count FROM billing.usage_metrics WHERE user_id = %s""", (u,))
+        assert counts == [(1, 1, 10, 20, 1, 5)], counts
+        # 3 requests an hour: allowed 3 times on the worker (as the service and as the end user),
+        # the 4th declined there and refused on the coordinator, which writes its event.
+        for i, role in enumerate((None, "authenticated", None)):
+            r, p = traced(conn, rate, (u,), role, claims("authenticated", u) if role else None)
+            assert r == (True, 2 - i) and p, (r, p, conn.notices[-5:])
+            pushed += 1
+        r, _ = traced(conn, rate, (u,))
+        assert r == (False, 0), r
+        assert len(events_of(u, "rate_limit.exceeded")) == 1, events_of(u, "rate_limit.exceeded")
+        n = q(c, """SELECT a.request_count, m.api_calls_count FROM billing.api_usage AS a, billing.usage_metrics AS m
+                     WHERE a.user_id = %s AND m.user_id = %s""", (u, u))
+        assert n == [(3, 3)], n
+        # Another's account: refused on the coordinator, before any push-down.
+        other = us[0] if u != us[0] else us[1]
+        try:
+            traced(conn, rate, (other,), "authenticated", claims("authenticated", u))
+            raise AssertionError(f"{u} counted a request of {other}")
+        except psycopg2.Error as e:
+            assert e.pgcode == "42501" and not any(PUSHED in x for x in conn.notices), (e.pgcode, conn.notices[-5:])
+    # A limit rule (of any plan): the recorders decline on the worker (limit.* events are numbered
+    # on the coordinator), which records; without it, pushed down again. Off: on the coordinator.
+    q(c, "SELECT billing.set_limit_alert('messages', 100, %s)", (plan,))
+    try:
+        _, p = traced(conn, "SELECT billing.record_message_usage(%s, 1, 1)", (us[0],))
+        assert not p, "recorded on the worker while a limit rule exists"
+    finally:
+        q(c, "SELECT billing.set_limit_alert('messages', 100, %s, false)", (plan,))
+    _, p = traced(conn, "SELECT billing.record_message_usage(%s, 1, 1)", (us[0],))
+    assert p, "not pushed down once the rule is gone"
+    q(conn, "SET pg_billing.citus_delegation = off")
+    _, p = traced(conn, "SELECT billing.record_message_usage(%s, 1, 1)", (us[0],))
+    assert not p, "pushed down with pg_billing.citus_delegation = off"
+    q(conn, "RESET pg_billing.citus_delegation")
+    counts = q(c, "SELECT messages_count FROM billing.usage_metrics WHERE user_id = %s", (us[0],))
+    assert counts == [(4,)], counts
+    conn.close()
+    return (f"{pushed} calls (usage of 3 kinds; rate-limit checks as the service and as the end user) run on the worker of "
+            f"their user, {len(us)} users (one on each worker); counters exact; the reached limit refused with its event on the "
+            "coordinator; refusals before any push-down; a limit rule and delegation off keep the recorders on the coordinator")
+
+
 @check("contention: 8 workers over 16 accounts on every shard; no credit lost or doubled")
 def _contention():
     users = [user(100 + i) for i in range(16)]
@@ -864,15 +955,16 @@ def cpu_seconds(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_call(delegation, calls):
-    """One session's consume_credits_v2 calls (a prepared statement, 1 credit, the FIG_USERS in
-    turn): (calls/s, CPU microseconds per call of its coordinator backend, of its worker backends).
+def cpu_per_call(delegation, calls, call="SELECT billing.consume_credits_v2($1, 1)"):
+    """One session's calls (a prepared statement of one user argument: by default
+    consume_credits_v2 of 1 credit; the FIG_USERS in turn): (calls/s, CPU microseconds per call of
+    its coordinator backend, of its worker backends).
     Every node runs on this machine, so /proc has them all; a worker backend of the session is
     the one whose application_name carries the session's global pid."""
     conn = coord()
     q(conn, "SET pg_billing.citus_delegation = " + ("on" if delegation else "off"))
     pid, gpid = q(conn, "SELECT pg_backend_pid(), citus_backend_gpid()")[0]
-    q(conn, "PREPARE fig_consume(uuid) AS SELECT billing.consume_credits_v2($1, 1)")
+    q(conn, "PREPARE fig_consume(uuid) AS " + call)
     users = [uuid.UUID(f"00000000-0000-4000-8000-{i:012x}") for i in range(1, FIG_USERS + 1)]
     for u in users[:50]:   # the session's worker connections are open from here on
         q(conn, "EXECUTE fig_consume(%s)", (u,))
@@ -893,7 +985,8 @@ def cpu_per_call(delegation, calls):
 
 if os.environ.get("PLAIN_PORT"):
     @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3, with and without delegation "
-           "(4 clients and 1 client, 1,000 users, same run)")
+           "(4 clients and 1 client, 1,000 users, same run); CPU per call of one session, with and without delegation, "
+           "of consume_credits_v2, check_api_rate_limit and record_message_usage")
     def _figures():
         off = "-c pg_billing.citus_delegation=off"
         targets = {"one node (PostgreSQL, no Citus)": (int(os.environ["PLAIN_PORT"]), "bench", ""),
@@ -934,6 +1027,18 @@ if os.environ.get("PLAIN_PORT"):
             rate, co, wo = (statistics.mean(x[i] for x in cpu[d]) for i in range(3))
             out.append(f"one session, {'delegated' if d else 'not delegated'}: {rate:,.0f} calls/s, CPU per call "
                        f"{co:,.0f} us on the coordinator and {wo:,.0f} us on the workers")
+        # The same for the calls 0.9.0 delegates (the free plan's 50 requests an hour are not
+        # reached: a few calls per user).
+        for name, call in (("check_api_rate_limit", "SELECT * FROM billing.check_api_rate_limit($1, '/fig')"),
+                           ("record_message_usage", "SELECT billing.record_message_usage($1, 10, 20)")):
+            cpu = {True: [], False: []}
+            for _ in range(2):
+                for d in (True, False):
+                    cpu[d].append(cpu_per_call(d, int(os.environ.get("CITUS_CPU_CALLS", "2000")) // 2, call))
+            for d in (True, False):
+                rate, co, wo = (statistics.mean(x[i] for x in cpu[d]) for i in range(3))
+                out.append(f"{name}, one session, {'delegated' if d else 'not delegated'}: {rate:,.0f} calls/s, CPU per call "
+                           f"{co:,.0f} us on the coordinator and {wo:,.0f} us on the workers")
         return " | ".join(out)
 
 
