@@ -29,12 +29,10 @@ import uuid
 from pathlib import Path
 
 import psycopg2
-import psycopg2.extras
 
-psycopg2.extras.register_uuid()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import COORD, W1, W2, connect as node, q, worker_of  # noqa: E402
 
-HOST = os.environ.get("PGHOST", "127.0.0.1")
-COORD, W1, W2 = (int(os.environ[k]) for k in ("COORD_PORT", "W1_PORT", "W2_PORT"))
 W1_DIR = Path(os.environ["W1_DIR"])
 PGBIN = os.environ["PGBIN"]
 DB = os.environ.get("CRASH_DB", "crash")
@@ -42,20 +40,7 @@ FUND = 100_000
 
 
 def connect(port=COORD):
-    conn = psycopg2.connect(host=HOST, port=port, dbname=DB, user="postgres", connect_timeout=5)
-    conn.autocommit = True
-    return conn
-
-
-def q(conn, sql, params=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall() if cur.description else []
-
-
-def worker_of(conn, user):
-    return q(conn, """SELECT p.nodeport FROM pg_dist_placement AS pl JOIN pg_dist_node AS p ON p.groupid = pl.groupid
-                       WHERE pl.shardid = get_shard_id_for_distribution_column('billing.accounts', %s)""", (str(user),))[0][0]
+    return node(port, DB)
 
 
 def definite(sqlstate):

@@ -27,27 +27,12 @@ import uuid
 from pathlib import Path
 
 import psycopg2
-import psycopg2.extensions
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "stress"))
 import upgrade as up  # noqa: E402  (the single-node upgrade check: releases, libraries, files)
-
-HOST = os.environ.get("PGHOST", "127.0.0.1")
-COORD, W1, W2 = (int(os.environ[k]) for k in ("COORD_PORT", "W1_PORT", "W2_PORT"))
-NODES = (COORD, W1, W2)
-
-
-def connect(port, dbname):
-    conn = psycopg2.connect(host=HOST, port=port, dbname=dbname, user="postgres")
-    conn.autocommit = True
-    return conn
-
-
-def q(conn, sql, params=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall() if cur.description else []
+sys.path.append(str(Path(__file__).resolve().parent))   # after tests/stress: this file is upgrade.py too
+from cluster import COORD, HOST, NODES, W1, W2, connect, q, worker_of  # noqa: E402
 
 
 def current_version():
@@ -78,11 +63,6 @@ def drop_db(name):
         admin = connect(port, "postgres")
         q(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
-
-
-def worker_of(conn, user):
-    return q(conn, """SELECT p.nodeport FROM pg_dist_placement AS pl JOIN pg_dist_node AS p ON p.groupid = pl.groupid
-                       WHERE pl.shardid = get_shard_id_for_distribution_column('billing.accounts', %s)""", (str(user),))[0][0]
 
 
 def users_on_both_workers(conn, n=6):
