@@ -162,9 +162,7 @@ fn record_sql(a: &Args, function: &str, deltas: impl FnOnce(&Args) -> BResult<De
     security::require_service(function)?;
     let user = validate::required("p_user_id", a.uuid(0))?;
     let d = deltas(a)?;
-    if crate::citus::delegated(|c| spi::write(c, USAGE_ON_SHARD, &[UUID, INT8ARRAY], &[uuid_arg(&user), d.to_vec().into()]))?
-        .is_some()
-    {
+    if crate::citus::delegated_done(|c| spi::write(c, USAGE_ON_SHARD, &[UUID, INT8ARRAY], &[uuid_arg(&user), d.to_vec().into()]))? {
         return Ok(Ret::Void);
     }
     Spi::connect_mut(|c| record(c, &user, d))?;

@@ -515,7 +515,8 @@ def traced(conn, sql, params, role=None, cl=None):
 
 
 @check("delegation of usage and rate limits (0.9.0): the record_*_usage functions and check_api_rate_limit run on the worker "
-       "that holds the user; a limit rule, a reached limit and pg_billing.citus_delegation = off stay on the coordinator")
+       "that holds the user; under a limit rule or at the reached limit they decline there and the coordinator finishes the "
+       "call; pg_billing.citus_delegation = off is not pushed down")
 def _delegation_usage():
     for fn in ("billing._record_usage_on_shard(uuid, bigint[])", "billing._rate_limit_on_shard(uuid, text)"):
         rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
@@ -559,12 +560,14 @@ def _delegation_usage():
             raise AssertionError(f"{u} counted a request of {other}")
         except psycopg2.Error as e:
             assert e.pgcode == "42501" and not any(PUSHED in x for x in conn.notices), (e.pgcode, conn.notices[-5:])
-    # A limit rule (of any plan): the recorders decline on the worker (limit.* events are numbered
-    # on the coordinator), which records; without it, pushed down again. Off: on the coordinator.
+    # A limit rule (of any plan): the recorder is pushed down and declines on the worker (limit.*
+    # events are numbered on the coordinator), which records: counted once, not twice, not never.
+    # Without it, recorded on the worker again. Off: not pushed down.
+    messages = "SELECT messages_count FROM billing.usage_metrics WHERE user_id = %s"
     q(c, "SELECT billing.set_limit_alert('messages', 100, %s)", (plan,))
     try:
         _, p = traced(conn, "SELECT billing.record_message_usage(%s, 1, 1)", (us[0],))
-        assert not p, "recorded on the worker while a limit rule exists"
+        assert p and q(c, messages, (us[0],)) == [(2,)], (p, q(c, messages, (us[0],)))
     finally:
         q(c, "SELECT billing.set_limit_alert('messages', 100, %s, false)", (plan,))
     _, p = traced(conn, "SELECT billing.record_message_usage(%s, 1, 1)", (us[0],))
@@ -577,8 +580,9 @@ def _delegation_usage():
     assert counts == [(4,)], counts
     conn.close()
     return (f"{pushed} calls (usage of 3 kinds; rate-limit checks as the service and as the end user) run on the worker of "
-            f"their user, {len(us)} users (one on each worker); counters exact; the reached limit refused with its event on the "
-            "coordinator; refusals before any push-down; a limit rule and delegation off keep the recorders on the coordinator")
+            f"their user, {len(us)} users (one on each worker); counters exact; the reached limit declined there, refused with "
+            "its event on the coordinator; refusals before any push-down; under a limit rule the recorder declined on the worker "
+            "and counted once on the coordinator; delegation off: not pushed down")
 
 
 @check("contention: 8 workers over 16 accounts on every shard; no credit lost or doubled")
