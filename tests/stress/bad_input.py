@@ -406,6 +406,10 @@ class Gen:
             return vals
         if typ == "text[]":
             return [["a", "b"], None, [], [None], [""], ["chat", None], ["x" * 1000] * 3, [INJECTIONS[0]]]
+        if typ == "bigint[]":
+            # (7 elements: the usage counters of _record_usage_on_shard)
+            return [[1, 0, 0, 0, 0, 0, 0], None, [], [None], [1, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0, 0, None], [1] * 100]
         return [None]
 
 

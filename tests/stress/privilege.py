@@ -200,6 +200,8 @@ def arg_value(name, typ, ctx):
         return "billing.accounts"
     if typ == "name":
         return "user_id"
+    if typ in ("bigint[]", "integer[]"):
+        return "{1,0,0,0,0,0,0}"   # (7 elements: the usage counters of _record_usage_on_shard)
     if typ.endswith("[]"):
         return "{x}"
     return None
