@@ -53,31 +53,9 @@ pub fn loaded() -> bool {
     })
 }
 
-/// Run `call` (a query whose column 1 is the internal function's boolean result) when Citus is
-/// loaded and delegation is on: whether it finished the call (true; NULL or no row: it did not).
-/// For bodies whose caller needs no result ([`delegated`] copies a varlena result out of SPI).
-pub fn delegated_done<F>(call: F) -> BResult<bool>
-where
-    F: for<'c> FnOnce(&mut SpiClient<'c>) -> BResult<SpiTupleTable<'c>>,
-{
-    if !loaded() || !DELEGATION.get() {
-        return Ok(false);
-    }
-    Spi::connect_mut(|c| {
-        let t = call(c)?;
-        if t.is_empty() {
-            return Ok(false);
-        }
-        Ok(spi::col::<bool>(&t.first(), 1)?.unwrap_or(false))
-    })
-}
-
-/// Run `call` (a query whose column 1 is the internal function's result, a varlena such as
-/// jsonb) when Citus is loaded and delegation is on: its result, copied out of SPI, or None when it did not finish the call
-/// (NULL), when Citus is not loaded, or when delegation is off. Where the internal function is
-/// not a distributed function (distribute() not run), Citus runs it on this node: the same
-/// result, without the round trip saved.
-pub fn delegated<F>(call: F) -> BResult<Option<pg_sys::Datum>>
+/// Run `call` (a query whose column 1 is the internal function's result) when Citus is loaded
+/// and delegation is on, and `read` its first row: None when it did not run or gave no row.
+fn run<F, R>(call: F, read: impl FnOnce(&SpiTupleTable<'_>) -> BResult<Option<R>>) -> BResult<Option<R>>
 where
     F: for<'c> FnOnce(&mut SpiClient<'c>) -> BResult<SpiTupleTable<'c>>,
 {
@@ -89,6 +67,27 @@ where
         if t.is_empty() {
             return Ok(None);
         }
-        spi::transfer(&t.first(), 1, false, -1)
+        read(&t.first())
     })
+}
+
+/// [`run`] for an internal function whose result is a boolean: whether it finished the call
+/// (true; NULL or no row: it did not). A boolean is read, not copied as a varlena as
+/// [`delegated`] copies (the coordinator crashed on that, 0.9.0's cluster check).
+pub fn delegated_done<F>(call: F) -> BResult<bool>
+where
+    F: for<'c> FnOnce(&mut SpiClient<'c>) -> BResult<SpiTupleTable<'c>>,
+{
+    Ok(run(call, |t| spi::col::<bool>(t, 1))?.unwrap_or(false))
+}
+
+/// [`run`] for an internal function whose result is a varlena such as jsonb: its result, copied
+/// out of SPI, or None when it did not finish the call (NULL), when Citus is not loaded, or when
+/// delegation is off. Where the internal function is not a distributed function (distribute()
+/// not run), Citus runs it on this node: the same result, without the round trip saved.
+pub fn delegated<F>(call: F) -> BResult<Option<pg_sys::Datum>>
+where
+    F: for<'c> FnOnce(&mut SpiClient<'c>) -> BResult<SpiTupleTable<'c>>,
+{
+    run(call, |t| spi::transfer(t, 1, false, -1))
 }

@@ -24,7 +24,7 @@ use crate::spi::{self, col, uuid_arg, uuid_text, OrInternal, BOOL, INT4, INT8, J
 use crate::validate;
 
 pub const TEXTARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTARRAYOID);
-const INT8ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8ARRAYOID);
+pub const INT8ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8ARRAYOID);
 const UUIDARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDARRAYOID);
 
 // ---------------------------------------------------------------------------------------------
@@ -207,8 +207,10 @@ RETURNING 1";
 /// $10 ledger type, $11 description, $12 reference, $13 key, $14 debt it repays, $15 expire at
 /// the subscription period end (accounts.subscription_credits_expire_at) instead of $8.
 /// The ledger: the grant's +amount, then (when it repays debt) -repaid on the grant and +repaid
-/// on the debt.
-const CREATE_GRANT: &str = "
+/// on the debt. (A macro: [`CREATE_GRANT_IDS`] is the same statement with the ledger rows' ids.)
+macro_rules! create_grant_sql {
+    ($id_column:literal, $id_value:literal) => {
+        concat!("
 WITH gr AS (
     INSERT INTO billing.credit_grants AS g
            (user_id, id, category, amount, remaining, priority, effective_at, expires_at, scope,
@@ -235,8 +237,8 @@ WITH gr AS (
  RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, gr.pool
 ), ledger AS (
     INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
-    SELECT $1, $2, e.type, e.pool, e.amount, e.balance_after, $11, $12, $13, e.grant_id
+           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id", $id_column, ")
+    SELECT $1, $2, e.type, e.pool, e.amount, e.balance_after, $11, $12, $13, e.grant_id", $id_value, "
       FROM acct
      CROSS JOIN LATERAL (VALUES
             (1, $10, acct.pool, $5, CASE acct.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END + $14, $3),
@@ -246,7 +248,14 @@ WITH gr AS (
      WHERE e.amount <> 0
      ORDER BY e.ord
 )
-SELECT acct.sub, acct.pur, acct.debt FROM acct";
+SELECT acct.sub, acct.pur, acct.debt FROM acct")
+    };
+}
+const CREATE_GRANT: &str = create_grant_sql!("", "");
+/// On a Citus worker ([`grant_on_shard`]): the ledger rows take the ids $16 (bigint[3], by row:
+/// the grant's, the repayment's on the grant, on the debt) that the coordinator drew from its
+/// sequence (a worker's own sequence would repeat the coordinator's numbers).
+const CREATE_GRANT_IDS: &str = create_grant_sql!(", id", ", ($16::bigint[])[e.ord]");
 
 /// Expire grants, under the account lock: those past their expiry, and with $3 false every
 /// grant of the subscription pool too. $1 user, $2 operation, $3 only the expired ones,
@@ -660,22 +669,34 @@ pub struct Locked {
 }
 
 fn locked(t: SpiTupleTable<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
+    locked_unless(t, user, false)
+}
+
+/// [`locked`]; `quiet` (a call on a Citus worker, which writes no event): None also when the
+/// account has a balance rule or is new (a balance event could fire) or a grant or a hold is due
+/// to settle (`grant.expired`, `hold.expired`). The lock is taken either way.
+fn locked_unless(t: SpiTupleTable<'_>, user: &[u8; 16], quiet: bool) -> BResult<Option<Locked>> {
     if t.is_empty() {
         return Ok(None);
     }
     let t = t.first();
-    crate::api::events::watch_if(user, col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
+    let (rule, new) = (col::<bool>(&t, 6)?.unwrap_or(false), col::<bool>(&t, 7)?.unwrap_or(false));
+    if quiet && (rule || new) {
+        return Ok(None);
+    }
+    crate::api::events::watch_if(user, rule, new);
     // The clock after the lock is held: what expired while we waited for it is due too.
     let now = spi::clock()?;
     let passed = |i| col::<TimestampWithTimeZone>(&t, i).map(|v| v.is_some_and(|at| at.into_inner() <= now.into_inner()));
-    Ok(Some(Locked {
+    let l = Locked {
         headroom: col::<i64>(&t, 1)?.unwrap_or(0),
         debt: col::<i64>(&t, 2)?.unwrap_or(0),
         due: passed(3)?,
         holds_due: passed(4)?,
         held: col::<i64>(&t, 5)?.unwrap_or(0),
         now,
-    }))
+    };
+    Ok(Some(l).filter(|l| !(quiet && (l.due || l.holds_due))))
 }
 
 /// Expire the holds past their expiry (the caller holds the account lock): [`SETTLE_HOLDS`].
@@ -1288,17 +1309,30 @@ impl Created {
 }
 
 /// Create a grant under the account lock the caller holds (`locked`), with operation `op`.
-fn create_locked(c: &mut SpiClient<'_>, user: &[u8; 16], op: &[u8; 16], l: &Locked, n: &NewGrant<'_>) -> BResult<Created> {
+/// `ledger_ids`: on a Citus worker ([`grant_on_shard`]), the ids of its ledger rows.
+fn create_locked(
+    c: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    op: &[u8; 16],
+    l: &Locked,
+    n: &NewGrant<'_>,
+    ledger_ids: Option<&[i64; 3]>,
+) -> BResult<Created> {
     let id = new_operation_id()?;
     let repaid = g::debt_repayment(n.amount, l.debt, n.effective_now, n.scope.is_some());
     let (period, at) = match n.expiry {
         Expiry::PeriodEnd => (true, None),
         Expiry::At(t) => (false, t),
     };
+    // (The ids last: CREATE_GRANT's parameters are the first 15.)
+    let (sql, k) = match ledger_ids {
+        None => (CREATE_GRANT, 15),
+        Some(_) => (CREATE_GRANT_IDS, 16),
+    };
     let t = spi::write(
         c,
-        CREATE_GRANT,
-        &[UUID, UUID, UUID, TEXT, INT8, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TEXTARRAY, TEXT, TEXT, TEXT, TEXT, INT8, BOOL],
+        sql,
+        &[UUID, UUID, UUID, TEXT, INT8, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TEXTARRAY, TEXT, TEXT, TEXT, TEXT, INT8, BOOL, INT8ARRAY][..k],
         &[
             uuid_arg(user),
             uuid_arg(op),
@@ -1315,7 +1349,8 @@ fn create_locked(c: &mut SpiClient<'_>, user: &[u8; 16], op: &[u8; 16], l: &Lock
             n.key.into(),
             repaid.into(),
             period.into(),
-        ],
+            ledger_ids.map(|i| i.to_vec()).into(),
+        ][..k],
     )?;
     if t.is_empty() {
         return Err(unknown_account(user));
@@ -1335,7 +1370,7 @@ fn create_locked(c: &mut SpiClient<'_>, user: &[u8; 16], op: &[u8; 16], l: &Lock
 pub fn create(c: &mut SpiClient<'_>, user: &[u8; 16], n: &NewGrant<'_>) -> BResult<Created> {
     let l = lock(c, user, true)?;
     let op = new_operation_id()?;
-    create_locked(c, user, &op, &l, n)
+    create_locked(c, user, &op, &l, n, None)
 }
 
 /// The two-pool grant: a subscription grant that expires at the period end, a purchased grant
@@ -1351,12 +1386,25 @@ pub fn grant(
     reference: Option<&str>,
     key: Option<&str>,
 ) -> BResult<Value> {
+    let n = two_pool_grant(pool, amount, ledger_type, description, reference, key);
+    create(client, user, &n).map(|created| created.to_added_json(amount))
+}
+
+/// The grant of [`grant`].
+fn two_pool_grant<'a>(
+    pool: Pool,
+    amount: i64,
+    ledger_type: &'a str,
+    description: Option<&'a str>,
+    reference: Option<&'a str>,
+    key: Option<&'a str>,
+) -> NewGrant<'a> {
     let (category, expiry) = match pool {
         Pool::Subscription => (Category::Subscription, Expiry::PeriodEnd),
         Pool::Purchased if ledger_type == "refund" => (Category::Refund, Expiry::At(None)),
         Pool::Purchased => (Category::Purchased, Expiry::At(None)),
     };
-    let n = NewGrant {
+    NewGrant {
         category,
         amount,
         priority: category.default_priority(),
@@ -1368,16 +1416,21 @@ pub fn grant(
         description,
         reference,
         key,
-    };
-    let created = create(client, user, &n)?;
-    Ok(json!({
-        "success": true,
-        "transaction_id": uuid_text(&created.op),
-        "added": amount,
-        "subscription_credits_balance": created.sub,
-        "purchased_credits_balance": created.pur,
-        "total_balance": created.total(),
-    }))
+    }
+}
+
+impl Created {
+    /// The result of the functions that add credits (add_purchased_credits and the like).
+    fn to_added_json(&self, amount: i64) -> Value {
+        json!({
+            "success": true,
+            "transaction_id": uuid_text(&self.op),
+            "added": amount,
+            "subscription_credits_balance": self.sub,
+            "purchased_credits_balance": self.pur,
+            "total_balance": self.total(),
+        })
+    }
 }
 
 fn legacy_total(v: &Value) -> BResult<Ret> {
@@ -1517,57 +1570,170 @@ fn consume_credits(a: &Args) -> BResult<Ret> {
 }
 crate::billing_fn!(pg_finfo_pgb_consume_credits, pgb_consume_credits, consume_credits);
 
-fn add_credits_to(a: &Args, function: &'static str, pool: Pool, ledger_type: &'static str) -> BResult<Ret> {
-    security::require_service(function)?;
+/// The functions that add credits by [`grant`] (and may be delegated, [`grant_on_shard`]): the
+/// pool, the ledger type, and the name of the text argument.
+#[derive(Clone, Copy)]
+enum Adding {
+    Purchased,
+    Subscription,
+    Refund,
+}
+
+impl Adding {
+    fn of(function: &str) -> Option<Adding> {
+        match function {
+            "add_purchased_credits" => Some(Adding::Purchased),
+            "add_subscription_credits" => Some(Adding::Subscription),
+            "refund_credits" => Some(Adding::Refund),
+            _ => None,
+        }
+    }
+
+    fn function(self) -> &'static str {
+        match self {
+            Adding::Purchased => "add_purchased_credits",
+            Adding::Subscription => "add_subscription_credits",
+            Adding::Refund => "refund_credits",
+        }
+    }
+
+    fn pool(self) -> Pool {
+        match self {
+            Adding::Subscription => Pool::Subscription,
+            Adding::Purchased | Adding::Refund => Pool::Purchased,
+        }
+    }
+
+    fn ledger_type(self) -> &'static str {
+        match self {
+            Adding::Purchased => "purchase",
+            Adding::Subscription => "subscription_grant",
+            Adding::Refund => "refund",
+        }
+    }
+
+    fn text_argument(self) -> &'static str {
+        match self {
+            Adding::Refund => "p_reason",
+            Adding::Purchased | Adding::Subscription => "p_description",
+        }
+    }
+
+    /// The request a key stands for.
+    fn fingerprint(self, amount: i64, text: Option<&str>, reference: Option<&str>) -> Value {
+        idempotency::fingerprint(
+            self.function(),
+            &[("p_amount", json!(amount)), (self.text_argument(), opt(text)), ("p_reference_id", opt(reference))],
+        )
+    }
+}
+
+/// add_purchased_credits, add_subscription_credits, refund_credits(p_user_id, p_amount, text,
+/// p_reference_id, p_idempotency_key). On a Citus cluster the grant runs on the worker that
+/// holds the user when it can ([`grant_on_shard`]).
+fn add_credits(a: &Args, adding: Adding) -> BResult<Ret> {
+    security::require_service(adding.function())?;
     let user = validate::required("p_user_id", a.uuid(0))?;
     let amount = validate::positive_amount("p_amount", a.int(1))?;
     let (d, r, k) = (a.text(2), a.text(3), a.text(4));
-    let description = validate::text("p_description", d.as_deref())?;
+    let text = validate::text(adding.text_argument(), d.as_deref())?;
     let reference = validate::key("p_reference_id", r.as_deref())?;
     let key = validate::key("p_idempotency_key", k.as_deref())?;
-    let fp = idempotency::fingerprint(
-        function,
-        &[("p_amount", json!(amount)), ("p_description", opt(description)), ("p_reference_id", opt(reference))],
-    );
+    if let Some(r) = crate::citus::delegated(|c| {
+        let t = spi::write(c, LEDGER_IDS, &[], &[])?;
+        let t = t.first();
+        let ids = vec![col::<i64>(&t, 1)?, col::<i64>(&t, 2)?, col::<i64>(&t, 3)?];
+        let request = vec![Some(adding.function().to_string()), text.map(str::to_string), reference.map(str::to_string),
+                           key.map(str::to_string)];
+        spi::write(c, GRANT_ON_SHARD, &[UUID, INT4, INT8ARRAY, TEXTARRAY], &[uuid_arg(&user), (amount as i32).into(), ids.into(), request.into()])
+    })? {
+        return Ok(Ret::Datum(r));
+    }
+    let fp = adding.fingerprint(amount, text, reference);
     Spi::connect_mut(|c| {
-        idempotent(c, &user, KeyScope::Service, key, fp, |c| grant(c, &user, pool, amount, ledger_type, description, reference, key))
+        idempotent(c, &user, KeyScope::Service, key, fp, |c| {
+            if let Adding::Refund = adding {
+                // A refund goes back to an existing account (accounts are never deleted).
+                balances(c, &user)?;
+            }
+            grant(c, &user, adding.pool(), amount, adding.ledger_type(), text, reference, key)
+        })
     })
     .map(Ret::Json)
 }
 
+/// The delegated part of the functions that add credits (0.10.0, issue 17): [`grant_on_shard`].
+const GRANT_ON_SHARD: &str = "SELECT r FROM billing._grant_on_shard($1, $2, $3, $4) AS r";
+/// The ids of its ledger rows (a grant writes up to 3), from the coordinator's sequence.
+const LEDGER_IDS: &str = "
+SELECT pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass),
+       pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass),
+       pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass)";
+
+/// billing._grant_on_shard(p_user_id, p_amount, p_ledger_ids, p_request): on a Citus cluster,
+/// Citus runs this on the worker that holds the user (force-delegated by billing.distribute(),
+/// colocated with billing.accounts), after add_purchased_credits, add_subscription_credits or
+/// refund_credits checked the caller on the coordinator: the grant of [`grant`] under the account
+/// lock, in one round trip. `p_request` is `{function, text, reference_id, idempotency_key}`
+/// (the text is p_description or, for refund_credits, p_reason); the key is claimed, stored or
+/// replayed in the service's namespace as the function does. Its ledger rows take the ids
+/// `p_ledger_ids` (3, drawn by the coordinator from its sequence; a grant that repays no debt
+/// uses the first). Declines (NULL, nothing changed) where an event could fire or the account
+/// must be made: no account, a balance rule or a new account, a grant or hold due to settle, a
+/// key used for another request (the coordinator raises PT409: a custom SQLSTATE raised here would
+/// reach the client as XX000). STRICT, no role is granted it (as billing._consume_on_shard).
+fn grant_on_shard(a: &Args) -> BResult<Ret> {
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    security::require_service("_grant_on_shard")?;
+    let amount = validate::positive_amount("p_amount", a.int(1))?;
+    let ids = validate::required("p_ledger_ids", a.bigint_array(2))?;
+    let ids = <[Option<i64>; 3]>::try_from(ids)
+        .ok()
+        .and_then(|[x, y, z]| Some([x?, y?, z?]))
+        .ok_or_else(|| BillingError::invalid("p_ledger_ids must be 3 ids, none NULL"))?;
+    let request = validate::required("p_request", a.text_array(3))?;
+    let [f, d, r, k] = <[Option<String>; 4]>::try_from(request).map_err(|r| {
+        BillingError::invalid_with_hint("p_request must have 4 elements", format!("it has {}", r.len()))
+    })?;
+    let adding = f.as_deref().and_then(Adding::of).ok_or_else(|| {
+        BillingError::invalid("p_request[1] must be add_purchased_credits, add_subscription_credits or refund_credits")
+    })?;
+    let text = validate::text(adding.text_argument(), d.as_deref())?;
+    let reference = validate::key("p_reference_id", r.as_deref())?;
+    let key = validate::key("p_idempotency_key", k.as_deref())?;
+    let fp = adding.fingerprint(amount, text, reference);
+    let r = Spi::connect_mut(|c| {
+        idempotent_unless_declined(c, &user, KeyScope::Service, key, fp, |c| {
+            let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(&user)])?;
+            let Some(l) = locked_unless(t, &user, true)? else { return Ok(None) };
+            let op = new_operation_id()?;
+            let n = two_pool_grant(adding.pool(), amount, adding.ledger_type(), text, reference, key);
+            Ok(Some(create_locked(c, &user, &op, &l, &n, Some(&ids))?.to_added_json(amount)))
+        })
+    });
+    match r {
+        Ok(r) => Ok(r.map_or(Ret::Null, |(v, _)| Ret::Json(v))),
+        Err(BillingError::IdempotencyConflict { .. }) => Ok(Ret::Null),
+        Err(e) => Err(e),
+    }
+}
+crate::billing_fn!(pg_finfo_pgb_grant_on_shard, pgb_grant_on_shard, grant_on_shard);
+
 /// add_subscription_credits(p_user_id, p_amount, p_description, p_reference_id, p_idempotency_key)
 fn add_subscription_credits(a: &Args) -> BResult<Ret> {
-    add_credits_to(a, "add_subscription_credits", Pool::Subscription, "subscription_grant")
+    add_credits(a, Adding::Subscription)
 }
 crate::billing_fn!(pg_finfo_pgb_add_subscription_credits, pgb_add_subscription_credits, add_subscription_credits);
 
 /// add_purchased_credits(p_user_id, p_amount, p_description, p_reference_id, p_idempotency_key)
 fn add_purchased_credits(a: &Args) -> BResult<Ret> {
-    add_credits_to(a, "add_purchased_credits", Pool::Purchased, "purchase")
+    add_credits(a, Adding::Purchased)
 }
 crate::billing_fn!(pg_finfo_pgb_add_purchased_credits, pgb_add_purchased_credits, add_purchased_credits);
 
 /// refund_credits(p_user_id, p_amount, p_reason, p_reference_id, p_idempotency_key)
 fn refund_credits(a: &Args) -> BResult<Ret> {
-    security::require_service("refund_credits")?;
-    let user = validate::required("p_user_id", a.uuid(0))?;
-    let amount = validate::positive_amount("p_amount", a.int(1))?;
-    let (d, r, k) = (a.text(2), a.text(3), a.text(4));
-    let reason = validate::text("p_reason", d.as_deref())?;
-    let reference = validate::key("p_reference_id", r.as_deref())?;
-    let key = validate::key("p_idempotency_key", k.as_deref())?;
-    let fp = idempotency::fingerprint(
-        "refund_credits",
-        &[("p_amount", json!(amount)), ("p_reason", opt(reason)), ("p_reference_id", opt(reference))],
-    );
-    Spi::connect_mut(|c| {
-        idempotent(c, &user, KeyScope::Service, key, fp, |c| {
-            // A refund goes back to an existing account (accounts are never deleted).
-            balances(c, &user)?;
-            grant(c, &user, Pool::Purchased, amount, "refund", reason, reference, key)
-        })
-    })
-    .map(Ret::Json)
+    add_credits(a, Adding::Refund)
 }
 crate::billing_fn!(pg_finfo_pgb_refund_credits, pgb_refund_credits, refund_credits);
 
@@ -1641,7 +1807,7 @@ pub fn renew(
             reference: None,
             key,
         };
-        let r = create_locked(c, user, &op, &l, &n)?;
+        let r = create_locked(c, user, &op, &l, &n, None)?;
         l.debt = r.debt;
     }
     let n = NewGrant {
@@ -1657,7 +1823,7 @@ pub fn renew(
         reference: None,
         key,
     };
-    let b = create_locked(c, user, &op, &l, &n)?;
+    let b = create_locked(c, user, &op, &l, &n, None)?;
     Ok(json!({
         "success": true,
         "transaction_id": uuid_text(&op),

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::apptables::{self, AppRelation};
 use crate::boundary::{Args, BResult, Ret};
+use crate::api::credits::INT8ARRAY;
 use crate::security;
 use crate::spi::{self, col, uuid_arg, OrInternal, INT4, INT8, TEXT, TIMESTAMPTZ, UUID};
 use pgrx::datum::TimestampWithTimeZone;
@@ -193,7 +194,6 @@ fn record_sql(a: &Args, function: &str, deltas: impl FnOnce(&Args) -> BResult<De
 /// The delegated part of the record_*_usage functions (0.9.0, issue 17): [`record_on_shard`],
 /// called from the FROM list (Citus pushes a call down from inside a function only in that form).
 const USAGE_ON_SHARD: &str = "SELECT r FROM billing._record_usage_on_shard($1, $2) AS r";
-const INT8ARRAY: pgrx::PgOid = pgrx::PgOid::BuiltIn(pg_sys::BuiltinOid::INT8ARRAYOID);
 
 /// billing._record_usage_on_shard(p_user_id, p_deltas): on a Citus cluster, Citus runs this on
 /// the worker that holds the user (force-delegated by billing.distribute(), colocated with
@@ -285,49 +285,25 @@ fn rate_check(c: &mut SpiClient<'_>, user: &[u8; 16], endpoint: &str, on_shard: 
     let (start, end) = (col::<TimestampWithTimeZone>(&t, 4)?, col::<TimestampWithTimeZone>(&t, 5)?);
     let l = spi::write(c, RATE_LIMIT, &[TEXT], &[plan.into()])?;
     let limit = if l.is_empty() { 0 } else { col::<i32>(&l.first(), 1)?.unwrap_or(0) };
+    // RATE's parameters; HIT's are the first six, MONTHLY's the user and the last three.
+    let types = [UUID, TEXT, INT4, TEXT, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ];
+    let now = spi::tx_today_now()?.1;
+    let args = || -> [pgrx::datum::DatumWithOid<'_>; 9] {
+        [uuid_arg(user), endpoint.into(), rate_limit::MAX_ENDPOINTS.into(), rate_limit::OTHER_ENDPOINTS.into(), limit.into(),
+         bucket.into(), start.into(), end.into(), now.into()]
+    };
     let count = if limit == 0 {
         None
     } else if on_shard || crate::citus::loaded() {
-        let h = spi::write(
-            c,
-            HIT,
-            &[UUID, TEXT, INT4, TEXT, INT4, TIMESTAMPTZ],
-            &[
-                uuid_arg(user),
-                endpoint.into(),
-                rate_limit::MAX_ENDPOINTS.into(),
-                rate_limit::OTHER_ENDPOINTS.into(),
-                limit.into(),
-                bucket.into(),
-            ],
-        )?;
+        let h = spi::write(c, HIT, &types[..6], &args()[..6])?;
         let n = if h.is_empty() { None } else { col::<i32>(&h.first(), 1)? };
         if n.is_some() {
-            spi::write(c, MONTHLY, &[UUID, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ], &[
-                uuid_arg(user),
-                start.into(),
-                end.into(),
-                spi::tx_today_now()?.1.into(),
-            ])?;
+            let [u, _, _, _, _, _, s, e, t] = args();
+            spi::write(c, MONTHLY, &[UUID, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ], &[u, s, e, t])?;
         }
         n
     } else {
-        let h = spi::write(
-            c,
-            RATE,
-            &[UUID, TEXT, INT4, TEXT, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ, TIMESTAMPTZ],
-            &[
-                uuid_arg(user),
-                endpoint.into(),
-                rate_limit::MAX_ENDPOINTS.into(),
-                rate_limit::OTHER_ENDPOINTS.into(),
-                limit.into(),
-                bucket.into(),
-                start.into(),
-                end.into(),
-                spi::tx_today_now()?.1.into(),
-            ],
-        )?;
+        let h = spi::write(c, RATE, &types, &args())?;
         if h.is_empty() {
             None
         } else {

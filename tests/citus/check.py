@@ -585,6 +585,100 @@ def _delegation_usage():
             "and counted once on the coordinator; delegation off: not pushed down")
 
 
+@check("delegation of grants (0.10.0): add_purchased_credits, add_subscription_credits and refund_credits run on the worker "
+       "that holds the user; a new account, a balance rule or a grant due to expire decline there and the coordinator "
+       "finishes the call; pg_billing.citus_delegation = off is not pushed down")
+def _delegation_grants():
+    fn = "billing._grant_on_shard(uuid, integer, bigint[], text[])"
+    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
+                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
+                     FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
+    assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+    conn = coord()
+    us = on_each_worker(970)
+    pushed = 0
+    total = "SELECT (%s ->> 'total_balance')::bigint"
+
+    def add(fn, u, amount, role=None, key=None):
+        r, p = traced(conn, f"SELECT billing.{fn}(p_user_id := %s, p_amount := %s, p_idempotency_key := %s)", (u, amount, key),
+                      role, claims(role, u) if role else None)
+        return r[0], p
+
+    for u in us:
+        # A new account: pushed down and declined (the account is made on the coordinator, whose
+        # balance rules it looks up); granted there.
+        r, p = add("add_purchased_credits", u, 100)
+        assert r["total_balance"] == 100, r
+        # Then on the worker: a purchase (as the service, direct and PostgREST-style), a
+        # subscription grant, a refund.
+        for fn, amount, role, want in (("add_purchased_credits", 50, None, 150), ("add_purchased_credits", 10, "service_role", 160),
+                                       ("add_subscription_credits", 30, None, 190), ("refund_credits", 5, None, 195)):
+            r, p = add(fn, u, amount, role)
+            assert r["total_balance"] == want and p, (fn, r, p, conn.notices[-5:])
+            pushed += 1
+        # A key: claimed and stored on the worker, replayed there (the same transaction id);
+        # reused for another amount: declined there, PT409 from the coordinator.
+        k = f"grant-{u}"
+        r, p = add("add_purchased_credits", u, 7, key=k)
+        again, p2 = add("add_purchased_credits", u, 7, key=k)
+        assert r["total_balance"] == 202 and again == r and p and p2, (r, again, p, p2)
+        pushed += 2
+        try:
+            add("add_purchased_credits", u, 8, key=k)
+            raise AssertionError("a key reused for another amount was accepted")
+        except psycopg2.Error as e:
+            assert e.pgcode == "PT409", (e.pgcode, str(e))
+        # The end user may not add credits: refused on the coordinator, before any push-down.
+        try:
+            add("add_purchased_credits", u, 1, "authenticated")
+            raise AssertionError(f"{u} added credits to itself")
+        except psycopg2.Error as e:
+            assert e.pgcode == "42501" and not any(PUSHED in x for x in conn.notices), (e.pgcode, conn.notices[-5:])
+        # A balance rule: declined on the worker; the coordinator grants and writes balance.recovered.
+        q(c, "SELECT billing.set_balance_alert(p_threshold := 500, p_user_id := %s)", (u,))
+        r, p = add("add_purchased_credits", u, 400)
+        assert r["total_balance"] == 602 and p, (r, p)
+        assert len(events_of(u, "balance.recovered")) == 1, events_of(u, "balance.recovered")
+        q(c, "SELECT billing.set_balance_alert(p_threshold := NULL, p_user_id := %s)", (u,))
+        # A grant past its expiry: declined on the worker (its grant.expired event); the
+        # coordinator settles it and grants. (The expiry passes between two transactions.)
+        q(c, "SELECT billing.grant_credits(%s, 3, 'promotional', p_expires_at := clock_timestamp() + interval '1 second')", (u,))
+        time.sleep(1.2)
+        r, p = add("add_purchased_credits", u, 1)
+        assert r["total_balance"] == 603 and p, (r, p)
+        assert len(events_of(u, "grant.expired")) == 1, events_of(u, "grant.expired")
+        # Debt repaid on the worker: the grant's three ledger rows take the coordinator's ids.
+        q(c, "SELECT billing.set_overdraft_limit(%s, 100)", (u,))
+        q(c, "SELECT billing.consume_credits_v2(%s, 650)", (u,))
+        r, p = add("add_purchased_credits", u, 60)
+        assert r["total_balance"] == 13 and p, (r, p)
+        pushed += 3
+        rows = q(c, """SELECT t.type::text, t.pool::text, t.amount FROM billing.credit_transactions AS t
+                        WHERE t.user_id = %s ORDER BY t.created_at DESC, t.id DESC LIMIT 3""", (u,))
+        assert sorted(rows) == sorted([("purchase", "purchased", 60), ("debt_repayment", "purchased", -47),
+                                       ("debt_repayment", "debt", 47)]), rows
+        # Off: on the coordinator.
+        q(conn, "SET pg_billing.citus_delegation = off")
+        r, p = add("add_purchased_credits", u, 1)
+        assert r["total_balance"] == 14 and not p, (r, p)
+        q(conn, "RESET pg_billing.citus_delegation")
+        t, ledger, debt = q(c, """SELECT a.purchased_credits_balance + a.subscription_credits_balance - a.debt,
+                                         (SELECT sum(t.amount) FROM billing.credit_transactions AS t
+                                           WHERE t.user_id = a.user_id AND t.pool <> 'debt'), a.debt
+                                    FROM billing.accounts AS a WHERE a.user_id = %s""", (u,))[0]
+        assert t == 14 and ledger == 14 and debt == 0, (t, ledger, debt)
+        assert q(c, "SELECT count(*) FROM billing.verify_ledger(%s)", (u,)) == [(0,)]
+    # Every ledger id once (a worker's own sequence would repeat the coordinator's).
+    dup = q(c, """SELECT count(*) - count(DISTINCT t.id) FROM billing.credit_transactions AS t""")
+    assert dup == [(0,)], dup
+    conn.close()
+    return (f"{pushed} grants (purchases, subscription grants, refunds; keyed and keyless; as the service, direct and "
+            f"PostgREST-style) run on the worker of their account, {len(us)} accounts (one on each worker); the new account, "
+            "the balance rule (balance.recovered) and the expired grant (grant.expired) finished on the coordinator; "
+            "PT409 and the end user's 42501 from the coordinator; debt repaid on the worker with the coordinator's ledger "
+            "ids; off: not pushed down; balances, ledgers and verify_ledger exact, no ledger id twice")
+
+
 @check("contention: 8 workers over 16 accounts on every shard; no credit lost or doubled")
 def _contention():
     users = [user(100 + i) for i in range(16)]
@@ -990,7 +1084,7 @@ def cpu_per_call(delegation, calls, call="SELECT billing.consume_credits_v2($1, 
 if os.environ.get("PLAIN_PORT"):
     @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3, with and without delegation "
            "(4 clients and 1 client, 1,000 users, same run); CPU per call of one session, with and without delegation, "
-           "of consume_credits_v2, check_api_rate_limit and record_message_usage")
+           "of consume_credits_v2, check_api_rate_limit, record_message_usage and add_purchased_credits")
     def _figures():
         off = "-c pg_billing.citus_delegation=off"
         targets = {"one node (PostgreSQL, no Citus)": (int(os.environ["PLAIN_PORT"]), "bench", ""),
@@ -1031,10 +1125,11 @@ if os.environ.get("PLAIN_PORT"):
             rate, co, wo = (statistics.mean(x[i] for x in cpu[d]) for i in range(3))
             out.append(f"one session, {'delegated' if d else 'not delegated'}: {rate:,.0f} calls/s, CPU per call "
                        f"{co:,.0f} us on the coordinator and {wo:,.0f} us on the workers")
-        # The same for the calls 0.9.0 delegates (the free plan's 50 requests an hour are not
-        # reached: a few calls per user).
+        # The same for the calls 0.9.0 and 0.10.0 delegate (the free plan's 50 requests an hour
+        # are not reached: a few calls per user).
         for name, call in (("check_api_rate_limit", "SELECT * FROM billing.check_api_rate_limit($1, '/fig')"),
-                           ("record_message_usage", "SELECT billing.record_message_usage($1, 10, 20)")):
+                           ("record_message_usage", "SELECT billing.record_message_usage($1, 10, 20)"),
+                           ("add_purchased_credits", "SELECT billing.add_purchased_credits($1, 1)")):
             cpu = {True: [], False: []}
             for _ in range(2):
                 for d in (True, False):
