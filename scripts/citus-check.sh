@@ -153,7 +153,7 @@ print(t - f - e - k, f + e)' "$OUT/integration.xml" 2>/dev/null || echo "0 1")
 # on Citus") says why each still differs there. Statements that cannot work on a cluster are in
 # `\if :single_node` sections of the files (single_node is false when the citus extension is
 # there); <file>_1.out is then the file's output on the cluster.
-CITUS_REGRESS_GATING=(app_tables_security batch credit_expiry credits_consume credits_expire_renew credits_grant credits_reads delegation delegation_grants delegation_usage
+CITUS_REGRESS_GATING=(app_tables_security batch credit_expiry credits_consume credits_expire_renew credits_grant credits_reads delegation delegation_grants delegation_holds delegation_usage
     credits_refund_clawback dashboard events_balance events_delivery events_limits events_notify
     events_types grants_errors grants_head grants_order grants_overdraft grants_reads grants_scope
     grants_time grants_void_rollover holds idempotency_scopes limits members migration pending_profiles

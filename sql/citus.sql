@@ -38,7 +38,8 @@ DECLARE
     delegated text[] := ARRAY['billing._consume_on_shard(uuid, integer, bigint, text[])', 'p_user_id',
                               'billing._record_usage_on_shard(uuid, bigint[])', 'p_user_id',
                               'billing._rate_limit_on_shard(uuid, text)', 'p_user_id',
-                              'billing._grant_on_shard(uuid, integer, bigint[], text[])', 'p_user_id'];
+                              'billing._grant_on_shard(uuid, integer, bigint[], text[])', 'p_user_id',
+                              'billing._reserve_on_shard(uuid, integer, bigint, text[])', 'p_user_id'];
     shards integer;
     t text;
     q text;
@@ -172,7 +173,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.distribute(integer) IS
-'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Then delegates the internal functions that run a call''s body on the worker holding its user (force_delegation, colocated with billing.accounts: 0.8.0 billing._consume_on_shard; 0.9.0 billing._record_usage_on_shard and billing._rate_limit_on_shard; 0.10.0 billing._grant_on_shard). Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
+'DBA only (no role is granted EXECUTE). On a Citus coordinator: makes the billing catalogs reference tables (except the registries of app tables, resource_types and widget_tables, which stay local to the coordinator, whose tables they name), distributes every per-user table by user_id colocated with billing.accounts (p_shard_count shards, default citus.shard_count), member_emails and pending_profiles by email and webhook_events by event_id, and rewrites the end-user row policies into a form Citus accepts. Then delegates the internal functions that run a call''s body on the worker holding its user (force_delegation, colocated with billing.accounts: 0.8.0 billing._consume_on_shard; 0.9.0 billing._record_usage_on_shard and billing._rate_limit_on_shard; 0.10.0 billing._grant_on_shard and billing._reserve_on_shard). Idempotent: a second call changes nothing. Fails with 0A000 when Citus is absent or this is not the coordinator.';
 
 -- Whether billing.<t> is already a Citus table (reference or distributed).
 CREATE FUNCTION billing._citus_placed(p_table text) RETURNS boolean
@@ -202,3 +203,10 @@ CREATE FUNCTION billing._grant_on_shard(p_user_id uuid, p_amount integer, p_ledg
 RETURNS jsonb LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgb_grant_on_shard';
 COMMENT ON FUNCTION billing._grant_on_shard(uuid, integer, bigint[], text[]) IS 'Internal (add_purchased_credits, add_subscription_credits and refund_credits on a Citus cluster, after they checked the caller): the grant under the account lock, unless an event could fire or the account must be made (no account, a balance rule or a new account, a grant or hold due to settle: events are numbered on the coordinator). Its ledger rows take the ids p_ledger_ids (3, drawn by the coordinator from its sequence). p_request is {function, text, reference_id, idempotency_key} (text: p_description, or p_reason for refund_credits); the key is claimed, stored or replayed in the service''s namespace as the function does. Returns the function''s result, or NULL having changed nothing (the caller then runs the grant itself). STRICT (see billing._consume_on_shard). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';
+
+-- The delegated part of reserve_credits (0.10.0, issue 17): the hold, run by Citus on the worker
+-- that holds the user (src/api/holds.rs, reserve_on_shard). No role is granted it.
+CREATE FUNCTION billing._reserve_on_shard(p_user_id uuid, p_amount integer, p_ttl_us bigint, p_request text[])
+RETURNS jsonb LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgb_reserve_on_shard';
+COMMENT ON FUNCTION billing._reserve_on_shard(uuid, integer, bigint, text[]) IS 'Internal (reserve_credits on a Citus cluster, after it checked the caller): the hold under the account lock, unless an event could fire (no account, a balance rule or a new account, a grant or hold due to settle: events are numbered on the coordinator) or reserve_credits fails (not enough credits, the cap on active holds, a key used for another request: the coordinator raises the error with its SQLSTATE). p_ttl_us is the TTL in microseconds; p_request is {feature, idempotency_key, key_scope, allow_partial} (key_scope: the caller''s namespace, user or service; allow_partial: true or false). Returns reserve_credits''s result, or NULL having changed nothing (the caller then makes the hold itself). STRICT (see billing._consume_on_shard). billing.distribute() makes it a force-delegated Citus function, run on the worker that holds p_user_id.';

@@ -207,10 +207,8 @@ RETURNING 1";
 /// $10 ledger type, $11 description, $12 reference, $13 key, $14 debt it repays, $15 expire at
 /// the subscription period end (accounts.subscription_credits_expire_at) instead of $8.
 /// The ledger: the grant's +amount, then (when it repays debt) -repaid on the grant and +repaid
-/// on the debt. (A macro: [`CREATE_GRANT_IDS`] is the same statement with the ledger rows' ids.)
-macro_rules! create_grant_sql {
-    ($id_column:literal, $id_value:literal) => {
-        concat!("
+/// on the debt. With Citus the same in three statements ([`GRANT_ACCOUNT`]).
+const CREATE_GRANT: &str = "
 WITH gr AS (
     INSERT INTO billing.credit_grants AS g
            (user_id, id, category, amount, remaining, priority, effective_at, expires_at, scope,
@@ -237,8 +235,8 @@ WITH gr AS (
  RETURNING a.subscription_credits_balance AS sub, a.purchased_credits_balance AS pur, a.debt, gr.pool
 ), ledger AS (
     INSERT INTO billing.credit_transactions
-           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id", $id_column, ")
-    SELECT $1, $2, e.type, e.pool, e.amount, e.balance_after, $11, $12, $13, e.grant_id", $id_value, "
+           (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id)
+    SELECT $1, $2, e.type, e.pool, e.amount, e.balance_after, $11, $12, $13, e.grant_id
       FROM acct
      CROSS JOIN LATERAL (VALUES
             (1, $10, acct.pool, $5, CASE acct.pool WHEN 'subscription' THEN acct.sub ELSE acct.pur END + $14, $3),
@@ -248,14 +246,59 @@ WITH gr AS (
      WHERE e.amount <> 0
      ORDER BY e.ord
 )
-SELECT acct.sub, acct.pur, acct.debt FROM acct")
+SELECT acct.sub, acct.pur, acct.debt FROM acct";
+
+// With Citus, [`CREATE_GRANT`] in three statements, one per table: Citus runs a statement that
+// writes several tables as an INSERT ... SELECT through the node it was sent from (measured on the
+// cluster check's nodes: a grant delegated to a worker cost 10 ms of the workers' CPU with the one
+// statement). The account first (the grant's expiry may be the account's period end), then the
+// grant, then its ledger rows.
+
+/// $1 user, $2 the grant counts in the subscription pool, $3 what it adds to its pool (amount
+/// less the debt it repays), $4 the debt it repays, $5 it expires at the subscription period end,
+/// $6 its expiry otherwise. Returns the pools and debt after, and the period end.
+const GRANT_ACCOUNT: &str = "
+UPDATE billing.accounts AS a
+   SET subscription_credits_balance = a.subscription_credits_balance + CASE WHEN $2 THEN $3 ELSE 0 END,
+       purchased_credits_balance    = a.purchased_credits_balance + CASE WHEN $2 THEN 0 ELSE $3 END,
+       debt                         = a.debt - $4,
+       next_expiry_at               = LEAST(a.next_expiry_at, CASE WHEN $5 THEN a.subscription_credits_expire_at ELSE $6 END),
+       head_grant = NULL, head_subscription = NULL, head_remaining = NULL, head_until = NULL,
+       updated_at                   = pg_catalog.now()
+ WHERE a.user_id = $1 AND (a.subscription_credits_balance + a.purchased_credits_balance) + $3 >= 0
+RETURNING a.subscription_credits_balance::bigint, a.purchased_credits_balance::bigint, a.debt, a.subscription_credits_expire_at";
+
+/// $1 user, $2 grant id, $3 category, $4 amount, $5 remaining, $6 priority, $7 effective_at
+/// (NULL: now), $8 expires_at, $9 scope, $10 operation, $11 key, $12 description, $13 reference,
+/// $14 pool.
+const GRANT_ROW: &str = "
+INSERT INTO billing.credit_grants
+       (user_id, id, category, amount, remaining, priority, effective_at, expires_at, scope,
+        source_transaction_id, idempotency_key, description, reference_id, pool, depleted)
+VALUES ($1, $2, $3::billing.grant_category, $4, $5, $6, COALESCE($7, pg_catalog.now()), $8, $9, $10, $11, $12, $13,
+        $14::billing.credit_pool, $5 = 0)";
+
+/// The grant's ledger row, and when it repays debt the repayment's two (as [`CREATE_GRANT`]
+/// writes them). $1 user, $2 operation, $3 ledger type, $4 pool, $5 amount, $6 its balance after,
+/// $7 description, $8 reference, $9 key, $10 grant, $11 the rows' ids (NULL: from the sequence; on
+/// a Citus worker, [`grant_on_shard`], drawn by the coordinator from its sequence: a worker's own
+/// would repeat the coordinator's numbers); repaid: $12 the debt repaid, $13 the pool after it,
+/// $14 the debt after.
+macro_rules! ledger_id {
+    ($i:literal) => {
+        concat!("COALESCE(($11::bigint[])[", $i, "], pg_catalog.nextval('billing.credit_transactions_id_seq'::pg_catalog.regclass))")
     };
 }
-const CREATE_GRANT: &str = create_grant_sql!("", "");
-/// On a Citus worker ([`grant_on_shard`]): the ledger rows take the ids $16 (bigint[3], by row:
-/// the grant's, the repayment's on the grant, on the debt) that the coordinator drew from its
-/// sequence (a worker's own sequence would repeat the coordinator's numbers).
-const CREATE_GRANT_IDS: &str = create_grant_sql!(", id", ", ($16::bigint[])[e.ord]");
+const GRANT_LEDGER: &str = concat!("
+INSERT INTO billing.credit_transactions
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, id)
+VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, ", ledger_id!(1), ")");
+const GRANT_LEDGER_REPAID: &str = concat!("
+INSERT INTO billing.credit_transactions
+       (user_id, operation_id, type, pool, amount, balance_after, description, reference_id, idempotency_key, grant_id, id)
+VALUES ($1, $2, $3, $4::billing.credit_pool, $5, $6, $7, $8, $9, $10, ", ledger_id!(1), "),
+       ($1, $2, 'debt_repayment', $4::billing.credit_pool, -$12, $13, $7, $8, $9, $10, ", ledger_id!(2), "),
+       ($1, $2, 'debt_repayment', 'debt'::billing.credit_pool, $12, $14, $7, $8, $9, NULL, ", ledger_id!(3), ")");
 
 /// Expire grants, under the account lock: those past their expiry, and with $3 false every
 /// grant of the subscription pool too. $1 user, $2 operation, $3 only the expired ones,
@@ -400,14 +443,16 @@ SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription
  WHERE a.user_id = $1
  GROUP BY a.debt, a.held";
 
-/// What a feature (or, NULL, spending without one) could spend now, by pool. $1 user, $2 feature.
+/// What a feature (or, NULL, spending without one) could spend now, by pool. $1 user, $2 feature,
+/// $3 the clock (a parameter, read by the caller: Citus plans a `(SELECT clock_timestamp())`
+/// subquery as a query of its own).
 const SPENDABLE: &str = "
 SELECT COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'subscription'), 0)::bigint,
        COALESCE(pg_catalog.sum(g.remaining) FILTER (WHERE g.pool = 'purchased'), 0)::bigint
   FROM billing.credit_grants AS g
  WHERE g.user_id = $1 AND NOT g.depleted AND g.voided_at IS NULL
-   AND g.effective_at <= (SELECT pg_catalog.clock_timestamp())
-   AND (g.expires_at IS NULL OR g.expires_at > (SELECT pg_catalog.clock_timestamp()))
+   AND g.effective_at <= $3
+   AND (g.expires_at IS NULL OR g.expires_at > $3)
    AND (g.scope IS NULL OR g.scope @> ARRAY[$2])";
 
 /// What a renewal may roll over: what remains of the subscription-pool grants that started and
@@ -514,6 +559,16 @@ impl KeyScope {
         match self {
             KeyScope::User => "user",
             KeyScope::Service => "service",
+        }
+    }
+
+    /// The namespace a delegated call was given (`key_scope` in its request), required with a key.
+    pub fn given(scope: Option<&str>, key: Option<&str>, position: &str) -> BResult<KeyScope> {
+        match scope {
+            Some("user") => Ok(KeyScope::User),
+            Some("service") => Ok(KeyScope::Service),
+            _ if key.is_none() => Ok(KeyScope::Service),
+            _ => Err(BillingError::invalid(format!("the key scope ({position}) must be 'user' or 'service' when an idempotency key is given"))),
         }
     }
 }
@@ -749,6 +804,14 @@ fn settle_locked(c: &mut SpiClient<'_>, user: &[u8; 16], now: TimestampWithTimeZ
     let op = new_operation_id()?;
     let s = expire_grants(c, user, &op, true, Some("expired at period end"), None, 0, Some(now))?;
     Ok(s.dsub + s.dpur)
+}
+
+/// The account lock for a call on a Citus worker (a delegated body, which writes no event): None
+/// when there is no account, the account has a balance rule or is new, or a grant or hold is due
+/// to settle ([`locked_unless`]); the body then declines.
+pub fn lock_quiet(c: &mut SpiClient<'_>, user: &[u8; 16]) -> BResult<Option<Locked>> {
+    let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(user)])?;
+    locked_unless(t, user, true)
 }
 
 /// Lock the account and settle its expired grants (for callers outside this module).
@@ -1195,7 +1258,7 @@ pub fn insufficient(c: &mut SpiClient<'_>, user: &[u8; 16], amount: i64, feature
 
 /// What `feature` (None: spending without one) could spend now, by pool, before holds.
 pub fn spendable(c: &mut SpiClient<'_>, user: &[u8; 16], feature: Option<&str>) -> BResult<(i64, i64)> {
-    let t = spi::write(c, SPENDABLE, &[UUID, TEXT], &[uuid_arg(user), feature.into()])?;
+    let t = spi::write(c, SPENDABLE, &[UUID, TEXT, TIMESTAMPTZ], &[uuid_arg(user), feature.into(), spi::clock()?.into()])?;
     let t = t.first();
     Ok((col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0)))
 }
@@ -1324,15 +1387,13 @@ fn create_locked(
         Expiry::PeriodEnd => (true, None),
         Expiry::At(t) => (false, t),
     };
-    // (The ids last: CREATE_GRANT's parameters are the first 15.)
-    let (sql, k) = match ledger_ids {
-        None => (CREATE_GRANT, 15),
-        Some(_) => (CREATE_GRANT_IDS, 16),
-    };
+    if ledger_ids.is_some() || crate::citus::loaded() {
+        return create_split(c, user, op, &id, n, repaid, ledger_ids);
+    }
     let t = spi::write(
         c,
-        sql,
-        &[UUID, UUID, UUID, TEXT, INT8, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TEXTARRAY, TEXT, TEXT, TEXT, TEXT, INT8, BOOL, INT8ARRAY][..k],
+        CREATE_GRANT,
+        &[UUID, UUID, UUID, TEXT, INT8, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TEXTARRAY, TEXT, TEXT, TEXT, TEXT, INT8, BOOL],
         &[
             uuid_arg(user),
             uuid_arg(op),
@@ -1349,8 +1410,7 @@ fn create_locked(
             n.key.into(),
             repaid.into(),
             period.into(),
-            ledger_ids.map(|i| i.to_vec()).into(),
-        ][..k],
+        ],
     )?;
     if t.is_empty() {
         return Err(unknown_account(user));
@@ -1364,6 +1424,57 @@ fn create_locked(
         pur: col::<i64>(&t, 2)?.unwrap_or(0),
         debt: col::<i64>(&t, 3)?.unwrap_or(0),
     })
+}
+
+/// [`create_locked`] with Citus: [`GRANT_ACCOUNT`], [`GRANT_ROW`], [`GRANT_LEDGER`] (or
+/// [`GRANT_LEDGER_REPAID`]).
+fn create_split(
+    c: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    op: &[u8; 16],
+    id: &[u8; 16],
+    n: &NewGrant<'_>,
+    repaid: i64,
+    ledger_ids: Option<&[i64; 3]>,
+) -> BResult<Created> {
+    let subscription = n.category.pool() == g::Pool::Subscription;
+    let (period, at) = match n.expiry {
+        Expiry::PeriodEnd => (true, None),
+        Expiry::At(t) => (false, t),
+    };
+    let added = n.amount - repaid;
+    let t = spi::write(
+        c,
+        GRANT_ACCOUNT,
+        &[UUID, BOOL, INT8, INT8, BOOL, TIMESTAMPTZ],
+        &[uuid_arg(user), subscription.into(), added.into(), repaid.into(), period.into(), at.into()],
+    )?;
+    if t.is_empty() {
+        return Err(unknown_account(user));
+    }
+    let t = t.first();
+    let (sub, pur, debt) = (col::<i64>(&t, 1)?.unwrap_or(0), col::<i64>(&t, 2)?.unwrap_or(0), col::<i64>(&t, 3)?.unwrap_or(0));
+    let expires = if period { col::<TimestampWithTimeZone>(&t, 4)? } else { at };
+    let pool = if subscription { "subscription" } else { "purchased" };
+    spi::write(
+        c,
+        GRANT_ROW,
+        &[UUID, UUID, TEXT, INT8, INT8, INT4, TIMESTAMPTZ, TIMESTAMPTZ, TEXTARRAY, UUID, TEXT, TEXT, TEXT, TEXT],
+        &[uuid_arg(user), uuid_arg(id), n.category.as_str().into(), n.amount.into(), added.into(), n.priority.into(),
+          n.effective_at.into(), expires.into(), n.scope.clone().into(), uuid_arg(op), n.key.into(), n.description.into(),
+          n.reference.into(), pool.into()],
+    )?;
+    let after = if subscription { sub } else { pur };
+    let ids = ledger_ids.map(|i| i.to_vec());
+    let row = [uuid_arg(user), uuid_arg(op), n.ledger_type.into(), pool.into(), n.amount.into(), (after + repaid).into(),
+               n.description.into(), n.reference.into(), n.key.into(), uuid_arg(id), ids.into(), repaid.into(), after.into(), debt.into()];
+    let types = [UUID, UUID, TEXT, TEXT, INT8, INT8, TEXT, TEXT, TEXT, UUID, INT8ARRAY, INT8, INT8, INT8];
+    if repaid == 0 {
+        spi::write(c, GRANT_LEDGER, &types[..11], &row[..11])?;
+    } else {
+        spi::write(c, GRANT_LEDGER_REPAID, &types, &row)?;
+    }
+    Ok(Created { grant_id: *id, op: *op, repaid, sub, pur, debt })
 }
 
 /// Lock (creating the account when missing), settle, and create one grant in its own operation.
@@ -1522,11 +1633,7 @@ fn consume_on_shard(a: &Args) -> BResult<Ret> {
         };
     }
     // The key's namespace is the caller's on the coordinator (here the caller is the owner).
-    let scope = match sc.as_deref() {
-        Some("user") => KeyScope::User,
-        Some("service") => KeyScope::Service,
-        _ => return Err(BillingError::invalid("the key scope (p_request[4]) must be 'user' or 'service' when an idempotency key is given")),
-    };
+    let scope = KeyScope::given(sc.as_deref(), key, "p_request[4]")?;
     let fp = consume_v2_fingerprint(amount, description, reference);
     let r = Spi::connect_mut(|c| {
         idempotent_unless_declined(c, &user, scope, key, fp, |c| {
@@ -1704,8 +1811,7 @@ fn grant_on_shard(a: &Args) -> BResult<Ret> {
     let fp = adding.fingerprint(amount, text, reference);
     let r = Spi::connect_mut(|c| {
         idempotent_unless_declined(c, &user, KeyScope::Service, key, fp, |c| {
-            let t = spi::write(c, LOCK, &[UUID], &[uuid_arg(&user)])?;
-            let Some(l) = locked_unless(t, &user, true)? else { return Ok(None) };
+            let Some(l) = lock_quiet(c, &user)? else { return Ok(None) };
             let op = new_operation_id()?;
             let n = two_pool_grant(adding.pool(), amount, adding.ledger_type(), text, reference, key);
             Ok(Some(create_locked(c, &user, &op, &l, &n, Some(&ids))?.to_added_json(amount)))

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use crate::api::credits::{self, KeyScope};
 use crate::boundary::{Args, BResult, Ret};
 use crate::security;
+use crate::api::credits::TEXTARRAY;
 use crate::spi::{self, col, uuid_arg, uuid_text, INT4, INT8, JSONB, TEXT, TIMESTAMPTZ, UUID};
 use crate::validate;
 
@@ -55,6 +56,19 @@ UPDATE billing.accounts AS a
   FROM hold
  WHERE a.user_id = $1
 RETURNING a.held, hold.expires_at";
+/// With Citus, [`CREATE_HOLD`] in two statements, one per table (Citus runs a statement that
+/// writes two tables as an INSERT ... SELECT through the node it was sent from): the hold (same
+/// parameters; returns its expiry), then [`HOLD_ACCOUNT`].
+const HOLD_ROW: &str = "
+INSERT INTO billing.credit_holds AS h (user_id, id, amount, feature, expires_at, status, idempotency_key, created_at)
+VALUES ($1, $2, $3, $4, $7 + $5::double precision * interval '1 microsecond', 'active', $6, $7)
+RETURNING h.expires_at";
+/// $1 user, $2 amount, $3 the hold's expiry. Returns the held sum after.
+const HOLD_ACCOUNT: &str = "
+UPDATE billing.accounts AS a
+   SET held = a.held + $2, next_hold_expiry_at = LEAST(a.next_hold_expiry_at, $3), updated_at = pg_catalog.now()
+ WHERE a.user_id = $1
+RETURNING a.held";
 
 /// One hold, locked (its account is locked already). $1 user, $2 hold, $3 the capture grace in
 /// microseconds.
@@ -222,7 +236,9 @@ fn balances_json(v: &mut Value, b: &credits::Live, released: i64) {
 // SQL functions
 // ---------------------------------------------------------------------------------------------
 
-/// reserve_credits(p_user_id, p_amount, p_ttl, p_feature, p_idempotency_key, p_allow_partial)
+/// reserve_credits(p_user_id, p_amount, p_ttl, p_feature, p_idempotency_key, p_allow_partial).
+/// On a Citus cluster the hold is made on the worker that holds the user when it can
+/// ([`reserve_on_shard`]).
 fn reserve_credits(a: &Args) -> BResult<Ret> {
     let user = validate::required("p_user_id", a.uuid(0))?;
     let caller = security::authorize_user(&user)?;
@@ -230,64 +246,161 @@ fn reserve_credits(a: &Args) -> BResult<Ret> {
     let (months, days, micros) = validate::required("p_ttl", a.interval(2))?;
     let ttl = h::ttl("p_ttl", months, days, micros)?;
     let f = a.text(3);
-    if let Some(f) = f.as_deref() {
-        g::feature("p_feature", f)?;
-    }
-    let feature = f.as_deref();
+    let feature = reserve_feature(f.as_deref())?;
     let k = a.text(4);
     let key = validate::key("p_idempotency_key", k.as_deref())?;
     let partial = a.boolean(5).unwrap_or(false);
-    let fp = idempotency::fingerprint(
-        "reserve_credits",
-        &[("p_amount", json!(amount)), ("p_ttl_us", json!(ttl)), ("p_feature", opt(feature)), ("p_allow_partial", json!(partial))],
-    );
+    let scope = KeyScope::of(&caller);
+    if let Some(r) = crate::citus::delegated(|c| {
+        let request = vec![feature.map(str::to_string), key.map(str::to_string), Some(scope.as_str().to_string()),
+                           Some(partial.to_string())];
+        spi::write(c, RESERVE_ON_SHARD, &[UUID, INT4, INT8, TEXTARRAY], &[uuid_arg(&user), (amount as i32).into(), ttl.into(), request.into()])
+    })? {
+        return Ok(Ret::Datum(r));
+    }
+    let fp = reserve_fingerprint(amount, ttl, feature, partial);
     Spi::connect_mut(|c| {
-        credits::idempotent(c, &user, KeyScope::of(&caller), key, fp, |c| {
-            let l = credits::lock(c, &user, false)?;
-            let t = spi::write(c, HOLD_CAP, &[UUID], &[uuid_arg(&user)])?;
-            let t = t.first();
-            if let Some(max) = col::<i32>(&t, 1)? {
-                let active = col::<i64>(&t, 2)?.unwrap_or(0);
-                if active >= i64::from(max) {
-                    return Err(BillingError::LimitExceeded {
-                        message: "the account has as many active holds as it may (max_active_holds)".into(),
-                        limit: i64::from(max),
-                        current: active,
-                    });
-                }
-            }
-            let (sub, pur) = credits::spendable(c, &user, feature)?;
-            let free = sub.saturating_add(pur).saturating_sub(l.held);
-            let Some(n) = h::reserve_amount(amount, free, partial) else {
-                let (sub, pur) = credits::after_holds(sub, pur, l.held);
-                return Err(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur });
-            };
-            let id = credits::new_operation_id()?;
-            let t = spi::write(
-                c,
-                CREATE_HOLD,
-                &[UUID, UUID, INT8, TEXT, INT8, TEXT, TIMESTAMPTZ],
-                &[uuid_arg(&user), uuid_arg(&id), n.into(), feature.into(), ttl.into(), key.into(), spi::clock()?.into()],
-            )?;
-            if t.is_empty() {
-                return Err(BillingError::internal("the account vanished under its lock"));
-            }
-            let expires = pg_micros(col::<TimestampWithTimeZone>(&t.first(), 2)?);
-            Ok(json!({
-                "success": true,
-                "hold_id": uuid_text(&id),
-                "user_id": uuid_text(&user),
-                "held": n,
-                "requested": amount,
-                "feature": feature,
-                "expires_at": validate::iso_utc(expires),
-                "available": free.saturating_sub(n).saturating_sub(l.debt),
-            }))
+        credits::idempotent(c, &user, scope, key, fp, |c| {
+            reserve(c, &user, amount, ttl, feature, key, partial, false)?
+                .ok_or_else(|| BillingError::internal("a hold that cannot decline declined"))
         })
     })
     .map(Ret::Json)
 }
 crate::billing_fn!(pg_finfo_pgb_reserve_credits, pgb_reserve_credits, reserve_credits);
+
+fn reserve_feature(f: Option<&str>) -> BResult<Option<&str>> {
+    if let Some(f) = f {
+        g::feature("p_feature", f)?;
+    }
+    Ok(f)
+}
+
+/// The request a reserve_credits key stands for.
+fn reserve_fingerprint(amount: i64, ttl: i64, feature: Option<&str>, partial: bool) -> Value {
+    idempotency::fingerprint(
+        "reserve_credits",
+        &[("p_amount", json!(amount)), ("p_ttl_us", json!(ttl)), ("p_feature", opt(feature)), ("p_allow_partial", json!(partial))],
+    )
+}
+
+/// Make a hold of `amount` (or, `partial`, of what is free) for `ttl` microseconds, under the
+/// account lock. `on_shard` (a Citus worker, [`reserve_on_shard`]): None, nothing changed, where
+/// the lock finds an event could fire ([`credits::lock_quiet`]).
+#[allow(clippy::too_many_arguments)]
+fn reserve(
+    c: &mut SpiClient<'_>,
+    user: &[u8; 16],
+    amount: i64,
+    ttl: i64,
+    feature: Option<&str>,
+    key: Option<&str>,
+    partial: bool,
+    on_shard: bool,
+) -> BResult<Option<Value>> {
+    let l = if on_shard {
+        match credits::lock_quiet(c, user)? {
+            Some(l) => l,
+            None => return Ok(None),
+        }
+    } else {
+        credits::lock(c, user, false)?
+    };
+    let t = spi::write(c, HOLD_CAP, &[UUID], &[uuid_arg(user)])?;
+    let t = t.first();
+    if let Some(max) = col::<i32>(&t, 1)? {
+        let active = col::<i64>(&t, 2)?.unwrap_or(0);
+        if active >= i64::from(max) {
+            return Err(BillingError::LimitExceeded {
+                message: "the account has as many active holds as it may (max_active_holds)".into(),
+                limit: i64::from(max),
+                current: active,
+            });
+        }
+    }
+    let (sub, pur) = credits::spendable(c, user, feature)?;
+    let free = sub.saturating_add(pur).saturating_sub(l.held);
+    let Some(n) = h::reserve_amount(amount, free, partial) else {
+        let (sub, pur) = credits::after_holds(sub, pur, l.held);
+        return Err(BillingError::InsufficientCredits { needed: amount, subscription: sub, purchased: pur });
+    };
+    let id = credits::new_operation_id()?;
+    let types = [UUID, UUID, INT8, TEXT, INT8, TEXT, TIMESTAMPTZ];
+    let args = [uuid_arg(user), uuid_arg(&id), n.into(), feature.into(), ttl.into(), key.into(), spi::clock()?.into()];
+    let expires = if on_shard || crate::citus::loaded() {
+        let t = spi::write(c, HOLD_ROW, &types, &args)?;
+        let expires = col::<TimestampWithTimeZone>(&t.first(), 1)?;
+        if spi::write(c, HOLD_ACCOUNT, &[UUID, INT8, TIMESTAMPTZ], &[uuid_arg(user), n.into(), expires.into()])?.is_empty() {
+            return Err(BillingError::internal("the account vanished under its lock"));
+        }
+        pg_micros(expires)
+    } else {
+        let t = spi::write(c, CREATE_HOLD, &types, &args)?;
+        if t.is_empty() {
+            return Err(BillingError::internal("the account vanished under its lock"));
+        }
+        pg_micros(col::<TimestampWithTimeZone>(&t.first(), 2)?)
+    };
+    Ok(Some(json!({
+        "success": true,
+        "hold_id": uuid_text(&id),
+        "user_id": uuid_text(user),
+        "held": n,
+        "requested": amount,
+        "feature": feature,
+        "expires_at": validate::iso_utc(expires),
+        "available": free.saturating_sub(n).saturating_sub(l.debt),
+    })))
+}
+
+/// The delegated part of reserve_credits (0.10.0, issue 17): [`reserve_on_shard`].
+const RESERVE_ON_SHARD: &str = "SELECT r FROM billing._reserve_on_shard($1, $2, $3, $4) AS r";
+
+/// billing._reserve_on_shard(p_user_id, p_amount, p_ttl_us, p_request): on a Citus cluster,
+/// Citus runs this on the worker that holds the user (force-delegated by billing.distribute(),
+/// colocated with billing.accounts), after reserve_credits checked the caller on the
+/// coordinator: the hold of [`reserve`] under the account lock, in one round trip. `p_ttl_us` is
+/// the TTL in microseconds; `p_request` is `{feature, idempotency_key, key_scope,
+/// allow_partial}` (`key_scope` 'user' or 'service', the caller's namespace on the coordinator;
+/// `allow_partial` 'true' or 'false'). Declines (NULL, nothing changed) where an event could fire
+/// (no account, a balance rule or a new account, a grant or hold due to settle) and where
+/// reserve_credits fails (not enough credits, the cap on active holds, a key used for another
+/// request): the coordinator then runs the call and raises the error itself (a custom SQLSTATE
+/// raised here would reach the client as XX000). STRICT, no role is granted it (as
+/// billing._consume_on_shard).
+fn reserve_on_shard(a: &Args) -> BResult<Ret> {
+    let user = validate::required("p_user_id", a.uuid(0))?;
+    // Only the owner can call it; the check reserve_credits makes, in case a grant changes.
+    security::authorize_user(&user)?;
+    let amount = validate::positive_amount("p_amount", a.int(1))?;
+    let ttl = h::ttl("p_ttl_us", 0, 0, validate::required("p_ttl_us", a.bigint(2))?)?;
+    let request = validate::required("p_request", a.text_array(3))?;
+    let [f, k, sc, p] = <[Option<String>; 4]>::try_from(request).map_err(|r| {
+        BillingError::invalid_with_hint("p_request must have 4 elements", format!("it has {}", r.len()))
+    })?;
+    let feature = reserve_feature(f.as_deref())?;
+    let key = validate::key("p_idempotency_key", k.as_deref())?;
+    let scope = KeyScope::given(sc.as_deref(), key, "p_request[3]")?;
+    let partial = match p.as_deref() {
+        Some("true") => true,
+        Some("false") => false,
+        _ => return Err(BillingError::invalid("allow_partial (p_request[4]) must be 'true' or 'false'")),
+    };
+    let fp = reserve_fingerprint(amount, ttl, feature, partial);
+    let r = Spi::connect_mut(|c| {
+        credits::idempotent_unless_declined(c, &user, scope, key, fp, |c| reserve(c, &user, amount, ttl, feature, key, partial, true))
+    });
+    match r {
+        Ok(r) => Ok(r.map_or(Ret::Null, |(v, _)| Ret::Json(v))),
+        // Declined: nothing was written (these fail before the hold is made; the key, if any,
+        // was forgotten again). The coordinator raises them with their SQLSTATE.
+        Err(BillingError::IdempotencyConflict { .. } | BillingError::InsufficientCredits { .. } | BillingError::LimitExceeded { .. }) => {
+            Ok(Ret::Null)
+        }
+        Err(e) => Err(e),
+    }
+}
+crate::billing_fn!(pg_finfo_pgb_reserve_on_shard, pgb_reserve_on_shard, reserve_on_shard);
 
 /// capture_hold(p_hold_id, p_amount, p_description, p_idempotency_key, p_over)
 fn capture_hold(a: &Args) -> BResult<Ret> {

@@ -679,6 +679,111 @@ def _delegation_grants():
             "ids; off: not pushed down; balances, ledgers and verify_ledger exact, no ledger id twice")
 
 
+@check("delegation of holds (0.10.0): reserve_credits runs on the worker that holds the user, after the caller is checked "
+       "on the coordinator; not enough credits, the cap on active holds, a reused key, a balance rule and a hold due to expire "
+       "decline there and the coordinator finishes the call; pg_billing.citus_delegation = off is not pushed down")
+def _delegation_holds():
+    fn = "billing._reserve_on_shard(uuid, integer, bigint, text[])"
+    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
+                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
+                     FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
+    assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+    conn = coord()
+    us = on_each_worker(990)
+    pushed = 0
+
+    def reserve(u, amount, role=None, as_user=None, key=None, ttl="1 minute", partial=False):
+        r, p = traced(conn, "SELECT billing.reserve_credits(p_user_id := %s, p_amount := %s, p_ttl := %s::interval, "
+                            "p_idempotency_key := %s, p_allow_partial := %s)", (u, amount, ttl, key, partial),
+                      role, claims(role, as_user or u) if role else None)
+        return r[0], p
+
+    def held(u):
+        return q(c, "SELECT a.held, (SELECT count(*) FROM billing.credit_holds AS h WHERE h.user_id = a.user_id AND h.status = 'active') "
+                    "FROM billing.accounts AS a WHERE a.user_id = %s", (u,))[0]
+
+    for u in us:
+        q(c, "SELECT billing.add_purchased_credits(%s, 100)", (u,))
+        # As the service and, PostgREST-style, as the end user on their own account: on the worker.
+        r, p = reserve(u, 30)
+        assert r["held"] == 30 and r["available"] == 70 and p, (r, p, conn.notices[-5:])
+        r, p = reserve(u, 20, "authenticated")
+        assert r["held"] == 20 and r["available"] == 50 and p, (r, p)
+        pushed += 2
+        # On another's account: refused on the coordinator, before any push-down.
+        other = us[0] if u != us[0] else us[1]
+        try:
+            reserve(other, 1, "authenticated", as_user=u)
+            raise AssertionError(f"{u} reserved credits of {other}")
+        except psycopg2.Error as e:
+            assert e.pgcode == "42501" and not any(PUSHED in x for x in conn.notices), (e.pgcode, conn.notices[-5:])
+        # More than is free: declined on the worker, PT402 from the coordinator; partial: what is free.
+        try:
+            reserve(u, 60)
+            raise AssertionError("reserved 60 of 50 free")
+        except psycopg2.Error as e:
+            assert e.pgcode == "PT402", (e.pgcode, str(e))
+        r, p = reserve(u, 60, partial=True)
+        assert r["held"] == 50 and p, (r, p)
+        pushed += 1
+        assert held(u) == (100, 3), held(u)
+        # A hold made on the worker is captured on the coordinator as any other.
+        hold = r["hold_id"]
+        cap = q(c, "SELECT billing.capture_hold(%s, 40)", (hold,))[0][0]
+        assert cap["captured"] == 40 and cap["total_balance"] == 60, cap
+        # The cap on active holds: declined on the worker, PT429 from the coordinator.
+        q(c, "SELECT billing.set_max_active_holds(%s, 2)", (u,))
+        try:
+            reserve(u, 1)
+            raise AssertionError("a hold past the cap")
+        except psycopg2.Error as e:
+            assert e.pgcode == "PT429", (e.pgcode, str(e))
+        q(c, "SELECT billing.set_max_active_holds(%s, NULL)", (u,))
+        # Keys: stored on the worker and replayed there; reused for another amount: PT409; the end
+        # user's keys are another namespace.
+        k = f"hold-{u}"
+        r, p = reserve(u, 2, key=k)
+        again, p2 = reserve(u, 2, key=k)
+        assert again == r and p and p2, (r, again, p, p2)
+        pushed += 2
+        try:
+            reserve(u, 3, key=k)
+            raise AssertionError("a key reused for another amount was accepted")
+        except psycopg2.Error as e:
+            assert e.pgcode == "PT409", (e.pgcode, str(e))
+        r2, p = reserve(u, 2, "authenticated", key=k)
+        assert r2["hold_id"] != r["hold_id"] and p, (r2, r, p)
+        pushed += 1
+        # A balance rule: declined on the worker, the hold made on the coordinator.
+        q(c, "SELECT billing.set_balance_alert(p_threshold := 5, p_user_id := %s)", (u,))
+        r, p = reserve(u, 1)
+        assert r["held"] == 1 and p, (r, p)
+        q(c, "SELECT billing.set_balance_alert(p_threshold := NULL, p_user_id := %s)", (u,))
+        # A hold past its expiry: declined on the worker (its hold.expired event), settled on the
+        # coordinator. (The expiry passes between two transactions.)
+        reserve(u, 1, ttl="1 second")
+        time.sleep(1.2)
+        r, p = reserve(u, 1)
+        assert r["held"] == 1 and p, (r, p)
+        assert len(events_of(u, "hold.expired")) == 1, events_of(u, "hold.expired")
+        # Off: on the coordinator.
+        q(conn, "SET pg_billing.citus_delegation = off")
+        r, p = reserve(u, 1)
+        assert r["held"] == 1 and not p, (r, p)
+        q(conn, "RESET pg_billing.citus_delegation")
+        # held = the sum of the active holds: 30 + 20 (+ the captured 50 gone) + 2 + 2 + 1 + 1 + 1.
+        h = q(c, "SELECT a.held, (SELECT sum(h.amount) FROM billing.credit_holds AS h WHERE h.user_id = a.user_id AND h.status = 'active') "
+                 "FROM billing.accounts AS a WHERE a.user_id = %s", (u,))[0]
+        assert h == (57, 57), h
+        assert q(c, "SELECT count(*) FROM billing.verify_ledger(%s)", (u,)) == [(0,)]
+    conn.close()
+    return (f"{pushed} holds (keyless and keyed, partial, as the service and as the end user) made on the worker of their "
+            f"account, {len(us)} accounts (one on each worker); the refusal (42501) before any push-down; PT402, PT429 and "
+            "PT409 from the coordinator after the worker declined; the balance rule and the expired hold (hold.expired) "
+            "finished on the coordinator; a hold made on a worker captured on the coordinator; off: not pushed down; held "
+            "sums exact")
+
+
 @check("contention: 8 workers over 16 accounts on every shard; no credit lost or doubled")
 def _contention():
     users = [user(100 + i) for i in range(16)]
@@ -1081,10 +1186,68 @@ def cpu_per_call(delegation, calls, call="SELECT billing.consume_credits_v2($1, 
     return calls / t, 1e6 * (c1 - c0) / calls, 1e6 * (w1 - w0) / calls
 
 
+CGROUP = Path("/sys/fs/cgroup/cpu")   # cgroup v1's cpu controller (where this machine has one)
+
+
+def coordinator_pids():
+    """The coordinator's postmaster and its children (backends, Citus's daemons)."""
+    conn = coord()
+    pid = q(conn, "SELECT pg_backend_pid()")[0][0]
+    conn.close()
+    postmaster = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    pids = [postmaster]
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    pids.append(int(d.name))
+            except (OSError, ValueError):
+                pass
+    return pids
+
+
+def capped_coordinator_rates(targets, rounds, seconds, quota=0.25):
+    """consume_credits_v2 calls/s through the coordinator, delegated and not (4 clients,
+    alternating rounds), with the coordinator's processes in a cgroup capped at `quota` of one
+    CPU: a cluster whose coordinator is the bottleneck, as one with many workers would be. Says
+    so when this machine has no writable cgroup."""
+    if not (CGROUP / "cpu.cfs_quota_us").exists() or not os.access(CGROUP, os.W_OK):
+        return "coordinator capped: not measured (no writable cgroup v1 cpu controller here)"
+    group = CGROUP / f"pgb_coordinator_{RUN:x}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(quota * 100000)))
+        for pid in coordinator_pids():
+            try:
+                (group / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass   # a backend that has exited meanwhile
+        keys = [k for k in targets if k.startswith("coordinator")]
+        tps = {k: [] for k in keys}
+        for _ in range(rounds):
+            for k in keys:
+                port, db, options = targets[k]
+                tps[k].append(pgbench(port, db, 4, options, seconds=seconds)[0])
+        med = {k: statistics.median(v) for k, v in tps.items()}
+        d, n = (med[k] for k in keys)
+        return (f"coordinator capped at {quota:.0%} of one CPU, 4 clients: "
+                + "; ".join(f"{k} {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items())
+                + f"; delegated / not delegated {d / n:.2f}x")
+    finally:
+        for pid in [int(x) for x in (group / "cgroup.procs").read_text().split()]:
+            try:
+                (CGROUP / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass
+        group.rmdir()
+
+
 if os.environ.get("PLAIN_PORT"):
     @check("figures: consume_credits_v2 calls/s on one node beside the coordinator of 3, with and without delegation "
            "(4 clients and 1 client, 1,000 users, same run); CPU per call of one session, with and without delegation, "
-           "of consume_credits_v2, check_api_rate_limit, record_message_usage and add_purchased_credits")
+           "of consume_credits_v2, check_api_rate_limit, record_message_usage, add_purchased_credits and reserve_credits; "
+           "calls/s with the coordinator's CPU capped (a coordinator-bound cluster)")
     def _figures():
         off = "-c pg_billing.citus_delegation=off"
         targets = {"one node (PostgreSQL, no Citus)": (int(os.environ["PLAIN_PORT"]), "bench", ""),
@@ -1116,6 +1279,9 @@ if os.environ.get("PLAIN_PORT"):
             out.append(f"{clients} client{'s' if clients > 1 else ''}: "
                        + "; ".join(f"{k} {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items())
                        + f"; delegated / not delegated {b / n:.2f}x, coordinator / one node {b / a:.2f}x delegated, {n / a:.2f}x not")
+        # A coordinator-bound cluster: the coordinator's processes capped at a quarter of one CPU
+        # (a cgroup's CPU quota; new backends inherit it), the workers and the clients on the rest.
+        out.append(capped_coordinator_rates(targets, rounds, seconds))
         # Where the CPU goes, per call of one session (alternating, 2 rounds of each).
         cpu = {True: [], False: []}
         for _ in range(2):
@@ -1129,7 +1295,8 @@ if os.environ.get("PLAIN_PORT"):
         # are not reached: a few calls per user).
         for name, call in (("check_api_rate_limit", "SELECT * FROM billing.check_api_rate_limit($1, '/fig')"),
                            ("record_message_usage", "SELECT billing.record_message_usage($1, 10, 20)"),
-                           ("add_purchased_credits", "SELECT billing.add_purchased_credits($1, 1)")):
+                           ("add_purchased_credits", "SELECT billing.add_purchased_credits($1, 1)"),
+                           ("reserve_credits", "SELECT billing.reserve_credits($1, 1)")):
             cpu = {True: [], False: []}
             for _ in range(2):
                 for d in (True, False):
