@@ -9,6 +9,8 @@
 # Both libraries are release builds installed into two copies of the same PostgreSQL 15 tree
 # (from PyPI, as scripts/lib.sh fetches it), so nothing but the library differs. Needs valgrind.
 # Usage: bash benches/grants_callgrind.sh [N1 N2]      (prints one line per case, and ratios)
+#        COMPARE="consume_credits_v2 add_purchased_credits reserve_credits" bash benches/grants_callgrind.sh
+#        (instead: each named call of one credit, previous release vs this checkout, same accounts)
 source "$(dirname "$0")/../scripts/lib.sh"
 N1="${1:-300}"; N2="${2:-1300}"
 command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
@@ -47,7 +49,7 @@ TEN="SELECT count(billing.grant_credits($U, 1000000000, 'promotional', 20 + k, n
 # 10 grants of 1 credit each: a debit of 2 spans two grants (the general statement, not the fast path).
 SPAN="SELECT count(billing.grant_credits($U, 1, 'promotional', 20 + k, now(), NULL, NULL)) FROM generate_series(1, 10000) AS i, generate_series(1, 10) AS k"
 
-measure() { # label, pg_config, setup sql[, amount per call]
+measure() { # label, pg_config, setup sql[, the call (default: consume_credits_v2 of 1)[, priming sql]]
     local bin d per tot=() n
     bin="$("$2" --bindir)"; d="$(mktemp -d /tmp/pgb_gcg.XXXXXX)"; chown postgres "$d"; chmod 755 "$d"
     runuser -u postgres -- "$bin/initdb" -D "$d/data" -A trust -U postgres --no-sync >/dev/null
@@ -56,7 +58,7 @@ measure() { # label, pg_config, setup sql[, amount per call]
     "$bin/psql" -X -q -h "$d" -p 54998 -U postgres -d cg -v ON_ERROR_STOP=1 -c "CREATE EXTENSION pg_billing" -c "$3" -c "${5:-$PRIME}" -c "VACUUM ANALYZE" >/dev/null
     runuser -u postgres -- "$bin/pg_ctl" -D "$d/data" -w stop >/dev/null
     for n in "$N1" "$N2"; do
-        { echo "SET synchronous_commit = off;"; echo; echo "PREPARE c(uuid) AS SELECT billing.consume_credits_v2(\$1, ${4:-1});"; echo
+        { echo "SET synchronous_commit = off;"; echo; echo "PREPARE c(uuid) AS SELECT ${4:-billing.consume_credits_v2(\$1, 1)};"; echo
           for ((i = 0; i < n; i++)); do printf "EXECUTE c('00000000-0000-4000-8000-%012x');\n\n" $((i % 10000 + 1)); done
         } > "$d/calls_$n.sql"
         rm -rf "$d/run"; cp -a "$d/data" "$d/run"
@@ -69,6 +71,16 @@ measure() { # label, pg_config, setup sql[, amount per call]
     per=$(( (tot[1] - tot[0]) / (N2 - N1) ))
     echo "$per"
 }
+if [ -n "${COMPARE:-}" ]; then
+    for f in $COMPARE; do
+        log "callgrind: $f, $((N2 - N1)) calls per case"
+        prev="$(measure prev "$PREV_PG" "$CLASSIC" "billing.$f(\$1, 1)")"
+        cur="$(measure cur "$CUR_PG" "$CLASSIC" "billing.$f(\$1, 1)")"
+        awk -v f="$f" -v v="$PREV" -v p="$prev" -v c="$cur" \
+            'BEGIN { printf "%s of 1 credit: %s %d, this checkout %d instructions per call (%+.1f%%)\n", f, v, p, c, (c / p - 1) * 100 }'
+    done
+    exit 0
+fi
 log "callgrind: consume_credits_v2, $((N2 - N1)) calls per case"
 prev="$(measure prev "$PREV_PG" "$CLASSIC")"
 echo "$PREV (previous release), two classic pools:  $prev instructions per call"
@@ -76,11 +88,11 @@ cur="$(measure cur "$CUR_PG" "$CLASSIC")"
 echo "this checkout, two classic grants:        $cur instructions per call"
 ten="$(measure ten "$CUR_PG" "$TEN")"
 echo "this checkout, 10 spendable grants:       $ten instructions per call"
-span="$(measure span "$CUR_PG" "$SPAN" 2)"
+span="$(measure span "$CUR_PG" "$SPAN" "billing.consume_credits_v2(\$1, 2)")"
 echo "this checkout, debit spanning 2 of 10 grants: $span instructions per call"
 # No debit since the grants were made: each call is the first after a grant change (the general
 # path, which records the head of the spending order on the account).
-first="$(measure first "$CUR_PG" "$CLASSIC" 1 "SELECT 1")"
+first="$(measure first "$CUR_PG" "$CLASSIC" "billing.consume_credits_v2(\$1, 1)" "SELECT 1")"
 echo "this checkout, two classic grants, first debit after a grant: $first instructions per call"
 awk -v p="$prev" -v c="$cur" -v t="$ten" -v s="$span" 'BEGIN {
     printf "two classic grants vs %s: %+.1f%% (target: at most +10%%)\n", "previous release", (c / p - 1) * 100

@@ -1738,7 +1738,7 @@ impl Adding {
 /// add_purchased_credits, add_subscription_credits, refund_credits(p_user_id, p_amount, text,
 /// p_reference_id, p_idempotency_key). On a Citus cluster the grant runs on the worker that
 /// holds the user when it can ([`grant_on_shard`]).
-fn add_credits(a: &Args, adding: Adding) -> BResult<Ret> {
+fn adding_credits(a: &Args, adding: Adding) -> BResult<Ret> {
     security::require_service(adding.function())?;
     let user = validate::required("p_user_id", a.uuid(0))?;
     let amount = validate::positive_amount("p_amount", a.int(1))?;
@@ -1827,19 +1827,19 @@ crate::billing_fn!(pg_finfo_pgb_grant_on_shard, pgb_grant_on_shard, grant_on_sha
 
 /// add_subscription_credits(p_user_id, p_amount, p_description, p_reference_id, p_idempotency_key)
 fn add_subscription_credits(a: &Args) -> BResult<Ret> {
-    add_credits(a, Adding::Subscription)
+    adding_credits(a, Adding::Subscription)
 }
 crate::billing_fn!(pg_finfo_pgb_add_subscription_credits, pgb_add_subscription_credits, add_subscription_credits);
 
 /// add_purchased_credits(p_user_id, p_amount, p_description, p_reference_id, p_idempotency_key)
 fn add_purchased_credits(a: &Args) -> BResult<Ret> {
-    add_credits(a, Adding::Purchased)
+    adding_credits(a, Adding::Purchased)
 }
 crate::billing_fn!(pg_finfo_pgb_add_purchased_credits, pgb_add_purchased_credits, add_purchased_credits);
 
 /// refund_credits(p_user_id, p_amount, p_reason, p_reference_id, p_idempotency_key)
 fn refund_credits(a: &Args) -> BResult<Ret> {
-    add_credits(a, Adding::Refund)
+    adding_credits(a, Adding::Refund)
 }
 crate::billing_fn!(pg_finfo_pgb_refund_credits, pgb_refund_credits, refund_credits);
 

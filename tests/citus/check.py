@@ -384,6 +384,15 @@ def _identity():
 PUSHED = "pushing down function call in a multi-statement transaction"
 
 
+def assert_delegated(fn):
+    """`fn` is a force-delegated Citus function, distributed by its first argument, colocated with
+    billing.accounts."""
+    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
+                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
+                     FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
+    assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+
+
 def consume_traced(conn, u, amount, role=None, cl=None, key=None):
     """consume_credits_v2 with Citus's DEBUG1 messages on: (its result, whether Citus pushed
     billing._consume_on_shard down to a worker)."""
@@ -409,11 +418,7 @@ def consume_traced(conn, u, amount, role=None, cl=None, key=None):
 @check("delegation: consume_credits_v2's fast path runs on the worker that holds the user, after the caller is checked "
        "on the coordinator; the general path, balance rules and pg_billing.citus_delegation = off stay on the coordinator")
 def _delegation():
-    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
-                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
-                     FROM pg_dist_object AS o
-                    WHERE o.classid = 'pg_proc'::regclass AND o.objid = 'billing._consume_on_shard(uuid, integer, bigint, text[])'::regprocedure""")
-    assert rows == [(True, 0, True)], f"billing._consume_on_shard as a Citus function: {rows}"
+    assert_delegated("billing._consume_on_shard(uuid, integer, bigint, text[])")
     conn = coord()
     us = on_each_worker(900)
     pushed = 0
@@ -519,10 +524,7 @@ def traced(conn, sql, params, role=None, cl=None):
        "call; pg_billing.citus_delegation = off is not pushed down")
 def _delegation_usage():
     for fn in ("billing._record_usage_on_shard(uuid, bigint[])", "billing._rate_limit_on_shard(uuid, text)"):
-        rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
-                              o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
-                         FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
-        assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+        assert_delegated(fn)
     plan = f"dlg-{RUN:x}"
     q(c, "INSERT INTO billing.plans (plan_id, display_name, api_rate_limit_hourly) VALUES (%s, 'delegation', 3)", (plan,))
     conn = coord()
@@ -590,10 +592,7 @@ def _delegation_usage():
        "finishes the call; pg_billing.citus_delegation = off is not pushed down")
 def _delegation_grants():
     fn = "billing._grant_on_shard(uuid, integer, bigint[], text[])"
-    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
-                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
-                     FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
-    assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+    assert_delegated(fn)
     conn = coord()
     us = on_each_worker(970)
     pushed = 0
@@ -684,10 +683,7 @@ def _delegation_grants():
        "decline there and the coordinator finishes the call; pg_billing.citus_delegation = off is not pushed down")
 def _delegation_holds():
     fn = "billing._reserve_on_shard(uuid, integer, bigint, text[])"
-    rows = q(c, """SELECT o.force_delegation, o.distribution_argument_index,
-                          o.colocationid = (SELECT p.colocationid FROM pg_dist_partition AS p WHERE p.logicalrelid = 'billing.accounts'::regclass)
-                     FROM pg_dist_object AS o WHERE o.classid = 'pg_proc'::regclass AND o.objid = %s::regprocedure""", (fn,))
-    assert rows == [(True, 0, True)], f"{fn} as a Citus function: {rows}"
+    assert_delegated(fn)
     conn = coord()
     us = on_each_worker(990)
     pushed = 0
@@ -1215,10 +1211,11 @@ def capped_coordinator_rates(targets, rounds, seconds, quota=0.25):
         return "coordinator capped: not measured (no writable cgroup v1 cpu controller here)"
     group = CGROUP / f"pgb_coordinator_{RUN:x}"
     group.mkdir()
+    pids = coordinator_pids()
     try:
         (group / "cpu.cfs_period_us").write_text("100000")
         (group / "cpu.cfs_quota_us").write_text(str(int(quota * 100000)))
-        for pid in coordinator_pids():
+        for pid in pids:
             try:
                 (group / "cgroup.procs").write_text(str(pid))
             except OSError:
@@ -1235,11 +1232,18 @@ def capped_coordinator_rates(targets, rounds, seconds, quota=0.25):
                 + "; ".join(f"{k} {med[k]:,.0f} calls/s (rounds {', '.join(f'{x:,.0f}' for x in v)})" for k, v in tps.items())
                 + f"; delegated / not delegated {d / n:.2f}x")
     finally:
-        for pid in [int(x) for x in (group / "cgroup.procs").read_text().split()]:
-            try:
-                (CGROUP / "cgroup.procs").write_text(str(pid))
-            except OSError:
-                pass
+        # Back to the root group, the postmaster first (a backend it forks meanwhile starts in
+        # the capped group: moved on the next pass), until the group is empty.
+        for _ in range(100):
+            left = [int(x) for x in (group / "cgroup.procs").read_text().split()]
+            if not left:
+                break
+            for pid in sorted(left, key=lambda p: p != pids[0]):
+                try:
+                    (CGROUP / "cgroup.procs").write_text(str(pid))
+                except OSError:
+                    pass   # exited meanwhile
+            time.sleep(0.05)
         group.rmdir()
 
 
